@@ -1,0 +1,64 @@
+"""PostgreSQL access: connections and the SQL files under ``sql/``.
+
+Bulk paths use COPY through psycopg 3; every statement text lives in ``sql/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+
+import psycopg
+from psycopg import sql as pgsql
+from sqlalchemy.engine import make_url
+
+from recsys.settings import Settings
+
+
+def libpq_url(url: str) -> str:
+    """Accept SQLAlchemy-style URLs (``postgresql+psycopg2://``) as well as plain libpq ones."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@cache
+def _read_sql(sql_dir: Path, name: str) -> str:
+    path = sql_dir / f"{name}.sql"
+    return path.read_text()
+
+
+def sql_text(settings: Settings, name: str) -> str:
+    return _read_sql(settings.sql_dir, name)
+
+
+def sql_with_schema(settings: Settings, name: str, schema: str) -> pgsql.Composed:
+    """A statement whose ``{schema}`` placeholder is filled with a safely quoted identifier."""
+    return pgsql.SQL(sql_text(settings, name)).format(schema=pgsql.Identifier(schema))
+
+
+@contextmanager
+def connect(settings: Settings) -> Iterator[psycopg.Connection]:
+    """A connection whose search_path is the configured schema; commits on success."""
+    conn = psycopg.connect(
+        libpq_url(settings.require_database_url),
+        options=f"-c search_path={settings.db_schema} -c TimeZone=UTC",
+    )
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+def create_schema(settings: Settings) -> None:
+    """Create the schema (if needed) and the shop tables in it. Idempotent."""
+    with connect(settings) as conn:
+        conn.execute(sql_with_schema(settings, "create_schema", settings.db_schema))
+        conn.execute(sql_text(settings, "schema"))
+
+
+def drop_schema(settings: Settings) -> None:
+    with connect(settings) as conn:
+        conn.execute(sql_with_schema(settings, "drop_schema", settings.db_schema))

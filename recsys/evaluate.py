@@ -1,0 +1,98 @@
+"""Evaluate stage: the holdout model vs a popularity baseline on the time-based holdout.
+
+Both rank the same users with the same exclusions (what the user already had before the cutoff,
+inactive products), so the comparison is like for like. The quality gate reads this report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from recsys.errors import InputError, QualityGateError
+from recsys.metrics import RankingMetrics, ranking_metrics
+from recsys.params import PipelineParams
+from recsys.ranking import als_model, popularity_model, recommend_top_n
+from recsys.train import load_factors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    report_path: Path
+    model: RankingMetrics
+    popularity: RankingMetrics
+    passed: bool
+    reason: str
+
+
+def inactive_items(matrix_dir: Path) -> np.ndarray:
+    active = pq.read_table(matrix_dir / "items.parquet", columns=["active"])["active"].to_numpy(
+        zero_copy_only=False
+    )
+    return np.flatnonzero(~active.astype(bool)).astype(np.int32)
+
+
+def evaluate(matrix_dir: Path, model_dir: Path, eval_dir: Path, params: PipelineParams) -> EvaluationResult:
+    manifest = json.loads((matrix_dir / "manifest.json").read_text())
+    train = sp.load_npz(matrix_dir / "train.npz").tocsr()
+    train_exclude = sp.load_npz(matrix_dir / "train_exclude.npz").tocsr()
+    holdout = sp.load_npz(matrix_dir / "holdout.npz").tocsr()
+
+    has_history = np.diff(train.indptr) > 0
+    has_relevant = np.diff(holdout.indptr) > 0
+    users = np.flatnonzero(has_history & has_relevant).astype(np.int32)
+    if len(users) == 0:
+        raise InputError(
+            f"cannot evaluate: no user has interactions both before the holdout cutoff "
+            f"{manifest['holdout_cutoff']} and relevant ones ({', '.join(params.relevant_event_types)}) "
+            f"after it; widen lookback_days / holdout_days"
+        )
+    blocked = inactive_items(matrix_dir)
+    n_active = train.shape[1] - len(blocked)
+    relevant = holdout[users]
+
+    user_factors, item_factors = load_factors(model_dir / "holdout.npz")
+    model_recs, _ = recommend_top_n(als_model(user_factors, item_factors), users, train_exclude, params.k, blocked)
+    item_popularity = np.asarray((train > 0).sum(axis=0)).ravel()
+    popular_recs, _ = recommend_top_n(
+        popularity_model(item_popularity, train.shape[0]), users, train_exclude, params.k, blocked
+    )
+    model_metrics = ranking_metrics(model_recs, relevant, params.k, n_catalog_items=n_active)
+    popularity_metrics = ranking_metrics(popular_recs, relevant, params.k, n_catalog_items=n_active)
+
+    threshold = popularity_metrics.map * (1 + params.min_lift)
+    passed = model_metrics.map > threshold
+    comparison = (
+        f"model MAP@{params.k} {model_metrics.map:.4f} vs popularity MAP@{params.k} "
+        f"{popularity_metrics.map:.4f} (needs > {threshold:.4f}, min_lift={params.min_lift:g}) "
+        f"on {len(users)} holdout users after {manifest['holdout_cutoff']}"
+    )
+    reason = ("passed: " if passed else "refused: ") + comparison
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    report_path = eval_dir / "report.json"
+    report = {
+        "window": manifest["window"],
+        "holdout_cutoff": manifest["holdout_cutoff"],
+        "k": params.k,
+        "model": model_metrics.to_dict(),
+        "popularity": popularity_metrics.to_dict(),
+        "gate": {"passed": passed, "reason": reason, "min_lift": params.min_lift},
+    }
+    report_path.write_text(json.dumps(report, indent=2))
+    log.info("quality gate %s", reason)
+    return EvaluationResult(report_path, model_metrics, popularity_metrics, passed, reason)
+
+
+def enforce_quality_gate(result: EvaluationResult) -> None:
+    """Raise when the model must not be published; the message says why."""
+    if not result.passed:
+        raise QualityGateError(f"quality gate {result.reason}; nothing was published")

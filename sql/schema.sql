@@ -1,0 +1,21 @@
+-- Source tables of the shop. Ids are TEXT so a shop may use integers or strings; they come back
+-- unchanged in every output. Columns are nullable on purpose: this is a raw event log, and the
+-- extract stage validates it, counting and reporting bad rows instead of losing a whole load.
+CREATE TABLE IF NOT EXISTS products (
+    product_id  TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    category    TEXT,
+    active      BOOLEAN NOT NULL DEFAULT TRUE
+);
+
+CREATE TABLE IF NOT EXISTS interactions (
+    interaction_id  BIGSERIAL PRIMARY KEY,
+    user_id         TEXT,
+    product_id      TEXT,
+    event_type      TEXT,            -- purchase | add_to_cart | view | rating | ...
+    value           DOUBLE PRECISION, -- quantity or rating; NULL means 1
+    occurred_at     TIMESTAMPTZ NOT NULL
+);
+
+-- The extract reads one time window [start, end): a range scan on occurred_at.
+CREATE INDEX IF NOT EXISTS interactions_occurred_at_idx ON interactions (occurred_at);

@@ -1,0 +1,142 @@
+"""Shared fixtures: real PostgreSQL and Redis, isolated per test, plus an Airflow home.
+
+``RECSYS_TEST_DATABASE_URL`` / ``RECSYS_TEST_REDIS_URL`` select running servers (CI sets them
+to the machine's own); without them the suite starts embedded servers from pip packages. Tests
+never read ``RECSYS_DATABASE_URL``: a developer's shop database is never a test target.
+Each test gets its own Postgres schema and Redis key prefix and removes both afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Airflow reads its configuration at import time: set it before anything imports airflow.
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="recsys-airflow-"))
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME": "86400",
+    }
+)
+for name in [name for name in os.environ if name.startswith("RECSYS_") and not name.startswith("RECSYS_TEST_")]:
+    del os.environ[name]
+
+from recsys import db, services  # noqa: E402
+from recsys.settings import Settings  # noqa: E402
+from recsys.store import KeyLayout, redis_client  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def service_urls(tmp_path_factory) -> Iterator[services.LocalServices]:
+    database_url = os.environ.get("RECSYS_TEST_DATABASE_URL")
+    redis_url = os.environ.get("RECSYS_TEST_REDIS_URL")
+    data_dir = tmp_path_factory.mktemp("services")
+    started = []
+    if not database_url:
+        database_url = services.start_postgres(data_dir)
+        started.append(services.stop_postgres)
+    if not redis_url:
+        redis_url = services.start_redis(data_dir)
+        started.append(services.stop_redis)
+    yield services.LocalServices(database_url=database_url, redis_url=redis_url)
+    for stop in started:
+        stop(data_dir)
+
+
+def _delete_keys(settings: Settings) -> None:
+    client = redis_client(settings)
+    keys = list(client.scan_iter(match=KeyLayout(settings.redis_prefix).pattern(), count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def settings(service_urls: services.LocalServices, tmp_path: Path) -> Iterator[Settings]:
+    """Settings pointing at an own schema and own Redis prefix; both removed after the test."""
+    tag = uuid.uuid4().hex[:10]
+    test_settings = Settings(
+        _env_file=None,
+        database_url=service_urls.database_url,
+        redis_url=service_urls.redis_url,
+        db_schema=f"test_{tag}",
+        redis_prefix=f"test-{tag}",
+        artifacts_dir=tmp_path / "artifacts",
+    )
+    db.create_schema(test_settings)
+    try:
+        yield test_settings
+    finally:
+        db.drop_schema(test_settings)
+        _delete_keys(test_settings)
+
+
+@pytest.fixture
+def recsys_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Expose ``settings`` as RECSYS_* variables, for code that builds its own Settings (DAG, CLI)."""
+    for name, value in {
+        "RECSYS_DATABASE_URL": settings.database_url,
+        "RECSYS_REDIS_URL": settings.redis_url,
+        "RECSYS_DB_SCHEMA": settings.db_schema,
+        "RECSYS_REDIS_PREFIX": settings.redis_prefix,
+        "RECSYS_ARTIFACTS_DIR": str(settings.artifacts_dir),
+    }.items():
+        monkeypatch.setenv(name, value)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """A migrated Airflow metadata database (SQLite) in a throwaway AIRFLOW_HOME."""
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"],
+        check=True,
+        capture_output=True,
+    )
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture
+def window_end() -> datetime:
+    return datetime(2026, 11, 28, 3, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def demo_loaded(settings: Settings, window_end: datetime):
+    """A small generated shop whose data ends at ``window_end``."""
+    from recsys.demo import DemoShop, load_demo
+
+    return load_demo(settings, DemoShop(users=600, products=150, days=60, seed=7), end=window_end)
+
+
+INTERACTION_FIELDS = ("user_id", "product_id", "event_type", "value", "occurred_at")
+PRODUCT_FIELDS = ("product_id", "name", "category", "active")
+
+
+def insert_interactions(settings: Settings, rows: list[tuple]) -> None:
+    """Insert (user_id, product_id, event_type, value, occurred_at) rows as a shop would."""
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany(db.sql_text(settings, "insert_interaction"), [dict(zip(INTERACTION_FIELDS, row)) for row in rows])
+
+
+def insert_products(settings: Settings, rows: list[tuple]) -> None:
+    """Insert or update (product_id, name, category, active) rows."""
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany(db.sql_text(settings, "upsert_product"), [dict(zip(PRODUCT_FIELDS, row)) for row in rows])
+
+
+def days_before(end: datetime, days: float) -> datetime:
+    return end - timedelta(days=days)
