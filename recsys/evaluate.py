@@ -57,6 +57,11 @@ def evaluate(matrix_dir: Path, model_dir: Path, eval_dir: Path, params: Pipeline
         )
     blocked = inactive_items(matrix_dir)
     n_active = train.shape[1] - len(blocked)
+    if n_active == 0:
+        raise InputError(
+            f"none of the {train.shape[1]} products with interactions is active in the catalogue; "
+            "nothing can be recommended"
+        )
     relevant = holdout[users]
 
     user_factors, item_factors = load_factors(model_dir / "holdout.npz")

@@ -15,6 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
@@ -38,6 +39,8 @@ from recsys.train import load_factors
 log = logging.getLogger(__name__)
 
 HSET_CHUNK = 2_000
+# staging keys of a publish that died half-way expire by themselves; the switch removes the TTL
+STAGING_TTL_SECONDS = 6 * 3600
 _CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]{0,15})$")
 _JS_SAFE_INT = 2**53
 TOP_BUYS_KEY_ALL = top_buys_field(None)
@@ -79,6 +82,7 @@ def _write_hash(client: redis.Redis, key: str, pairs: Iterable[tuple[str, str]])
         written += len(chunk)
         if number % 16 == 0:
             pipe.execute()
+    pipe.expire(key, STAGING_TTL_SECONDS)
     pipe.execute()
     return written
 
@@ -121,6 +125,7 @@ def switch_live(client: redis.Redis, keys: KeyLayout, version: str, window: Wind
                         pipe.expire(previous, ttl_seconds)
                     if staging_exists[structure]:
                         pipe.rename(keys.staging(version, structure), keys.live(structure))
+                        pipe.persist(keys.live(structure))
                 pipe.execute()
                 return
             except redis.WatchError:
@@ -178,38 +183,31 @@ def publish(
                 yield product_id, _dumps({"product_id": item_out(product_id), "similar_products": neighbours})
 
     evaluation = json.loads(eval_report.read_text())
-    for structure in STRUCTURES:
-        client.delete(keys.staging(version, structure))
-    written = {
-        "user_recs": _write_hash(client, keys.staging(version, "user_recs"), user_pairs()),
-        "similar_products": _write_hash(client, keys.staging(version, "similar_products"), similar_pairs()),
-        "top_buys": _write_hash(
-            client,
-            keys.staging(version, "top_buys"),
-            ((field, _dumps(value)) for field, value in top_lists.items()),
-        ),
-    }
-    counts = {
-        "users": written["user_recs"],
-        "users_without_recommendations": int((~has_recs).sum()),
-        "products_with_similar": written["similar_products"],
-        "top_buys_lists": written["top_buys"],
-    }
-    meta = {
-        "version": version,
-        "data_start": window.start.isoformat(),
-        "data_end": window.end.isoformat(),
-        "data_end_ts": repr(window.end.timestamp()),
-        "published_at": datetime.now(UTC).isoformat(),
-        "model_path": str((model_dir / "full.npz").resolve()),
-        "matrix_dir": str(matrix_dir.resolve()),
-        "metrics": _dumps({"model": evaluation["model"], "popularity": evaluation["popularity"]}),
-        "params": _dumps(params.to_dict()),
-        "counts": _dumps(counts),
-    }
-    client.hset(keys.staging(version, "meta"), mapping=meta)
-    _verify_staging(client, keys, version, written)
-    switch_live(client, keys, version, window, settings.previous_version_ttl_seconds)
+    staging_keys = [keys.staging(version, structure) for structure in STRUCTURES]
+    client.delete(*staging_keys)
+    try:
+        counts = _write_staging(client, keys, version, user_pairs(), similar_pairs(), top_lists, has_recs)
+        meta = {
+            "version": version,
+            "data_start": window.start.isoformat(),
+            "data_end": window.end.isoformat(),
+            "data_end_ts": repr(window.end.timestamp()),
+            "published_at": datetime.now(UTC).isoformat(),
+            "model_path": str((model_dir / "full.npz").resolve()),
+            "matrix_dir": str(matrix_dir.resolve()),
+            "metrics": _dumps({"model": evaluation["model"], "popularity": evaluation["popularity"]}),
+            "params": _dumps(params.to_dict()),
+            "counts": _dumps(counts),
+        }
+        client.hset(keys.staging(version, "meta"), mapping=meta)
+        client.expire(keys.staging(version, "meta"), STAGING_TTL_SECONDS)
+        switch_live(client, keys, version, window, settings.previous_version_ttl_seconds)
+    except BaseException:
+        # a failed publish leaves nothing behind (live is untouched); if Redis itself is gone,
+        # the staging TTL cleans up instead
+        with suppress(redis.RedisError):
+            client.delete(*staging_keys)
+        raise
     log.info("published version %s live: %s", version, counts)
     return PublishResult(
         version=version,
@@ -218,6 +216,34 @@ def publish(
         products_with_similar=counts["products_with_similar"],
         top_buys=len(top_lists[TOP_BUYS_KEY_ALL]["top_buys"]),
     )
+
+
+def _write_staging(
+    client: redis.Redis,
+    keys: KeyLayout,
+    version: str,
+    user_pairs: Iterable[tuple[str, str]],
+    similar_pairs: Iterable[tuple[str, str]],
+    top_lists: dict[str, dict],
+    has_recs: np.ndarray,
+) -> dict[str, int]:
+    """Write the staging hashes and check that each holds exactly what was written."""
+    written = {
+        "user_recs": _write_hash(client, keys.staging(version, "user_recs"), user_pairs),
+        "similar_products": _write_hash(client, keys.staging(version, "similar_products"), similar_pairs),
+        "top_buys": _write_hash(
+            client,
+            keys.staging(version, "top_buys"),
+            ((field, _dumps(value)) for field, value in top_lists.items()),
+        ),
+    }
+    _verify_staging(client, keys, version, written)
+    return {
+        "users": written["user_recs"],
+        "users_without_recommendations": int((~has_recs).sum()),
+        "products_with_similar": written["similar_products"],
+        "top_buys_lists": written["top_buys"],
+    }
 
 
 def _top_buys(items, n: int, item_out: Callable[[str], int | str]) -> dict[str, dict]:

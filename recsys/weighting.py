@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 ConfidenceScaling = Literal["none", "log", "bm25"]
+BM25_FLOOR = 1e-3
 
 
 def interaction_weights(
@@ -45,5 +46,9 @@ def scale_confidence(
     if scheme == "bm25":
         from implicit.nearest_neighbours import bm25_weight
 
-        return bm25_weight(user_items, K1=bm25_k1, B=bm25_b).tocsr().astype(np.float32)
+        scaled = bm25_weight(user_items, K1=bm25_k1, B=bm25_b).tocsr().astype(np.float32)
+        # implicit's idf is log(N) - log1p(df): zero or negative for an item nearly every user has,
+        # which ALS would read as "not liked" or as negative feedback. Keep every interaction positive.
+        scaled.data = np.maximum(scaled.data, BM25_FLOOR)
+        return scaled
     raise ValueError(f"unknown confidence scaling {scheme!r}; use none, log or bm25")

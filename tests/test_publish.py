@@ -1,0 +1,190 @@
+"""Publishing to a real Redis: key layout, exclusions, atomic switch, freshness, no empty results."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import pytest
+from conftest import days_before, insert_interactions
+
+from recsys import db
+from recsys.errors import EmptyResultError, StaleVersionError
+from recsys.params import PipelineParams
+from recsys.pipeline import run_paths, run_pipeline, window_ending
+from recsys.publish import id_codec, publish
+from recsys.store import (
+    layout,
+    live_meta,
+    redis_client,
+    similar_products,
+    top_buys,
+    user_recommendations,
+)
+
+
+def purchased_and_inactive(settings, window):
+    with db.connect(settings) as conn:
+        bought = conn.execute(
+            "SELECT DISTINCT user_id, product_id FROM interactions "
+            "WHERE event_type = 'purchase' AND occurred_at >= %s AND occurred_at < %s",
+            (window.start, window.end),
+        ).fetchall()
+        inactive = {row[0] for row in conn.execute("SELECT product_id FROM products WHERE NOT active")}
+    return {(int(u), int(p)) for u, p in bought}, {int(p) for p in inactive}
+
+
+def test_published_layout_and_exclusions(settings, demo_loaded, window_end):
+    params = PipelineParams(top_n=8)
+    result = run_pipeline(settings, window_end, params)
+    client, keys = redis_client(settings), layout(settings)
+
+    meta = live_meta(client, keys)
+    assert meta["version"] == result.publish.version
+    assert meta["data_end"] == window_end.isoformat()
+    assert meta["metrics"]["model"]["map"] > meta["metrics"]["popularity"]["map"]
+    assert client.hlen(keys.live("user_recs")) == result.publish.users == meta["counts"]["users"]
+
+    bought, inactive = purchased_and_inactive(settings, window_ending(window_end, params))
+    assert inactive, "the demo shop has inactive products"
+    for user_id, raw in client.hscan_iter(keys.live("user_recs"), count=500):
+        record = json.loads(raw)
+        assert record["user_id"] == int(user_id)  # integer ids stay integers
+        products = record["recommended_products"]
+        assert 0 < len(products) <= 8 and len(set(products)) == len(products)
+        assert not inactive & set(products)
+        assert not {(record["user_id"], p) for p in products} & bought
+
+    some_user = next(iter(client.hkeys(keys.live("user_recs"))))
+    assert user_recommendations(client, keys, some_user) == json.loads(client.hget(keys.live("user_recs"), some_user))
+
+    overall = top_buys(client, keys)["top_buys"]
+    assert len(overall) == params.top_buys_n and not inactive & set(overall)
+    active_product = overall[0]
+    similar = similar_products(client, keys, str(active_product))
+    assert similar["product_id"] == active_product
+    assert active_product not in similar["similar_products"]
+    assert not inactive & set(similar["similar_products"])
+    category = top_buys(client, keys, category="books")
+    assert category is None or category["category"] == "books"
+
+
+def test_rerun_is_idempotent(settings, demo_loaded, window_end):
+    first = run_pipeline(settings, window_end, PipelineParams())
+    client, keys = redis_client(settings), layout(settings)
+    before = client.hgetall(keys.live("user_recs"))
+    second = run_pipeline(settings, window_end, PipelineParams())
+    assert second.publish.version == first.publish.version
+    assert client.hgetall(keys.live("user_recs")) == before
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_older_run_never_replaces_a_fresher_live_version(settings, demo_loaded, window_end):
+    fresh = run_pipeline(settings, window_end, PipelineParams())
+    with pytest.raises(StaleVersionError, match="newer than this run's"):
+        run_pipeline(settings, window_end - timedelta(days=2), PipelineParams())
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == fresh.publish.version
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_replaced_version_stays_readable_then_expires(settings, demo_loaded, window_end):
+    old = run_pipeline(settings, window_end, PipelineParams())
+    new = run_pipeline(settings, window_end, PipelineParams(factors=16))
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == new.publish.version != old.publish.version
+    previous = keys.previous(old.publish.version, "user_recs")
+    assert client.hlen(previous) == old.publish.users
+    assert 0 < client.ttl(previous) <= settings.previous_version_ttl_seconds
+    assert client.ttl(keys.live("user_recs")) == -1  # live keys never expire
+
+
+def test_reader_polling_during_publish_only_sees_complete_versions(settings, demo_loaded, window_end):
+    """Two versions of different sizes and list lengths; every atomic read must match one of them."""
+    first = run_pipeline(settings, window_end - timedelta(days=20), PipelineParams(top_n=3))
+    client, keys = redis_client(settings), layout(settings)
+    probe_user = next(iter(client.hkeys(keys.live("user_recs"))))
+    seen, errors, stop = set(), [], threading.Event()
+
+    def poll():
+        reader = redis_client(settings)
+        while not stop.is_set():
+            with reader.pipeline(transaction=True) as pipe:
+                pipe.hget(keys.live("meta"), "version")
+                pipe.hget(keys.live("meta"), "counts")
+                pipe.hget(keys.live("meta"), "params")
+                pipe.hlen(keys.live("user_recs"))
+                pipe.hget(keys.live("user_recs"), probe_user)
+                version, counts, params, n_users, probe = pipe.execute()
+            seen.add(version)
+            if n_users != json.loads(counts)["users"]:
+                errors.append(f"{version}: {n_users} users live, meta says {counts}")
+            if probe and len(json.loads(probe)["recommended_products"]) > json.loads(params)["top_n"]:
+                errors.append(f"{version}: a list longer than its version's top_n")
+
+    reader_thread = threading.Thread(target=poll)
+    reader_thread.start()
+    try:
+        second = run_pipeline(settings, window_end, PipelineParams(top_n=12))
+    finally:
+        stop.set()
+        reader_thread.join()
+    assert not errors, errors[:3]
+    assert first.publish.users != second.publish.users
+    assert seen <= {first.publish.version, second.publish.version}
+    assert second.publish.version in seen or live_meta(client, keys)["version"] == second.publish.version
+
+
+def stage(settings, window_end, params):
+    """extract, matrix and train for ``window_end``; returns the run's paths."""
+    from recsys.extract import extract
+    from recsys.matrix import build_matrix
+    from recsys.train import train
+
+    window = window_ending(window_end, params)
+    paths = run_paths(settings, window, params)
+    extracted = extract(settings, window, paths.extract, params)
+    build_matrix(extracted.interactions, extracted.products, window, paths.matrix, params)
+    train(paths.matrix, paths.model, params)
+    paths.evaluation.mkdir(parents=True)
+    (paths.evaluation / "report.json").write_text(json.dumps({"model": {}, "popularity": {}}))
+    return paths
+
+
+def test_empty_result_is_refused_and_live_kept(settings, demo_loaded, window_end):
+    live = run_pipeline(settings, window_end - timedelta(days=1), PipelineParams())
+    with db.connect(settings) as conn:
+        conn.execute("UPDATE products SET active = FALSE")
+    params = PipelineParams()
+    paths = stage(settings, window_end, params)
+    with pytest.raises(EmptyResultError, match="nothing published"):
+        publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == live.publish.version
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_string_ids_stay_strings(settings, window_end):
+    rows = []
+    for user in range(40):
+        for step, product in enumerate(("SKU-%02d" % ((user + k) % 12) for k in range(6))):
+            when = days_before(window_end, 20 - step * 3)
+            rows.append((f"user-{user:03d}", product, "purchase" if step % 2 else "view", 1.0, when))
+    insert_interactions(settings, rows)
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany(db.sql_text(settings, "upsert_product"),
+                        [{"product_id": "SKU-%02d" % i, "name": str(i), "category": None, "active": True} for i in range(12)])
+    params = PipelineParams(factors=4, iterations=5)
+    paths = stage(settings, window_end, params)
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
+    record = user_recommendations(redis_client(settings), layout(settings), "user-007")
+    assert record["user_id"] == "user-007"
+    assert all(isinstance(p, str) and p.startswith("SKU-") for p in record["recommended_products"])
+
+
+def test_id_codec_keeps_what_the_shop_stored():
+    assert id_codec(["1", "22", "-3"]) is int
+    assert id_codec(["1", "007"]) is str  # leading zero would be lost as an integer
+    assert id_codec(["1", "a"]) is str
+    assert id_codec([str(2**60)]) is str  # beyond what a browser's JSON number holds exactly

@@ -1,0 +1,77 @@
+"""Train, evaluate and the quality gate on a generated shop in a real PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from recsys.errors import QualityGateError
+from recsys.evaluate import enforce_quality_gate, evaluate
+from recsys.extract import extract
+from recsys.matrix import build_matrix
+from recsys.params import PipelineParams
+from recsys.pipeline import run_paths, run_pipeline, window_ending
+from recsys.store import layout, live_meta, redis_client
+from recsys.train import load_factors, train
+
+
+@pytest.fixture
+def trained(settings, demo_loaded, window_end):
+    params = PipelineParams()
+    window = window_ending(window_end, params)
+    paths = run_paths(settings, window, params)
+    extracted = extract(settings, window, paths.extract, params)
+    build_matrix(extracted.interactions, extracted.products, window, paths.matrix, params)
+    train(paths.matrix, paths.model, params)
+    return params, paths
+
+
+def test_model_artifacts_are_npz_and_json_without_pickle(trained):
+    params, paths = trained
+    manifest = json.loads((paths.model / "manifest.json").read_text())
+    assert manifest["params"] == params.to_dict()
+    assert set(manifest["library_versions"]) >= {"implicit", "numpy", "scipy", "python"}
+    assert manifest["window"]["end"].startswith("2026-11-28T03:00:00")
+    for name in ("full.npz", "holdout.npz"):
+        user_factors, item_factors = load_factors(paths.model / name)  # allow_pickle=False inside
+        assert user_factors.shape[1] == item_factors.shape[1] == params.factors
+        assert np.isfinite(user_factors).all() and np.isfinite(item_factors).all()
+
+
+def test_training_twice_gives_the_same_model(trained, tmp_path):
+    params, paths = trained
+    train(paths.matrix, tmp_path / "again", params)
+    first, second = load_factors(paths.model / "full.npz"), load_factors(tmp_path / "again" / "full.npz")
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_model_beats_popularity_on_the_demo_shop(trained):
+    params, paths = trained
+    result = evaluate(paths.matrix, paths.model, paths.evaluation, params)
+    assert result.passed, result.reason
+    assert result.model.map > result.popularity.map
+    assert result.model.users == result.popularity.users > 50
+    assert result.model.coverage > result.popularity.coverage
+    report = json.loads(result.report_path.read_text())
+    assert report["gate"]["passed"] is True
+    assert report["model"]["map"] == pytest.approx(result.model.map)
+    enforce_quality_gate(result)  # does not raise
+
+
+def test_gate_refuses_a_model_that_does_not_beat_popularity_enough(trained):
+    _, paths = trained
+    strict = PipelineParams(min_lift=50.0)
+    result = evaluate(paths.matrix, paths.model, paths.evaluation, strict)
+    assert not result.passed
+    with pytest.raises(QualityGateError, match=r"refused: model MAP@10 0\.\d+ vs popularity MAP@10 0\.\d+"):
+        enforce_quality_gate(result)
+    assert json.loads(result.report_path.read_text())["gate"]["passed"] is False
+
+
+def test_refused_pipeline_publishes_nothing(settings, demo_loaded, window_end):
+    with pytest.raises(QualityGateError):
+        run_pipeline(settings, window_end, PipelineParams(min_lift=50.0))
+    assert live_meta(redis_client(settings), layout(settings)) is None
