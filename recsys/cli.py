@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys import db, services, store
+from recsys.bench import bench_app
 from recsys.errors import RecsysError
 from recsys.params import PipelineParams
 from recsys.pipeline import run_paths, run_pipeline, window_ending
@@ -21,6 +22,7 @@ from recsys.settings import Settings
 app = typer.Typer(help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True)
 services_app = typer.Typer(help="Embedded local PostgreSQL and Redis (for machines without them).")
 app.add_typer(services_app, name="services")
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 EndOption = Annotated[
@@ -186,14 +188,3 @@ def show(
         found = store.user_recommendations(client, keys, user_id)
         console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}")
     console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(store.top_buys(client, keys))}")
-
-
-def _register_bench() -> None:
-    try:
-        from recsys.bench import bench_app
-    except ImportError:  # benchmarks are optional extras
-        return
-    app.add_typer(bench_app, name="bench")
-
-
-_register_bench()

@@ -62,6 +62,18 @@ def _not_found(live: LiveStore, what: str) -> HTTPException:
     return HTTPException(status_code=404, detail=what)
 
 
+def live_store(request: Request) -> Iterator[LiveStore]:
+    """Per request: fresh settings, and a client closed once the response is out."""
+    live = _open_store(request.app.state.settings_factory)
+    try:
+        yield live
+    finally:
+        live.client.close()
+
+
+Live = Annotated[LiveStore, Depends(live_store)]
+
+
 def _redis_unavailable(request: Request, error: Exception) -> JSONResponse:
     log.warning("Redis unavailable for %s: %s", request.url.path, error)
     return JSONResponse(status_code=503, content={"detail": f"Redis is unavailable: {error}"})
@@ -73,15 +85,7 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
     app = FastAPI(title="Recsys lookup", docs_url=None, redoc_url=None, dependencies=list(dependencies))
     app.add_exception_handler(redis.ConnectionError, _redis_unavailable)
     app.add_exception_handler(redis.TimeoutError, _redis_unavailable)
-
-    def live_store() -> Iterator[LiveStore]:
-        live = _open_store(settings_factory)
-        try:
-            yield live
-        finally:
-            live.client.close()
-
-    Live = Annotated[LiveStore, Depends(live_store)]
+    app.state.settings_factory = settings_factory
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

@@ -1,0 +1,172 @@
+"""The lookup app (``recsys.lookup_app``) on a really published version, and the Airflow plugin
+that mounts it in the api-server (``plugins/recsys_plugin.py``)."""
+
+from __future__ import annotations
+
+import socket
+from datetime import datetime
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from recsys import store
+from recsys.lookup_app import create_app
+from recsys.params import PipelineParams
+from recsys.pipeline import PipelineResult, run_pipeline
+from recsys.settings import Settings
+
+
+@pytest.fixture
+def published(settings: Settings, demo_loaded, window_end: datetime) -> PipelineResult:
+    return run_pipeline(settings, window_end, PipelineParams())
+
+
+@pytest.fixture
+def client(settings: Settings) -> TestClient:
+    return TestClient(create_app(lambda: settings))
+
+
+def _live_user(settings: Settings) -> str:
+    return store.redis_client(settings).hrandfield(store.layout(settings).live("user_recs"))
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_user_lookup_returns_the_live_entry(published: PipelineResult, settings: Settings, client: TestClient):
+    user_id = _live_user(settings)
+
+    response = client.get(f"/api/users/{user_id}")
+
+    assert response.status_code == 200
+    expected = store.user_recommendations(store.redis_client(settings), store.layout(settings), user_id)
+    assert response.json() == expected
+    assert expected["recommended_products"]
+
+
+def test_unknown_user_is_404(published: PipelineResult, client: TestClient):
+    response = client.get("/api/users/no-such-user")
+
+    assert response.status_code == 404
+    assert "no-such-user" in response.json()["detail"]
+
+
+def test_model_shows_version_window_and_metrics(published: PipelineResult, client: TestClient):
+    response = client.get("/api/model")
+
+    assert response.status_code == 200
+    meta = response.json()
+    assert meta["version"] == published.publish.version
+    assert meta["data_end"] and meta["data_start"] and meta["published_at"]
+    assert set(meta["metrics"]) == {"model", "popularity"}
+    assert meta["metrics"]["model"]["map"] == pytest.approx(published.evaluation.model.map)
+    assert meta["counts"]["users"] == published.publish.users
+    assert "model_path" not in meta, "worker file paths are internal"
+
+
+def test_top_buys(published: PipelineResult, settings: Settings, client: TestClient):
+    everything = client.get("/api/top-buys")
+    assert everything.status_code == 200
+    assert everything.json() == store.top_buys(store.redis_client(settings), store.layout(settings))
+
+    assert client.get("/api/top-buys", params={"category": "no-such-category"}).status_code == 404
+
+
+def test_nothing_published_is_404_not_an_error(client: TestClient):
+    for path in ("/api/model", "/api/users/1", "/api/top-buys"):
+        response = client.get(path)
+        assert response.status_code == 404
+        assert "no version published yet" in response.json()["detail"]
+
+
+def test_page_is_a_self_contained_form(client: TestClient):
+    response = client.get("/")
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<form" in page
+    # user input and Redis values only ever reach the DOM as text
+    assert "innerHTML" not in page
+    assert "http://" not in page and "https://" not in page, "no external assets"
+
+
+def test_unreachable_redis_is_503(settings: Settings):
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{_closed_port()}/0"})
+    client = TestClient(create_app(lambda: down), raise_server_exceptions=False)
+
+    for path in ("/api/model", "/api/users/1", "/api/top-buys"):
+        response = client.get(path)
+        assert response.status_code == 503
+        assert "Redis is unavailable" in response.json()["detail"]
+
+
+def test_unconfigured_redis_is_503():
+    client = TestClient(create_app(lambda: Settings(_env_file=None)), raise_server_exceptions=False)
+
+    response = client.get("/api/model")
+
+    assert response.status_code == 503
+    assert "RECSYS_REDIS_URL" in response.json()["detail"]
+
+
+# --- the Airflow plugin ---------------------------------------------------------------------
+
+
+def _recsys_plugin_app() -> dict:
+    from airflow import plugins_manager
+
+    apps, _ = plugins_manager.get_fastapi_plugins()
+    return next(app for app in apps if app["url_prefix"] == "/recsys")
+
+
+def test_airflow_discovers_the_plugin():
+    from airflow import plugins_manager
+
+    [info] = [plugin for plugin in plugins_manager.get_plugin_info() if plugin["name"] == "recsys"]
+
+    assert not plugins_manager.get_import_errors()
+    assert info["fastapi_apps"] == [{"app": "recsys_plugin.LazyLookupApp", "url_prefix": "/recsys", "name": "Recsys"}]
+    [view] = info["external_views"]
+    assert view["href"] == "recsys/" and view["destination"] == "nav" and view["url_route"] == "recsys"
+
+
+def test_plugin_app_requires_an_airflow_login():
+    client = TestClient(_recsys_plugin_app()["app"])
+
+    assert client.get("/api/model").status_code == 401
+    assert client.get("/").status_code == 401
+
+
+def test_plugin_app_serves_the_live_version_to_a_logged_in_user(
+    airflow_db, published: PipelineResult, recsys_env: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """Redis comes from the ``recsys_redis`` connection, which wins over RECSYS_REDIS_URL."""
+    from airflow.api_fastapi.app import init_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    monkeypatch.setenv("AIRFLOW_CONN_RECSYS_REDIS", recsys_env.redis_url)
+    monkeypatch.setenv("RECSYS_REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
+    token = init_auth_manager().generate_jwt(SimpleAuthManagerUser(username="viewer", role="viewer"))
+    # the Airflow UI's session cookie: the page in the UI's iframe is same-origin
+    client = TestClient(_recsys_plugin_app()["app"], cookies={"_token": token})
+
+    response = client.get("/api/model")
+
+    assert response.status_code == 200
+    assert response.json()["version"] == published.publish.version
+
+
+def test_plugin_app_is_mounted_under_recsys_in_the_api_server():
+    """The api-server mounts plugin apps by url_prefix; a reserved prefix would be skipped."""
+    from airflow.api_fastapi.app import RESERVED_URL_PREFIXES, init_plugins
+
+    app = FastAPI()
+    init_plugins(app)
+
+    assert not any("/recsys".startswith(prefix) for prefix in RESERVED_URL_PREFIXES)
+    assert "/recsys" in [getattr(route, "path", None) for route in app.routes]
