@@ -69,7 +69,7 @@ def services_start() -> None:
     """Start (or reuse) embedded PostgreSQL and Redis; their URLs go to .recsys/services.env."""
     local = services.start()
     for name, value in local.env().items():
-        console.print(f"{name}={value}")
+        typer.echo(f"{name}={value}")
 
 
 @services_app.command("stop")
@@ -186,5 +186,5 @@ def show(
     for user_id in user_ids:
         user_id = user_id[0] if isinstance(user_id, tuple) else user_id
         found = store.user_recommendations(client, keys, user_id)
-        console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}")
-    console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(store.top_buys(client, keys))}")
+        console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}", soft_wrap=True)
+    console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(store.top_buys(client, keys))}", soft_wrap=True)

