@@ -12,11 +12,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys import db, services, store
+from recsys import db, pipeline, services, store
 from recsys.bench import bench_app
 from recsys.errors import RecsysError
 from recsys.params import PipelineParams
-from recsys.pipeline import run_paths, run_pipeline, window_ending
+from recsys.pipeline import plan_run, run_pipeline
 from recsys.settings import Settings
 
 app = typer.Typer(help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True)
@@ -100,69 +100,94 @@ def demo_data(
     )
 
 
-def _stage(name: str, end: datetime | None, overrides: list[str] | None) -> None:
-    from recsys import evaluate, extract, matrix, publish, train
+UseTunedOption = Annotated[
+    bool, typer.Option("--use-tuned/--no-use-tuned", help="Params left at defaults take the tuned values.")
+]
 
-    settings, params = Settings(), _params(overrides)
-    window = window_ending(_end(end), params)
-    paths = run_paths(settings, window, params)
+
+def _stage(name: str, end: datetime | None, overrides: list[str] | None, use_tuned: bool = True) -> None:
+    settings = Settings()
     try:
+        run = plan_run(settings, _end(end), _params(overrides), use_tuned)
         if name == "extract":
-            result = extract.extract(settings, window, paths.extract, params, progress=True)
+            result = pipeline.extract_stage(settings, run, progress=True)
         elif name == "matrix":
-            ex = paths.extract
-            result = matrix.build_matrix(ex / "interactions.parquet", ex / "products.parquet", window, paths.matrix, params)
+            result = pipeline.matrix_stage(run)
         elif name == "train":
-            result = train.train(paths.matrix, paths.model, params, progress=True)
+            result = pipeline.train_stage(run, progress=True)
         elif name == "evaluate":
-            result = evaluate.evaluate(paths.matrix, paths.model, paths.evaluation, params)
-            evaluate.enforce_quality_gate(result)
+            result = pipeline.evaluate_stage(settings, run)
         else:
-            result = publish.publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, progress=True)
+            result = pipeline.publish_stage(settings, run, progress=True)
     except (RecsysError, FileNotFoundError) as error:
         raise _fail(error) from error
     console.print(result)
 
 
 @app.command("extract")
-def extract_command(end: EndOption = None, param: ParamOption = None) -> None:
+def extract_command(end: EndOption = None, param: ParamOption = None, use_tuned: UseTunedOption = True) -> None:
     """Extract one window of interactions (COPY) into validated Parquet."""
-    _stage("extract", end, param)
+    _stage("extract", end, param, use_tuned)
 
 
 @app.command("matrix")
-def matrix_command(end: EndOption = None, param: ParamOption = None) -> None:
+def matrix_command(end: EndOption = None, param: ParamOption = None, use_tuned: UseTunedOption = True) -> None:
     """Build id maps and the weighted CSR matrices from the extract."""
-    _stage("matrix", end, param)
+    _stage("matrix", end, param, use_tuned)
 
 
 @app.command("train")
-def train_command(end: EndOption = None, param: ParamOption = None) -> None:
+def train_command(end: EndOption = None, param: ParamOption = None, use_tuned: UseTunedOption = True) -> None:
     """Train ALS (holdout and full models)."""
-    _stage("train", end, param)
+    _stage("train", end, param, use_tuned)
 
 
 @app.command("evaluate")
-def evaluate_command(end: EndOption = None, param: ParamOption = None) -> None:
+def evaluate_command(end: EndOption = None, param: ParamOption = None, use_tuned: UseTunedOption = True) -> None:
     """Evaluate against popularity on the holdout; exit 1 if the quality gate refuses."""
-    _stage("evaluate", end, param)
+    _stage("evaluate", end, param, use_tuned)
 
 
 @app.command("publish")
-def publish_command(end: EndOption = None, param: ParamOption = None) -> None:
+def publish_command(end: EndOption = None, param: ParamOption = None, use_tuned: UseTunedOption = True) -> None:
     """Publish to Redis under a new version and switch it live atomically."""
-    _stage("publish", end, param)
+    _stage("publish", end, param, use_tuned)
 
 
 @app.command("run")
-def run_command(end: EndOption = None, param: ParamOption = None) -> None:
+def run_command(end: EndOption = None, param: ParamOption = None, use_tuned: UseTunedOption = True) -> None:
     """Run the whole pipeline: extract, matrix, train, evaluate (gate), publish."""
     try:
-        result = run_pipeline(Settings(), _end(end), _params(param), progress=True)
+        result = run_pipeline(Settings(), _end(end), _params(param), use_tuned, progress=True)
     except RecsysError as error:
         raise _fail(error) from error
     console.print(f"[green]{result.evaluation.reason}[/green]")
     console.print(f"published version {result.publish.version} for {result.publish.users:,} users")
+
+
+@app.command("tune")
+def tune_command(
+    end: EndOption = None,
+    trials: Annotated[int, typer.Option(help="Search budget: number of ALS fits.")] = 40,
+    lookback_days: int = PipelineParams().lookback_days,
+    holdout_days: int = PipelineParams().holdout_days,
+) -> None:
+    """Tune ALS on the shop's recent data (time-based validation); later runs use the result."""
+    from recsys.tune import save_tuned, tune_on_matrix
+
+    settings = Settings()
+    search = PipelineParams(lookback_days=lookback_days, holdout_days=holdout_days, confidence_scaling="none")
+    try:
+        run = plan_run(settings, _end(end), search, use_tuned=False)
+        pipeline.extract_stage(settings, run, progress=True)
+        pipeline.matrix_stage(run)
+        tuned = tune_on_matrix(run.paths.matrix, run.params, trials)
+    except RecsysError as error:
+        raise _fail(error) from error
+    path = save_tuned(settings, tuned)
+    console.print(f"chosen {tuned.params} in {tuned.seconds:.1f} s ({tuned.trials} trials) -> {path}")
+    console.print(f"validation MAP@{search.k}: chosen {tuned.validation['chosen']['map']:.4f}, "
+                  f"starting params {tuned.validation['starting_params']['map']:.4f}")
 
 
 @app.command("show")

@@ -40,7 +40,15 @@ def inactive_items(matrix_dir: Path) -> np.ndarray:
     return np.flatnonzero(~active.astype(bool)).astype(np.int32)
 
 
-def evaluate(matrix_dir: Path, model_dir: Path, eval_dir: Path, params: PipelineParams) -> EvaluationResult:
+def evaluate(
+    matrix_dir: Path,
+    model_dir: Path,
+    eval_dir: Path,
+    params: PipelineParams,
+    live_metrics: dict | None = None,
+) -> EvaluationResult:
+    """Score the holdout model and popularity; decide the gate. ``live_metrics`` are the live
+    version's (``meta.metrics``), if any: the model must not fall too far below them."""
     manifest = json.loads((matrix_dir / "manifest.json").read_text())
     train = sp.load_npz(matrix_dir / "train.npz").tocsr()
     train_exclude = sp.load_npz(matrix_dir / "train_exclude.npz").tocsr()
@@ -74,12 +82,22 @@ def evaluate(matrix_dir: Path, model_dir: Path, eval_dir: Path, params: Pipeline
     popularity_metrics = ranking_metrics(popular_recs, relevant, params.k, n_catalog_items=n_active)
 
     threshold = popularity_metrics.map * (1 + params.min_lift)
-    passed = model_metrics.map > threshold
+    beats_popularity = model_metrics.map > threshold
     comparison = (
         f"model MAP@{params.k} {model_metrics.map:.4f} vs popularity MAP@{params.k} "
-        f"{popularity_metrics.map:.4f} (needs > {threshold:.4f}, min_lift={params.min_lift:g}) "
-        f"on {len(users)} holdout users after {manifest['holdout_cutoff']}"
+        f"{popularity_metrics.map:.4f} (needs > {threshold:.4f}, min_lift={params.min_lift:g})"
     )
+    live_model = (live_metrics or {}).get("model") or {}
+    holds_level = True
+    if live_model.get("k") == params.k:
+        floor = live_model["map"] * (1 - params.max_map_drop)
+        holds_level = model_metrics.map >= floor
+        comparison += (
+            f", vs live model MAP@{params.k} {live_model['map']:.4f} "
+            f"(needs >= {floor:.4f}, max_map_drop={params.max_map_drop:g})"
+        )
+    passed = beats_popularity and holds_level
+    comparison += f" on {len(users)} holdout users after {manifest['holdout_cutoff']}"
     reason = ("passed: " if passed else "refused: ") + comparison
 
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +108,13 @@ def evaluate(matrix_dir: Path, model_dir: Path, eval_dir: Path, params: Pipeline
         "k": params.k,
         "model": model_metrics.to_dict(),
         "popularity": popularity_metrics.to_dict(),
-        "gate": {"passed": passed, "reason": reason, "min_lift": params.min_lift},
+        "gate": {
+            "passed": passed,
+            "reason": reason,
+            "min_lift": params.min_lift,
+            "max_map_drop": params.max_map_drop,
+            "live_model_map": live_model.get("map"),
+        },
     }
     report_path.write_text(json.dumps(report, indent=2))
     log.info("quality gate %s", reason)

@@ -3,41 +3,40 @@
 Plain FastAPI with no Airflow import, so it runs the same under the Airflow plugin
 (``plugins/recsys_plugin.py`` mounts it in the api-server), under uvicorn, and in tests.
 Settings come from a factory called on every request, so a changed connection needs no restart.
+Reads go through the same functions as the recommendation API (``recsys.api``), so both always
+show the same thing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from recsys import store
+from recsys import api, store
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SettingsFactory = Callable[[], Settings]
 
-# What /api/model shows of the live meta hash; the rest (artifact paths on the workers,
-# the raw timestamp used by publish's freshness check) is internal.
-PUBLIC_META_FIELDS = ("version", "data_start", "data_end", "published_at", "metrics", "params", "counts")
-
-
 @dataclass(frozen=True)
 class LiveStore:
-    client: redis.Redis
+    client: aioredis.Redis
     keys: store.KeyLayout
 
 
 def _open_store(settings_factory: SettingsFactory) -> LiveStore:
     try:
         settings = settings_factory()
-        return LiveStore(store.redis_client(settings), store.layout(settings))
+        client = aioredis.Redis.from_url(settings.require_redis_url, decode_responses=True, socket_connect_timeout=5)
+        return LiveStore(client, store.layout(settings))
     except RuntimeError as missing:
         # Settings.require_* raise RuntimeError with a message meant for the operator
         raise HTTPException(status_code=503, detail=str(missing)) from missing
@@ -55,20 +54,20 @@ def _nothing_live(keys: store.KeyLayout) -> HTTPException:
     )
 
 
-def _not_found(live: LiveStore, what: str) -> HTTPException:
+async def _not_found(live: LiveStore, what: str) -> HTTPException:
     """404 that tells 'nothing published yet' apart from 'not in the published version'."""
-    if not live.client.exists(live.keys.live("meta")):
+    if not await live.client.exists(live.keys.live("meta")):
         return _nothing_live(live.keys)
     return HTTPException(status_code=404, detail=what)
 
 
-def live_store(request: Request) -> Iterator[LiveStore]:
+async def live_store(request: Request) -> AsyncIterator[LiveStore]:
     """Per request: fresh settings, and a client closed once the response is out."""
     live = _open_store(request.app.state.settings_factory)
     try:
         yield live
     finally:
-        live.client.close()
+        await live.client.aclose()
 
 
 Live = Annotated[LiveStore, Depends(live_store)]
@@ -93,24 +92,24 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
 
     # :path so that ids containing "/" (ids are free text in the shop) still resolve
     @app.get("/api/users/{user_id:path}")
-    def user_recommendations(user_id: str, live: Live) -> dict:
-        found = store.user_recommendations(live.client, live.keys, user_id)
+    async def user_recommendations(user_id: str, live: Live) -> dict:
+        found = await api.read_entry(live.client, api.user_recs_slot(live.keys, user_id))
         if found is None:
-            raise _not_found(live, f"User {user_id!r} has no live recommendations.")
+            raise await _not_found(live, f"User {user_id!r} has no live recommendations.")
         return found
 
     @app.get("/api/model")
-    def model(live: Live) -> dict:
-        meta = store.live_meta(live.client, live.keys)
+    async def model(live: Live) -> dict:
+        meta = await api.read_meta(live.client, live.keys)
         if meta is None:
             raise _nothing_live(live.keys)
-        return {name: meta.get(name) for name in PUBLIC_META_FIELDS}
+        return api.public_meta(meta)
 
     @app.get("/api/top-buys")
-    def top_buys(live: Live, category: str | None = None) -> dict:
-        found = store.top_buys(live.client, live.keys, category)
+    async def top_buys(live: Live, category: str | None = None) -> dict:
+        found = await api.read_entry(live.client, api.top_buys_slot(live.keys, category))
         if found is None:
-            raise _not_found(live, f"No live top buys for category {category!r}.")
+            raise await _not_found(live, f"No live top buys for category {category!r}.")
         return found
 
     return app

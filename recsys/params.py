@@ -41,8 +41,10 @@ class PipelineParams:
     k: int = 10
     similar_n: int = 10
     top_buys_n: int = 20
-    # quality gate: model MAP@K must exceed popularity MAP@K * (1 + min_lift)
+    # quality gate: model MAP@K must exceed popularity MAP@K * (1 + min_lift) and must not fall
+    # more than max_map_drop (a fraction) below the live model's MAP@K
     min_lift: float = 0.0
+    max_map_drop: float = 0.2
 
     def __post_init__(self) -> None:
         problems = []
@@ -58,6 +60,8 @@ class PipelineParams:
         for name in ("regularization", "alpha", "half_life_days", "min_lift"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.max_map_drop <= 1:
+            problems.append(f"max_map_drop must be in [0, 1], got {self.max_map_drop!r}")
         if not 0 <= self.max_invalid_fraction <= 1:
             problems.append(f"max_invalid_fraction must be in [0, 1], got {self.max_invalid_fraction!r}")
         if not self.event_weights:

@@ -96,3 +96,9 @@ def live_meta(client: redis.Redis, keys: KeyLayout) -> dict | None:
         if name in meta:
             meta[name] = json.loads(meta[name])
     return meta
+
+
+def live_metrics(client: redis.Redis, keys: KeyLayout) -> dict | None:
+    """The live version's evaluation metrics (``{"model": {...}, "popularity": {...}}``)."""
+    raw = client.hget(keys.live("meta"), "metrics")
+    return None if raw is None else json.loads(raw)

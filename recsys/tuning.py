@@ -91,14 +91,21 @@ def validation_metrics(
     params: AlsParams,
     seed: int,
     k: int = 10,
+    exclude: sp.csr_matrix | None = None,
+    blocked_items: np.ndarray | None = None,
 ) -> RankingMetrics:
-    """Fit on ``fit_matrix``, rank for users with a validation item, their fit items excluded.
+    """Fit on ``fit_matrix``, rank for users with a validation item, ``exclude`` items removed
+    (default: their fit items).
 
-    Items nobody has in ``fit_matrix`` are never recommended: a model can't know them.
+    Items nobody has in ``fit_matrix`` are never recommended: a model can't know them; nor are
+    ``blocked_items`` (e.g. inactive products).
     """
     user_factors, item_factors = fit(fit_matrix, params, seed)
-    unseen = np.flatnonzero(np.diff(fit_matrix.tocsc().indptr) == 0)
-    return evaluate_factors(user_factors, item_factors, fit_matrix, validation, k, blocked_items=unseen).metrics
+    blocked = np.flatnonzero(np.diff(fit_matrix.tocsc().indptr) == 0)
+    if blocked_items is not None:
+        blocked = np.union1d(blocked, blocked_items)
+    exclude = fit_matrix if exclude is None else exclude
+    return evaluate_factors(user_factors, item_factors, exclude, validation, k, blocked_items=blocked).metrics
 
 
 def _suggest(trial, space: SearchSpace) -> AlsParams:
@@ -124,11 +131,14 @@ def tune(
     objective: Objective = "ndcg",
     space: SearchSpace | None = None,
     start: AlsParams | None = None,
+    exclude: sp.csr_matrix | None = None,
+    blocked_items: np.ndarray | None = None,
 ) -> TuningResult:
     """Search ALS hyperparameters maximising ``objective``@k of ``fit_matrix`` -> ``validation``.
 
     ``start`` (default: ``AlsParams()``, the pipeline's defaults, if it lies in the space) is tried
     first. Every trial fits with the same ``seed``, so trials differ only by their parameters.
+    ``exclude`` / ``blocked_items`` as in :func:`validation_metrics`.
     """
     import optuna
 
@@ -146,7 +156,7 @@ def tune(
     def run(trial) -> float:
         params = _suggest(trial, space)
         began = time.perf_counter()
-        metrics = validation_metrics(fit_matrix, validation, params, seed, k)
+        metrics = validation_metrics(fit_matrix, validation, params, seed, k, exclude, blocked_items)
         trials.append(Trial(trial.number, params, metrics, time.perf_counter() - began))
         log.info("trial %d %s: %s=%.4f", trial.number, params, objective, getattr(metrics, objective))
         return getattr(metrics, objective)

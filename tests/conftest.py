@@ -9,6 +9,7 @@ Each test gets its own Postgres schema and Redis key prefix and removes both aft
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,11 +41,19 @@ from recsys.settings import Settings  # noqa: E402
 from recsys.store import KeyLayout, redis_client  # noqa: E402
 
 
+def services_dir() -> Path:
+    """A data dir for embedded servers. Not pytest's tmp_path: run as root, embedded PostgreSQL
+    serves as its own system user, which must be able to enter the dir; pytest's is root-only."""
+    data_dir = Path(tempfile.mkdtemp(prefix="recsys-test-services-"))
+    data_dir.chmod(0o755)
+    return data_dir
+
+
 @pytest.fixture(scope="session")
-def service_urls(tmp_path_factory) -> Iterator[services.LocalServices]:
+def service_urls() -> Iterator[services.LocalServices]:
     database_url = os.environ.get("RECSYS_TEST_DATABASE_URL")
     redis_url = os.environ.get("RECSYS_TEST_REDIS_URL")
-    data_dir = tmp_path_factory.mktemp("services")
+    data_dir = services_dir()
     started = []
     if not database_url:
         database_url = services.start_postgres(data_dir)
@@ -55,6 +64,7 @@ def service_urls(tmp_path_factory) -> Iterator[services.LocalServices]:
     yield services.LocalServices(database_url=database_url, redis_url=redis_url)
     for stop in started:
         stop(data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def _delete_keys(settings: Settings) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import psycopg
 import pytest
 import redis
+from conftest import services_dir
 from typer.testing import CliRunner
 
 from recsys import services
@@ -63,16 +65,17 @@ def test_demo_generator_is_deterministic_and_shop_like(window_end):
 
 
 def test_embedded_servers_start_reuse_and_stop(tmp_path):
-    env_file = tmp_path / "services.env"
-    started = services.start(tmp_path / "data", env_file=env_file)
+    env_file, data_dir = tmp_path / "services.env", services_dir()
+    started = services.start(data_dir, env_file=env_file)
     try:
-        assert services.start(tmp_path / "data", env_file=env_file) == started  # reused, not doubled
+        assert services.start(data_dir, env_file=env_file) == started  # reused, not doubled
         with psycopg.connect(started.database_url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert redis.Redis.from_url(started.redis_url).ping()
         assert env_file.read_text().splitlines() == [f"{k}={v}" for k, v in started.env().items()]
     finally:
-        services.stop(tmp_path / "data", env_file=env_file)
+        services.stop(data_dir, env_file=env_file)
+        shutil.rmtree(data_dir, ignore_errors=True)
     assert not env_file.exists()
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(started.redis_url, socket_connect_timeout=1).ping()

@@ -22,6 +22,7 @@ def dag(airflow_db):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     loaded = bag.dags["recsys_daily"]
+    assert set(bag.dags) == {"recsys_daily", "recsys_tune"}
     for task in loaded.tasks:
         task.retries = 0  # a failing test must not wait out retry delays
     return loaded
@@ -46,7 +47,9 @@ def test_params_form_covers_the_pipeline_knobs(dag):
     defaults = PipelineParams()
     for name in ("lookback_days", "factors", "regularization", "alpha", "iterations", "top_n", "k", "event_weights"):
         assert dag.params[name] == getattr(defaults, name)
-    PipelineParams.from_dict(dict(dag.params))  # every Param is a pipeline parameter
+    values = dict(dag.params)
+    assert values.pop("use_tuned_params") is True
+    PipelineParams.from_dict(values)  # every other Param is a pipeline parameter
 
 
 def test_retry_policy_fails_bad_input_fast_and_retries_lost_connections(dag):

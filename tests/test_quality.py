@@ -108,9 +108,10 @@ def test_tuning_only_ever_sees_train(ratings, tmp_path, monkeypatch):
     seen: list[tuple[sp.csr_matrix, sp.csr_matrix]] = []
     real = tuning.validation_metrics
 
-    def spy(fit_matrix, validation, params, seed, k=10):
+    def spy(fit_matrix, validation, params, seed, k=10, exclude=None, blocked_items=None):
         seen.append((fit_matrix, validation))
-        return real(fit_matrix, validation, params, seed, k)
+        assert exclude is None  # the benchmark excludes the fit items themselves
+        return real(fit_matrix, validation, params, seed, k, exclude, blocked_items)
 
     monkeypatch.setattr(tuning, "validation_metrics", spy)
     from recsys.bench import run_quality

@@ -1,0 +1,232 @@
+"""The recsys DAGs: ``recsys_daily`` (recommendations) and ``recsys_tune`` (its parameters).
+
+Wiring only: every task is a thin call into ``recsys.pipeline`` / ``recsys.tune``. Both DAGs live
+in one file so they share their wiring without relying on the DAG folder being importable.
+
+Database and Redis come from the Airflow connections ``recsys_db`` / ``recsys_redis`` when they
+exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import (
+    Connection,
+    CronDataIntervalTimetable,
+    ExceptionRetryPolicy,
+    Param,
+    RetryAction,
+    RetryRule,
+    dag,
+    task,
+)
+from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
+
+from recsys.params import PipelineParams
+
+DEFAULTS = PipelineParams()
+
+# Bad data or a refused model fails at once; only lost connections are worth a retry.
+RETRY_POLICY = ExceptionRetryPolicy(
+    rules=[
+        RetryRule(
+            exception=["recsys.errors.InputError", "recsys.errors.QualityGateError", "recsys.errors.EmptyResultError"],
+            action=RetryAction.FAIL,
+            reason="bad input or a refused result: retrying cannot fix it",
+        ),
+        RetryRule(
+            exception=[
+                "psycopg.OperationalError",
+                "redis.exceptions.ConnectionError",
+                "redis.exceptions.TimeoutError",
+            ],
+            action=RetryAction.RETRY,
+            reason="transient database or Redis error",
+        ),
+    ],
+)
+
+
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_policy": RETRY_POLICY}
+
+
+def recsys_settings():
+    """Settings from the Airflow connections ``recsys_db`` / ``recsys_redis``, else RECSYS_* env."""
+    from recsys.settings import Settings
+
+    overrides = {}
+    for field, conn_id in (("database_url", "recsys_db"), ("redis_url", "recsys_redis")):
+        try:
+            overrides[field] = Connection.get(conn_id).get_uri()
+        except AirflowNotFoundException:
+            pass
+    return Settings(**overrides)
+
+
+def planned(run: dict):
+    """The run a previous task planned, from its XCom."""
+    from recsys.pipeline import Run
+
+    return Run.from_dict(run)
+
+
+DAILY_DOC = """Daily shop recommendations: extract -> build_matrix -> train -> evaluate -> publish.
+
+Wiring only: every task is a thin call into ``recsys.pipeline``; the run (effective params, data
+window, artifact folder) is fixed once by ``extract`` and travels through XCom as a small dict,
+never arrays. The window is ``[data_interval_end - lookback_days, data_interval_end)``, so a run
+(scheduled, manual or backfilled) for date D never sees data from after D, and publish refuses to
+replace a live version whose data is fresher (the task is skipped, saying why).
+
+Params left at their defaults take the values the ``recsys_tune`` DAG chose, unless
+``use_tuned_params`` is off. Database and Redis come from the Airflow connections ``recsys_db`` /
+``recsys_redis`` when they exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``.
+"""
+
+TUNE_DOC = """Tune ALS on the shop's recent data: extract -> build_matrix -> tune.
+
+Fits on the window before the holdout cutoff and validates on what happened after it (MAP@K,
+the daily quality gate's metric). The chosen factors / regularization / alpha / iterations /
+confidence scaling are stored with their validation metrics and data window in
+``artifacts/tuned/latest.json``; ``recsys_daily`` uses them for every param left at its default.
+Weekly on Sunday (unpause to enable) or triggered with a trial budget.
+"""
+
+
+PARAMS = {
+    "lookback_days": Param(DEFAULTS.lookback_days, type="integer", minimum=2, title="Lookback (days)",
+                           description="Train on interactions of this many days before the run's data interval end."),
+    "holdout_days": Param(DEFAULTS.holdout_days, type="integer", minimum=1, title="Holdout (days)",
+                          description="The last days of the window are held out to evaluate against popularity."),
+    "factors": Param(DEFAULTS.factors, type="integer", minimum=1, maximum=1024, title="ALS factors"),
+    "regularization": Param(DEFAULTS.regularization, type="number", minimum=0, title="ALS regularization"),
+    "alpha": Param(DEFAULTS.alpha, type="number", minimum=0, title="ALS alpha (confidence = 1 + alpha * weight)"),
+    "iterations": Param(DEFAULTS.iterations, type="integer", minimum=1, maximum=500, title="ALS iterations"),
+    "confidence_scaling": Param(DEFAULTS.confidence_scaling, enum=["none", "log", "bm25"], title="Confidence scaling"),
+    "event_weights": Param(DEFAULTS.event_weights, type="object", title="Event weights",
+                           description="Weight per event type; other event types are dropped and reported."),
+    "half_life_days": Param(DEFAULTS.half_life_days, type="number", minimum=0, title="Time decay half-life (days, 0 = off)"),
+    "top_n": Param(DEFAULTS.top_n, type="integer", minimum=1, maximum=500, title="Recommendations per user"),
+    "k": Param(DEFAULTS.k, type="integer", minimum=1, maximum=500, title="K of MAP@K and friends"),
+    "min_lift": Param(DEFAULTS.min_lift, type="number", minimum=0, title="Quality gate: required lift over popularity",
+                      description="Publish only if model MAP@K > popularity MAP@K * (1 + min_lift)."),
+    "max_map_drop": Param(DEFAULTS.max_map_drop, type="number", minimum=0, maximum=1,
+                          title="Quality gate: largest allowed MAP@K drop vs the live model (fraction)"),
+    "use_tuned_params": Param(True, type="boolean", title="Use tuned params",
+                              description="Fields left at their defaults take the values the recsys_tune DAG chose."),
+}
+
+
+@dag(
+    dag_id="recsys_daily",
+    schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    default_args=DEFAULT_ARGS,
+    tags=["recsys"],
+    doc_md=DAILY_DOC,
+)
+def recsys_daily():
+    @task
+    def extract(params=None, data_interval_end=None) -> dict:
+        """Fix the run (effective params, window, folder) and extract its interactions."""
+        from recsys.pipeline import extract_stage, plan_run
+
+        values = dict(params)
+        use_tuned = values.pop("use_tuned_params")
+        settings = recsys_settings()
+        run = plan_run(settings, data_interval_end, PipelineParams.from_dict(values), use_tuned)
+        result = extract_stage(settings, run)
+        return {**run.to_dict(), "rows_read": result.rows_read, "rows_kept": result.rows_kept}
+
+    @task
+    def build_matrix(run: dict) -> dict:
+        from recsys.pipeline import matrix_stage
+
+        matrix_stage(planned(run))
+        return run
+
+    @task
+    def train(run: dict) -> dict:
+        from recsys.pipeline import train_stage
+
+        train_stage(planned(run))
+        return run
+
+    @task
+    def evaluate(run: dict) -> dict:
+        """Holdout metrics for model and popularity; fails the run if the quality gate refuses."""
+        from recsys.pipeline import evaluate_stage
+
+        result = evaluate_stage(recsys_settings(), planned(run))
+        return {**run, "model_map": result.model.map, "popularity_map": result.popularity.map}
+
+    @task
+    def publish(run: dict) -> dict:
+        from recsys.errors import StaleVersionError
+        from recsys.pipeline import publish_stage
+
+        try:
+            result = publish_stage(recsys_settings(), planned(run))
+        except StaleVersionError as stale:
+            raise AirflowSkipException(str(stale)) from stale
+        return {"version": result.version, "users": result.users}
+
+    publish(evaluate(train(build_matrix(extract()))))
+
+
+recsys_daily()
+
+
+@dag(
+    dag_id="recsys_tune",
+    schedule=CronDataIntervalTimetable("0 4 * * 0", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params={
+        "n_trials": Param(40, type="integer", minimum=1, maximum=1000, title="Trials (the search budget)"),
+        "lookback_days": Param(DEFAULTS.lookback_days, type="integer", minimum=2, title="Lookback (days)"),
+        "holdout_days": Param(DEFAULTS.holdout_days, type="integer", minimum=1, title="Validation (last days)"),
+    },
+    default_args=DEFAULT_ARGS,
+    tags=["recsys"],
+    doc_md=TUNE_DOC,
+)
+def recsys_tune():
+    @task
+    def extract(params=None, data_interval_end=None) -> dict:
+        from recsys.pipeline import extract_stage, plan_run
+
+        # raw weights: the search itself chooses the confidence scaling
+        search_params = PipelineParams(
+            lookback_days=params["lookback_days"], holdout_days=params["holdout_days"], confidence_scaling="none"
+        )
+        settings = recsys_settings()
+        run = plan_run(settings, data_interval_end, search_params, use_tuned=False)
+        extract_stage(settings, run)
+        return run.to_dict()
+
+    @task
+    def build_matrix(run: dict) -> dict:
+        from recsys.pipeline import matrix_stage
+
+        matrix_stage(planned(run))
+        return run
+
+    @task(execution_timeout=timedelta(hours=6))
+    def tune(run: dict, params=None) -> dict:
+        from recsys.tune import save_tuned, tune_on_matrix
+
+        tuned = tune_on_matrix(planned(run).paths.matrix, planned(run).params, params["n_trials"])
+        path = save_tuned(recsys_settings(), tuned)
+        return {"path": str(path), "params": tuned.params, "validation": tuned.validation}
+
+    tune(build_matrix(extract()))
+
+
+recsys_tune()
