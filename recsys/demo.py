@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -143,3 +144,21 @@ def load_demo(settings: Settings, shop: DemoShop, end: datetime | None = None, p
     return DemoLoadResult(
         products=shop.products, interactions=total, start=end - timedelta(days=shop.days), end=end
     )
+
+
+def write_demo_parquet(shop: DemoShop, end: datetime, directory: Path) -> tuple[Path, Path]:
+    """The demo shop as the extract stage would write it (for benchmarks that need no database)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys.extract import INTERACTIONS_SCHEMA
+
+    directory.mkdir(parents=True, exist_ok=True)
+    interactions_path, products_path = directory / "interactions.parquet", directory / "products.parquet"
+    with pq.ParquetWriter(interactions_path, INTERACTIONS_SCHEMA) as writer:
+        for catalogue, frame in generate_interactions(shop, end):
+            frame = frame.assign(user_id=frame["user_id"].astype(str), product_id=frame["product_id"].astype(str))
+            writer.write_table(pa.Table.from_pandas(frame, schema=INTERACTIONS_SCHEMA, preserve_index=False))
+    products = catalogue.assign(product_id=catalogue["product_id"].astype(str))
+    pq.write_table(pa.Table.from_pandas(products, preserve_index=False), products_path)
+    return interactions_path, products_path

@@ -51,39 +51,64 @@ def tuned_path(settings: Settings) -> Path:
     return settings.artifacts_dir / "tuned" / "latest.json"
 
 
-def tune_on_matrix(matrix_dir: Path, params: PipelineParams, n_trials: int) -> TunedParams:
-    """Search on ``train.npz`` -> ``holdout.npz`` of a matrix built with raw (unscaled) weights."""
-    if params.confidence_scaling != "none":
-        raise InputError("build the tuning matrix with confidence_scaling='none': tuning chooses the scaling")
+@dataclass(frozen=True)
+class TimeSplit:
+    """A matrix folder's holdout split, as tuning sees it: fit before the cutoff, validate after."""
+
+    fit: sp.csr_matrix
+    validation: sp.csr_matrix
+    exclude: sp.csr_matrix
+    blocked_items: np.ndarray
+    cutoff: str
+
+
+def time_split(matrix_dir: Path) -> TimeSplit:
     manifest = json.loads((matrix_dir / "manifest.json").read_text())
     train = sp.load_npz(matrix_dir / "train.npz").tocsr()
     holdout = sp.load_npz(matrix_dir / "holdout.npz").tocsr()
     has_history = (np.diff(train.indptr) > 0).astype(np.float32)
     # users without history before the cutoff are cold starts: no ALS parameter can serve them
-    validation = sp.diags(has_history) @ holdout
+    validation = (sp.diags(has_history) @ holdout).tocsr()
     validation.eliminate_zeros()
     if validation.nnz == 0:
         raise InputError(
             f"cannot tune: no user has interactions both before {manifest['holdout_cutoff']} and relevant ones after it"
         )
+    return TimeSplit(
+        fit=train,
+        validation=validation,
+        exclude=sp.load_npz(matrix_dir / "train_exclude.npz").tocsr(),
+        blocked_items=inactive_items(matrix_dir),
+        cutoff=manifest["holdout_cutoff"],
+    )
+
+
+def tune_on_matrix(matrix_dir: Path, params: PipelineParams, n_trials: int) -> TunedParams:
+    """Search on ``train.npz`` -> ``holdout.npz`` of a matrix built with raw (unscaled) weights."""
+    if params.confidence_scaling != "none":
+        raise InputError("build the tuning matrix with confidence_scaling='none': tuning chooses the scaling")
+    manifest = json.loads((matrix_dir / "manifest.json").read_text())
+    split = time_split(matrix_dir)
+    # the run's ALS settings with the pipeline's default scaling: the search starts where runs are
     start = AlsParams(
         factors=params.factors,
         regularization=params.regularization,
         alpha=params.alpha,
         iterations=params.iterations,
+        confidence=PipelineParams().confidence_scaling,
     )
     space = replace(PRODUCTION_SPACE, factors=tuple(sorted({*PRODUCTION_SPACE.factors, params.factors})))
     result = tune(
-        train,
-        validation.tocsr(),
+        split.fit,
+        split.validation,
         n_trials=n_trials,
         seed=params.seed,
         k=params.k,
         objective="map",
         space=space,
         start=start,
-        exclude=sp.load_npz(matrix_dir / "train_exclude.npz").tocsr(),
-        blocked_items=inactive_items(matrix_dir),
+        exclude=split.exclude,
+        blocked_items=split.blocked_items,
     )
     baseline = next(trial for trial in result.trials if trial.number == 0)
     chosen = result.params

@@ -30,13 +30,15 @@ Objective = Literal["map", "ndcg", "precision", "recall"]
 
 @dataclass(frozen=True)
 class AlsParams:
+    """ALS settings as the search sees them; the defaults are the pipeline's (PipelineParams)."""
+
     factors: int = 64
-    regularization: float = 0.05
-    alpha: float = 2.0
+    regularization: float = 40.0
+    alpha: float = 4.0
     iterations: int = 15
     # 0 = implicit's ALS with one penalty for every row; > 0 = frequency-scaled penalty (fit_als)
     regularization_exponent: float = 0.0
-    confidence: ConfidenceScaling = "none"
+    confidence: ConfidenceScaling = "log"
     bm25_b: float = 0.75
 
     def to_dict(self) -> dict[str, float | int | str]:

@@ -54,6 +54,7 @@ def write_inputs(tmp_path, rows, products):
 
 def build(tmp_path, rows, products, **params):
     interactions, products_path = write_inputs(tmp_path, rows, products)
+    params = {"confidence_scaling": "none", **params}  # raw weights unless a test asks for scaling
     result = build_matrix(interactions, products_path, WINDOW, tmp_path / "matrix", PipelineParams(**params))
     return result.matrix_dir
 
