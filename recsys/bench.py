@@ -15,7 +15,7 @@ from rich.table import Table
 
 from recsys import quality, tuning
 
-bench_app = typer.Typer(help="Quality benchmarks.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: quality, defaults, serving.", no_args_is_help=True)
 
 METRIC_NAMES = ("map", "ndcg_at_10", "precision_at_10", "recall_at_10")
 
@@ -81,7 +81,7 @@ def results_table(result: dict) -> Table:
 
 @bench_app.callback()
 def _group() -> None:
-    """Quality benchmarks."""
+    """Benchmarks: quality, defaults, serving."""
 
 
 @bench_app.command("quality")

@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys import db, pipeline, services, store
+from recsys.api import serve_command
 from recsys.bench import bench_app
+from recsys.bench_serve import serve_bench_command
 from recsys.errors import RecsysError
 from recsys.params import PipelineParams
 from recsys.pipeline import plan_run, run_pipeline
@@ -23,6 +25,8 @@ app = typer.Typer(help="Batch recommender: Postgres -> implicit ALS -> Redis.", 
 services_app = typer.Typer(help="Embedded local PostgreSQL and Redis (for machines without them).")
 app.add_typer(services_app, name="services")
 app.add_typer(bench_app, name="bench")
+app.command("serve")(serve_command)
+bench_app.command("serve")(serve_bench_command)
 console = Console()
 
 EndOption = Annotated[

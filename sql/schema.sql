@@ -19,3 +19,5 @@ CREATE TABLE IF NOT EXISTS interactions (
 
 -- The extract reads one time window [start, end): a range scan on occurred_at.
 CREATE INDEX IF NOT EXISTS interactions_occurred_at_idx ON interactions (occurred_at);
+-- The serving API folds one user's recent interactions in after each event.
+CREATE INDEX IF NOT EXISTS interactions_user_occurred_at_idx ON interactions (user_id, occurred_at);
