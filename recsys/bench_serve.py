@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -60,35 +59,22 @@ class FixedRate:
     achieved_rps: float
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def bench_settings() -> Iterator[Settings]:
     """Configured servers if RECSYS_* name them, else embedded ones; an own schema and prefix
     either way, all removed at the end."""
     configured = Settings()
-    with tempfile.TemporaryDirectory(prefix="recsys-bench-serve-") as tmp:
-        work = Path(tmp)
-        started = []
-        database_url, redis_url = configured.database_url, configured.redis_url
-        if not database_url:
-            database_url = services.start_postgres(work)
-            started.append(services.stop_postgres)
-        if not redis_url:
-            redis_url = services.start_redis(work)
-            started.append(services.stop_redis)
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-serve-") as tmp, services.running(
+        Path(tmp), configured.database_url, configured.redis_url
+    ) as servers:
         tag = uuid.uuid4().hex[:8]
         settings = Settings(
             _env_file=None,
-            database_url=database_url,
-            redis_url=redis_url,
+            database_url=servers.database_url,
+            redis_url=servers.redis_url,
             db_schema=f"bench_serve_{tag}",
             redis_prefix=f"bench-serve-{tag}",
-            artifacts_dir=work / "artifacts",
+            artifacts_dir=Path(tmp) / "artifacts",
         )
         try:
             yield settings
@@ -96,18 +82,13 @@ def bench_settings() -> Iterator[Settings]:
             with suppress(Exception):
                 db.drop_schema(settings)
             with suppress(Exception):
-                client = store.redis_client(settings)
-                keys = list(client.scan_iter(match=store.layout(settings).pattern(), count=1000))
-                if keys:
-                    client.delete(*keys)
-            for stop in started:
-                stop(work)
+                store.delete_all(store.redis_client(settings), store.layout(settings))
 
 
 @contextmanager
 def api_server(settings: Settings, log_path: Path, workers: int) -> Iterator[int]:
     """``recsys serve`` as a subprocess on loopback; terminated on exit."""
-    port = _free_port()
+    port = services.free_port()
     env = {
         **os.environ,
         "RECSYS_DATABASE_URL": settings.require_database_url,

