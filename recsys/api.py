@@ -64,49 +64,9 @@ WRITE_ATTEMPTS = 3
 BM25_K1 = 1.2  # scale_confidence's default, the one the matrix stage uses
 SECONDS_PER_DAY = 86_400.0
 
-# What /model shows of the live meta hash; artifact paths on the workers are internal.
-PUBLIC_META_FIELDS = ("version", "data_start", "data_end", "published_at", "metrics", "params", "counts")
-
 Source = Literal["model", "fold_in", "popular"]
 ProductId = int | str
 T = TypeVar("T")
-
-
-# --- read functions shared with the Airflow look-up app (recsys.lookup_app) -------------------
-
-
-def user_recs_slot(keys: store.KeyLayout, user_id: str) -> tuple[str, str]:
-    return keys.live("user_recs"), str(user_id)
-
-
-def similar_slot(keys: store.KeyLayout, product_id: str) -> tuple[str, str]:
-    return keys.live("similar_products"), str(product_id)
-
-
-def top_buys_slot(keys: store.KeyLayout, category: str | None) -> tuple[str, str]:
-    return keys.live("top_buys"), store.top_buys_field(category)
-
-
-def decode_entry(raw: str | None) -> dict | None:
-    return None if raw is None else json.loads(raw)
-
-
-async def read_entry(client: aioredis.Redis, slot: tuple[str, str]) -> dict | None:
-    return decode_entry(await client.hget(*slot))
-
-
-async def read_meta(client: aioredis.Redis, keys: store.KeyLayout) -> dict | None:
-    meta = await client.hgetall(keys.live("meta"))
-    if not meta:
-        return None
-    for name in store.META_JSON_FIELDS:
-        if name in meta:
-            meta[name] = json.loads(meta[name])
-    return meta
-
-
-def public_meta(meta: dict) -> dict:
-    return {name: meta.get(name) for name in PUBLIC_META_FIELDS}
 
 
 # --- the live model in memory -------------------------------------------------------------------
@@ -475,7 +435,7 @@ class RecsysService:
             return live
         async with self._loading:
             if self._live is None or self._live.version != version:
-                meta = await read_meta(self.redis, self.keys)
+                meta = await store.read_meta(self.redis, self.keys)
                 if meta is None:
                     raise NothingLive
                 log.info("loading live version %s", meta["version"])
@@ -489,7 +449,7 @@ class RecsysService:
         """One command: a script runs atomically, so the entry and the version come from the same
         side of a switch (cheaper on the hot path than a MULTI pipeline of two HGETs)."""
         version, raw = await self._version_and_field(keys=[self.keys.live("meta"), slot[0]], args=[slot[1]])
-        return version, decode_entry(raw)
+        return version, store.decode_entry(raw)
 
     async def write_if_live(self, version: str, user_id: str, entry: dict) -> bool:
         """HSET the user's list only while ``version`` is live: a publish switch renames the meta
@@ -601,7 +561,7 @@ async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> Use
 async def user_recommendations(
     svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None
 ) -> Response:
-    version, entry = await svc.version_and_entry(user_recs_slot(svc.keys, user_id))
+    version, entry = await svc.version_and_entry(store.user_recs_slot(svc.keys, user_id))
     live = await svc.model_for(version)
     _check_category(live, category)
 
@@ -633,7 +593,7 @@ async def user_recommendations(
         log.warning("database unavailable; user %r gets top buys", user_id, exc_info=True)
         source, ranked = "popular", await svc.run(rank_popular, live, blocked, category, offset + n)
     if source == "popular":
-        stored = await read_entry(svc.redis, top_buys_slot(svc.keys, category))
+        stored = await store.read_entry(svc.redis, store.top_buys_slot(svc.keys, category))
         page = None if stored is None else _page(live, stored["top_buys"], excluded, None, offset, n)
         if page is not None:
             return answer("popular", page, False)
@@ -753,7 +713,7 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/products/{product_id}/similar", response_model=SimilarProducts, responses={404: ERRORS[404], 422: ERRORS[422]})
     async def get_similar(product_id: ProductPathId, svc: Service, n: PageSize = 10) -> SimilarProducts:
         """Products most similar to this one (active only); beyond the published list, ranked on request."""
-        version, entry = await svc.version_and_entry(similar_slot(svc.keys, product_id))
+        version, entry = await svc.version_and_entry(store.similar_slot(svc.keys, product_id))
         live = await svc.model_for(version)
         if product_id not in live.item_index or not live.active[live.item_index[product_id]]:
             raise HTTPException(status_code=404, detail=f"Product {product_id!r} is not an active product of the live version")
@@ -767,7 +727,7 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/top-buys", response_model=TopBuys, responses={404: ERRORS[404], 422: ERRORS[422]})
     async def get_top_buys(svc: Service, n: PageSize = 10, category: Category = None) -> TopBuys:
         """Most bought active products, overall or within a category."""
-        version, entry = await svc.version_and_entry(top_buys_slot(svc.keys, category))
+        version, entry = await svc.version_and_entry(store.top_buys_slot(svc.keys, category))
         live = await svc.model_for(version)
         _check_category(live, category)
         if entry is not None and len(entry["top_buys"]) >= n:
@@ -778,10 +738,10 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/model", response_model=ModelInfo)
     async def get_model(svc: Service) -> dict:
         """The live version: data window, holdout metrics, params, counts, publish time."""
-        meta = await read_meta(svc.redis, svc.keys)
+        meta = await store.read_meta(svc.redis, svc.keys)
         if meta is None:
             raise NothingLive
-        return public_meta(meta)
+        return store.public_meta(meta)
 
     @app.get("/health/live", response_model=Health)
     async def health_live() -> Health:

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from recsys import api, store
+from recsys import store
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,21 +93,21 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
     # :path so that ids containing "/" (ids are free text in the shop) still resolve
     @app.get("/api/users/{user_id:path}")
     async def user_recommendations(user_id: str, live: Live) -> dict:
-        found = await api.read_entry(live.client, api.user_recs_slot(live.keys, user_id))
+        found = await store.read_entry(live.client, store.user_recs_slot(live.keys, user_id))
         if found is None:
             raise await _not_found(live, f"User {user_id!r} has no live recommendations.")
         return found
 
     @app.get("/api/model")
     async def model(live: Live) -> dict:
-        meta = await api.read_meta(live.client, live.keys)
+        meta = await store.read_meta(live.client, live.keys)
         if meta is None:
             raise _nothing_live(live.keys)
-        return api.public_meta(meta)
+        return store.public_meta(meta)
 
     @app.get("/api/top-buys")
     async def top_buys(live: Live, category: str | None = None) -> dict:
-        found = await api.read_entry(live.client, api.top_buys_slot(live.keys, category))
+        found = await store.read_entry(live.client, store.top_buys_slot(live.keys, category))
         if found is None:
             raise await _not_found(live, f"No live top buys for category {category!r}.")
         return found

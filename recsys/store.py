@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from recsys.settings import Settings
 
@@ -68,34 +69,70 @@ def layout(settings: Settings) -> KeyLayout:
     return KeyLayout(settings.redis_prefix)
 
 
-def _loads(raw: str | None) -> Any:
+# A slot is (hash key, field): the one HGET that answers a page's question.
+Slot = tuple[str, str]
+
+
+def user_recs_slot(keys: KeyLayout, user_id: str) -> Slot:
+    return keys.live("user_recs"), str(user_id)
+
+
+def similar_slot(keys: KeyLayout, product_id: str) -> Slot:
+    return keys.live("similar_products"), str(product_id)
+
+
+def top_buys_slot(keys: KeyLayout, category: str | None) -> Slot:
+    return keys.live("top_buys"), top_buys_field(category)
+
+
+def decode_entry(raw: str | None) -> Any:
     return None if raw is None else json.loads(raw)
+
+
+META_JSON_FIELDS = ("metrics", "params", "counts")
+# What readers outside the pipeline see of the meta hash; artifact paths on workers are internal.
+PUBLIC_META_FIELDS = ("version", "data_start", "data_end", "published_at", "metrics", "params", "counts")
+
+
+def decode_meta(meta: dict[str, str]) -> dict | None:
+    if not meta:
+        return None
+    return {name: json.loads(value) if name in META_JSON_FIELDS else value for name, value in meta.items()}
+
+
+def public_meta(meta: dict) -> dict:
+    return {name: meta.get(name) for name in PUBLIC_META_FIELDS}
+
+
+# Blocking reads (CLI, pipeline, tests) ...
 
 
 def user_recommendations(client: redis.Redis, keys: KeyLayout, user_id: str) -> dict | None:
     """The one lookup a shop page makes: ``HGET {prefix}:user_recs <user_id>``."""
-    return _loads(client.hget(keys.live("user_recs"), str(user_id)))
+    return decode_entry(client.hget(*user_recs_slot(keys, user_id)))
 
 
 def similar_products(client: redis.Redis, keys: KeyLayout, product_id: str) -> dict | None:
-    return _loads(client.hget(keys.live("similar_products"), str(product_id)))
+    return decode_entry(client.hget(*similar_slot(keys, product_id)))
 
 
 def top_buys(client: redis.Redis, keys: KeyLayout, category: str | None = None) -> dict | None:
-    return _loads(client.hget(keys.live("top_buys"), top_buys_field(category)))
-
-
-META_JSON_FIELDS = ("metrics", "params", "counts")
+    return decode_entry(client.hget(*top_buys_slot(keys, category)))
 
 
 def live_meta(client: redis.Redis, keys: KeyLayout) -> dict | None:
-    meta = client.hgetall(keys.live("meta"))
-    if not meta:
-        return None
-    for name in META_JSON_FIELDS:
-        if name in meta:
-            meta[name] = json.loads(meta[name])
-    return meta
+    return decode_meta(client.hgetall(keys.live("meta")))
+
+
+# ... and the same on an asyncio client (the HTTP API and the Airflow look-up page).
+
+
+async def read_entry(client: aioredis.Redis, slot: Slot) -> Any:
+    return decode_entry(await client.hget(*slot))
+
+
+async def read_meta(client: aioredis.Redis, keys: KeyLayout) -> dict | None:
+    return decode_meta(await client.hgetall(keys.live("meta")))
 
 
 def live_metrics(client: redis.Redis, keys: KeyLayout) -> dict | None:
