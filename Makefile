@@ -13,7 +13,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME := 86400
 
-.PHONY: install demo test services-start services-stop airflow-db constraints clean
+.PHONY: install demo test airflow services-start services-stop airflow-db constraints clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ demo: services-start airflow-db
 		|| (tail -n 60 $(AIRFLOW_HOME)/demo-run.log; exit 1)
 	@grep -o "quality gate [a-z]*: .*holdout users after [^ ]*" $(AIRFLOW_HOME)/demo-run.log | tail -n 1
 	RECSYS_DB_SCHEMA=$(DEMO_SCHEMA) $(BIN)/recsys show --users 5
+
+# Airflow itself (api-server, scheduler, dag-processor, triggerer) on the demo schema; UI on :8080.
+# standalone starts its parts as `airflow` subprocesses, hence the venv on PATH.
+airflow: services-start airflow-db
+	RECSYS_DB_SCHEMA=$(DEMO_SCHEMA) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/airflow standalone
 
 test: install
 	$(BIN)/python -m pytest -q

