@@ -20,6 +20,7 @@ from airflow.sdk import (
     RetryAction,
     RetryRule,
     dag,
+    get_current_context,
     task,
 )
 from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
@@ -72,7 +73,8 @@ def planned(run: dict):
     return Run.from_dict(run)
 
 
-DAILY_DOC = """Daily shop recommendations: extract -> build_matrix -> train -> evaluate -> publish.
+DAILY_DOC = """Daily shop recommendations: extract -> build_matrix -> train -> evaluate ->
+prepare_publish -> publish_shard (mapped over ``publish_shards`` user shards) -> publish.
 
 Wiring only: every task is a thin call into ``recsys.pipeline``; the run (effective params, data
 window, artifact folder) is fixed once by ``extract`` and travels through XCom as a small dict,
@@ -116,7 +118,11 @@ PARAMS = {
                           title="Quality gate: largest allowed MAP@K drop vs the live model (fraction)"),
     "use_tuned_params": Param(True, type="boolean", title="Use tuned params",
                               description="Fields left at their defaults take the values the recsys_tune DAG chose."),
+    "publish_shards": Param(1, type="integer", minimum=1, maximum=256, title="Publish shards",
+                            description="Users are scored and written by this many parallel mapped tasks."),
 }
+# Params that steer the Airflow run rather than the model (not part of the params fingerprint).
+RUN_PARAMS = ("use_tuned_params", "publish_shards")
 
 
 @dag(
@@ -137,11 +143,12 @@ def recsys_daily():
         from recsys.pipeline import extract_stage, plan_run
 
         values = dict(params)
-        use_tuned = values.pop("use_tuned_params")
+        steering = {name: values.pop(name) for name in RUN_PARAMS}
         settings = recsys_settings()
-        run = plan_run(settings, data_interval_end, PipelineParams.from_dict(values), use_tuned)
+        run = plan_run(settings, data_interval_end, PipelineParams.from_dict(values), steering["use_tuned_params"])
         result = extract_stage(settings, run)
-        return {**run.to_dict(), "rows_read": result.rows_read, "rows_kept": result.rows_kept}
+        return {**run.to_dict(), "shards": steering["publish_shards"], "rows_read": result.rows_read,
+                "rows_kept": result.rows_kept}
 
     @task
     def build_matrix(run: dict) -> dict:
@@ -166,17 +173,44 @@ def recsys_daily():
         return {**run, "model_map": result.model.map, "popularity_map": result.popularity.map}
 
     @task
-    def publish(run: dict) -> dict:
+    def prepare_publish(run: dict) -> list[dict]:
+        """Stage products' lists; one job per user shard. A run older than live is skipped here."""
         from recsys.errors import StaleVersionError
-        from recsys.pipeline import publish_stage
+        from recsys.pipeline import prepare_publish_stage
 
         try:
-            result = publish_stage(recsys_settings(), planned(run))
+            version = prepare_publish_stage(recsys_settings(), planned(run))
+        except StaleVersionError as stale:
+            raise AirflowSkipException(str(stale)) from stale
+        return [{"run": run, "version": version, "shard": shard} for shard in range(run["shards"])]
+
+    @task(map_index_template="{{ shard_label }}")
+    def publish_shard(job: dict) -> dict:
+        from dataclasses import asdict
+
+        from recsys.pipeline import publish_shard_stage
+
+        run = job["run"]
+        get_current_context()["shard_label"] = f"shard {job['shard'] + 1} of {run['shards']}"
+        return asdict(publish_shard_stage(recsys_settings(), planned(run), job["shard"], run["shards"]))
+
+    @task
+    def publish(run: dict, shard_results: list[dict]) -> dict:
+        """Check every shard, then switch the new version live atomically."""
+        from recsys.errors import StaleVersionError
+        from recsys.pipeline import finish_publish_stage
+        from recsys.publish import ShardResult
+
+        results = [ShardResult(**result) for result in shard_results]
+        try:
+            result = finish_publish_stage(recsys_settings(), planned(run), results, run["shards"])
         except StaleVersionError as stale:
             raise AirflowSkipException(str(stale)) from stale
         return {"version": result.version, "users": result.users}
 
-    publish(evaluate(train(build_matrix(extract()))))
+    evaluated = evaluate(train(build_matrix(extract())))
+    shards = publish_shard.expand(job=prepare_publish(evaluated))
+    publish(evaluated, shards)
 
 
 recsys_daily()

@@ -16,7 +16,14 @@ from recsys.evaluate import EvaluationResult, enforce_quality_gate, evaluate
 from recsys.extract import ExtractResult, Window, extract
 from recsys.matrix import MatrixResult, build_matrix
 from recsys.params import PipelineParams
-from recsys.publish import PublishResult, publish
+from recsys.publish import (
+    PublishResult,
+    ShardResult,
+    finish_publish,
+    prepare_publish,
+    publish,
+    publish_shard,
+)
 from recsys.settings import Settings
 from recsys.train import TrainResult, train
 from recsys.tune import load_tuned, with_tuned
@@ -124,6 +131,21 @@ def evaluate_stage(settings: Settings, run: Run) -> EvaluationResult:
 def publish_stage(settings: Settings, run: Run, progress: bool = False) -> PublishResult:
     paths = run.paths
     return publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", run.params, progress=progress)
+
+
+def prepare_publish_stage(settings: Settings, run: Run) -> str:
+    return prepare_publish(settings, run.paths.matrix, run.paths.model, run.params)
+
+
+def publish_shard_stage(settings: Settings, run: Run, shard: int, shards: int) -> ShardResult:
+    return publish_shard(settings, run.paths.matrix, run.paths.model, run.params, shard, shards)
+
+
+def finish_publish_stage(settings: Settings, run: Run, results: list[ShardResult], shards: int) -> PublishResult:
+    paths = run.paths
+    return finish_publish(
+        settings, paths.matrix, paths.model, paths.evaluation / "report.json", run.params, results, shards
+    )
 
 
 def run_pipeline(

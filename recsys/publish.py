@@ -1,12 +1,15 @@
 """Publish stage: top-N per user, similar products and top buys into Redis, switched live at once.
 
-Order of work, so a failure at any point leaves the live version untouched:
+Three steps, so the per-user scoring can fan out over workers (the DAG maps ``publish_shard``);
+a failure at any point leaves the live version untouched:
 
-1. refuse early if a fresher version is already live (backfills never go back in time);
-2. compute everything; refuse an empty result;
-3. write it under staging keys and check every count;
-4. in one WATCH/MULTI/EXEC: re-check freshness, move the live keys to ``v:<old>`` with a TTL
-   and rename the staging keys live. Readers see the old version or the new one, never a mix.
+1. ``prepare_publish``: refuse early if a fresher version is already live (backfills never go back
+   in time), clear this version's staging keys, stage similar products and top buys;
+2. ``publish_shard`` (once per shard, any order, idempotent): score a contiguous range of users
+   and write their lists into the staging hash;
+3. ``finish_publish``: check every shard and count, refuse an empty result, then in one
+   WATCH/MULTI/EXEC re-check freshness, move the live keys to ``v:<old>`` with a TTL and rename
+   the staging keys live. Readers see the old version or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ class PublishResult:
     users: int
     users_without_recommendations: int
     products_with_similar: int
-    top_buys: int
 
 
 def _chunks(pairs: Iterable[tuple[str, str]], size: int) -> Iterator[dict[str, str]]:
@@ -132,48 +134,54 @@ def switch_live(client: redis.Redis, keys: KeyLayout, version: str, window: Wind
                 log.info("live version changed while switching; checking again")
 
 
-def publish(
-    settings: Settings,
-    matrix_dir: Path,
-    model_dir: Path,
-    eval_report: Path,
-    params: PipelineParams,
-    progress: bool = False,
-) -> PublishResult:
-    manifest = json.loads((matrix_dir / "manifest.json").read_text())
-    window = Window.from_dict(manifest["window"])
-    version = version_name(window, params)
-    keys = layout(settings)
-    client = redis_client(settings)
-    _refuse_if_stale(_live_data_end(client, keys), window, client.hget(keys.live("meta"), "version"))
+@dataclass(frozen=True)
+class ShardResult:
+    shard: int
+    users: int  # users written (those with at least one recommendation)
+    users_without_recommendations: int
 
-    user_ids = load_ids(matrix_dir / "users.parquet")
+
+def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
+    """Contiguous, balanced user index ranges: shard ``i`` of ``shards``."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in [0, {shards})")
+    bounds = np.linspace(0, n_users, shards + 1).astype(np.int64)
+    return np.arange(bounds[shard], bounds[shard + 1], dtype=np.int32)
+
+
+def _window_and_version(matrix_dir: Path, params: PipelineParams) -> tuple[Window, str]:
+    window = Window.from_dict(json.loads((matrix_dir / "manifest.json").read_text())["window"])
+    return window, version_name(window, params)
+
+
+def _staging_keys(keys: KeyLayout, version: str) -> list[str]:
+    return [keys.staging(version, structure) for structure in STRUCTURES]
+
+
+def _items(matrix_dir: Path):
     items = pq.read_table(matrix_dir / "items.parquet").to_pandas()
-    item_ids = items["id"].tolist()
-    user_out, item_out = id_codec(user_ids), id_codec(item_ids)
-    blocked = inactive_items(matrix_dir)
-    exclude = sp.load_npz(matrix_dir / "exclude.npz").tocsr()
-    model = als_model(*load_factors(model_dir / "full.npz"))
+    return items, items["id"].tolist()
 
-    recs, _ = recommend_top_n(
-        model, np.arange(len(user_ids)), exclude, params.top_n, blocked,
-        progress="recommend" if progress else None,
-    )
-    has_recs = recs[:, 0] >= 0
-    if not has_recs.any():
-        raise EmptyResultError("no user got a single recommendation (are all products inactive?); nothing published")
-    active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
-    similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
+
+def prepare_publish(
+    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: bool = False
+) -> str:
+    """Refuse a stale run early, clear this version's staging keys, and stage the per-product
+    structures (similar products, top buys). Returns the version name."""
+    window, version = _window_and_version(matrix_dir, params)
+    keys, client = layout(settings), redis_client(settings)
+    _refuse_if_stale(_live_data_end(client, keys), window, client.hget(keys.live("meta"), "version"))
+    client.delete(*_staging_keys(keys, version))
+
+    items, item_ids = _items(matrix_dir)
+    item_out = id_codec(item_ids)
     top_lists = _top_buys(items, params.top_buys_n, item_out)
     if not top_lists[TOP_BUYS_KEY_ALL]["top_buys"]:
         raise EmptyResultError("no active product for the top buys list; nothing published")
-
-    def user_pairs() -> Iterator[tuple[str, str]]:
-        for index in np.flatnonzero(has_recs):
-            row = recs[index]
-            products = [item_out(item_ids[i]) for i in row[row >= 0]]
-            user_id = user_ids[index]
-            yield user_id, _dumps({"user_id": user_out(user_id), "recommended_products": products})
+    blocked = inactive_items(matrix_dir)
+    active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
+    model = als_model(*load_factors(model_dir / "full.npz"))
+    similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
 
     def similar_pairs() -> Iterator[tuple[str, str]]:
         for item_index, row in zip(active, similar, strict=True):
@@ -182,11 +190,76 @@ def publish(
                 product_id = item_ids[item_index]
                 yield product_id, _dumps({"product_id": item_out(product_id), "similar_products": neighbours})
 
-    evaluation = json.loads(eval_report.read_text())
-    staging_keys = [keys.staging(version, structure) for structure in STRUCTURES]
-    client.delete(*staging_keys)
+    _write_hash(client, keys.staging(version, "similar_products"), similar_pairs())
+    _write_hash(client, keys.staging(version, "top_buys"), ((f, _dumps(v)) for f, v in top_lists.items()))
+    return version
+
+
+def publish_shard(
+    settings: Settings,
+    matrix_dir: Path,
+    model_dir: Path,
+    params: PipelineParams,
+    shard: int = 0,
+    shards: int = 1,
+    progress: bool = False,
+) -> ShardResult:
+    """Top-N for one shard of the users into the version's staging hash. Idempotent: a rerun
+    writes the same fields again."""
+    _, version = _window_and_version(matrix_dir, params)
+    keys, client = layout(settings), redis_client(settings)
+    user_ids = load_ids(matrix_dir / "users.parquet")
+    _, item_ids = _items(matrix_dir)
+    user_out, item_out = id_codec(user_ids), id_codec(item_ids)
+    users = shard_users(len(user_ids), shard, shards)
+    recs, _ = recommend_top_n(
+        als_model(*load_factors(model_dir / "full.npz")),
+        users,
+        sp.load_npz(matrix_dir / "exclude.npz").tocsr(),
+        params.top_n,
+        inactive_items(matrix_dir),
+        progress=f"recommend {shard + 1}/{shards}" if progress else None,
+    )
+    has_recs = recs[:, 0] >= 0
+
+    def user_pairs() -> Iterator[tuple[str, str]]:
+        for user_index, row in zip(users[has_recs], recs[has_recs], strict=True):
+            user_id = user_ids[user_index]
+            products = [item_out(item_ids[i]) for i in row[row >= 0]]
+            yield user_id, _dumps({"user_id": user_out(user_id), "recommended_products": products})
+
+    written = _write_hash(client, keys.staging(version, "user_recs"), user_pairs())
+    return ShardResult(shard=shard, users=written, users_without_recommendations=int((~has_recs).sum()))
+
+
+def finish_publish(
+    settings: Settings,
+    matrix_dir: Path,
+    model_dir: Path,
+    eval_report: Path,
+    params: PipelineParams,
+    shard_results: list[ShardResult],
+    shards: int,
+) -> PublishResult:
+    """Check that every shard and structure is complete, then switch the version live at once."""
+    window, version = _window_and_version(matrix_dir, params)
+    keys, client = layout(settings), redis_client(settings)
     try:
-        counts = _write_staging(client, keys, version, user_pairs(), similar_pairs(), top_lists, has_recs)
+        done = sorted(result.shard for result in shard_results)
+        if done != list(range(shards)):
+            raise EmptyResultError(f"version {version}: shards {done} finished, expected 0..{shards - 1}; not switching")
+        users = sum(result.users for result in shard_results)
+        if users == 0:
+            raise EmptyResultError("no user got a single recommendation (are all products inactive?); nothing published")
+        _verify_staging(client, keys, version, {"user_recs": users})
+        counts = {
+            "users": users,
+            "users_without_recommendations": sum(r.users_without_recommendations for r in shard_results),
+            "products_with_similar": client.hlen(keys.staging(version, "similar_products")),
+            "top_buys_lists": client.hlen(keys.staging(version, "top_buys")),
+            "shards": shards,
+        }
+        evaluation = json.loads(eval_report.read_text())
         meta = {
             "version": version,
             "data_start": window.start.isoformat(),
@@ -206,7 +279,7 @@ def publish(
         # a failed publish leaves nothing behind (live is untouched); if Redis itself is gone,
         # the staging TTL cleans up instead
         with suppress(redis.RedisError):
-            client.delete(*staging_keys)
+            client.delete(*_staging_keys(keys, version))
         raise
     log.info("published version %s live: %s", version, counts)
     return PublishResult(
@@ -214,36 +287,22 @@ def publish(
         users=counts["users"],
         users_without_recommendations=counts["users_without_recommendations"],
         products_with_similar=counts["products_with_similar"],
-        top_buys=len(top_lists[TOP_BUYS_KEY_ALL]["top_buys"]),
     )
 
 
-def _write_staging(
-    client: redis.Redis,
-    keys: KeyLayout,
-    version: str,
-    user_pairs: Iterable[tuple[str, str]],
-    similar_pairs: Iterable[tuple[str, str]],
-    top_lists: dict[str, dict],
-    has_recs: np.ndarray,
-) -> dict[str, int]:
-    """Write the staging hashes and check that each holds exactly what was written."""
-    written = {
-        "user_recs": _write_hash(client, keys.staging(version, "user_recs"), user_pairs),
-        "similar_products": _write_hash(client, keys.staging(version, "similar_products"), similar_pairs),
-        "top_buys": _write_hash(
-            client,
-            keys.staging(version, "top_buys"),
-            ((field, _dumps(value)) for field, value in top_lists.items()),
-        ),
-    }
-    _verify_staging(client, keys, version, written)
-    return {
-        "users": written["user_recs"],
-        "users_without_recommendations": int((~has_recs).sum()),
-        "products_with_similar": written["similar_products"],
-        "top_buys_lists": written["top_buys"],
-    }
+def publish(
+    settings: Settings,
+    matrix_dir: Path,
+    model_dir: Path,
+    eval_report: Path,
+    params: PipelineParams,
+    shards: int = 1,
+    progress: bool = False,
+) -> PublishResult:
+    """The whole publish in one process: prepare, every shard, switch (the DAG maps the shards)."""
+    prepare_publish(settings, matrix_dir, model_dir, params, progress)
+    results = [publish_shard(settings, matrix_dir, model_dir, params, i, shards, progress) for i in range(shards)]
+    return finish_publish(settings, matrix_dir, model_dir, eval_report, params, results, shards)
 
 
 def _top_buys(items, n: int, item_out: Callable[[str], int | str]) -> dict[str, dict]:

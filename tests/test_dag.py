@@ -11,7 +11,7 @@ from recsys.params import PipelineParams
 from recsys.pipeline import run_pipeline
 from recsys.store import layout, live_meta, redis_client
 
-TASK_ORDER = ["extract", "build_matrix", "train", "evaluate", "publish"]
+TASK_ORDER = ["extract", "build_matrix", "train", "evaluate", "prepare_publish", "publish_shard", "publish"]
 
 
 @pytest.fixture
@@ -31,8 +31,9 @@ def dag(airflow_db):
 def test_tasks_run_in_order_without_cycles(dag):
     assert sorted(dag.task_ids) == sorted(TASK_ORDER)
     for upstream, downstream in zip(TASK_ORDER, TASK_ORDER[1:], strict=False):
-        assert dag.get_task(upstream).downstream_task_ids == {downstream}
+        assert downstream in dag.get_task(upstream).downstream_task_ids
     assert dag.get_task("extract").upstream_task_ids == set()
+    assert dag.get_task("publish").downstream_task_ids == set()
     assert [task.task_id for task in dag.topological_sort()] == TASK_ORDER
 
 
@@ -49,6 +50,7 @@ def test_params_form_covers_the_pipeline_knobs(dag):
         assert dag.params[name] == getattr(defaults, name)
     values = dict(dag.params)
     assert values.pop("use_tuned_params") is True
+    assert values.pop("publish_shards") == 1
     PipelineParams.from_dict(values)  # every other Param is a pipeline parameter
 
 
@@ -100,5 +102,22 @@ def test_backfill_of_an_older_date_skips_publish(dag, airflow_db, recsys_env, de
     fresh = run_pipeline(recsys_env, window_end, PipelineParams())
     dag_run = dag.test(logical_date=window_end - timedelta(days=3))
     assert dag_run.state == DagRunState.SUCCESS
-    assert task_states(dag_run)["publish"] == "skipped"
+    states = task_states(dag_run)
+    assert states["prepare_publish"] == states["publish"] == "skipped"
     assert live_meta(redis_client(recsys_env), layout(recsys_env))["version"] == fresh.publish.version
+
+
+def test_sharded_publish_switches_one_complete_version(dag, airflow_db, recsys_env, demo_loaded, window_end):
+    from airflow.utils.state import DagRunState
+
+    dag_run = dag.test(logical_date=window_end, run_conf={"publish_shards": 3})
+    assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
+    shard_tis = [ti for ti in dag_run.get_task_instances() if ti.task_id == "publish_shard"]
+    assert sorted(ti.map_index for ti in shard_tis) == [0, 1, 2]
+    client, keys = redis_client(recsys_env), layout(recsys_env)
+    meta = live_meta(client, keys)
+    assert meta["counts"]["shards"] == 3
+    assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"]
+    single = run_pipeline(recsys_env, window_end, PipelineParams())  # same version, one shard
+    assert single.publish.version == meta["version"]
+    assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"]

@@ -6,6 +6,7 @@ import json
 import threading
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from conftest import days_before, insert_interactions
 
@@ -188,3 +189,27 @@ def test_id_codec_keeps_what_the_shop_stored():
     assert id_codec(["1", "007"]) is str  # leading zero would be lost as an integer
     assert id_codec(["1", "a"]) is str
     assert id_codec([str(2**60)]) is str  # beyond what a browser's JSON number holds exactly
+
+
+def test_shards_cover_every_user_once():
+    from recsys.publish import shard_users
+
+    for n_users, shards in [(10, 3), (7, 7), (5, 8), (1000, 16)]:
+        parts = [shard_users(n_users, shard, shards) for shard in range(shards)]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n_users))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
+    from recsys.publish import finish_publish, prepare_publish, publish_shard
+
+    live = run_pipeline(settings, window_end - timedelta(days=1), PipelineParams())
+    params = PipelineParams()
+    paths = stage(settings, window_end, params)
+    prepare_publish(settings, paths.matrix, paths.model, params)
+    done = [publish_shard(settings, paths.matrix, paths.model, params, shard, 3) for shard in (0, 2)]
+    with pytest.raises(EmptyResultError, match=r"shards \[0, 2\] finished, expected 0\.\.2"):
+        finish_publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, done, 3)
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == live.publish.version
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
