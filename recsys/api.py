@@ -779,7 +779,7 @@ def serve_command(
     """Serve the recommendation API (uvicorn) on the live version in Redis."""
     import uvicorn
 
-    Settings().require_redis_url  # fail here, with the operator's message, not in every worker
+    Settings().require_redis_url  # noqa: B018 - raises here, with the operator's message, not in every worker
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     uvicorn.run(
         "recsys.api:server_app", factory=True, host=host, port=port, workers=workers, access_log=access_log

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
-from pathlib import Path
+from itertools import islice
 from typing import Annotated
 
 import typer
@@ -211,9 +211,8 @@ def show(
         m = meta["metrics"][name]
         metrics.add_row(name, *(f"{m[key]:.4f}" for key in ("map", "ndcg", "precision", "recall", "coverage")))
     console.print(metrics)
-    user_ids = user or [field for field, _ in zip(client.hscan_iter(keys.live("user_recs")), range(users))]
+    user_ids = user or [field for field, _ in islice(client.hscan_iter(keys.live("user_recs")), users)]
     for user_id in user_ids:
-        user_id = user_id[0] if isinstance(user_id, tuple) else user_id
         found = store.user_recommendations(client, keys, user_id)
         console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}", soft_wrap=True)
     console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(store.top_buys(client, keys))}", soft_wrap=True)

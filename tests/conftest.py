@@ -124,13 +124,13 @@ PRODUCT_FIELDS = ("product_id", "name", "category", "active")
 def insert_interactions(settings: Settings, rows: list[tuple]) -> None:
     """Insert (user_id, product_id, event_type, value, occurred_at) rows as a shop would."""
     with db.connect(settings) as conn, conn.cursor() as cur:
-        cur.executemany(db.sql_text(settings, "insert_interaction"), [dict(zip(INTERACTION_FIELDS, row)) for row in rows])
+        cur.executemany(db.sql_text(settings, "insert_interaction"), [dict(zip(INTERACTION_FIELDS, row, strict=True)) for row in rows])
 
 
 def insert_products(settings: Settings, rows: list[tuple]) -> None:
     """Insert or update (product_id, name, category, active) rows."""
     with db.connect(settings) as conn, conn.cursor() as cur:
-        cur.executemany(db.sql_text(settings, "upsert_product"), [dict(zip(PRODUCT_FIELDS, row)) for row in rows])
+        cur.executemany(db.sql_text(settings, "upsert_product"), [dict(zip(PRODUCT_FIELDS, row, strict=True)) for row in rows])
 
 
 def days_before(end: datetime, days: float) -> datetime:
