@@ -16,6 +16,7 @@ from recsys import db, pipeline, services, store
 from recsys.api import serve_command
 from recsys.bench import bench_app
 from recsys.bench_serve import serve_bench_command
+from recsys.bench_speed import speed_bench_command
 from recsys.errors import RecsysError
 from recsys.params import PipelineParams
 from recsys.pipeline import plan_run, run_pipeline
@@ -27,6 +28,7 @@ app.add_typer(services_app, name="services")
 app.add_typer(bench_app, name="bench")
 app.command("serve")(serve_command)
 bench_app.command("serve")(serve_bench_command)
+bench_app.command("speed")(speed_bench_command)
 console = Console()
 
 EndOption = Annotated[
@@ -92,12 +94,18 @@ def init_db() -> None:
 
 @app.command("demo-data")
 def demo_data(
-    users: int = 2_000, products: int = 500, days: int = 120, seed: int = 42, end: EndOption = None
+    users: int = 2_000,
+    products: int = 500,
+    days: int = 120,
+    seed: int = 42,
+    interactions: Annotated[int | None, typer.Option(help="Aim at this many events (else about 34 per user).")] = None,
+    end: EndOption = None,
 ) -> None:
     """Replace the shop tables with a generated demo shop (loaded with COPY)."""
     from recsys.demo import DemoShop, load_demo
 
-    result = load_demo(Settings(), DemoShop(users=users, products=products, days=days, seed=seed), _end(end), progress=True)
+    shop = DemoShop(users=users, products=products, days=days, seed=seed, interactions=interactions)
+    result = load_demo(Settings(), shop, _end(end), progress=True)
     console.print(
         f"loaded {result.interactions:,} interactions and {result.products:,} products "
         f"from {result.start.isoformat()} to {result.end.isoformat()}"

@@ -145,7 +145,7 @@ def _sample_products(
     scores = np.einsum("vf,vcf->vc", taste, model.item_taste[candidates]) * (
         TASTE_STRENGTH / np.sqrt(model.item_taste.shape[1])
     )
-    scores -= np.log(-np.log(rng.random(scores.shape, dtype=np.float32)))
+    scores += rng.gumbel(size=scores.shape)
     return candidates[np.arange(len(candidates)), scores.argmax(axis=1)]
 
 

@@ -1,0 +1,568 @@
+"""``recsys bench speed``: time and memory of each batch stage next to its reference, on one
+generated shop in one run.
+
+- extract: ``recsys.extract.extract`` vs ``pandas.read_sql`` of the same SELECT (on a sub-window
+  of about ``--read-sql-interactions`` rows: it holds every row as Python objects) vs the floor,
+  ``COPY (query) TO STDOUT`` drained by the client without parsing. Rows/s each.
+- matrix: the matrix stage's seconds and peak RSS next to the size of the CSR it builds.
+- train: the train stage (both fits, load and save) vs implicit called directly on the same two
+  CSRs with the same params; and implicit vs Spark MLlib ALS (implicitPrefs, local[2]) in
+  s/iteration on a random subsample of ``--spark-interactions`` nonzeros of the full CSR.
+- scoring: ``recommend_top_n`` over ``--scoring-users`` users vs one implicit batch ``recommend``
+  call vs a dense floor (one sgemm per user block + argpartition, no filtering). Users/s.
+- publish: the publish stage with its two scoring calls timed apart, so its Redis part gives
+  keys/s; vs ``redis-benchmark -t set -P 16`` on the same server with the same value size. Redis
+  bytes per user (``MEMORY USAGE`` of the live user hash, and the ``INFO memory`` delta) vs the
+  raw payload (field + JSON value bytes).
+- peak RSS per stage, sampled by a thread with psutil (the process's RSS, so it includes what
+  earlier stages still hold).
+
+Configured servers when RECSYS_DATABASE_URL / RECSYS_REDIS_URL are set, else embedded ones; an
+own schema and Redis prefix either way, removed at the end (also on failure). ``--json`` ends
+stdout with one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import psutil
+import scipy.sparse as sp
+import typer
+from rich.console import Console
+
+from recsys import db, services, store
+from recsys.demo import DemoShop, load_demo
+from recsys.params import PipelineParams
+from recsys.settings import Settings
+
+console = Console(stderr=True)
+SCORING_BLOCK = 4_096
+REDIS_BENCHMARK_KEY = "key:__rand_int__"  # what redis-benchmark -t set writes without -r
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+@contextmanager
+def bench_settings() -> Iterator[Settings]:
+    """Configured servers if RECSYS_* name them, else embedded ones; an own schema, prefix and
+    artifacts folder, all removed at the end."""
+    configured = Settings()
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-speed-") as tmp, services.running(
+        Path(tmp), configured.database_url, configured.redis_url
+    ) as servers:
+        tag = uuid.uuid4().hex[:8]
+        settings = Settings(
+            _env_file=None,
+            database_url=servers.database_url,
+            redis_url=servers.redis_url,
+            db_schema=f"bench_speed_{tag}",
+            redis_prefix=f"bench-speed-{tag}",
+            artifacts_dir=Path(tmp) / "artifacts",
+        )
+        try:
+            yield settings
+        finally:
+            with suppress(Exception):
+                db.drop_schema(settings)
+            with suppress(Exception):
+                store.delete_all(store.redis_client(settings), store.layout(settings))
+
+
+class PeakRss:
+    """Peak resident memory of this process while the block runs (a 20 ms sampling thread)."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+@contextmanager
+def measured(figures: dict, name: str) -> Iterator[dict]:
+    """Time and peak RSS of a block into ``figures[name]``."""
+    entry = figures.setdefault(name, {})
+    start = time.perf_counter()
+    with PeakRss() as rss:
+        yield entry
+    entry["seconds"] = round(time.perf_counter() - start, 3)
+    entry["peak_rss_bytes"] = rss.peak
+
+
+def _rate(count: float, seconds: float) -> float | None:
+    return round(count / seconds, 1) if seconds > 0 else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return round(a / b, 4)
+
+
+# -------------------------------------------------------------------------------------- extract
+
+
+def _select_of(copy_statement: str) -> str:
+    """The SELECT inside ``COPY (SELECT ...) TO STDOUT ...`` (comments dropped)."""
+    body = "\n".join(line for line in copy_statement.splitlines() if not line.lstrip().startswith("--"))
+    match = re.search(r"COPY\s*\((.*)\)\s*TO\s+STDOUT", body, re.S | re.I)
+    if match is None:
+        raise RuntimeError("extract_interactions.sql is not a COPY (query) TO STDOUT statement")
+    return match.group(1)
+
+
+def copy_floor(settings: Settings, window) -> tuple[int, float]:
+    """Bytes and seconds of the extract COPY drained without parsing or writing."""
+    statement = db.sql_text(settings, "extract_interactions")
+    drained = 0
+    start = time.perf_counter()
+    with db.connect(settings) as conn, conn.cursor() as cur, cur.copy(
+        statement, {"start": window.start, "end": window.end}
+    ) as copy:
+        for chunk in copy:
+            drained += len(chunk)
+    return drained, time.perf_counter() - start
+
+
+def read_sql(settings: Settings, start: datetime, end: datetime) -> tuple[int, float]:
+    """Rows and seconds of ``pandas.read_sql`` of the extract's SELECT over [start, end)."""
+    import pandas as pd
+
+    query = _select_of(db.sql_text(settings, "extract_interactions"))
+    began = time.perf_counter()
+    with db.connect(settings) as conn, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pandas prefers SQLAlchemy; psycopg works
+        frame = pd.read_sql(query, conn, params={"start": start, "end": end})
+    rows = len(frame)
+    del frame
+    return rows, time.perf_counter() - began
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def fit_implicit(user_items: sp.csr_matrix, params: PipelineParams) -> float:
+    """Seconds of implicit's CPU ALS fit alone, as implicit's docs say to run it (BLAS 1 thread)."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    user_items = user_items.tocsr().astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        model = AlternatingLeastSquares(
+            factors=params.factors,
+            regularization=params.regularization,
+            alpha=params.alpha,
+            iterations=params.iterations,
+            random_state=params.seed,
+        )
+        start = time.perf_counter()
+        model.fit(user_items, show_progress=False)
+        return time.perf_counter() - start
+
+
+def subsample(matrix: sp.csr_matrix, nnz: int, seed: int) -> sp.csr_matrix:
+    coo = matrix.tocoo()
+    if nnz >= coo.nnz:
+        return matrix.tocsr()
+    keep = np.sort(np.random.default_rng(seed).choice(coo.nnz, nnz, replace=False))
+    return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=matrix.shape)
+
+
+def spark_fit_seconds(user_items: sp.csr_matrix, params: PipelineParams, tmp: Path) -> dict | None:
+    """Spark MLlib ALS (implicitPrefs, local[2]) on the same nonzeros: fit seconds, excluding
+    session start and loading the ratings into a cached DataFrame."""
+    try:
+        import pyspark
+        from pyspark.ml.recommendation import ALS
+        from pyspark.sql import SparkSession
+    except ImportError:
+        console.print("[yellow]pyspark not installed (pip install 'recsys[spark]'); Spark comparison skipped[/yellow]")
+        return None
+    import pandas as pd
+
+    coo = user_items.tocoo()
+    ratings = pd.DataFrame({"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32),
+                            "rating": coo.data.astype(np.float32)})
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .appName("recsys-bench-speed")
+        .config("spark.driver.memory", "6g")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.local.dir", str(tmp))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    try:
+        spark.sparkContext.setLogLevel("ERROR")
+        frame = spark.createDataFrame(ratings).repartition(4).cache()
+        frame.count()
+        als = ALS(
+            rank=params.factors, maxIter=params.iterations, regParam=params.regularization,
+            alpha=params.alpha, implicitPrefs=True, userCol="user", itemCol="item", ratingCol="rating",
+            seed=params.seed, coldStartStrategy="drop",
+        )
+        start = time.perf_counter()
+        model = als.fit(frame)
+        model.userFactors.count()  # factors are lazy until used
+        seconds = time.perf_counter() - start
+        return {"version": pyspark.__version__, "seconds": round(seconds, 3)}
+    finally:
+        spark.stop()
+
+
+# -------------------------------------------------------------------------------------- scoring
+
+
+def blas_floor(user_factors: np.ndarray, item_factors: np.ndarray, n: int) -> tuple[float, float]:
+    """Seconds of top-n for every row of ``user_factors``: one sgemm per block + argpartition;
+    and the seconds of the sgemm calls alone (the arithmetic every method has to do)."""
+    item_t = np.ascontiguousarray(item_factors.T, dtype=np.float32)
+    gemm = 0.0
+    start = time.perf_counter()
+    for lo in range(0, len(user_factors), SCORING_BLOCK):
+        began = time.perf_counter()
+        scores = user_factors[lo : lo + SCORING_BLOCK] @ item_t
+        gemm += time.perf_counter() - began
+        top = np.argpartition(-scores, n, axis=1)[:, :n]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+        np.take_along_axis(top, order, axis=1)
+    return time.perf_counter() - start, gemm
+
+
+# -------------------------------------------------------------------------------------- publish
+
+
+@contextmanager
+def timed_attributes(module, names: tuple[str, ...], seconds: dict[str, float]) -> Iterator[None]:
+    """Wrap ``module.<name>`` functions with timers (the publish module itself is untouched)."""
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name: str, function: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+        return timed
+
+    for name, function in originals.items():
+        setattr(module, name, wrap(name, function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+
+
+def redis_set_rps(redis_url: str, value_bytes: int, requests: int) -> float | None:
+    """``redis-benchmark -t set -P 16`` on the same server; its one key is removed afterwards
+    unless it existed before."""
+    if shutil.which("redis-benchmark") is None:
+        console.print("redis-benchmark not found (Debian: apt-get install redis-tools); no Redis floor")
+        return None
+    import redis
+
+    url = urllib.parse.urlparse(redis_url)
+    database = int((url.path or "/0").strip("/") or 0)
+    client = redis.Redis.from_url(redis_url)
+    existed = bool(client.exists(REDIS_BENCHMARK_KEY))
+    command = ["redis-benchmark", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379),
+               "--dbnum", str(database), "-t", "set", "-P", "16", "-c", "50", "-n", str(requests),
+               "-d", str(max(1, value_bytes)), "-q"]
+    if url.password:
+        command += ["-a", urllib.parse.unquote(url.password), "--no-auth-warning"]
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
+    finally:
+        if not existed:
+            client.delete(REDIS_BENCHMARK_KEY)
+    return float(re.search(r"SET: ([\d.]+) requests per second", output).group(1))
+
+
+def redis_payload(settings: Settings, sample: int = 20_000) -> dict:
+    """Live user hash: MEMORY USAGE (sampled), fields, and raw field + value bytes (sampled)."""
+    client, keys = store.redis_client(settings), store.layout(settings)
+    key = keys.live("user_recs")
+    fields = client.hlen(key)
+    usage = client.memory_usage(key, samples=5) or 0
+    sizes = []
+    for field, value in client.hscan_iter(key, count=1_000):
+        sizes.append(len(field.encode()) + len(value.encode()))
+        if len(sizes) >= sample:
+            break
+    mean = float(np.mean(sizes)) if sizes else 0.0
+    return {"fields": fields, "memory_usage_bytes": usage, "raw_bytes_per_user": round(mean, 1),
+            "mean_value_bytes": round(mean, 1)}
+
+
+def _used_memory(settings: Settings) -> int:
+    return int(store.redis_client(settings).info("memory")["used_memory"])
+
+
+# ---------------------------------------------------------------------------------------- bench
+
+
+def run_speed(
+    settings: Settings,
+    users: int,
+    items: int,
+    interactions: int,
+    spark_interactions: int,
+    read_sql_interactions: int,
+    scoring_users: int,
+    seed: int,
+) -> dict:
+    from recsys import publish as publish_module
+    from recsys.evaluate import evaluate, inactive_items
+    from recsys.pipeline import extract_stage, matrix_stage, plan_run, publish_stage, train_stage
+    from recsys.ranking import als_model, recommend_top_n
+    from recsys.train import load_factors
+
+    params = PipelineParams()
+    end = datetime.now(UTC).replace(microsecond=0)
+    # every generated event inside the extract window
+    shop = DemoShop(users=users, products=items, interactions=interactions, days=params.lookback_days, seed=seed)
+    figures: dict = {"config": {"users": users, "items": items, "interactions_requested": interactions,
+                                "factors": params.factors, "iterations": params.iterations,
+                                "regularization": params.regularization, "alpha": params.alpha,
+                                "top_n": params.top_n, "cpu_count": psutil.cpu_count(),
+                                "python": sys.version.split()[0]}}
+    baseline_rss = psutil.Process().memory_info().rss
+
+    console.print(f"demo shop: {users:,} users x {items:,} products, ~{interactions:,} interactions -> Postgres ...")
+    with measured(figures, "load") as entry:
+        loaded = load_demo(settings, shop, end=end, progress=True)
+    entry["rows"] = loaded.interactions
+    entry["rows_per_s"] = _rate(loaded.interactions, entry["seconds"])
+    with db.connect(settings) as conn:
+        conn.execute("ANALYZE interactions")
+
+    run = plan_run(settings, end, params, use_tuned=False)
+    rows = loaded.interactions
+
+    console.print("extract: COPY floor, ours, pandas.read_sql ...")
+    floor_bytes, floor_seconds = copy_floor(settings, run.window)  # also warms the cache for ours
+    floor_bytes, floor_seconds = copy_floor(settings, run.window)
+    with measured(figures, "extract") as entry:
+        extracted = extract_stage(settings, run)
+    ours_rps = _rate(extracted.rows_read, entry["seconds"])
+    share = 1.0 if not read_sql_interactions else min(1.0, read_sql_interactions / max(rows, 1))
+    sql_end = run.window.end if share >= 1.0 else run.window.start + (run.window.end - run.window.start) * share
+    sql_rows, sql_seconds = read_sql(settings, run.window.start, sql_end)
+    entry.update({
+        "rows": extracted.rows_read, "rows_per_s": ours_rps,
+        "copy_floor": {"rows": rows, "bytes": floor_bytes, "seconds": round(floor_seconds, 3),
+                       "rows_per_s": _rate(rows, floor_seconds)},
+        "read_sql": {"rows": sql_rows, "seconds": round(sql_seconds, 3), "rows_per_s": _rate(sql_rows, sql_seconds)},
+    })
+    entry["ratio_to_copy_floor"] = _ratio(ours_rps, entry["copy_floor"]["rows_per_s"])
+    entry["speedup_vs_read_sql"] = _ratio(ours_rps, entry["read_sql"]["rows_per_s"])
+
+    console.print("matrix ...")
+    with measured(figures, "matrix") as entry:
+        built = matrix_stage(run)
+    full = sp.load_npz(run.paths.matrix / "full.npz").tocsr()
+    csr_bytes = full.data.nbytes + full.indices.nbytes + full.indptr.nbytes
+    entry.update({"users": built.n_users, "items": built.n_items, "nnz": built.nnz, "csr_bytes": csr_bytes,
+                  "peak_rss_over_csr": _ratio(entry["peak_rss_bytes"], csr_bytes)})
+
+    console.print("train: our stage, implicit directly on the same CSRs ...")
+    with measured(figures, "train") as entry:
+        train_stage(run)
+    train_csr = sp.load_npz(run.paths.matrix / "train.npz").tocsr()
+    implicit_seconds = fit_implicit(train_csr, params) + fit_implicit(full, params)
+    del train_csr
+    entry["fits"] = 2
+    entry["implicit_seconds"] = round(implicit_seconds, 3)
+    entry["time_ratio_to_implicit"] = _ratio(entry["seconds"], implicit_seconds)
+    entry["overhead_percent"] = round((entry["seconds"] / implicit_seconds - 1) * 100, 2)
+    if spark_interactions > 0:
+        sample = subsample(full, spark_interactions, seed)
+        console.print(f"train: implicit vs Spark ALS on {sample.nnz:,} nonzeros ...")
+        implicit_sample = fit_implicit(sample, params)
+        with tempfile.TemporaryDirectory(prefix="recsys-bench-spark-") as spark_tmp:
+            spark = spark_fit_seconds(sample, params, Path(spark_tmp))
+        entry["subsample"] = {
+            "nnz": int(sample.nnz),
+            "implicit_s_per_iteration": round(implicit_sample / params.iterations, 4),
+            "spark_s_per_iteration": None if spark is None else round(spark["seconds"] / params.iterations, 4),
+            "spark_version": None if spark is None else spark["version"],
+        }
+        del sample
+        entry["speedup_vs_spark"] = _ratio(entry["subsample"]["spark_s_per_iteration"],
+                                           entry["subsample"]["implicit_s_per_iteration"])
+    else:
+        console.print("Spark comparison skipped (--spark-interactions 0)")
+        entry["subsample"] = None
+        entry["speedup_vs_spark"] = None
+
+    console.print("scoring: ours, implicit batch recommend, sgemm floor ...")
+    user_factors, item_factors = load_factors(run.paths.model / "full.npz")
+    factor_bytes = user_factors.nbytes + item_factors.nbytes
+    model = als_model(user_factors, item_factors)
+    exclude = sp.load_npz(run.paths.matrix / "exclude.npz").tocsr()
+    blocked = inactive_items(run.paths.matrix)
+    rng = np.random.default_rng(seed)
+    n_score = min(scoring_users, built.n_users)
+    sample_users = np.sort(rng.choice(built.n_users, n_score, replace=False)).astype(np.int32)
+    with measured(figures, "scoring") as entry:
+        recommend_top_n(model, sample_users, exclude, params.top_n, blocked)
+    start = time.perf_counter()
+    model.recommend(sample_users, exclude[sample_users], N=params.top_n, filter_already_liked_items=True,
+                    filter_items=blocked if len(blocked) else None)
+    implicit_scoring = time.perf_counter() - start
+    floor_scoring, gemm_only = blas_floor(np.ascontiguousarray(user_factors[sample_users]), item_factors, params.top_n)
+    entry.update({
+        "users": n_score, "users_per_s": _rate(n_score, entry["seconds"]),
+        "implicit_users_per_s": _rate(n_score, implicit_scoring),
+        "blas_floor_users_per_s": _rate(n_score, floor_scoring),
+        "sgemm_only_users_per_s": _rate(n_score, gemm_only),
+    })
+    entry["ratio_to_sgemm_only"] = _ratio(entry["users_per_s"], entry["sgemm_only_users_per_s"])
+    entry["ratio_to_blas_floor"] = _ratio(entry["users_per_s"], entry["blas_floor_users_per_s"])
+    entry["ratio_to_implicit"] = _ratio(entry["users_per_s"], entry["implicit_users_per_s"])
+    del model, exclude
+
+    console.print("publish: stage (scoring timed apart), then redis-benchmark SET ...")
+    evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)
+    used_before = _used_memory(settings)
+    compute: dict[str, float] = {}
+    with timed_attributes(publish_module, ("recommend_top_n", "similar_items"), compute), \
+            measured(figures, "publish") as entry:
+        published = publish_stage(settings, run)
+    used_after = _used_memory(settings)
+    keys_written = published.users + published.products_with_similar
+    write_seconds = entry["seconds"] - sum(compute.values())
+    payload = redis_payload(settings)
+    set_rps = redis_set_rps(settings.require_redis_url, int(payload["mean_value_bytes"]), 1_000_000)
+    entry.update({
+        "users": published.users, "keys_written": keys_written,
+        "scoring_seconds": round(compute.get("recommend_top_n", 0.0), 3),
+        "similar_seconds": round(compute.get("similar_items", 0.0), 3),
+        "write_seconds": round(write_seconds, 3),
+        "keys_per_s": _rate(keys_written, write_seconds),
+        "redis_benchmark_set_rps": set_rps,
+        "redis_memory_usage_bytes": payload["memory_usage_bytes"],
+        "redis_info_delta_bytes": used_after - used_before,
+        "raw_payload_bytes_per_user": payload["raw_bytes_per_user"],
+    })
+    entry["ratio_to_redis_benchmark"] = _ratio(entry["keys_per_s"], set_rps)
+    entry["bytes_per_user"] = _ratio(payload["memory_usage_bytes"], published.users)
+    entry["info_delta_bytes_per_user"] = _ratio(entry["redis_info_delta_bytes"], published.users)
+    entry["bytes_per_user_over_raw"] = _ratio(entry["bytes_per_user"], payload["raw_bytes_per_user"])
+
+    stages = ("extract", "matrix", "train", "scoring", "publish")
+    peak = max(figures[stage]["peak_rss_bytes"] for stage in stages)
+    figures["memory"] = {
+        "baseline_rss_bytes": baseline_rss,
+        "peak_rss_bytes": peak,
+        "peak_rss_by_stage": {stage: figures[stage]["peak_rss_bytes"] for stage in stages},
+        "csr_bytes": csr_bytes,
+        "factor_bytes": factor_bytes,
+        "peak_rss_ratio": _ratio(peak, csr_bytes + factor_bytes),
+    }
+    return figures
+
+
+RATIOS = (
+    ("extract", "ratio_to_copy_floor"), ("extract", "speedup_vs_read_sql"),
+    ("train", "time_ratio_to_implicit"), ("train", "speedup_vs_spark"),
+    ("scoring", "ratio_to_blas_floor"), ("scoring", "ratio_to_implicit"),
+    ("publish", "ratio_to_redis_benchmark"), ("publish", "bytes_per_user"),
+    ("memory", "peak_rss_ratio"),
+)
+
+
+def _summary(figures: dict) -> str:
+    lines = []
+    for stage, key in RATIOS:
+        lines.append(f"{stage}.{key} = {figures[stage].get(key)}")
+    e, t, s, p = figures["extract"], figures["train"], figures["scoring"], figures["publish"]
+    lines.append(
+        f"extract {e['rows_per_s']:,} rows/s (COPY floor {e['copy_floor']['rows_per_s']:,}, read_sql "
+        f"{e['read_sql']['rows_per_s']:,}); train {t['seconds']} s vs implicit {t['implicit_seconds']} s; "
+        f"scoring {s['users_per_s']:,} users/s (implicit {s['implicit_users_per_s']:,}, floor "
+        f"{s['blas_floor_users_per_s']:,}); publish {p['keys_per_s']:,} keys/s "
+        f"(redis-benchmark SET {p['redis_benchmark_set_rps']})"
+    )
+    return "\n".join(lines)
+
+
+def speed_bench_command(
+    users: Annotated[int, typer.Option(min=100, help="demo shop users")] = 100_000,
+    items: Annotated[int, typer.Option(min=50, help="demo shop products")] = 20_000,
+    interactions: Annotated[int, typer.Option(min=1_000, help="demo shop interactions (all event rows)")] = 2_000_000,
+    json_output: Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")] = False,
+    spark_interactions: Annotated[
+        int, typer.Option(min=0, help="nonzeros of the Spark vs implicit subsample; 0 skips Spark")
+    ] = 2_000_000,
+    read_sql_interactions: Annotated[
+        int, typer.Option(min=0, help="about this many rows for the pandas.read_sql reference; 0 = all")
+    ] = 2_000_000,
+    scoring_users: Annotated[int, typer.Option(min=1, help="users scored by each top-N method")] = 100_000,
+    seed: int = 42,
+) -> None:
+    """Time and memory of extract, matrix, train, scoring and publish on one generated shop, each
+    next to its reference (COPY floor, read_sql, raw implicit, Spark ALS, sgemm floor, implicit
+    recommend, redis-benchmark SET)."""
+    _terminate_cleanly()
+    with bench_settings() as settings:
+        figures = run_speed(settings, users, items, interactions, spark_interactions, read_sql_interactions,
+                            scoring_users, seed)
+    console.print(_summary(figures))
+    if json_output:
+        sys.stdout.write(json.dumps(figures, allow_nan=False, default=_json_default) + "\n")
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the schema and Redis keys are still removed."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with suppress(ValueError):  # not the main thread (e.g. called from a test runner thread)
+        signal.signal(signal.SIGTERM, stop)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
