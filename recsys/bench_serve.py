@@ -24,9 +24,8 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np
 import typer
 from rich.console import Console
 
-from recsys import db, services, store
+from recsys import services, store
 from recsys.demo import DemoShop, load_demo
 from recsys.params import PipelineParams
 from recsys.pipeline import run_pipeline
@@ -57,32 +56,6 @@ class FixedRate:
     errors: int
     requests: int
     achieved_rps: float
-
-
-@contextmanager
-def bench_settings() -> Iterator[Settings]:
-    """Configured servers if RECSYS_* name them, else embedded ones; an own schema and prefix
-    either way, all removed at the end."""
-    configured = Settings()
-    with tempfile.TemporaryDirectory(prefix="recsys-bench-serve-") as tmp, services.running(
-        Path(tmp), configured.database_url, configured.redis_url
-    ) as servers:
-        tag = uuid.uuid4().hex[:8]
-        settings = Settings(
-            _env_file=None,
-            database_url=servers.database_url,
-            redis_url=servers.redis_url,
-            db_schema=f"bench_serve_{tag}",
-            redis_prefix=f"bench-serve-{tag}",
-            artifacts_dir=Path(tmp) / "artifacts",
-        )
-        try:
-            yield settings
-        finally:
-            with suppress(Exception):
-                db.drop_schema(settings)
-            with suppress(Exception):
-                store.delete_all(store.redis_client(settings), store.layout(settings))
 
 
 @contextmanager
@@ -249,7 +222,7 @@ def serve_bench_command(
 ) -> None:
     """Load-test GET /users/{id}/recommendations on loopback: p50/p99 at a fixed rate, max
     requests/s, and redis-benchmark GET on the same Redis as the floor."""
-    with bench_settings() as settings, tempfile.TemporaryDirectory(prefix="recsys-bench-log-") as logs:
+    with services.isolated("bench-serve") as settings, tempfile.TemporaryDirectory(prefix="recsys-bench-log-") as logs:
         end = datetime.now(UTC).replace(microsecond=0)
         console.print(f"demo shop: {users} users, {products} products; pipeline ...")
         load_demo(settings, DemoShop(users=users, products=products, days=60), end=end)

@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 import urllib.parse
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -59,32 +58,6 @@ REDIS_BENCHMARK_KEY = "key:__rand_int__"  # what redis-benchmark -t set writes w
 
 
 # ---------------------------------------------------------------------------------------- setup
-
-
-@contextmanager
-def bench_settings() -> Iterator[Settings]:
-    """Configured servers if RECSYS_* name them, else embedded ones; an own schema, prefix and
-    artifacts folder, all removed at the end."""
-    configured = Settings()
-    with tempfile.TemporaryDirectory(prefix="recsys-bench-speed-") as tmp, services.running(
-        Path(tmp), configured.database_url, configured.redis_url
-    ) as servers:
-        tag = uuid.uuid4().hex[:8]
-        settings = Settings(
-            _env_file=None,
-            database_url=servers.database_url,
-            redis_url=servers.redis_url,
-            db_schema=f"bench_speed_{tag}",
-            redis_prefix=f"bench-speed-{tag}",
-            artifacts_dir=Path(tmp) / "artifacts",
-        )
-        try:
-            yield settings
-        finally:
-            with suppress(Exception):
-                db.drop_schema(settings)
-            with suppress(Exception):
-                store.delete_all(store.redis_client(settings), store.layout(settings))
 
 
 class PeakRss:
@@ -542,7 +515,7 @@ def speed_bench_command(
     next to its reference (COPY floor, read_sql, raw implicit, Spark ALS, sgemm floor, implicit
     recommend, redis-benchmark SET)."""
     _terminate_cleanly()
-    with bench_settings() as settings:
+    with services.isolated("bench-speed") as settings:
         figures = run_speed(settings, users, items, interactions, spark_interactions, read_sql_interactions,
                             scoring_users, seed)
     console.print(_summary(figures))

@@ -12,14 +12,16 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys.settings import LOCAL_SERVICES_ENV
+from recsys.settings import LOCAL_SERVICES_ENV, Settings
 
 DEFAULT_DATA_DIR = LOCAL_SERVICES_ENV.parent
 
@@ -166,3 +168,31 @@ def running(data_dir: Path, database_url: str | None = None, redis_url: str | No
     finally:
         for stop_server in started:
             stop_server(data_dir)
+
+
+@contextmanager
+def isolated(label: str) -> Iterator[Settings]:
+    """Settings for a benchmark: the configured servers (RECSYS_*) or embedded ones, with an own
+    schema, Redis prefix and artifacts folder, all removed at the end."""
+    from recsys import db, store
+
+    configured = Settings()
+    with tempfile.TemporaryDirectory(prefix=f"recsys-{label}-") as tmp, running(
+        Path(tmp), configured.database_url, configured.redis_url
+    ) as servers:
+        tag = f"{label.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+        settings = Settings(
+            _env_file=None,
+            database_url=servers.database_url,
+            redis_url=servers.redis_url,
+            db_schema=tag,
+            redis_prefix=tag,
+            artifacts_dir=Path(tmp) / "artifacts",
+        )
+        try:
+            yield settings
+        finally:
+            with suppress(Exception):
+                db.drop_schema(settings)
+            with suppress(Exception):
+                store.delete_all(store.redis_client(settings), store.layout(settings))
