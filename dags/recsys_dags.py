@@ -125,6 +125,15 @@ PARAMS = {
 RUN_PARAMS = ("use_tuned_params", "publish_shards")
 
 
+@task
+def build_matrix(run: dict) -> dict:
+    """Shared by both DAGs: the run's id maps and weighted matrices from its extract."""
+    from recsys.pipeline import matrix_stage
+
+    matrix_stage(planned(run))
+    return run
+
+
 @dag(
     dag_id="recsys_daily",
     schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
@@ -149,13 +158,6 @@ def recsys_daily():
         result = extract_stage(settings, run)
         return {**run.to_dict(), "shards": steering["publish_shards"], "rows_read": result.rows_read,
                 "rows_kept": result.rows_kept}
-
-    @task
-    def build_matrix(run: dict) -> dict:
-        from recsys.pipeline import matrix_stage
-
-        matrix_stage(planned(run))
-        return run
 
     @task
     def train(run: dict) -> dict:
@@ -244,13 +246,6 @@ def recsys_tune():
         run = plan_run(settings, data_interval_end, search_params, use_tuned=False)
         extract_stage(settings, run)
         return run.to_dict()
-
-    @task
-    def build_matrix(run: dict) -> dict:
-        from recsys.pipeline import matrix_stage
-
-        matrix_stage(planned(run))
-        return run
 
     @task(execution_timeout=timedelta(hours=6))
     def tune(run: dict, params=None) -> dict:
