@@ -126,7 +126,7 @@ def _validation_sets(data: Path | None, seed: int) -> dict[str, dict]:
     from recsys.extract import Window
     from recsys.matrix import build_matrix
     from recsys.params import PipelineParams
-    from recsys.tune import time_split
+    from recsys.matrix import holdout_split
 
     sets = {}
     if data is not None:
@@ -144,7 +144,7 @@ def _validation_sets(data: Path | None, seed: int) -> dict[str, dict]:
             interactions, products = write_demo_parquet(shop, end, Path(directory) / "extract")
             window = Window(end - timedelta(days=params.lookback_days), end)
             build_matrix(interactions, products, window, Path(directory) / "matrix", params)
-            split = time_split(Path(directory) / "matrix")
+            split = holdout_split(Path(directory) / "matrix")
         sets[f"{name} (time split)"] = {
             "fit": split.fit, "validation": split.validation,
             "exclude": split.exclude, "blocked_items": split.blocked_items,

@@ -322,7 +322,8 @@ def run_speed(
     seed: int,
 ) -> dict:
     from recsys import publish as publish_module
-    from recsys.evaluate import evaluate, inactive_items
+    from recsys.evaluate import evaluate
+    from recsys.matrix import inactive_items
     from recsys.pipeline import extract_stage, matrix_stage, plan_run, publish_stage, train_stage
     from recsys.ranking import als_model, recommend_top_n
     from recsys.train import load_factors

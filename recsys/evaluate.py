@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
-import scipy.sparse as sp
 
 from recsys.errors import InputError, QualityGateError
+from recsys.matrix import holdout_split
 from recsys.metrics import RankingMetrics, ranking_metrics
 from recsys.params import PipelineParams
 from recsys.ranking import als_model, popularity_model, recommend_top_n
@@ -33,13 +32,6 @@ class EvaluationResult:
     reason: str
 
 
-def inactive_items(matrix_dir: Path) -> np.ndarray:
-    active = pq.read_table(matrix_dir / "items.parquet", columns=["active"])["active"].to_numpy(
-        zero_copy_only=False
-    )
-    return np.flatnonzero(~active.astype(bool)).astype(np.int32)
-
-
 def evaluate(
     matrix_dir: Path,
     model_dir: Path,
@@ -49,28 +41,16 @@ def evaluate(
 ) -> EvaluationResult:
     """Score the holdout model and popularity; decide the gate. ``live_metrics`` are the live
     version's (``meta.metrics``), if any: the model must not fall too far below them."""
-    manifest = json.loads((matrix_dir / "manifest.json").read_text())
-    train = sp.load_npz(matrix_dir / "train.npz").tocsr()
-    train_exclude = sp.load_npz(matrix_dir / "train_exclude.npz").tocsr()
-    holdout = sp.load_npz(matrix_dir / "holdout.npz").tocsr()
-
-    has_history = np.diff(train.indptr) > 0
-    has_relevant = np.diff(holdout.indptr) > 0
-    users = np.flatnonzero(has_history & has_relevant).astype(np.int32)
-    if len(users) == 0:
-        raise InputError(
-            f"cannot evaluate: no user has interactions both before the holdout cutoff "
-            f"{manifest['holdout_cutoff']} and relevant ones ({', '.join(params.relevant_event_types)}) "
-            f"after it; widen lookback_days / holdout_days"
-        )
-    blocked = inactive_items(matrix_dir)
+    split = holdout_split(matrix_dir)
+    manifest, train, train_exclude, blocked = split.manifest, split.fit, split.exclude, split.blocked_items
+    users = split.users
     n_active = train.shape[1] - len(blocked)
     if n_active == 0:
         raise InputError(
             f"none of the {train.shape[1]} products with interactions is active in the catalogue; "
             "nothing can be recommended"
         )
-    relevant = holdout[users]
+    relevant = split.validation[users]
 
     user_factors, item_factors = load_factors(model_dir / "holdout.npz")
     model_recs, _ = recommend_top_n(als_model(user_factors, item_factors), users, train_exclude, params.k, blocked)

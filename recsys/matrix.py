@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from recsys.errors import InputError
 from recsys.extract import Window
 from recsys.params import PipelineParams
 from recsys.weighting import interaction_weights, scale_confidence
@@ -167,3 +168,50 @@ def _items_with_catalogue(item_ids: pa.Array, products_path: Path) -> tuple[pa.T
     category = pc.take(products["category"], position)
     unknown = len(item_ids) - int(pc.sum(in_catalogue).as_py() or 0)
     return pa.table({"id": item_ids, "active": active, "category": category}), unknown
+
+
+def inactive_items(matrix_dir: Path) -> np.ndarray:
+    """Item indices that must never be recommended (inactive or missing from the catalogue)."""
+    active = pq.read_table(matrix_dir / "items.parquet", columns=["active"])["active"].to_numpy(
+        zero_copy_only=False
+    )
+    return np.flatnonzero(~active.astype(bool)).astype(np.int32)
+
+
+@dataclass(frozen=True)
+class HoldoutSplit:
+    """A matrix folder's holdout split as evaluation and tuning read it: fit before the cutoff,
+    score on relevant items after it, for users who have a history before it."""
+
+    fit: sp.csr_matrix
+    validation: sp.csr_matrix  # holdout rows of users without history are empty
+    exclude: sp.csr_matrix
+    blocked_items: np.ndarray
+    manifest: dict
+
+    @property
+    def users(self) -> np.ndarray:
+        return np.flatnonzero(np.diff(self.validation.indptr) > 0).astype(np.int32)
+
+
+def holdout_split(matrix_dir: Path) -> HoldoutSplit:
+    manifest = json.loads((matrix_dir / "manifest.json").read_text())
+    fit = sp.load_npz(matrix_dir / "train.npz").tocsr()
+    holdout = sp.load_npz(matrix_dir / "holdout.npz").tocsr()
+    # users without history before the cutoff are cold starts: no model of theirs to judge
+    has_history = (np.diff(fit.indptr) > 0).astype(np.float32)
+    validation = (sp.diags(has_history) @ holdout).tocsr()
+    validation.eliminate_zeros()
+    if validation.nnz == 0:
+        relevant = ", ".join(manifest["params"]["relevant_event_types"])
+        raise InputError(
+            f"no user has interactions both before the holdout cutoff {manifest['holdout_cutoff']} and "
+            f"relevant ones ({relevant}) after it; widen lookback_days / holdout_days"
+        )
+    return HoldoutSplit(
+        fit=fit,
+        validation=validation,
+        exclude=sp.load_npz(matrix_dir / "train_exclude.npz").tocsr(),
+        blocked_items=inactive_items(matrix_dir),
+        manifest=manifest,
+    )

@@ -30,9 +30,8 @@ import redis
 import scipy.sparse as sp
 
 from recsys.errors import EmptyResultError, StaleVersionError
-from recsys.evaluate import inactive_items
 from recsys.extract import Window
-from recsys.matrix import load_ids
+from recsys.matrix import inactive_items, load_ids
 from recsys.params import PipelineParams
 from recsys.ranking import als_model, recommend_top_n, similar_items
 from recsys.settings import Settings

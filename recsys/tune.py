@@ -14,11 +14,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-import scipy.sparse as sp
 
-from recsys.evaluate import inactive_items
 from recsys.errors import InputError
+from recsys.matrix import holdout_split
 from recsys.params import PipelineParams
 from recsys.settings import Settings
 from recsys.tuning import AlsParams, SearchSpace, tune
@@ -51,44 +49,12 @@ def tuned_path(settings: Settings) -> Path:
     return settings.artifacts_dir / "tuned" / "latest.json"
 
 
-@dataclass(frozen=True)
-class TimeSplit:
-    """A matrix folder's holdout split, as tuning sees it: fit before the cutoff, validate after."""
-
-    fit: sp.csr_matrix
-    validation: sp.csr_matrix
-    exclude: sp.csr_matrix
-    blocked_items: np.ndarray
-    cutoff: str
-
-
-def time_split(matrix_dir: Path) -> TimeSplit:
-    manifest = json.loads((matrix_dir / "manifest.json").read_text())
-    train = sp.load_npz(matrix_dir / "train.npz").tocsr()
-    holdout = sp.load_npz(matrix_dir / "holdout.npz").tocsr()
-    has_history = (np.diff(train.indptr) > 0).astype(np.float32)
-    # users without history before the cutoff are cold starts: no ALS parameter can serve them
-    validation = (sp.diags(has_history) @ holdout).tocsr()
-    validation.eliminate_zeros()
-    if validation.nnz == 0:
-        raise InputError(
-            f"cannot tune: no user has interactions both before {manifest['holdout_cutoff']} and relevant ones after it"
-        )
-    return TimeSplit(
-        fit=train,
-        validation=validation,
-        exclude=sp.load_npz(matrix_dir / "train_exclude.npz").tocsr(),
-        blocked_items=inactive_items(matrix_dir),
-        cutoff=manifest["holdout_cutoff"],
-    )
-
-
 def tune_on_matrix(matrix_dir: Path, params: PipelineParams, n_trials: int) -> TunedParams:
     """Search on ``train.npz`` -> ``holdout.npz`` of a matrix built with raw (unscaled) weights."""
     if params.confidence_scaling != "none":
         raise InputError("build the tuning matrix with confidence_scaling='none': tuning chooses the scaling")
-    manifest = json.loads((matrix_dir / "manifest.json").read_text())
-    split = time_split(matrix_dir)
+    split = holdout_split(matrix_dir)
+    manifest = split.manifest
     # the run's ALS settings with the pipeline's default scaling: the search starts where runs are
     start = AlsParams(
         factors=params.factors,

@@ -43,10 +43,9 @@ from recsys.store import KeyLayout, delete_all, redis_client  # noqa: E402
 
 def services_dir() -> Path:
     """A data dir for embedded servers. Not pytest's tmp_path: run as root, embedded PostgreSQL
-    serves as its own system user, which must be able to enter the dir; pytest's is root-only."""
-    data_dir = Path(tempfile.mkdtemp(prefix="recsys-test-services-"))
-    data_dir.chmod(0o755)
-    return data_dir
+    serves as its own system user, which must be able to pass through every parent directory, and
+    pytest's base temp dir is root-only (start_postgres opens the data dir itself)."""
+    return Path(tempfile.mkdtemp(prefix="recsys-test-services-"))
 
 
 @pytest.fixture(scope="session")
