@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import scipy.sparse as sp
 from recsys.errors import InputError
 from recsys.extract import Window
 from recsys.params import PipelineParams
-from recsys.weighting import interaction_weights, scale_confidence
+from recsys.weighting import decayed_weights, scale_confidence
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,12 @@ class MatrixResult:
     nnz: int
 
 
-def _sorted_ids(column: pa.ChunkedArray) -> pa.Array:
-    return pc.unique(column).sort()
+# Interactions are read in batches of this many rows: memory is bounded by the numeric columns
+# (13 bytes a row) and one batch of strings, not by the whole window's strings.
+BATCH_ROWS = 1 << 20
+
+# bits of the per-interaction flags column
+BEFORE_CUTOFF, EXCLUDED, RELEVANT, PURCHASE = 1, 2, 4, 8
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -71,6 +75,82 @@ def load_ids(path: Path) -> list[str]:
     return pq.read_table(path, columns=["id"])["id"].to_pylist()
 
 
+def _distinct_ids(interactions: pq.ParquetFile) -> tuple[pa.Array, pa.Array]:
+    """Sorted distinct user and product ids (sorted, so the same data always gives the same maps)."""
+    users = products = pa.array([], pa.string())
+    for batch in interactions.iter_batches(BATCH_ROWS, columns=["user_id", "product_id"]):
+        users = pc.unique(pa.concat_arrays([users, pc.unique(batch["user_id"].cast(pa.string()))]))
+        products = pc.unique(pa.concat_arrays([products, pc.unique(batch["product_id"].cast(pa.string()))]))
+    return users.sort(), products.sort()
+
+
+@dataclass
+class _Interactions:
+    """One row per interaction, numbers only: what every matrix of the stage is built from."""
+
+    users: np.ndarray  # int32 row index
+    items: np.ndarray  # int32 column index
+    weights: np.ndarray  # float32, before confidence scaling
+    flags: np.ndarray  # uint8, BEFORE_CUTOFF | EXCLUDED | RELEVANT | PURCHASE
+
+    def where(self, flag: int) -> np.ndarray:
+        return (self.flags & flag) != 0
+
+
+def _event_type_tables(params: PipelineParams) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Event type vocabulary with each type's weight and flags; the extra last slot is for a type
+    the params do not know (weight 0, no flags)."""
+    names = sorted({*params.event_weights, *params.exclude_event_types, *params.relevant_event_types, "purchase"})
+    weights = np.array([params.event_weights.get(name, 0.0) for name in names] + [0.0])
+    flags = np.array(
+        [
+            EXCLUDED * (name in params.exclude_event_types)
+            | RELEVANT * (name in params.relevant_event_types)
+            | PURCHASE * (name == "purchase")
+            for name in names
+        ]
+        + [0],
+        dtype=np.uint8,
+    )
+    return pa.array(names, pa.string()), weights, flags
+
+
+def _read_interactions(
+    interactions: pq.ParquetFile,
+    user_ids: pa.Array,
+    item_ids: pa.Array,
+    window: Window,
+    cutoff: datetime,
+    params: PipelineParams,
+) -> _Interactions:
+    rows = interactions.metadata.num_rows
+    table = _Interactions(
+        users=np.empty(rows, np.int32),
+        items=np.empty(rows, np.int32),
+        weights=np.empty(rows, np.float32),
+        flags=np.empty(rows, np.uint8),
+    )
+    type_names, weight_by_type, flags_by_type = _event_type_tables(params)
+    unknown_type = len(type_names)
+    end_us = int(window.end.timestamp() * 1_000_000)
+    cutoff_us = int(cutoff.timestamp() * 1_000_000)
+    start = 0
+    for batch in interactions.iter_batches(BATCH_ROWS):
+        part = slice(start, start + batch.num_rows)
+        start = part.stop
+        table.users[part] = pc.index_in(batch["user_id"].cast(pa.string()), value_set=user_ids).to_numpy()
+        table.items[part] = pc.index_in(batch["product_id"].cast(pa.string()), value_set=item_ids).to_numpy()
+        types = pc.index_in(batch["event_type"].cast(pa.string()), value_set=type_names)
+        types = pc.fill_null(types, unknown_type).to_numpy()
+        occurred_us = pc.cast(batch["occurred_at"], pa.int64()).to_numpy()
+        values = batch["value"].to_numpy(zero_copy_only=False).astype(np.float64)
+        table.weights[part] = decayed_weights(
+            weight_by_type[types], values, (end_us - occurred_us) / MICROS_PER_DAY, params.half_life_days
+        )
+        table.flags[part] = flags_by_type[types] | np.where(occurred_us < cutoff_us, BEFORE_CUTOFF, 0)
+    return table
+
+
 def build_matrix(
     interactions_path: Path,
     products_path: Path,
@@ -79,64 +159,53 @@ def build_matrix(
     params: PipelineParams,
 ) -> MatrixResult:
     matrix_dir.mkdir(parents=True, exist_ok=True)
-    table = pq.read_table(interactions_path)
-    user_ids = _sorted_ids(table["user_id"])
-    item_ids = _sorted_ids(table["product_id"])
-    users = pc.index_in(table["user_id"], value_set=user_ids).to_numpy().astype(np.int32)
-    items = pc.index_in(table["product_id"], value_set=item_ids).to_numpy().astype(np.int32)
+    interactions = pq.ParquetFile(interactions_path)
+    user_ids, item_ids = _distinct_ids(interactions)
     shape = (len(user_ids), len(item_ids))
-
-    event_types = table["event_type"].to_numpy(zero_copy_only=False).astype(str)
-    values = table["value"].to_numpy(zero_copy_only=False).astype(np.float64)
-    occurred_us = pc.cast(table["occurred_at"], pa.int64()).to_numpy()
-    end_us = int(window.end.timestamp() * 1_000_000)
-    ages_days = (end_us - occurred_us) / MICROS_PER_DAY
-    weights = interaction_weights(event_types, values, ages_days, params.event_weights, params.half_life_days)
-
     cutoff = window.end - timedelta(days=params.holdout_days)
-    before_cutoff = occurred_us < int(cutoff.timestamp() * 1_000_000)
-    excluded = np.isin(event_types, list(params.exclude_event_types))
-    relevant = np.isin(event_types, list(params.relevant_event_types))
+    rows = _read_interactions(interactions, user_ids, item_ids, window, cutoff, params)
 
-    def weighted(mask: np.ndarray) -> sp.csr_matrix:
-        summed = _csr(users[mask], items[mask], weights[mask], shape)
+    def weighted(mask: np.ndarray | None) -> sp.csr_matrix:
+        chosen = slice(None) if mask is None else mask
+        summed = _csr(rows.users[chosen], rows.items[chosen], rows.weights[chosen], shape)
         return scale_confidence(summed, params.confidence_scaling)
 
     def marked(mask: np.ndarray) -> sp.csr_matrix:
-        return _binary(_csr(users[mask], items[mask], np.ones(int(mask.sum()), np.float32), shape))
+        return _binary(_csr(rows.users[mask], rows.items[mask], np.ones(int(mask.sum()), np.float32), shape))
 
-    everything = np.ones(len(users), dtype=bool)
-    full = weighted(everything)
-    train = weighted(before_cutoff)
-    train_exclude = marked(excluded & before_cutoff)
+    # each matrix is written as soon as it is built, so only the ones still needed stay in memory
+    full = weighted(None)
+    _write_npz(matrix_dir / "full.npz", full)
+    nnz, popularity = int(full.nnz), _distinct_users(full)
+    del full
+    train = weighted(rows.where(BEFORE_CUTOFF))
+    _write_npz(matrix_dir / "train.npz", train)
+    train_nnz = int(train.nnz)
+    del train
+    _write_npz(matrix_dir / "exclude.npz", marked(rows.where(EXCLUDED)))
+    before_cutoff = rows.where(BEFORE_CUTOFF)
+    train_exclude = marked(rows.where(EXCLUDED) & before_cutoff)
+    _write_npz(matrix_dir / "train_exclude.npz", train_exclude)
     # relevant after the cutoff, minus what the user already had before it (never recommendable)
-    holdout = marked(relevant & ~before_cutoff)
+    holdout = marked(rows.where(RELEVANT) & ~before_cutoff)
     holdout = _binary((holdout - holdout.multiply(train_exclude)).tocsr())
     holdout.eliminate_zeros()
-
-    outputs = {
-        "full.npz": full,
-        "exclude.npz": marked(excluded),
-        "train.npz": train,
-        "train_exclude.npz": train_exclude,
-        "holdout.npz": holdout,
-    }
-    for name, matrix in outputs.items():
-        _write_npz(matrix_dir / name, matrix)
+    _write_npz(matrix_dir / "holdout.npz", holdout)
+    buyers = _distinct_users(marked(rows.where(PURCHASE)))
 
     pq.write_table(pa.table({"id": user_ids}), matrix_dir / "users.parquet")
     items_meta, unknown_products = _items_with_catalogue(item_ids, products_path)
     # distinct buyers / distinct users per product: what "top buys" ranks by
-    items_meta = items_meta.append_column("buyers", pa.array(_distinct_users(marked(event_types == "purchase"))))
-    items_meta = items_meta.append_column("popularity", pa.array(_distinct_users(full)))
+    items_meta = items_meta.append_column("buyers", pa.array(buyers))
+    items_meta = items_meta.append_column("popularity", pa.array(popularity))
     pq.write_table(items_meta, matrix_dir / "items.parquet")
 
     counts = {
-        "interactions": len(users),
+        "interactions": len(rows.users),
         "users": shape[0],
         "items": shape[1],
-        "nnz": int(full.nnz),
-        "train_nnz": int(train.nnz),
+        "nnz": nnz,
+        "train_nnz": train_nnz,
         "holdout_users": int((np.diff(holdout.indptr) > 0).sum()),
         "holdout_pairs": int(holdout.nnz),
         "active_items": int(pc.sum(items_meta["active"]).as_py() or 0),
@@ -152,7 +221,7 @@ def build_matrix(
     if unknown_products:
         log.warning("%d interacted products are not in the catalogue; they will not be recommended", unknown_products)
     log.info("matrix: %s", counts)
-    return MatrixResult(matrix_dir=matrix_dir, n_users=shape[0], n_items=shape[1], nnz=int(full.nnz))
+    return MatrixResult(matrix_dir=matrix_dir, n_users=shape[0], n_items=shape[1], nnz=nnz)
 
 
 def _distinct_users(matrix: sp.csr_matrix) -> np.ndarray:

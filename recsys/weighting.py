@@ -22,8 +22,15 @@ def interaction_weights(
     type_weight = np.zeros(len(event_types), dtype=np.float64)
     for event_type, weight in event_weights.items():
         type_weight[event_types == event_type] = weight
+    return decayed_weights(type_weight, values, ages_days, half_life_days)
+
+
+def decayed_weights(
+    type_weights: np.ndarray, values: np.ndarray, ages_days: np.ndarray, half_life_days: float
+) -> np.ndarray:
+    """``interaction_weights`` once each row's event-type weight is known (NaN value counts as 1)."""
     value = np.where(np.isnan(values), 1.0, values)
-    weights = type_weight * value
+    weights = type_weights * value
     if half_life_days > 0:
         weights = weights * np.power(0.5, np.clip(ages_days, 0, None) / half_life_days)
     return weights.astype(np.float32)

@@ -133,3 +133,24 @@ def test_confidence_scaling_keeps_the_pattern(tmp_path, scheme):
     scaled = dense(build(tmp_path / scheme, rows, CATALOGUE, confidence_scaling=scheme), "full.npz")
     np.testing.assert_array_equal(plain > 0, scaled > 0)
     assert scaled[0, 0] < plain[0, 0]
+
+
+def test_batched_reading_builds_the_same_matrices(tmp_path, monkeypatch):
+    """Rows are read in batches; batch boundaries must not change any output."""
+    from recsys import matrix
+
+    rng = np.random.default_rng(3)
+    types = ["purchase", "view", "add_to_cart", "rating", "wishlist"]  # "wishlist": unknown, weight 0
+    rows = [
+        (f"u{rng.integers(30)}", "abc"[rng.integers(3)], types[rng.integers(len(types))],
+         float(rng.integers(1, 4)), END - timedelta(days=float(rng.uniform(0.5, 29))))
+        for _ in range(500)
+    ]
+    whole = build(tmp_path / "whole", rows, CATALOGUE)
+    monkeypatch.setattr(matrix, "BATCH_ROWS", 37)
+    batched = build(tmp_path / "batched", rows, CATALOGUE)
+    for name in ("full.npz", "train.npz", "exclude.npz", "train_exclude.npz", "holdout.npz"):
+        np.testing.assert_array_equal(dense(whole, name), dense(batched, name), err_msg=name)
+        assert dense(whole, name).any(), name
+    for name in ("users.parquet", "items.parquet"):
+        assert pq.read_table(whole / name).equals(pq.read_table(batched / name)), name
