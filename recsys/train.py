@@ -52,7 +52,7 @@ def fit_als(
             iterations=iterations,
             random_state=seed,
         )
-        model.fit(user_items.tocsr().astype(np.float32), show_progress=progress)
+        model.fit(user_items.tocsr().astype(np.float32, copy=False), show_progress=progress)
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
@@ -188,6 +188,7 @@ def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: b
         user_factors, item_factors = fit_als(user_items, progress=progress, **als_params)
         outputs[name] = model_dir / f"{name}.npz"
         save_factors(outputs[name], user_factors, item_factors)
+        del user_items, user_factors, item_factors  # the next fit needs the memory
 
     manifest = {
         "params": params.to_dict(),
