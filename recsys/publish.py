@@ -17,21 +17,22 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 import scipy.sparse as sp
 
 from recsys.errors import EmptyResultError, StaleVersionError
 from recsys.extract import Window
-from recsys.matrix import inactive_items, load_ids
+from recsys.matrix import inactive_items
 from recsys.params import PipelineParams
 from recsys.ranking import als_model, recommend_top_n, similar_items
 from recsys.settings import Settings
@@ -40,10 +41,14 @@ from recsys.train import load_factors
 
 log = logging.getLogger(__name__)
 
-HSET_CHUNK = 2_000
+# fields per HSET and HSETs per round trip: measured near redis-benchmark's pipelined SET rate
+HSET_CHUNK = 10_000
+HSETS_PER_ROUND_TRIP = 8
 # staging keys of a publish that died half-way expire by themselves; the switch removes the TTL
 STAGING_TTL_SECONDS = 6 * 3600
-_CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]{0,15})$")
+_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,15})$"
+# printable ASCII except '"' and '\\': JSON-quoting such an id is just adding the quotes
+_NEEDS_NO_ESCAPE = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
 _JS_SAFE_INT = 2**53
 TOP_BUYS_KEY_ALL = top_buys_field(None)
 
@@ -51,9 +56,42 @@ TOP_BUYS_KEY_ALL = top_buys_field(None)
 def id_codec(ids: list[str]) -> Callable[[str], int | str]:
     """Ids go back as the shop stored them: integers if every id is a canonical integer (that a
     browser can hold exactly), strings otherwise ("007" stays "007")."""
-    if all(_CANONICAL_INT.match(i) and abs(int(i)) < _JS_SAFE_INT for i in ids):
+    canonical = re.compile(_CANONICAL_INT)
+    if all(canonical.match(i) and abs(int(i)) < _JS_SAFE_INT for i in ids):
         return int
     return str
+
+
+def json_id_tokens(ids: pa.Array) -> pa.Array:
+    """Each id as the JSON text ``json.dumps(id_codec(ids)(id))`` writes, computed column-wise:
+    publishing a million users must not cost a million Python calls."""
+    ids = ids.cast(pa.string())
+    if len(ids) == 0:
+        return ids
+    canonical = pc.all(pc.match_substring_regex(ids, _CANONICAL_INT)).as_py()
+    if canonical and pc.max(pc.abs(pc.cast(ids, pa.int64()))).as_py() < _JS_SAFE_INT:
+        return ids
+    quoted = pc.binary_join_element_wise('"', ids, '"', "")
+    needs_escape = pc.invert(pc.match_substring_regex(ids, _NEEDS_NO_ESCAPE))
+    if not pc.any(needs_escape).as_py():
+        return quoted
+    escaped = pa.array([json.dumps(i) for i in ids.filter(needs_escape).to_pylist()], pa.string())
+    return pc.replace_with_mask(quoted, needs_escape, escaped)
+
+
+def json_list_objects(
+    owner_key: str, owner_tokens: pa.Array, list_key: str, member_tokens: pa.Array, lists: np.ndarray
+) -> pa.Array:
+    """``{"<owner_key>":<owner>,"<list_key>":[<member>,...]}`` per row of ``lists`` (indices into
+    ``member_tokens``; -1 marks an empty slot), in compact ``json.dumps`` form."""
+    filled = lists >= 0
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(filled.sum(axis=1), out=offsets[1:])
+    members = pc.take(member_tokens, pa.array(lists[filled], pa.int32()))
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), members), ",")
+    return pc.binary_join_element_wise(
+        f'{{"{owner_key}":', owner_tokens, f',"{list_key}":[', joined, "]}", ""
+    )
 
 
 def version_name(window: Window, params: PipelineParams) -> str:
@@ -69,23 +107,19 @@ class PublishResult:
     products_with_similar: int
 
 
-def _chunks(pairs: Iterable[tuple[str, str]], size: int) -> Iterator[dict[str, str]]:
-    iterator = iter(pairs)
-    while chunk := dict(islice(iterator, size)):
-        yield chunk
-
-
-def _write_hash(client: redis.Redis, key: str, pairs: Iterable[tuple[str, str]]) -> int:
-    written = 0
+def _write_hash(client: redis.Redis, key: str, fields: pa.Array, values: pa.Array) -> int:
+    """HSET ``fields`` -> ``values`` into ``key`` in pipelined chunks; returns fields written."""
     pipe = client.pipeline(transaction=False)
-    for number, chunk in enumerate(_chunks(pairs, HSET_CHUNK), start=1):
-        pipe.hset(key, mapping=chunk)
-        written += len(chunk)
-        if number % 16 == 0:
+    for number, start in enumerate(range(0, len(fields), HSET_CHUNK), start=1):
+        pairs = [None] * (2 * min(HSET_CHUNK, len(fields) - start))
+        pairs[0::2] = fields.slice(start, HSET_CHUNK).to_pylist()
+        pairs[1::2] = values.slice(start, HSET_CHUNK).to_pylist()
+        pipe.hset(key, items=pairs)
+        if number % HSETS_PER_ROUND_TRIP == 0:
             pipe.execute()
     pipe.expire(key, STAGING_TTL_SECONDS)
     pipe.execute()
-    return written
+    return len(fields)
 
 
 def _dumps(value: dict) -> str:
@@ -157,9 +191,8 @@ def _staging_keys(keys: KeyLayout, version: str) -> list[str]:
     return [keys.staging(version, structure) for structure in STRUCTURES]
 
 
-def _items(matrix_dir: Path):
-    items = pq.read_table(matrix_dir / "items.parquet").to_pandas()
-    return items, items["id"].tolist()
+def _ids(path: Path) -> pa.Array:
+    return pq.read_table(path, columns=["id"])["id"].combine_chunks()
 
 
 def prepare_publish(
@@ -172,9 +205,8 @@ def prepare_publish(
     _refuse_if_stale(_live_data_end(client, keys), window, client.hget(keys.live("meta"), "version"))
     client.delete(*_staging_keys(keys, version))
 
-    items, item_ids = _items(matrix_dir)
-    item_out = id_codec(item_ids)
-    top_lists = _top_buys(items, params.top_buys_n, item_out)
+    items = pq.read_table(matrix_dir / "items.parquet").to_pandas()
+    top_lists = _top_buys(items, params.top_buys_n, id_codec(items["id"].tolist()))
     if not top_lists[TOP_BUYS_KEY_ALL]["top_buys"]:
         raise EmptyResultError("no active product for the top buys list; nothing published")
     blocked = inactive_items(matrix_dir)
@@ -182,15 +214,24 @@ def prepare_publish(
     model = als_model(*load_factors(model_dir / "full.npz"))
     similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
 
-    def similar_pairs() -> Iterator[tuple[str, str]]:
-        for item_index, row in zip(active, similar, strict=True):
-            neighbours = [item_out(item_ids[i]) for i in row[row >= 0]]
-            if neighbours:
-                product_id = item_ids[item_index]
-                yield product_id, _dumps({"product_id": item_out(product_id), "similar_products": neighbours})
-
-    _write_hash(client, keys.staging(version, "similar_products"), similar_pairs())
-    _write_hash(client, keys.staging(version, "top_buys"), ((f, _dumps(v)) for f, v in top_lists.items()))
+    item_ids = _ids(matrix_dir / "items.parquet")
+    item_tokens = json_id_tokens(item_ids)
+    has_similar = similar[:, 0] >= 0
+    owners = pa.array(active[has_similar])
+    _write_hash(
+        client,
+        keys.staging(version, "similar_products"),
+        pc.take(item_ids, owners),
+        json_list_objects(
+            "product_id", pc.take(item_tokens, owners), "similar_products", item_tokens, similar[has_similar]
+        ),
+    )
+    _write_hash(
+        client,
+        keys.staging(version, "top_buys"),
+        pa.array(list(top_lists), pa.string()),
+        pa.array([_dumps(value) for value in top_lists.values()], pa.string()),
+    )
     return version
 
 
@@ -207,9 +248,7 @@ def publish_shard(
     writes the same fields again."""
     _, version = _window_and_version(matrix_dir, params)
     keys, client = layout(settings), redis_client(settings)
-    user_ids = load_ids(matrix_dir / "users.parquet")
-    _, item_ids = _items(matrix_dir)
-    user_out, item_out = id_codec(user_ids), id_codec(item_ids)
+    user_ids = _ids(matrix_dir / "users.parquet")
     users = shard_users(len(user_ids), shard, shards)
     recs, _ = recommend_top_n(
         als_model(*load_factors(model_dir / "full.npz")),
@@ -220,14 +259,21 @@ def publish_shard(
         progress=f"recommend {shard + 1}/{shards}" if progress else None,
     )
     has_recs = recs[:, 0] >= 0
-
-    def user_pairs() -> Iterator[tuple[str, str]]:
-        for user_index, row in zip(users[has_recs], recs[has_recs], strict=True):
-            user_id = user_ids[user_index]
-            products = [item_out(item_ids[i]) for i in row[row >= 0]]
-            yield user_id, _dumps({"user_id": user_out(user_id), "recommended_products": products})
-
-    written = _write_hash(client, keys.staging(version, "user_recs"), user_pairs())
+    # tokens of all users, not just this shard's: whether ids are published as numbers is decided
+    # over every id, so all shards agree
+    owners = pa.array(users[has_recs])
+    written = _write_hash(
+        client,
+        keys.staging(version, "user_recs"),
+        pc.take(user_ids, owners),
+        json_list_objects(
+            "user_id",
+            pc.take(json_id_tokens(user_ids), owners),
+            "recommended_products",
+            json_id_tokens(_ids(matrix_dir / "items.parquet")),
+            recs[has_recs],
+        ),
+    )
     return ShardResult(shard=shard, users=written, users_without_recommendations=int((~has_recs).sum()))
 
 

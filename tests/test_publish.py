@@ -14,7 +14,7 @@ from recsys import db
 from recsys.errors import EmptyResultError, StaleVersionError
 from recsys.params import PipelineParams
 from recsys.pipeline import run_paths, run_pipeline, window_ending
-from recsys.publish import id_codec, publish
+from recsys.publish import id_codec, json_id_tokens, json_list_objects, publish
 from recsys.store import (
     layout,
     live_meta,
@@ -189,6 +189,36 @@ def test_id_codec_keeps_what_the_shop_stored():
     assert id_codec(["1", "007"]) is str  # leading zero would be lost as an integer
     assert id_codec(["1", "a"]) is str
     assert id_codec([str(2**60)]) is str  # beyond what a browser's JSON number holds exactly
+    assert id_codec(["-0"]) is str  # "-0" would come back as 0
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        ["1", "22", "-3", str(2**53 - 1)],
+        ["1", "007"],
+        ["1", str(2**53)],
+        ["-0", "5"],
+        ["SKU-1", 'say "hi"', "back\\slash", "tab\there", "caf\u00e9", "\u7d20", "\U0001f600", "", " "],
+    ],
+)
+def test_column_wise_json_is_what_json_dumps_writes(ids):
+    """The vectorised payloads are byte-for-byte what json.dumps of the decoded ids gives."""
+    import pyarrow as pa
+
+    out = id_codec(ids)
+    tokens = json_id_tokens(pa.array(ids))
+    assert tokens.to_pylist() == [json.dumps(out(i)) for i in ids]
+
+    lists = np.array([[len(ids) - 1, 0, -1], [-1, -1, -1], [1 % len(ids), -1, -1]], dtype=np.int32)
+    owners = pa.array([ids[0], ids[-1], ids[1 % len(ids)]])
+    payloads = json_list_objects("user_id", json_id_tokens(owners), "recommended_products", tokens, lists)
+    expected = [
+        json.dumps({"user_id": id_codec(owners.to_pylist())(owner), "recommended_products": [out(ids[i]) for i in row if i >= 0]},
+                   separators=(",", ":"))
+        for owner, row in zip(owners.to_pylist(), lists, strict=True)
+    ]
+    assert payloads.to_pylist() == expected
 
 
 def test_shards_cover_every_user_once():
