@@ -14,8 +14,8 @@ generated shop in one run.
   keys/s; vs ``redis-benchmark -t set -P 16`` on the same server with the same value size. Redis
   bytes per user (``MEMORY USAGE`` of the live user hash, and the ``INFO memory`` delta) vs the
   raw payload (field + JSON value bytes).
-- peak RSS per stage, sampled by a thread with psutil (the process's RSS, so it includes what
-  earlier stages still hold).
+- peak RSS per stage: each stage (and each in-process reference: raw implicit, scoring) runs in
+  a fresh Python process, as each Airflow task does, and reports its own ``ru_maxrss``.
 
 Configured servers when RECSYS_DATABASE_URL / RECSYS_REDIS_URL are set, else embedded ones; an
 own schema and Redis prefix either way, removed at the end (also on failure). ``--json`` ends
@@ -26,20 +26,23 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import psutil
@@ -60,38 +63,42 @@ REDIS_BENCHMARK_KEY = "key:__rand_int__"  # what redis-benchmark -t set writes w
 # ---------------------------------------------------------------------------------------- setup
 
 
-class PeakRss:
-    """Peak resident memory of this process while the block runs (a 20 ms sampling thread)."""
-
-    def __init__(self) -> None:
-        self.process = psutil.Process()
-        self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+@dataclass(frozen=True)
+class Measured:
+    value: Any
+    seconds: float  # of the call itself, without process start and imports
+    peak_rss_bytes: int  # of the whole process, imports included
 
 
-@contextmanager
-def measured(figures: dict, name: str) -> Iterator[dict]:
-    """Time and peak RSS of a block into ``figures[name]``."""
-    entry = figures.setdefault(name, {})
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux: VmHWM, which starts afresh at exec; ru_maxrss would carry
+    over the parent's peak into a spawned child."""
+    with suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _call_measured(function: Callable, args: tuple) -> Measured:
     start = time.perf_counter()
-    with PeakRss() as rss:
-        yield entry
-    entry["seconds"] = round(time.perf_counter() - start, 3)
-    entry["peak_rss_bytes"] = rss.peak
+    value = function(*args)
+    seconds = time.perf_counter() - start
+    return Measured(value, seconds, peak_rss_bytes())
+
+
+def in_fresh_process(function: Callable, *args) -> Measured:
+    """Run ``function(*args)`` in a new Python process, like an Airflow task: its peak RSS is its
+    own, not what earlier stages left in this one."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_call_measured, function, args).result()
+
+
+def _record(figures: dict, name: str, measured: Measured) -> dict:
+    entry = figures.setdefault(name, {})
+    entry["seconds"] = round(measured.seconds, 3)
+    entry["peak_rss_bytes"] = measured.peak_rss_bytes
+    return entry
 
 
 def _rate(count: float, seconds: float) -> float | None:
@@ -308,6 +315,57 @@ def _used_memory(settings: Settings) -> int:
     return int(store.redis_client(settings).info("memory")["used_memory"])
 
 
+# ------------------------------------------------------------- run in fresh processes (picklable)
+
+
+def implicit_fit_seconds(matrix_files: tuple[Path, ...], params: PipelineParams) -> float:
+    return sum(fit_implicit(sp.load_npz(path).tocsr(), params) for path in matrix_files)
+
+
+def _scoring_inputs(run) -> tuple:
+    from recsys.matrix import inactive_items
+    from recsys.train import load_factors
+
+    user_factors, item_factors = load_factors(run.paths.model / "full.npz")
+    exclude = sp.load_npz(run.paths.matrix / "exclude.npz").tocsr()
+    return user_factors, item_factors, exclude, inactive_items(run.paths.matrix)
+
+
+def our_scoring_seconds(run, users: np.ndarray, top_n: int) -> float:
+    from recsys.ranking import als_model, recommend_top_n
+
+    user_factors, item_factors, exclude, blocked = _scoring_inputs(run)
+    model = als_model(user_factors, item_factors)
+    start = time.perf_counter()
+    recommend_top_n(model, users, exclude, top_n, blocked)
+    return time.perf_counter() - start
+
+
+def reference_scoring_seconds(run, users: np.ndarray, top_n: int) -> dict[str, float]:
+    """implicit's batch recommend in one call, and the sgemm + argpartition floor."""
+    from recsys.ranking import als_model
+
+    user_factors, item_factors, exclude, blocked = _scoring_inputs(run)
+    model = als_model(user_factors, item_factors)
+    start = time.perf_counter()
+    model.recommend(users, exclude[users], N=top_n, filter_already_liked_items=True,
+                    filter_items=blocked if len(blocked) else None)
+    implicit_seconds = time.perf_counter() - start
+    floor_seconds, gemm_seconds = blas_floor(np.ascontiguousarray(user_factors[users]), item_factors, top_n)
+    return {"implicit": implicit_seconds, "floor": floor_seconds, "sgemm": gemm_seconds}
+
+
+def publish_with_scoring_timed(settings: Settings, run):
+    """The publish stage, with its two scoring calls timed apart."""
+    from recsys import publish as publish_module
+    from recsys.pipeline import publish_stage
+
+    compute: dict[str, float] = {}
+    with timed_attributes(publish_module, ("recommend_top_n", "similar_items"), compute):
+        published = publish_stage(settings, run)
+    return published, compute
+
+
 # ---------------------------------------------------------------------------------------- bench
 
 
@@ -321,11 +379,8 @@ def run_speed(
     scoring_users: int,
     seed: int,
 ) -> dict:
-    from recsys import publish as publish_module
     from recsys.evaluate import evaluate
-    from recsys.matrix import inactive_items
-    from recsys.pipeline import extract_stage, matrix_stage, plan_run, publish_stage, train_stage
-    from recsys.ranking import als_model, recommend_top_n
+    from recsys.pipeline import extract_stage, matrix_stage, plan_run, train_stage
     from recsys.train import load_factors
 
     params = PipelineParams()
@@ -337,13 +392,15 @@ def run_speed(
                                 "regularization": params.regularization, "alpha": params.alpha,
                                 "top_n": params.top_n, "cpu_count": psutil.cpu_count(),
                                 "python": sys.version.split()[0]}}
-    baseline_rss = psutil.Process().memory_info().rss
+    # what a stage process holds before it reads anything: interpreter, numpy, scipy, pyarrow ...
+    baseline_rss = in_fresh_process(time.sleep, 0).peak_rss_bytes
 
     console.print(f"demo shop: {users:,} users x {items:,} products, ~{interactions:,} interactions -> Postgres ...")
-    with measured(figures, "load") as entry:
-        loaded = load_demo(settings, shop, end=end, progress=True)
-    entry["rows"] = loaded.interactions
-    entry["rows_per_s"] = _rate(loaded.interactions, entry["seconds"])
+    start = time.perf_counter()
+    loaded = load_demo(settings, shop, end=end, progress=True)
+    load_seconds = time.perf_counter() - start
+    figures["load"] = {"seconds": round(load_seconds, 3), "rows": loaded.interactions,
+                       "rows_per_s": _rate(loaded.interactions, load_seconds)}
     with db.connect(settings) as conn:
         conn.execute("ANALYZE interactions")
 
@@ -353,9 +410,10 @@ def run_speed(
     console.print("extract: COPY floor, ours, pandas.read_sql ...")
     floor_bytes, floor_seconds = copy_floor(settings, run.window)  # also warms the cache for ours
     floor_bytes, floor_seconds = copy_floor(settings, run.window)
-    with measured(figures, "extract") as entry:
-        extracted = extract_stage(settings, run)
-    ours_rps = _rate(extracted.rows_read, entry["seconds"])
+    measured = in_fresh_process(extract_stage, settings, run)
+    entry = _record(figures, "extract", measured)
+    extracted = measured.value
+    ours_rps = _rate(extracted.rows_read, measured.seconds)
     share = 1.0 if not read_sql_interactions else min(1.0, read_sql_interactions / max(rows, 1))
     sql_end = run.window.end if share >= 1.0 else run.window.start + (run.window.end - run.window.start) * share
     sql_rows, sql_seconds = read_sql(settings, run.window.start, sql_end)
@@ -369,23 +427,24 @@ def run_speed(
     entry["speedup_vs_read_sql"] = _ratio(ours_rps, entry["read_sql"]["rows_per_s"])
 
     console.print("matrix ...")
-    with measured(figures, "matrix") as entry:
-        built = matrix_stage(run)
+    measured = in_fresh_process(matrix_stage, run)
+    entry = _record(figures, "matrix", measured)
+    built = measured.value
     full = sp.load_npz(run.paths.matrix / "full.npz").tocsr()
     csr_bytes = full.data.nbytes + full.indices.nbytes + full.indptr.nbytes
     entry.update({"users": built.n_users, "items": built.n_items, "nnz": built.nnz, "csr_bytes": csr_bytes,
                   "peak_rss_over_csr": _ratio(entry["peak_rss_bytes"], csr_bytes)})
 
     console.print("train: our stage, implicit directly on the same CSRs ...")
-    with measured(figures, "train") as entry:
-        train_stage(run)
-    train_csr = sp.load_npz(run.paths.matrix / "train.npz").tocsr()
-    implicit_seconds = fit_implicit(train_csr, params) + fit_implicit(full, params)
-    del train_csr
+    entry = _record(figures, "train", in_fresh_process(train_stage, run))
+    implicit = in_fresh_process(
+        implicit_fit_seconds, (run.paths.matrix / "train.npz", run.paths.matrix / "full.npz"), params
+    )
     entry["fits"] = 2
-    entry["implicit_seconds"] = round(implicit_seconds, 3)
-    entry["time_ratio_to_implicit"] = _ratio(entry["seconds"], implicit_seconds)
-    entry["overhead_percent"] = round((entry["seconds"] / implicit_seconds - 1) * 100, 2)
+    entry["implicit_seconds"] = round(implicit.value, 3)
+    entry["implicit_peak_rss_bytes"] = implicit.peak_rss_bytes
+    entry["time_ratio_to_implicit"] = _ratio(entry["seconds"], implicit.value)
+    entry["overhead_percent"] = round((entry["seconds"] / implicit.value - 1) * 100, 2)
     if spark_interactions > 0:
         sample = subsample(full, spark_interactions, seed)
         console.print(f"train: implicit vs Spark ALS on {sample.nnz:,} nonzeros ...")
@@ -405,41 +464,35 @@ def run_speed(
         console.print("Spark comparison skipped (--spark-interactions 0)")
         entry["subsample"] = None
         entry["speedup_vs_spark"] = None
+    del full
 
     console.print("scoring: ours, implicit batch recommend, sgemm floor ...")
-    user_factors, item_factors = load_factors(run.paths.model / "full.npz")
-    factor_bytes = user_factors.nbytes + item_factors.nbytes
-    model = als_model(user_factors, item_factors)
-    exclude = sp.load_npz(run.paths.matrix / "exclude.npz").tocsr()
-    blocked = inactive_items(run.paths.matrix)
     rng = np.random.default_rng(seed)
     n_score = min(scoring_users, built.n_users)
     sample_users = np.sort(rng.choice(built.n_users, n_score, replace=False)).astype(np.int32)
-    with measured(figures, "scoring") as entry:
-        recommend_top_n(model, sample_users, exclude, params.top_n, blocked)
-    start = time.perf_counter()
-    model.recommend(sample_users, exclude[sample_users], N=params.top_n, filter_already_liked_items=True,
-                    filter_items=blocked if len(blocked) else None)
-    implicit_scoring = time.perf_counter() - start
-    floor_scoring, gemm_only = blas_floor(np.ascontiguousarray(user_factors[sample_users]), item_factors, params.top_n)
+    measured = in_fresh_process(our_scoring_seconds, run, sample_users, params.top_n)
+    entry = _record(figures, "scoring", measured)
+    entry["seconds"] = round(measured.value, 3)
+    references = in_fresh_process(reference_scoring_seconds, run, sample_users, params.top_n).value
     entry.update({
-        "users": n_score, "users_per_s": _rate(n_score, entry["seconds"]),
-        "implicit_users_per_s": _rate(n_score, implicit_scoring),
-        "blas_floor_users_per_s": _rate(n_score, floor_scoring),
-        "sgemm_only_users_per_s": _rate(n_score, gemm_only),
+        "users": n_score, "users_per_s": _rate(n_score, measured.value),
+        "implicit_users_per_s": _rate(n_score, references["implicit"]),
+        "blas_floor_users_per_s": _rate(n_score, references["floor"]),
+        "sgemm_only_users_per_s": _rate(n_score, references["sgemm"]),
     })
     entry["ratio_to_sgemm_only"] = _ratio(entry["users_per_s"], entry["sgemm_only_users_per_s"])
     entry["ratio_to_blas_floor"] = _ratio(entry["users_per_s"], entry["blas_floor_users_per_s"])
     entry["ratio_to_implicit"] = _ratio(entry["users_per_s"], entry["implicit_users_per_s"])
-    del model, exclude
+    user_factors, item_factors = load_factors(run.paths.model / "full.npz")
+    factor_bytes = user_factors.nbytes + item_factors.nbytes
+    del user_factors, item_factors
 
     console.print("publish: stage (scoring timed apart), then redis-benchmark SET ...")
     evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)
     used_before = _used_memory(settings)
-    compute: dict[str, float] = {}
-    with timed_attributes(publish_module, ("recommend_top_n", "similar_items"), compute), \
-            measured(figures, "publish") as entry:
-        published = publish_stage(settings, run)
+    measured = in_fresh_process(publish_with_scoring_timed, settings, run)
+    entry = _record(figures, "publish", measured)
+    published, compute = measured.value
     used_after = _used_memory(settings)
     keys_written = published.users + published.products_with_similar
     write_seconds = entry["seconds"] - sum(compute.values())
@@ -464,7 +517,7 @@ def run_speed(
     stages = ("extract", "matrix", "train", "scoring", "publish")
     peak = max(figures[stage]["peak_rss_bytes"] for stage in stages)
     figures["memory"] = {
-        "baseline_rss_bytes": baseline_rss,
+        "process_baseline_rss_bytes": baseline_rss,
         "peak_rss_bytes": peak,
         "peak_rss_by_stage": {stage: figures[stage]["peak_rss_bytes"] for stage in stages},
         "csr_bytes": csr_bytes,
