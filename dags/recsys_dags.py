@@ -4,7 +4,9 @@ Wiring only: every task is a thin call into ``recsys.pipeline`` / ``recsys.tune`
 in one file so they share their wiring without relying on the DAG folder being importable.
 
 Database and Redis come from the Airflow connections ``recsys_db`` / ``recsys_redis`` when they
-exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``.
+exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``. The shared artifact store is
+``RECSYS_ARTIFACTS_URL`` read as an ObjectStoragePath, so a connection id in it
+(``s3://aws_default@bucket/recsys``) supplies the credentials.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from airflow.sdk import (
     Connection,
     CronDataIntervalTimetable,
     ExceptionRetryPolicy,
+    ObjectStoragePath,
     Param,
     RetryAction,
     RetryRule,
@@ -54,7 +57,8 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_policy
 
 
 def recsys_settings():
-    """Settings from the Airflow connections ``recsys_db`` / ``recsys_redis``, else RECSYS_* env."""
+    """Settings from the Airflow connections ``recsys_db`` / ``recsys_redis``, else RECSYS_* env;
+    the artifact store's filesystem options from the connection named in ``RECSYS_ARTIFACTS_URL``."""
     from recsys.settings import Settings
 
     overrides = {}
@@ -63,24 +67,38 @@ def recsys_settings():
             overrides[field] = Connection.get(conn_id).get_uri()
         except AirflowNotFoundException:
             pass
-    return Settings(**overrides)
+    settings = Settings(**overrides)
+    if not settings.artifacts_url:
+        return settings
+    # fsspec rebuilds (or reuses) a filesystem from its storage options: recsys gets the one
+    # Airflow made from the connection without importing Airflow
+    store = ObjectStoragePath(settings.artifacts_url)
+    return settings.model_copy(
+        update={
+            "artifacts_url": f"{store.protocol}://{store.path}",
+            "artifacts_storage_options": {**settings.artifacts_storage_options, **store.fs.storage_options},
+        }
+    )
 
 
-def planned(run: dict):
-    """The run a previous task planned, from its XCom."""
+def planned(run: dict, settings):
+    """The run a previous task planned, from its XCom, with this worker's folders and store."""
     from recsys.pipeline import Run
 
-    return Run.from_dict(run)
+    return Run.from_dict(run, settings)
 
 
 DAILY_DOC = """Daily shop recommendations: extract -> build_matrix -> train -> evaluate ->
 prepare_publish -> publish_shard (mapped over ``publish_shards`` user shards) -> publish.
 
 Wiring only: every task is a thin call into ``recsys.pipeline``; the run (effective params, data
-window, artifact folder) is fixed once by ``extract`` and travels through XCom as a small dict,
-never arrays. The window is ``[data_interval_end - lookback_days, data_interval_end)``, so a run
-(scheduled, manual or backfilled) for date D never sees data from after D, and publish refuses to
-replace a live version whose data is fresher (the task is skipped, saying why).
+window, hence its artifact folder) is fixed once by ``extract`` and travels through XCom as a small
+dict, never arrays. With ``RECSYS_ARTIFACTS_URL`` set, each task pulls the folders it reads from
+that shared store and pushes the one it writes, so tasks and shards can run on any worker.
+
+The window is ``[data_interval_end - lookback_days, data_interval_end)``, so a run (scheduled,
+manual or backfilled) for date D never sees data from after D, and publish refuses to replace a
+live version whose data is fresher (the task is skipped, saying why).
 
 Params left at their defaults take the values the ``recsys_tune`` DAG chose, unless
 ``use_tuned_params`` is off. Database and Redis come from the Airflow connections ``recsys_db`` /
@@ -92,8 +110,9 @@ TUNE_DOC = """Tune ALS on the shop's recent data: extract -> build_matrix -> tun
 Fits on the window before the holdout cutoff and validates on what happened after it (MAP@K,
 the daily quality gate's metric). The chosen factors / regularization / alpha / iterations /
 confidence scaling are stored with their validation metrics and data window in
-``artifacts/tuned/latest.json``; ``recsys_daily`` uses them for every param left at its default.
-Weekly on Sunday (unpause to enable) or triggered with a trial budget.
+``tuned/latest.json`` of the artifacts (of the shared store when ``RECSYS_ARTIFACTS_URL`` is set);
+``recsys_daily`` uses them for every param left at its default. Weekly on Sunday (unpause to
+enable) or triggered with a trial budget.
 """
 
 
@@ -130,7 +149,7 @@ def build_matrix(run: dict) -> dict:
     """Shared by both DAGs: the run's id maps and weighted matrices from its extract."""
     from recsys.pipeline import matrix_stage
 
-    matrix_stage(planned(run))
+    matrix_stage(planned(run, recsys_settings()))
     return run
 
 
@@ -163,7 +182,7 @@ def recsys_daily():
     def train(run: dict) -> dict:
         from recsys.pipeline import train_stage
 
-        train_stage(planned(run))
+        train_stage(planned(run, recsys_settings()))
         return run
 
     @task
@@ -171,7 +190,8 @@ def recsys_daily():
         """Holdout metrics for model and popularity; fails the run if the quality gate refuses."""
         from recsys.pipeline import evaluate_stage
 
-        result = evaluate_stage(recsys_settings(), planned(run))
+        settings = recsys_settings()
+        result = evaluate_stage(settings, planned(run, settings))
         return {**run, "model_map": result.model.map, "popularity_map": result.popularity.map}
 
     @task
@@ -180,8 +200,9 @@ def recsys_daily():
         from recsys.errors import StaleVersionError
         from recsys.pipeline import prepare_publish_stage
 
+        settings = recsys_settings()
         try:
-            version = prepare_publish_stage(recsys_settings(), planned(run))
+            version = prepare_publish_stage(settings, planned(run, settings))
         except StaleVersionError as stale:
             raise AirflowSkipException(str(stale)) from stale
         return [{"run": run, "version": version, "shard": shard} for shard in range(run["shards"])]
@@ -194,7 +215,8 @@ def recsys_daily():
 
         run = job["run"]
         get_current_context()["shard_label"] = f"shard {job['shard'] + 1} of {run['shards']}"
-        return asdict(publish_shard_stage(recsys_settings(), planned(run), job["shard"], run["shards"]))
+        settings = recsys_settings()
+        return asdict(publish_shard_stage(settings, planned(run, settings), job["shard"], run["shards"]))
 
     @task
     def publish(run: dict, shard_results: list[dict]) -> dict:
@@ -204,8 +226,9 @@ def recsys_daily():
         from recsys.publish import ShardResult
 
         results = [ShardResult(**result) for result in shard_results]
+        settings = recsys_settings()
         try:
-            result = finish_publish_stage(recsys_settings(), planned(run), results, run["shards"])
+            result = finish_publish_stage(settings, planned(run, settings), results, run["shards"])
         except StaleVersionError as stale:
             raise AirflowSkipException(str(stale)) from stale
         return {"version": result.version, "users": result.users}
@@ -249,11 +272,11 @@ def recsys_tune():
 
     @task(execution_timeout=timedelta(hours=6))
     def tune(run: dict, params=None) -> dict:
-        from recsys.tune import save_tuned, tune_on_matrix
+        from recsys.pipeline import tune_stage
 
-        tuned = tune_on_matrix(planned(run).paths.matrix, planned(run).params, params["n_trials"])
-        path = save_tuned(recsys_settings(), tuned)
-        return {"path": str(path), "params": tuned.params, "validation": tuned.validation}
+        settings = recsys_settings()
+        tuned = tune_stage(settings, planned(run, settings), params["n_trials"])
+        return {"params": tuned.params, "validation": tuned.validation}
 
     tune(build_matrix(extract()))
 

@@ -185,7 +185,7 @@ def tune_command(
     holdout_days: int = PipelineParams().holdout_days,
 ) -> None:
     """Tune ALS on the shop's recent data (time-based validation); later runs use the result."""
-    from recsys.tune import save_tuned, tune_on_matrix
+    from recsys.tune import tuned_path
 
     settings = Settings()
     search = PipelineParams(lookback_days=lookback_days, holdout_days=holdout_days, confidence_scaling="none")
@@ -193,11 +193,11 @@ def tune_command(
         run = plan_run(settings, _end(end), search, use_tuned=False)
         pipeline.extract_stage(settings, run, progress=True)
         pipeline.matrix_stage(run)
-        tuned = tune_on_matrix(run.paths.matrix, run.params, trials)
+        tuned = pipeline.tune_stage(settings, run, trials)
     except RecsysError as error:
         raise _fail(error) from error
-    path = save_tuned(settings, tuned)
-    console.print(f"chosen {tuned.params} in {tuned.seconds:.1f} s ({tuned.trials} trials) -> {path}")
+    where = tuned_path(settings) if run.store is None else run.store.url(pipeline.TUNED)
+    console.print(f"chosen {tuned.params} in {tuned.seconds:.1f} s ({tuned.trials} trials) -> {where}")
     console.print(f"validation MAP@{search.k}: chosen {tuned.validation['chosen']['map']:.4f}, "
                   f"starting params {tuned.validation['starting_params']['map']:.4f}")
 

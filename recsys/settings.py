@@ -1,13 +1,15 @@
 """Where things live: database, Redis, artifacts. Read from ``RECSYS_*`` environment variables.
 
-Secrets (passwords inside URLs) come only from the environment or from Airflow connections,
-which the DAG resolves and passes in; nothing here has a default that embeds a password.
+Secrets (passwords inside URLs, object store credentials) come only from the environment or from
+Airflow connections, which the DAG resolves and passes in; nothing here has a default that embeds
+a password.
 """
 
 from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,7 +28,20 @@ class Settings(BaseSettings):
     db_schema: str = Field(default="public", description="Schema that holds the shop tables")
     redis_url: str | None = Field(default=None, description="Cache Redis, e.g. redis://host:6379/0")
     redis_prefix: str = Field(default="recsys", description="Prefix of every Redis key we write")
-    artifacts_dir: Path = Field(default=REPO_ROOT / "artifacts")
+    artifacts_dir: Path = Field(
+        default=REPO_ROOT / "artifacts",
+        description="Local artifacts; with artifacts_url set, this worker's cache of the shared store",
+    )
+    artifacts_url: str | None = Field(
+        default=None,
+        description="Shared artifact store every worker reads and writes (fsspec URL, e.g. s3://bucket/recsys); "
+        "unset: artifacts stay in artifacts_dir only",
+    )
+    artifacts_storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        repr=False,  # may hold credentials
+        description='fsspec options of the store\'s filesystem, JSON, e.g. {"endpoint_url": "http://minio:9000"}',
+    )
     sql_dir: Path = Field(default=REPO_ROOT / "sql")
     previous_version_ttl_seconds: int = Field(
         default=24 * 3600, description="How long the replaced version stays readable"

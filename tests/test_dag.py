@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
+from recsys.artifacts import open_store, pushed
 from recsys.params import PipelineParams
-from recsys.pipeline import run_pipeline
+from recsys.pipeline import (
+    EVALUATION,
+    EXTRACT,
+    MATRIX,
+    MODEL,
+    run_paths,
+    run_pipeline,
+    window_ending,
+)
 from recsys.store import layout, live_meta, redis_client
 
 TASK_ORDER = ["extract", "build_matrix", "train", "evaluate", "prepare_publish", "publish_shard", "publish"]
@@ -30,7 +41,7 @@ def dag(airflow_db):
 
 def test_tasks_run_in_order_without_cycles(dag):
     assert sorted(dag.task_ids) == sorted(TASK_ORDER)
-    for upstream, downstream in zip(TASK_ORDER, TASK_ORDER[1:], strict=False):
+    for upstream, downstream in pairwise(TASK_ORDER):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert dag.get_task("extract").upstream_task_ids == set()
     assert dag.get_task("publish").downstream_task_ids == set()
@@ -62,7 +73,10 @@ def test_retry_policy_fails_bad_input_fast_and_retries_lost_connections(dag):
     from recsys.errors import EmptyWindowError, QualityGateError
 
     policy = dag.get_task("extract").retry_policy
-    decide = lambda error: policy.evaluate(error, try_number=1, max_tries=3).action  # noqa: E731
+
+    def decide(error: Exception) -> RetryAction:
+        return policy.evaluate(error, try_number=1, max_tries=3).action
+
     assert decide(EmptyWindowError("empty")) == RetryAction.FAIL
     assert decide(QualityGateError("refused")) == RetryAction.FAIL
     assert decide(psycopg.OperationalError("connection refused")) == RetryAction.RETRY
@@ -107,17 +121,31 @@ def test_backfill_of_an_older_date_skips_publish(dag, airflow_db, recsys_env, de
     assert live_meta(redis_client(recsys_env), layout(recsys_env))["version"] == fresh.publish.version
 
 
-def test_sharded_publish_switches_one_complete_version(dag, airflow_db, recsys_env, demo_loaded, window_end):
+def test_sharded_publish_through_a_shared_store_switches_one_complete_version(
+    dag, airflow_db, recsys_env, demo_loaded, window_end, tmp_path, monkeypatch
+):
     from airflow.utils.state import DagRunState
 
+    store_dir = tmp_path / "store"  # what workers on other machines would share, unlike artifacts_dir
+    assert not store_dir.is_relative_to(recsys_env.artifacts_dir)
+    monkeypatch.setenv("RECSYS_ARTIFACTS_URL", store_dir.as_uri())
     dag_run = dag.test(logical_date=window_end, run_conf={"publish_shards": 3})
     assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
     shard_tis = [ti for ti in dag_run.get_task_instances() if ti.task_id == "publish_shard"]
     assert sorted(ti.map_index for ti in shard_tis) == [0, 1, 2]
+
+    run_key = run_paths(recsys_env, window_ending(window_end, PipelineParams()), PipelineParams()).key
+    store = open_store(store_dir.as_uri())
+    for folder in (EXTRACT, MATRIX, MODEL, EVALUATION):
+        upload = pushed(store, f"{run_key}/{folder}")
+        assert upload is not None and upload.files, folder
+
     client, keys = redis_client(recsys_env), layout(recsys_env)
     meta = live_meta(client, keys)
     assert meta["counts"]["shards"] == 3
-    assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"]
-    single = run_pipeline(recsys_env, window_end, PipelineParams())  # same version, one shard
+    assert meta["data_end"] == window_end.isoformat()
+    users = pq.read_table(recsys_env.artifacts_dir / run_key / MATRIX / "users.parquet").num_rows
+    assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"] == users
+    single = run_pipeline(recsys_env, window_end, PipelineParams())  # same version, one shard, no store
     assert single.publish.version == meta["version"]
     assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"]
