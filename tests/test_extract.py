@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
 
+import psycopg
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import days_before, insert_interactions, insert_products
 
+from recsys import db
+from recsys import extract as extract_module
 from recsys.errors import EmptyWindowError, NoValidDataError
-from recsys.extract import Window, extract
+from recsys.extract import INTERACTIONS_SCHEMA, Window, extract
 from recsys.params import PipelineParams
 
 
@@ -107,3 +112,78 @@ def test_products_snapshot_keeps_active_flags(settings, window_end, tmp_path):
     products = pq.read_table(extract(settings, window_for(window_end), tmp_path, PipelineParams()).products).to_pydict()
     assert dict(zip(products["product_id"], products["active"], strict=True)) == {"p1": True, "p2": False}
     assert products["category"] == ["books", None]
+
+
+def test_a_row_is_counted_once_under_the_first_rule_it_breaks(settings, window_end, tmp_path):
+    at = days_before(window_end, 1)
+    good = [(f"u{i}", "p1", "view", None, at) for i in range(20)]
+    bad = [
+        (None, None, "clicked", -1.0, at),  # breaks four rules: counted as null user_id only
+        ("\u00a0\t", "p1", "purchase", float("nan"), at),  # Unicode whitespace only: empty user_id
+        ("u1", "", "purchase", 2e9, at),  # empty product_id before absurd value
+    ]
+    insert_interactions(settings, good + bad)
+    result = extract(settings, window_for(window_end), tmp_path, PipelineParams(), progress=True)
+    report = json.loads(result.report.read_text())["interactions"]
+    assert report["dropped"] == {"null user_id": 1, "empty user_id": 1, "empty product_id": 1}
+    assert report["examples"]["empty user_id"][0]["user_id"] == "\u00a0\t"
+    assert (result.rows_read, result.rows_kept) == (23, 20)
+    assert pq.read_table(result.interactions).schema == INTERACTIONS_SCHEMA
+
+
+def test_empty_catalogue_gives_an_empty_products_snapshot(settings, window_end, tmp_path):
+    insert_interactions(settings, [("u1", "p1", "view", None, days_before(window_end, 1))])
+    products = pq.read_table(extract(settings, window_for(window_end), tmp_path, PipelineParams()).products)
+    assert products.num_rows == 0
+    assert products.column_names == ["product_id", "name", "category", "active"]
+
+
+def _interactions_behind_a_view(settings, rows: int, end, view_columns: str) -> None:
+    """``rows`` valid interactions, one second apart up to a day before ``end``, read through a
+    view named ``interactions`` whose columns are ``view_columns`` over the stored table: a real
+    query that fails part-way through the COPY."""
+    with db.connect(settings) as conn:
+        conn.execute(
+            "INSERT INTO interactions (user_id, product_id, event_type, value, occurred_at) "
+            "SELECT 'u' || (n %% 97), 'p' || (n %% 13), 'view', NULL, %(start)s + n * interval '1 second' "
+            "FROM generate_series(1, %(rows)s) AS n",
+            {"start": end - timedelta(days=1, seconds=rows + 1), "rows": rows},
+        )
+        conn.execute("ALTER TABLE interactions RENAME TO stored_interactions")
+        conn.execute(f"CREATE VIEW interactions AS SELECT {view_columns} FROM stored_interactions")
+
+
+def _leftovers(directory) -> list[str]:
+    return sorted(path.name for path in directory.iterdir() if path.name.startswith("interactions"))
+
+
+def test_copy_failing_mid_stream_raises_and_publishes_nothing(settings, window_end, tmp_path):
+    # rows stream out in occurred_at order; the 3000th fails after the first ones reached us
+    _interactions_behind_a_view(
+        settings,
+        5_000,
+        window_end,
+        "interaction_id, user_id, product_id, event_type, "
+        "CASE WHEN interaction_id < 3000 THEN value ELSE 1 / (interaction_id - interaction_id) END AS value, "
+        "occurred_at",
+    )
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    assert _leftovers(tmp_path) == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
+
+
+def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window_end, tmp_path, monkeypatch):
+    # small blocks: the parser fails while the COPY still has far more rows than the pipe holds
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)
+    _interactions_behind_a_view(
+        settings,
+        100_000,
+        window_end,
+        "interaction_id, user_id, product_id, event_type, "
+        "CASE WHEN interaction_id < 1000 THEN value::text ELSE 'not a number' END AS value, occurred_at",
+    )
+    with pytest.raises(pa.ArrowInvalid, match="not a number"):
+        extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    assert _leftovers(tmp_path) == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
