@@ -44,8 +44,8 @@ class MatrixResult:
     nnz: int
 
 
-# Interactions are read in batches of this many rows: memory is bounded by the numeric columns
-# (13 bytes a row) and one batch of strings, not by the whole window's strings.
+# Interactions are read in batches of this many rows, one at a time (no read-ahead): memory is
+# bounded by the numeric columns (13 bytes a row) and one batch of strings, not by the window's.
 BATCH_ROWS = 1 << 20
 
 # bits of the per-interaction flags column
@@ -78,7 +78,7 @@ def load_ids(path: Path) -> list[str]:
 def _distinct_ids(interactions: pq.ParquetFile) -> tuple[pa.Array, pa.Array]:
     """Sorted distinct user and product ids (sorted, so the same data always gives the same maps)."""
     users = products = pa.array([], pa.string())
-    for batch in interactions.iter_batches(BATCH_ROWS, columns=["user_id", "product_id"]):
+    for batch in interactions.iter_batches(BATCH_ROWS, columns=["user_id", "product_id"], use_threads=False):
         users = pc.unique(pa.concat_arrays([users, pc.unique(batch["user_id"].cast(pa.string()))]))
         products = pc.unique(pa.concat_arrays([products, pc.unique(batch["product_id"].cast(pa.string()))]))
     return users.sort(), products.sort()
@@ -135,7 +135,7 @@ def _read_interactions(
     end_us = int(window.end.timestamp() * 1_000_000)
     cutoff_us = int(cutoff.timestamp() * 1_000_000)
     start = 0
-    for batch in interactions.iter_batches(BATCH_ROWS):
+    for batch in interactions.iter_batches(BATCH_ROWS, use_threads=False):
         part = slice(start, start + batch.num_rows)
         start = part.stop
         table.users[part] = pc.index_in(batch["user_id"].cast(pa.string()), value_set=user_ids).to_numpy()
@@ -159,11 +159,13 @@ def build_matrix(
     params: PipelineParams,
 ) -> MatrixResult:
     matrix_dir.mkdir(parents=True, exist_ok=True)
-    interactions = pq.ParquetFile(interactions_path)
+    interactions = pq.ParquetFile(interactions_path, pre_buffer=False)
     user_ids, item_ids = _distinct_ids(interactions)
     shape = (len(user_ids), len(item_ids))
     cutoff = window.end - timedelta(days=params.holdout_days)
     rows = _read_interactions(interactions, user_ids, item_ids, window, cutoff, params)
+    # Arrow's allocator keeps freed batch memory for reuse; the CSR builds below are numpy's
+    pa.default_memory_pool().release_unused()
 
     def weighted(mask: np.ndarray | None) -> sp.csr_matrix:
         chosen = slice(None) if mask is None else mask

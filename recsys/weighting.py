@@ -47,8 +47,8 @@ def scale_confidence(
     if scheme == "none":
         return user_items
     if scheme == "log":
-        scaled = user_items.copy().astype(np.float32)
-        scaled.data = np.log1p(scaled.data)
+        scaled = user_items.astype(np.float32)  # a copy: the caller's matrix stays as it was
+        np.log1p(scaled.data, out=scaled.data)
         return scaled
     if scheme == "bm25":
         from implicit.nearest_neighbours import bm25_weight
