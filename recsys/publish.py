@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 # fields per HSET and HSETs per round trip: measured near redis-benchmark's pipelined SET rate
 HSET_CHUNK = 10_000
 HSETS_PER_ROUND_TRIP = 8
+PAYLOAD_BATCH = 100_000  # users whose JSON is built at once: bounds a shard's payload memory
 # staging keys of a publish that died half-way expire by themselves; the switch removes the TTL
 STAGING_TTL_SECONDS = 6 * 3600
 _CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,15})$"
@@ -259,21 +260,19 @@ def publish_shard(
         progress=f"recommend {shard + 1}/{shards}" if progress else None,
     )
     has_recs = recs[:, 0] >= 0
+    owners, lists = users[has_recs], recs[has_recs]
     # tokens of all users, not just this shard's: whether ids are published as numbers is decided
     # over every id, so all shards agree
-    owners = pa.array(users[has_recs])
-    written = _write_hash(
-        client,
-        keys.staging(version, "user_recs"),
-        pc.take(user_ids, owners),
-        json_list_objects(
-            "user_id",
-            pc.take(json_id_tokens(user_ids), owners),
-            "recommended_products",
-            json_id_tokens(_ids(matrix_dir / "items.parquet")),
-            recs[has_recs],
-        ),
-    )
+    user_tokens, item_tokens = json_id_tokens(user_ids), json_id_tokens(_ids(matrix_dir / "items.parquet"))
+    key = keys.staging(version, "user_recs")
+    written = 0
+    for start in range(0, len(owners), PAYLOAD_BATCH):
+        batch = pa.array(owners[start : start + PAYLOAD_BATCH])
+        payloads = json_list_objects(
+            "user_id", pc.take(user_tokens, batch), "recommended_products", item_tokens,
+            lists[start : start + PAYLOAD_BATCH],
+        )
+        written += _write_hash(client, key, pc.take(user_ids, batch), payloads)
     return ShardResult(shard=shard, users=written, users_without_recommendations=int((~has_recs).sum()))
 
 

@@ -243,3 +243,18 @@ def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
     client, keys = redis_client(settings), layout(settings)
     assert live_meta(client, keys)["version"] == live.publish.version
     assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_payload_batches_do_not_change_what_is_published(settings, demo_loaded, window_end, monkeypatch):
+    from recsys import publish as publish_module
+
+    params = PipelineParams(top_n=5)
+    paths = stage(settings, window_end, params)
+    client, keys = redis_client(settings), layout(settings)
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
+    in_one_batch = client.hgetall(keys.live("user_recs"))
+    monkeypatch.setattr(publish_module, "PAYLOAD_BATCH", 7)
+    monkeypatch.setattr(publish_module, "HSET_CHUNK", 3)
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, shards=2)
+    assert len(in_one_batch) > 20
+    assert client.hgetall(keys.live("user_recs")) == in_one_batch
