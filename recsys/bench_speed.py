@@ -10,10 +10,11 @@ generated shop in one run.
   s/iteration on a random subsample of ``--spark-interactions`` nonzeros of the full CSR.
 - scoring: ``recommend_top_n`` over ``--scoring-users`` users vs one implicit batch ``recommend``
   call vs a dense floor (one sgemm per user block + argpartition, no filtering). Users/s.
-- publish: the publish stage with its two scoring calls timed apart, so its Redis part gives
-  keys/s; vs ``redis-benchmark -t set -P 16`` on the same server with the same value size. Redis
+- publish: the publish stage with its parts timed apart: scoring (top-N, similar items), writing
+  (JSON payloads + pipelined HSETs: keys/s) and the rest (loading artifacts, checks, switch);
+  keys/s vs ``redis-benchmark -t set -P 16`` on the same server with the same value size. Redis
   bytes per user (``MEMORY USAGE`` of the live user hash, and the ``INFO memory`` delta) vs the
-  raw payload (field + JSON value bytes).
+  raw payload (field + JSON value bytes) and vs the same payloads as one plain key per user.
 - peak RSS per stage: each stage (and each in-process reference: raw implicit, scoring) runs in
   a fresh Python process, as each Airflow task does, and reports its own ``ru_maxrss``.
 
@@ -296,19 +297,39 @@ def redis_set_rps(redis_url: str, value_bytes: int, requests: int) -> float | No
 
 
 def redis_payload(settings: Settings, sample: int = 20_000) -> dict:
-    """Live user hash: MEMORY USAGE (sampled), fields, and raw field + value bytes (sampled)."""
+    """Live user hash: MEMORY USAGE (every field), fields, raw field + value bytes (sampled), and
+    what the sampled users would take as one plain key each."""
     client, keys = store.redis_client(settings), store.layout(settings)
     key = keys.live("user_recs")
     fields = client.hlen(key)
-    usage = client.memory_usage(key, samples=5) or 0
-    sizes = []
-    for field, value in client.hscan_iter(key, count=1_000):
-        sizes.append(len(field.encode()) + len(value.encode()))
-        if len(sizes) >= sample:
+    usage = client.memory_usage(key, samples=0) or 0
+    pairs = []
+    for pair in client.hscan_iter(key, count=1_000):
+        pairs.append(pair)
+        if len(pairs) >= sample:
             break
-    mean = float(np.mean(sizes)) if sizes else 0.0
+    mean = float(np.mean([len(f.encode()) + len(v.encode()) for f, v in pairs])) if pairs else 0.0
     return {"fields": fields, "memory_usage_bytes": usage, "raw_bytes_per_user": round(mean, 1),
-            "mean_value_bytes": round(mean, 1)}
+            "mean_value_bytes": round(mean, 1),
+            "plain_keys_bytes_per_user": plain_keys_bytes_per_user(client, f"{key}:", pairs)}
+
+
+def plain_keys_bytes_per_user(client, key_prefix: str, pairs: list[tuple[str, str]]) -> float | None:
+    """MEMORY USAGE per user had these users been written as one plain key each
+    (``<key_prefix><user id>``), the layout the user hash is measured against; removed again."""
+    names = [key_prefix + field for field, _ in pairs]
+    pipe = client.pipeline(transaction=False)
+    try:
+        for name, (_, value) in zip(names, pairs, strict=True):
+            pipe.set(name, value)
+        pipe.execute()
+        for name in names:
+            pipe.memory_usage(name, samples=0)
+        usages = pipe.execute()
+    finally:
+        for start in range(0, len(names), 1_000):
+            client.delete(*names[start : start + 1_000])
+    return round(sum(usages) / len(usages), 1) if usages else None
 
 
 def _used_memory(settings: Settings) -> int:
@@ -355,15 +376,19 @@ def reference_scoring_seconds(run, users: np.ndarray, top_n: int) -> dict[str, f
     return {"implicit": implicit_seconds, "floor": floor_seconds, "sgemm": gemm_seconds}
 
 
-def publish_with_scoring_timed(settings: Settings, run):
-    """The publish stage, with its two scoring calls timed apart."""
+PUBLISH_SCORING = ("recommend_top_n", "similar_items")
+PUBLISH_WRITING = ("json_id_tokens", "json_list_objects", "_write_hash")
+
+
+def publish_with_parts_timed(settings: Settings, run):
+    """The publish stage, with its scoring and writing calls timed apart."""
     from recsys import publish as publish_module
     from recsys.pipeline import publish_stage
 
-    compute: dict[str, float] = {}
-    with timed_attributes(publish_module, ("recommend_top_n", "similar_items"), compute):
+    seconds: dict[str, float] = {}
+    with timed_attributes(publish_module, PUBLISH_SCORING + PUBLISH_WRITING, seconds):
         published = publish_stage(settings, run)
-    return published, compute
+    return published, seconds
 
 
 # ---------------------------------------------------------------------------------------- bench
@@ -490,29 +515,34 @@ def run_speed(
     console.print("publish: stage (scoring timed apart), then redis-benchmark SET ...")
     evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)
     used_before = _used_memory(settings)
-    measured = in_fresh_process(publish_with_scoring_timed, settings, run)
+    measured = in_fresh_process(publish_with_parts_timed, settings, run)
     entry = _record(figures, "publish", measured)
-    published, compute = measured.value
+    published, parts = measured.value
     used_after = _used_memory(settings)
     keys_written = published.users + published.products_with_similar
-    write_seconds = entry["seconds"] - sum(compute.values())
+    write_seconds = sum(parts.get(name, 0.0) for name in PUBLISH_WRITING)
+    other_seconds = entry["seconds"] - sum(parts.values())
     payload = redis_payload(settings)
     set_rps = redis_set_rps(settings.require_redis_url, int(payload["mean_value_bytes"]), 1_000_000)
     entry.update({
         "users": published.users, "keys_written": keys_written,
-        "scoring_seconds": round(compute.get("recommend_top_n", 0.0), 3),
-        "similar_seconds": round(compute.get("similar_items", 0.0), 3),
+        "scoring_seconds": round(parts.get("recommend_top_n", 0.0), 3),
+        "similar_seconds": round(parts.get("similar_items", 0.0), 3),
         "write_seconds": round(write_seconds, 3),
+        "other_seconds": round(other_seconds, 3),
         "keys_per_s": _rate(keys_written, write_seconds),
+        "keys_per_s_without_scoring": _rate(keys_written, write_seconds + other_seconds),
         "redis_benchmark_set_rps": set_rps,
         "redis_memory_usage_bytes": payload["memory_usage_bytes"],
         "redis_info_delta_bytes": used_after - used_before,
         "raw_payload_bytes_per_user": payload["raw_bytes_per_user"],
+        "plain_keys_bytes_per_user": payload["plain_keys_bytes_per_user"],
     })
     entry["ratio_to_redis_benchmark"] = _ratio(entry["keys_per_s"], set_rps)
     entry["bytes_per_user"] = _ratio(payload["memory_usage_bytes"], published.users)
     entry["info_delta_bytes_per_user"] = _ratio(entry["redis_info_delta_bytes"], published.users)
     entry["bytes_per_user_over_raw"] = _ratio(entry["bytes_per_user"], payload["raw_bytes_per_user"])
+    entry["bytes_per_user_over_plain_keys"] = _ratio(entry["bytes_per_user"], payload["plain_keys_bytes_per_user"])
 
     stages = ("extract", "matrix", "train", "scoring", "publish")
     peak = max(figures[stage]["peak_rss_bytes"] for stage in stages)

@@ -46,6 +46,9 @@ def test_speed_bench_reports_every_stage_and_ratio(bench_env):
     assert figures["extract"]["rows"] == figures["load"]["rows"] > 40_000
     assert figures["matrix"]["users"] == 2000
     assert figures["publish"]["users"] > 1900
+    publish = figures["publish"]
+    assert 0 < publish["write_seconds"] < publish["seconds"] and publish["scoring_seconds"] > 0
+    assert publish["plain_keys_bytes_per_user"] > publish["raw_payload_bytes_per_user"] > 0
     # own schema and prefix are gone again
     assert set(client.scan_iter(match="bench-speed-*", count=1000)) == before
 
