@@ -187,3 +187,20 @@ def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window
         extract(settings, window_for(window_end), tmp_path, PipelineParams())
     assert _leftovers(tmp_path) == []
     assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
+
+
+def test_ids_with_newlines_survive_block_boundaries(settings, window_end, tmp_path, monkeypatch):
+    """COPY quotes a value with a newline; Arrow must not split a row there, whatever the block size."""
+    from recsys.pipeline import window_ending
+
+    rows = [(f"user-{i:05d}", f"p{i % 50}", "view", 1.0, days_before(window_end, 3)) for i in range(20_000)]
+    odd_rows = range(0, 20_000, 997)
+    for k in odd_rows:
+        rows[k] = (f"odd\nuser {k}", "p1", "view", 1.0, days_before(window_end, 3))
+    insert_interactions(settings, rows)
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4096)  # hundreds of block boundaries
+    params = PipelineParams()
+    result = extract(settings, window_ending(window_end, params), tmp_path / "x", params)
+    users = pq.read_table(result.interactions)["user_id"].to_pylist()
+    assert result.rows_kept == result.rows_read == 20_000
+    assert {u for u in users if "\n" in u} == {f"odd\nuser {k}" for k in odd_rows}
