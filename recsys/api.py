@@ -23,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -43,6 +42,7 @@ from redis.exceptions import WatchError
 
 from recsys import db, store
 from recsys.params import PipelineParams
+from recsys.pipeline import live_artifacts
 from recsys.publish import id_codec
 from recsys.ranking import als_model, similar_items
 from recsys.settings import Settings
@@ -100,13 +100,13 @@ class LiveModel:
         return self.user_out(user_id) if user_id in self.user_index or self.user_out is str else id_codec([user_id])(user_id)
 
 
-def load_live_model(meta: dict) -> LiveModel:
-    matrix_dir = Path(meta["matrix_dir"])
+def load_live_model(meta: dict, settings: Settings) -> LiveModel:
+    matrix_dir, model_path = live_artifacts(settings, meta)
     params = PipelineParams.from_dict(meta["params"])
     user_ids = pq.read_table(matrix_dir / "users.parquet", columns=["id"])["id"].to_pylist()
     items = pq.read_table(matrix_dir / "items.parquet").to_pandas()
     item_ids = items["id"].tolist()
-    model = als_model(*load_factors(Path(meta["model_path"])))
+    model = als_model(*load_factors(model_path))
     # the fold-in must solve the same least squares the version was trained with
     model.regularization, model.alpha = params.regularization, params.alpha
     # requests already run in parallel on the pool; implicit's own threads would oversubscribe
@@ -439,7 +439,7 @@ class RecsysService:
                 if meta is None:
                     raise NothingLive
                 log.info("loading live version %s", meta["version"])
-                self._live = await self.run(load_live_model, meta)
+                self._live = await self.run(load_live_model, meta, self.settings)
             return self._live
 
     async def current(self) -> LiveModel:

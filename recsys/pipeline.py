@@ -196,7 +196,10 @@ def evaluate_stage(settings: Settings, run: Run) -> EvaluationResult:
 def publish_stage(settings: Settings, run: Run, progress: bool = False) -> PublishResult:
     run.pull(MATRIX, MODEL, EVALUATION)
     paths = run.paths
-    return publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", run.params, progress=progress)
+    return publish(
+        settings, paths.matrix, paths.model, paths.evaluation / "report.json", run.params, progress=progress,
+        artifacts_key=paths.key if run.store else None,
+    )
 
 
 def prepare_publish_stage(settings: Settings, run: Run) -> str:
@@ -213,8 +216,22 @@ def finish_publish_stage(settings: Settings, run: Run, results: list[ShardResult
     run.pull(MATRIX, MODEL, EVALUATION)
     paths = run.paths
     return finish_publish(
-        settings, paths.matrix, paths.model, paths.evaluation / "report.json", run.params, results, shards
+        settings, paths.matrix, paths.model, paths.evaluation / "report.json", run.params, results, shards,
+        artifacts_key=paths.key if run.store else None,
     )
+
+
+def live_artifacts(settings: Settings, meta: dict) -> tuple[Path, Path]:
+    """(matrix folder, model file) of a published version on this host: pulled from the shared
+    store into the local artifacts folder when the version was published through one, else where
+    its publisher wrote them (one machine, or a shared volume)."""
+    run_store, key = artifact_store(settings), meta.get("artifacts_key")
+    if run_store is None or key is None:
+        return Path(meta["matrix_dir"]), Path(meta["model_path"])
+    local = settings.artifacts_dir / key
+    for folder in (MATRIX, MODEL):
+        artifacts.pull(run_store, f"{key}/{folder}", local / folder)
+    return local / MATRIX, local / MODEL / "full.npz"
 
 
 def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:

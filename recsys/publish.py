@@ -284,8 +284,10 @@ def finish_publish(
     params: PipelineParams,
     shard_results: list[ShardResult],
     shards: int,
+    artifacts_key: str | None = None,
 ) -> PublishResult:
-    """Check that every shard and structure is complete, then switch the version live at once."""
+    """Check that every shard and structure is complete, then switch the version live at once.
+    ``artifacts_key``: the run's folder in the shared artifact store, for readers on other hosts."""
     window, version = _window_and_version(matrix_dir, params)
     keys, client = layout(settings), redis_client(settings)
     try:
@@ -316,6 +318,8 @@ def finish_publish(
             "params": _dumps(params.to_dict()),
             "counts": _dumps(counts),
         }
+        if artifacts_key is not None:
+            meta["artifacts_key"] = artifacts_key
         client.hset(keys.staging(version, "meta"), mapping=meta)
         client.expire(keys.staging(version, "meta"), STAGING_TTL_SECONDS)
         switch_live(client, keys, version, window, settings.previous_version_ttl_seconds)
@@ -342,11 +346,12 @@ def publish(
     params: PipelineParams,
     shards: int = 1,
     progress: bool = False,
+    artifacts_key: str | None = None,
 ) -> PublishResult:
     """The whole publish in one process: prepare, every shard, switch (the DAG maps the shards)."""
     prepare_publish(settings, matrix_dir, model_dir, params, progress)
     results = [publish_shard(settings, matrix_dir, model_dir, params, i, shards, progress) for i in range(shards)]
-    return finish_publish(settings, matrix_dir, model_dir, eval_report, params, results, shards)
+    return finish_publish(settings, matrix_dir, model_dir, eval_report, params, results, shards, artifacts_key)
 
 
 def _top_buys(items, n: int, item_out: Callable[[str], int | str]) -> dict[str, dict]:

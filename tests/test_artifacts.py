@@ -146,6 +146,15 @@ def test_a_second_worker_with_an_empty_cache_runs_the_later_stages(settings, dem
     for folder in (EXTRACT, MATRIX, MODEL, EVALUATION):
         assert pushed(run.store, f"{run.paths.key}/{folder}") is not None
 
+    # the HTTP API on a third host loads the live model from the store, not from worker-b's disk
+    from recsys.api import load_live_model
+
+    assert meta["artifacts_key"] == run.paths.key
+    api_host = worker(settings, tmp_path / "store", tmp_path / "api-host")
+    live = load_live_model(meta, api_host)
+    assert live.version == result.version and len(live.user_index) >= meta["counts"]["users"] > 100
+    assert (tmp_path / "api-host" / run.paths.key / MODEL / "full.npz").is_file()
+
 
 def test_tuned_params_reach_every_worker_through_the_store(settings, demo_loaded, window_end, tmp_path):
     tuner = worker(settings, tmp_path / "store", tmp_path / "worker-a")
