@@ -54,6 +54,14 @@ RETRY_POLICY = ExceptionRetryPolicy(
 
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_policy": RETRY_POLICY}
+# what both DAGs share: one run at a time, no catch-up of missed days on unpause
+DAG_SETTINGS = {
+    "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
+    "catchup": False,
+    "max_active_runs": 1,
+    "default_args": DEFAULT_ARGS,
+    "tags": ["recsys"],
+}
 
 
 def recsys_settings():
@@ -156,13 +164,9 @@ def build_matrix(run: dict) -> dict:
 @dag(
     dag_id="recsys_daily",
     schedule=CronDataIntervalTimetable("0 3 * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     params=PARAMS,
-    default_args=DEFAULT_ARGS,
-    tags=["recsys"],
     doc_md=DAILY_DOC,
+    **DAG_SETTINGS,
 )
 def recsys_daily():
     @task
@@ -244,17 +248,13 @@ recsys_daily()
 @dag(
     dag_id="recsys_tune",
     schedule=CronDataIntervalTimetable("0 4 * * 0", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     params={
         "n_trials": Param(40, type="integer", minimum=1, maximum=1000, title="Trials (the search budget)"),
         "lookback_days": Param(DEFAULTS.lookback_days, type="integer", minimum=2, title="Lookback (days)"),
         "holdout_days": Param(DEFAULTS.holdout_days, type="integer", minimum=1, title="Validation (last days)"),
     },
-    default_args=DEFAULT_ARGS,
-    tags=["recsys"],
     doc_md=TUNE_DOC,
+    **DAG_SETTINGS,
 )
 def recsys_tune():
     @task

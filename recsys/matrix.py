@@ -59,8 +59,8 @@ def _csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, shape: tuple[int,
     return matrix
 
 
-def _binary(matrix: sp.csr_matrix) -> sp.csr_matrix:
-    matrix = matrix.copy()
+def _binarize(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """Every stored value set to 1, in place (callers pass matrices they just built)."""
     matrix.data[:] = 1
     return matrix
 
@@ -173,24 +173,24 @@ def build_matrix(
         return scale_confidence(summed, params.confidence_scaling)
 
     def marked(mask: np.ndarray) -> sp.csr_matrix:
-        return _binary(_csr(rows.users[mask], rows.items[mask], np.ones(int(mask.sum()), np.float32), shape))
+        return _binarize(_csr(rows.users[mask], rows.items[mask], np.ones(int(mask.sum()), np.float32), shape))
 
     # each matrix is written as soon as it is built, so only the ones still needed stay in memory
     full = weighted(None)
     _write_npz(matrix_dir / "full.npz", full)
     nnz, popularity = int(full.nnz), _distinct_users(full)
     del full
-    train = weighted(rows.where(BEFORE_CUTOFF))
+    before_cutoff, excluded = rows.where(BEFORE_CUTOFF), rows.where(EXCLUDED)
+    train = weighted(before_cutoff)
     _write_npz(matrix_dir / "train.npz", train)
     train_nnz = int(train.nnz)
     del train
-    _write_npz(matrix_dir / "exclude.npz", marked(rows.where(EXCLUDED)))
-    before_cutoff = rows.where(BEFORE_CUTOFF)
-    train_exclude = marked(rows.where(EXCLUDED) & before_cutoff)
+    _write_npz(matrix_dir / "exclude.npz", marked(excluded))
+    train_exclude = marked(excluded & before_cutoff)
     _write_npz(matrix_dir / "train_exclude.npz", train_exclude)
     # relevant after the cutoff, minus what the user already had before it (never recommendable)
     holdout = marked(rows.where(RELEVANT) & ~before_cutoff)
-    holdout = _binary((holdout - holdout.multiply(train_exclude)).tocsr())
+    holdout = _binarize((holdout - holdout.multiply(train_exclude)).tocsr())
     holdout.eliminate_zeros()
     _write_npz(matrix_dir / "holdout.npz", holdout)
     buyers = _distinct_users(marked(rows.where(PURCHASE)))

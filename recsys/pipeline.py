@@ -80,6 +80,11 @@ def run_paths(settings: Settings, window: Window, params: PipelineParams) -> Run
     return RunPaths(settings.artifacts_dir, f"runs/{window.end:%Y%m%dT%H%M%SZ}/{params.fingerprint()}")
 
 
+def _pull_folders(run_store: ArtifactStore, paths: RunPaths, folders: tuple[str, ...]) -> None:
+    for folder in folders:
+        artifacts.pull(run_store, f"{paths.key}/{folder}", paths.root / folder)
+
+
 def artifact_store(settings: Settings) -> ArtifactStore | None:
     """The shared store, or None when artifacts stay in the local folder only."""
     if not settings.artifacts_url:
@@ -109,8 +114,7 @@ class Run:
     def pull(self, *folders: str) -> None:
         """Bring the run's input folders from the store into the local artifacts folder."""
         if self.store is not None:
-            for folder in folders:
-                artifacts.pull(self.store, f"{self.paths.key}/{folder}", self.paths.root / folder)
+            _pull_folders(self.store, self.paths, folders)
 
     def push(self, folder: str) -> None:
         """Upload a folder a stage has finished writing, for the stages after it."""
@@ -228,10 +232,9 @@ def live_artifacts(settings: Settings, meta: dict) -> tuple[Path, Path]:
     run_store, key = artifact_store(settings), meta.get("artifacts_key")
     if run_store is None or key is None:
         return Path(meta["matrix_dir"]), Path(meta["model_path"])
-    local = settings.artifacts_dir / key
-    for folder in (MATRIX, MODEL):
-        artifacts.pull(run_store, f"{key}/{folder}", local / folder)
-    return local / MATRIX, local / MODEL / "full.npz"
+    paths = RunPaths(settings.artifacts_dir, key)
+    _pull_folders(run_store, paths, (MATRIX, MODEL))
+    return paths.matrix, paths.model / "full.npz"
 
 
 def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:

@@ -206,7 +206,8 @@ def prepare_publish(
     _refuse_if_stale(_live_data_end(client, keys), window, client.hget(keys.live("meta"), "version"))
     client.delete(*_staging_keys(keys, version))
 
-    items = pq.read_table(matrix_dir / "items.parquet").to_pandas()
+    items_table = pq.read_table(matrix_dir / "items.parquet")
+    items = items_table.to_pandas()
     top_lists = _top_buys(items, params.top_buys_n, id_codec(items["id"].tolist()))
     if not top_lists[TOP_BUYS_KEY_ALL]["top_buys"]:
         raise EmptyResultError("no active product for the top buys list; nothing published")
@@ -215,7 +216,7 @@ def prepare_publish(
     model = als_model(*load_factors(model_dir / "full.npz"))
     similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
 
-    item_ids = _ids(matrix_dir / "items.parquet")
+    item_ids = items_table["id"].combine_chunks()
     item_tokens = json_id_tokens(item_ids)
     has_similar = similar[:, 0] >= 0
     owners = pa.array(active[has_similar])
