@@ -36,7 +36,12 @@ DEFAULTS = PipelineParams()
 RETRY_POLICY = ExceptionRetryPolicy(
     rules=[
         RetryRule(
-            exception=["recsys.errors.InputError", "recsys.errors.QualityGateError", "recsys.errors.EmptyResultError"],
+            exception=[
+                "recsys.errors.InputError",
+                "recsys.errors.QualityGateError",
+                "recsys.errors.EmptyResultError",
+                "recsys.errors.RunChangedError",
+            ],
             action=RetryAction.FAIL,
             reason="bad input or a refused result: retrying cannot fix it",
         ),
@@ -45,9 +50,11 @@ RETRY_POLICY = ExceptionRetryPolicy(
                 "psycopg.OperationalError",
                 "redis.exceptions.ConnectionError",
                 "redis.exceptions.TimeoutError",
+                "recsys.errors.PublishConflictError",
+                "recsys.errors.IncompleteVersionError",
             ],
             action=RetryAction.RETRY,
-            reason="transient database or Redis error",
+            reason="transient database or Redis error, or another publisher of the same version",
         ),
     ],
 )
@@ -157,7 +164,8 @@ def build_matrix(run: dict) -> dict:
     """Shared by both DAGs: the run's id maps and weighted matrices from its extract."""
     from recsys.pipeline import matrix_stage
 
-    matrix_stage(planned(run, recsys_settings()))
+    settings = recsys_settings()
+    matrix_stage(settings, planned(run, settings))
     return run
 
 
@@ -186,7 +194,8 @@ def recsys_daily():
     def train(run: dict) -> dict:
         from recsys.pipeline import train_stage
 
-        train_stage(planned(run, recsys_settings()))
+        settings = recsys_settings()
+        train_stage(settings, planned(run, settings))
         return run
 
     @task
@@ -200,16 +209,17 @@ def recsys_daily():
 
     @task
     def prepare_publish(run: dict) -> list[dict]:
-        """Stage products' lists; one job per user shard. A run older than live is skipped here."""
+        """Start a publish attempt: stage products' lists; one job per user shard. A run older than
+        the live version is skipped here."""
         from recsys.errors import StaleVersionError
         from recsys.pipeline import prepare_publish_stage
 
         settings = recsys_settings()
         try:
-            version = prepare_publish_stage(settings, planned(run, settings))
+            _, attempt = prepare_publish_stage(settings, planned(run, settings))
         except StaleVersionError as stale:
             raise AirflowSkipException(str(stale)) from stale
-        return [{"run": run, "version": version, "shard": shard} for shard in range(run["shards"])]
+        return [{"run": run, "attempt": attempt, "shard": shard} for shard in range(run["shards"])]
 
     @task(map_index_template="{{ shard_label }}")
     def publish_shard(job: dict) -> dict:
@@ -220,11 +230,13 @@ def recsys_daily():
         run = job["run"]
         get_current_context()["shard_label"] = f"shard {job['shard'] + 1} of {run['shards']}"
         settings = recsys_settings()
-        return asdict(publish_shard_stage(settings, planned(run, settings), job["shard"], run["shards"]))
+        result = publish_shard_stage(settings, planned(run, settings), job["attempt"], job["shard"], run["shards"])
+        return asdict(result)
 
     @task
     def publish(run: dict, shard_results: list[dict]) -> dict:
-        """Check every shard, then switch the new version live atomically."""
+        """Check every shard (staging again what a Redis restart lost), then switch the new version
+        live atomically."""
         from recsys.errors import StaleVersionError
         from recsys.pipeline import finish_publish_stage
         from recsys.publish import ShardResult
@@ -232,7 +244,7 @@ def recsys_daily():
         results = [ShardResult(**result) for result in shard_results]
         settings = recsys_settings()
         try:
-            result = finish_publish_stage(settings, planned(run, settings), results, run["shards"])
+            result = finish_publish_stage(settings, planned(run, settings), results[0].attempt, results, run["shards"])
         except StaleVersionError as stale:
             raise AirflowSkipException(str(stale)) from stale
         return {"version": result.version, "users": result.users}

@@ -121,10 +121,10 @@ def pull(store: ArtifactStore, key: str, local: Path) -> Upload:
         if target.is_file() and target.stat().st_size == entry.size and sha256(target) == entry.sha256:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f"{target.name}.part")
+        part = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")  # never another puller's
         store.fs.get_file(store.path(key, upload.upload_id, name), str(part))
         part.replace(target)
     for path in list(local.rglob("*")):
-        if path.is_file() and path.relative_to(local).as_posix() not in upload.files:
+        if path.is_file() and path.relative_to(local).as_posix() not in upload.files and not path.name.endswith(".part"):
             path.unlink()  # left from an older upload: the local copy mirrors the store exactly
     return upload

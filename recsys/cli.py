@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Annotated
@@ -12,24 +13,29 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys import db, pipeline, services, store
+from recsys import db, live, pipeline, services, store
 from recsys.api import serve_command
 from recsys.bench import bench_app
 from recsys.bench_serve import serve_bench_command
 from recsys.bench_speed import speed_bench_command
-from recsys.errors import RecsysError
+from recsys.chaos import chaos_command
+from recsys.errors import RecsysError, describe
 from recsys.params import PipelineParams
 from recsys.pipeline import plan_run, run_pipeline
 from recsys.settings import Settings
 
-app = typer.Typer(help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True)
+app = typer.Typer(
+    help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 services_app = typer.Typer(help="Embedded local PostgreSQL and Redis (for machines without them).")
 app.add_typer(services_app, name="services")
 app.add_typer(bench_app, name="bench")
 app.command("serve")(serve_command)
+app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
 bench_app.command("speed")(speed_bench_command)
 console = Console()
+err_console = Console(stderr=True)
 
 EndOption = Annotated[
     datetime | None,
@@ -42,8 +48,22 @@ ParamOption = Annotated[
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")] = False,
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """The ``recsys`` command: errors as one line, the traceback only with ``--debug``."""
+    try:
+        app()
+    except Exception as error:
+        if "--debug" in sys.argv[1:]:
+            raise
+        err_console.print(f"[red]error:[/red] {describe(error)}", soft_wrap=True, highlight=False)
+        sys.exit(1)
 
 
 def _params(overrides: list[str] | None) -> PipelineParams:
@@ -66,7 +86,7 @@ def _end(end: datetime | None) -> datetime:
 
 
 def _fail(error: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}")
+    err_console.print(f"[red]error:[/red] {error}", soft_wrap=True, highlight=False)
     return typer.Exit(code=1)
 
 
@@ -124,9 +144,9 @@ def _stage(name: str, end: datetime | None, overrides: list[str] | None, use_tun
         if name == "extract":
             result = pipeline.extract_stage(settings, run, progress=True)
         elif name == "matrix":
-            result = pipeline.matrix_stage(run)
+            result = pipeline.matrix_stage(settings, run)
         elif name == "train":
-            result = pipeline.train_stage(run, progress=True)
+            result = pipeline.train_stage(settings, run, progress=True)
         elif name == "evaluate":
             result = pipeline.evaluate_stage(settings, run)
         else:
@@ -192,7 +212,7 @@ def tune_command(
     try:
         run = plan_run(settings, _end(end), search, use_tuned=False)
         pipeline.extract_stage(settings, run, progress=True)
-        pipeline.matrix_stage(run)
+        pipeline.matrix_stage(settings, run)
         tuned = pipeline.tune_stage(settings, run, trials)
     except RecsysError as error:
         raise _fail(error) from error
@@ -212,7 +232,8 @@ def show(
     client, keys = store.redis_client(settings), store.layout(settings)
     meta = store.live_meta(client, keys)
     if meta is None:
-        raise _fail(RecsysError(f"no live version under prefix {settings.redis_prefix!r}; run the pipeline first"))
+        hint = pipeline.recovery_hint(settings) or "run the pipeline first"
+        raise _fail(RecsysError(f"no live version under prefix {settings.redis_prefix!r}; {hint}"))
     console.print(f"live version [bold]{meta['version']}[/bold], data {meta['data_start']} .. {meta['data_end']}")
     metrics = Table("", "MAP@K", "nDCG@K", "P@K", "R@K", "coverage", title=f"holdout, K={meta['metrics']['model']['k']}")
     for name in ("model", "popularity"):
@@ -224,3 +245,50 @@ def show(
         found = store.user_recommendations(client, keys, user_id)
         console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}", soft_wrap=True)
     console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(store.top_buys(client, keys))}", soft_wrap=True)
+
+
+@app.command("versions")
+def versions_command(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
+    """List the live version and the kept (replaced) ones, newest first."""
+    settings = Settings()
+    found = live.versions(store.redis_client(settings), store.layout(settings))
+    if as_json:
+        for info in found:
+            typer.echo(json.dumps(info.__dict__))
+        return
+    if not found:
+        hint = pipeline.recovery_hint(settings)
+        raise _fail(RecsysError(f"no version under prefix {settings.redis_prefix!r}" + (f"; {hint}" if hint else "")))
+    table = Table("role", "version", "data end", "published at", "users", "expires in", "complete")
+    for info in found:
+        expires = "never" if info.ttl_seconds < 0 else f"{info.ttl_seconds / 3600:.1f} h"
+        table.add_row(info.role, info.version, info.data_end, info.published_at, str(info.counts.get("users")),
+                      expires, "yes" if info.complete else "NO")
+    console.print(table)
+
+
+@app.command("rollback")
+def rollback_command(
+    version: Annotated[str | None, typer.Option(help="Kept version to make live (default: the newest kept).")] = None,
+) -> None:
+    """Make a kept version live again, atomically; the version it replaces is kept in its place."""
+    settings = Settings()
+    try:
+        chosen = live.rollback(store.redis_client(settings), store.layout(settings),
+                               settings.previous_version_ttl_seconds, version)
+    except RecsysError as error:
+        raise _fail(error) from error
+    console.print(f"version {chosen} is live again")
+
+
+@app.command("republish")
+def republish_command(
+    end: Annotated[datetime | None, typer.Option("--end", help="Window end of the run (default: the run published last).")] = None,
+) -> None:
+    """Publish a finished run again from its artifacts, without extracting or training: the way
+    back after the cache Redis lost its data."""
+    try:
+        result = pipeline.republish(Settings(), None if end is None else _end(end), progress=True)
+    except RecsysError as error:
+        raise _fail(error) from error
+    console.print(f"published version {result.version} for {result.users:,} users")

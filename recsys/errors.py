@@ -1,4 +1,5 @@
-"""Exceptions that tell an operator what is wrong and whether retrying can help.
+"""Exceptions that tell an operator what is wrong and whether retrying can help, and the one line
+the ``recsys`` command prints for any error.
 
 ``InputError`` and its subclasses mean the data or the parameters are wrong: retrying the same
 task cannot succeed, so the DAG fails such a task at once instead of waiting out its retries.
@@ -31,3 +32,51 @@ class StaleVersionError(RecsysError):
 
 class EmptyResultError(RecsysError):
     """A publish would make an empty or incomplete set of recommendations live."""
+
+
+class FutureWindowError(InputError):
+    """The run's data window ends after now: it would publish data that does not exist yet and
+    hold back every normal run after it."""
+
+
+class PublishConflictError(RecsysError):
+    """Another publish attempt owns the version; waiting longer (or retrying later) can help."""
+
+
+class IncompleteVersionError(RecsysError):
+    """A version's staged (or kept) structures do not hold what its meta records: not switched."""
+
+
+class RunChangedError(RecsysError):
+    """Another run of the same window rebuilt an input of this stage while it ran."""
+
+
+def _address(url: str | None) -> str:
+    """host:port of a configured URL, never its credentials."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url or "")
+    except Exception:  # noqa: BLE001 - an unparsable URL has no address to show
+        return "the configured address"
+    return f"{parsed.host or 'localhost'}:{parsed.port}" if parsed.port else (parsed.host or "localhost")
+
+
+def describe(error: BaseException) -> str:
+    """One line for the user: what failed and what to check (the traceback is for ``--debug``)."""
+    import psycopg
+    import redis
+
+    from recsys.settings import Settings
+
+    if isinstance(error, RecsysError):
+        return str(error)
+    if isinstance(error, psycopg.OperationalError):
+        lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(error).__name__
+        return (f"cannot reach PostgreSQL at {_address(Settings().database_url)} ({reason}); "
+                "set RECSYS_DATABASE_URL or run `recsys services start`")
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        return (f"cannot reach Redis at {_address(Settings().redis_url)} ({error}); "
+                "set RECSYS_REDIS_URL or run `recsys services start`")
+    return f"{type(error).__name__}: {error} (run with --debug for the traceback)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -214,6 +215,7 @@ def build_matrix(
         "items_missing_from_catalogue": unknown_products,
     }
     manifest = {
+        "build_id": uuid.uuid4().hex,  # the stages after this one record which build they used
         "window": window.to_dict(),
         "holdout_cutoff": cutoff.isoformat(),
         "counts": counts,

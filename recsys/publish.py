@@ -1,15 +1,18 @@
 """Publish stage: top-N per user, similar products and top buys into Redis, switched live at once.
 
-Three steps, so the per-user scoring can fan out over workers (the DAG maps ``publish_shard``);
-a failure at any point leaves the live version untouched:
+Three steps of one publish *attempt*, so the per-user scoring can fan out over workers (the DAG
+maps ``publish_shard``); a failure or a kill at any point leaves the live version untouched:
 
-1. ``prepare_publish``: refuse early if a fresher version is already live (backfills never go back
-   in time), clear this version's staging keys, stage similar products and top buys;
+1. ``prepare_publish``: take the version's owner lock (``recsys.live``), remove orphaned staging
+   keys, refuse early if a fresher version is already live (backfills never go back in time),
+   stage similar products and top buys;
 2. ``publish_shard`` (once per shard, any order, idempotent): score a contiguous range of users
-   and write their lists into the staging hash;
-3. ``finish_publish``: check every shard and count, refuse an empty result, then in one
-   WATCH/MULTI/EXEC re-check freshness, move the live keys to ``v:<old>`` with a TTL and rename
-   the staging keys live. Readers see the old version or the new one, never a mix.
+   and write their lists into the attempt's staging hash;
+3. ``finish_publish``: stage again whatever was lost since (Redis restart, staging TTL), refuse an
+   empty result, then switch in one atomic script that checks ownership, every structure's count
+   against the meta, and freshness, keeps the replaced version and makes the new one live.
+
+Every staging key carries the attempt id and gets its TTL with its first write.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
+import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -30,14 +35,15 @@ import pyarrow.parquet as pq
 import redis
 import scipy.sparse as sp
 
-from recsys.errors import EmptyResultError, StaleVersionError
+from recsys.errors import EmptyResultError, PublishConflictError, StaleVersionError
 from recsys.extract import Window
+from recsys.live import VersionOwner, live_data_end, run_script, switch_live
 from recsys.matrix import inactive_items
 from recsys.params import PipelineParams
 from recsys.ranking import als_model, recommend_top_n, similar_items
 from recsys.settings import Settings
 from recsys.store import STRUCTURES, KeyLayout, layout, redis_client, top_buys_field
-from recsys.train import load_factors
+from recsys.train import checked_model_build, load_factors
 
 log = logging.getLogger(__name__)
 
@@ -108,64 +114,86 @@ class PublishResult:
     products_with_similar: int
 
 
-def _write_hash(client: redis.Redis, key: str, fields: pa.Array, values: pa.Array) -> int:
-    """HSET ``fields`` -> ``values`` into ``key`` in pipelined chunks; returns fields written."""
-    pipe = client.pipeline(transaction=False)
-    for number, start in enumerate(range(0, len(fields), HSET_CHUNK), start=1):
-        pairs = [None] * (2 * min(HSET_CHUNK, len(fields) - start))
-        pairs[0::2] = fields.slice(start, HSET_CHUNK).to_pylist()
-        pairs[1::2] = values.slice(start, HSET_CHUNK).to_pylist()
-        pipe.hset(key, items=pairs)
-        if number % HSETS_PER_ROUND_TRIP == 0:
+def new_attempt() -> str:
+    """A publish attempt's id: it names the attempt's staging keys and holds the version's lock."""
+    return uuid.uuid4().hex[:12]
+
+
+def _owner(settings: Settings, client: redis.Redis, keys: KeyLayout, version: str, attempt: str) -> VersionOwner:
+    return VersionOwner(
+        client, keys, version, attempt, settings.publish_lock_ttl_seconds, settings.publish_lock_wait_seconds
+    )
+
+
+def _write_hash(client: redis.Redis, key: str, fields: pa.Array, values: pa.Array, owner: VersionOwner) -> int:
+    """HSET ``fields`` -> ``values`` into the staging hash ``key``; returns fields written.
+
+    Each round trip is one MULTI/EXEC ending in EXPIRE, so the key gets its TTL with its first
+    write and keeps one even if it expired between writes: a writer killed at any point leaves
+    nothing that lives forever.
+    """
+    per_round_trip = HSET_CHUNK * HSETS_PER_ROUND_TRIP
+    for start in range(0, len(fields), per_round_trip):
+        owner.check()
+        with client.pipeline(transaction=True) as pipe:
+            for chunk in range(start, min(start + per_round_trip, len(fields)), HSET_CHUNK):
+                pairs = [None] * (2 * min(HSET_CHUNK, len(fields) - chunk))
+                pairs[0::2] = fields.slice(chunk, HSET_CHUNK).to_pylist()
+                pairs[1::2] = values.slice(chunk, HSET_CHUNK).to_pylist()
+                pipe.hset(key, items=pairs)
+            pipe.expire(key, STAGING_TTL_SECONDS)
             pipe.execute()
-    pipe.expire(key, STAGING_TTL_SECONDS)
-    pipe.execute()
     return len(fields)
+
+
+def _record(client: redis.Redis, key: str, mapping: dict) -> None:
+    """HSET with the staging TTL in one step (manifest, meta)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, STAGING_TTL_SECONDS)
+        pipe.execute()
 
 
 def _dumps(value: dict) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _live_data_end(client: redis.Redis, keys: KeyLayout) -> float | None:
-    raw = client.hget(keys.live("meta"), "data_end_ts")
-    return None if raw is None else float(raw)
-
-
-def _refuse_if_stale(live_end: float | None, window: Window, live_version: str | None) -> None:
+def _refuse_if_stale(client: redis.Redis, keys: KeyLayout, window: Window) -> None:
+    live_end = live_data_end(client, keys)
     if live_end is not None and live_end > window.end.timestamp():
         raise StaleVersionError(
-            f"live version {live_version} has data up to "
+            f"live version {client.hget(keys.live('meta'), 'version')} has data up to "
             f"{datetime.fromtimestamp(live_end, UTC).isoformat()}, newer than this run's "
             f"{window.end.isoformat()}; not replacing it"
         )
 
 
-def switch_live(client: redis.Redis, keys: KeyLayout, version: str, window: Window, ttl_seconds: int) -> None:
-    """Atomically make ``version``'s staging keys live; the replaced keys expire after ``ttl``."""
-    live_meta_key = keys.live("meta")
-    with client.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                pipe.watch(live_meta_key)
-                live_end = pipe.hget(live_meta_key, "data_end_ts")
-                live_version = pipe.hget(live_meta_key, "version")
-                _refuse_if_stale(None if live_end is None else float(live_end), window, live_version)
-                live_exists = {s: pipe.exists(keys.live(s)) for s in STRUCTURES}
-                staging_exists = {s: pipe.exists(keys.staging(version, s)) for s in STRUCTURES}
-                pipe.multi()
-                for structure in STRUCTURES:
-                    if live_exists[structure]:
-                        previous = keys.previous(live_version or "unknown", structure)
-                        pipe.rename(keys.live(structure), previous)
-                        pipe.expire(previous, ttl_seconds)
-                    if staging_exists[structure]:
-                        pipe.rename(keys.staging(version, structure), keys.live(structure))
-                        pipe.persist(keys.live(structure))
-                pipe.execute()
-                return
-            except redis.WatchError:
-                log.info("live version changed while switching; checking again")
+def _sweep_orphans(client: redis.Redis, keys: KeyLayout) -> int:
+    """Delete staging keys of attempts that do not own their version (dead, superseded, or of the
+    layout before attempts). They would expire anyway; this frees their memory now."""
+    holders: dict[str, str | None] = {}
+    orphans = []
+    for key in client.scan_iter(match=keys.staging_pattern(), count=1000):
+        version, attempt = keys.staging_owner(key)
+        if version not in holders:
+            holders[version] = client.get(keys.owner(version))
+        if attempt is None or holders[version] != attempt:
+            orphans.append(key)
+    if orphans:
+        client.delete(*orphans)
+        log.info("removed %d staging keys of publish attempts that no longer run", len(orphans))
+    return len(orphans)
+
+
+def _attempt_keys(keys: KeyLayout, version: str, attempt: str) -> list[str]:
+    return [keys.staging(version, attempt, structure) for structure in (*STRUCTURES, "manifest")]
+
+
+def _abandon(client: redis.Redis, keys: KeyLayout, version: str, attempt: str) -> None:
+    """Best effort after a failed attempt: its keys and lock go now instead of at their TTL."""
+    with suppress(redis.RedisError):
+        client.delete(*_attempt_keys(keys, version, attempt))
+        run_script(client, "release", [keys.owner(version)], [attempt])
 
 
 @dataclass(frozen=True)
@@ -173,6 +201,7 @@ class ShardResult:
     shard: int
     users: int  # users written (those with at least one recommendation)
     users_without_recommendations: int
+    attempt: str
 
 
 def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
@@ -188,24 +217,40 @@ def _window_and_version(matrix_dir: Path, params: PipelineParams) -> tuple[Windo
     return window, version_name(window, params)
 
 
-def _staging_keys(keys: KeyLayout, version: str) -> list[str]:
-    return [keys.staging(version, structure) for structure in STRUCTURES]
-
-
 def _ids(path: Path) -> pa.Array:
     return pq.read_table(path, columns=["id"])["id"].combine_chunks()
 
 
-def prepare_publish(
-    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: bool = False
-) -> str:
-    """Refuse a stale run early, clear this version's staging keys, and stage the per-product
-    structures (similar products, top buys). Returns the version name."""
-    window, version = _window_and_version(matrix_dir, params)
-    keys, client = layout(settings), redis_client(settings)
-    _refuse_if_stale(_live_data_end(client, keys), window, client.hget(keys.live("meta"), "version"))
-    client.delete(*_staging_keys(keys, version))
+@dataclass(frozen=True)
+class _Staging:
+    """One attempt's staging keys and where they come from."""
 
+    client: redis.Redis
+    keys: KeyLayout
+    version: str
+    attempt: str
+    matrix_dir: Path
+    model_dir: Path
+    params: PipelineParams
+    model_build: str  # the model build this attempt publishes: every step must see the same one
+
+    def key(self, structure: str) -> str:
+        return self.keys.staging(self.version, self.attempt, structure)
+
+    def manifest(self) -> dict[str, str]:
+        """What the attempt has staged, after checking it staged it from this step's model build."""
+        manifest = self.client.hgetall(self.key("manifest"))
+        if manifest.get("model_build", self.model_build) != self.model_build:
+            raise PublishConflictError(
+                f"version {self.version}: the model changed since publish attempt {self.attempt} began "
+                "(another run of the same window retrained it?); publish again"
+            )
+        return manifest
+
+
+def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = False) -> None:
+    """Similar products and top buys into the attempt's staging keys; their counts into its manifest."""
+    matrix_dir, params = staging.matrix_dir, staging.params
     items_table = pq.read_table(matrix_dir / "items.parquet")
     items = items_table.to_pandas()
     top_lists = _top_buys(items, params.top_buys_n, id_codec(items["id"].tolist()))
@@ -213,47 +258,44 @@ def prepare_publish(
         raise EmptyResultError("no active product for the top buys list; nothing published")
     blocked = inactive_items(matrix_dir)
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
-    model = als_model(*load_factors(model_dir / "full.npz"))
+    model = als_model(*load_factors(staging.model_dir / "full.npz"))
     similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
 
     item_ids = items_table["id"].combine_chunks()
     item_tokens = json_id_tokens(item_ids)
     has_similar = similar[:, 0] >= 0
     owners = pa.array(active[has_similar])
-    _write_hash(
+    client = staging.client
+    client.delete(staging.key("similar_products"), staging.key("top_buys"))
+    similar_count = _write_hash(
         client,
-        keys.staging(version, "similar_products"),
+        staging.key("similar_products"),
         pc.take(item_ids, owners),
         json_list_objects(
             "product_id", pc.take(item_tokens, owners), "similar_products", item_tokens, similar[has_similar]
         ),
+        owner,
     )
-    _write_hash(
+    top_buys_count = _write_hash(
         client,
-        keys.staging(version, "top_buys"),
+        staging.key("top_buys"),
         pa.array(list(top_lists), pa.string()),
         pa.array([_dumps(value) for value in top_lists.values()], pa.string()),
+        owner,
     )
-    return version
+    _record(
+        client, staging.key("manifest"),
+        {"model_build": staging.model_build, "similar_products": similar_count, "top_buys": top_buys_count},
+    )
 
 
-def publish_shard(
-    settings: Settings,
-    matrix_dir: Path,
-    model_dir: Path,
-    params: PipelineParams,
-    shard: int = 0,
-    shards: int = 1,
-    progress: bool = False,
-) -> ShardResult:
-    """Top-N for one shard of the users into the version's staging hash. Idempotent: a rerun
-    writes the same fields again."""
-    _, version = _window_and_version(matrix_dir, params)
-    keys, client = layout(settings), redis_client(settings)
+def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int, progress: bool = False) -> ShardResult:
+    """Top-N of one shard of the users into the attempt's staging hash; the count into its manifest."""
+    matrix_dir, params = staging.matrix_dir, staging.params
     user_ids = _ids(matrix_dir / "users.parquet")
     users = shard_users(len(user_ids), shard, shards)
     recs, _ = recommend_top_n(
-        als_model(*load_factors(model_dir / "full.npz")),
+        als_model(*load_factors(staging.model_dir / "full.npz")),
         users,
         sp.load_npz(matrix_dir / "exclude.npz").tocsr(),
         params.top_n,
@@ -265,7 +307,7 @@ def publish_shard(
     # tokens of all users, not just this shard's: whether ids are published as numbers is decided
     # over every id, so all shards agree
     user_tokens, item_tokens = json_id_tokens(user_ids), json_id_tokens(_ids(matrix_dir / "items.parquet"))
-    key = keys.staging(version, "user_recs")
+    key = staging.key("user_recs")
     written = 0
     for start in range(0, len(owners), PAYLOAD_BATCH):
         batch = pa.array(owners[start : start + PAYLOAD_BATCH])
@@ -273,8 +315,81 @@ def publish_shard(
             "user_id", pc.take(user_tokens, batch), "recommended_products", item_tokens,
             lists[start : start + PAYLOAD_BATCH],
         )
-        written += _write_hash(client, key, pc.take(user_ids, batch), payloads)
-    return ShardResult(shard=shard, users=written, users_without_recommendations=int((~has_recs).sum()))
+        written += _write_hash(staging.client, key, pc.take(user_ids, batch), payloads, owner)
+    without = int((~has_recs).sum())
+    _record(staging.client, staging.key("manifest"), {f"shard:{shard}": written, f"shard:{shard}:empty": without})
+    return ShardResult(shard=shard, users=written, users_without_recommendations=without, attempt=staging.attempt)
+
+
+def _staging(
+    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str
+) -> tuple[_Staging, Window]:
+    window, version = _window_and_version(matrix_dir, params)
+    model_build = checked_model_build(matrix_dir, model_dir) or ""
+    staging = _Staging(redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build)
+    return staging, window
+
+
+def prepare_publish(
+    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str, progress: bool = False
+) -> str:
+    """Take the version's lock for ``attempt``, remove orphaned staging keys, refuse a stale run
+    early, and stage the per-product structures (similar products, top buys). Returns the version."""
+    staging, window = _staging(settings, matrix_dir, model_dir, params, attempt)
+    client, keys, version = staging.client, staging.keys, staging.version
+    with _owner(settings, client, keys, version, attempt) as owner:
+        _sweep_orphans(client, keys)  # whatever the freshness check below decides
+        try:
+            _refuse_if_stale(client, keys, window)
+            client.delete(*_attempt_keys(keys, version, attempt))
+            _stage_products(staging, owner, progress)
+        except (StaleVersionError, EmptyResultError):
+            _abandon(client, keys, version, attempt)
+            raise
+    return version
+
+
+def publish_shard(
+    settings: Settings,
+    matrix_dir: Path,
+    model_dir: Path,
+    params: PipelineParams,
+    attempt: str,
+    shard: int = 0,
+    shards: int = 1,
+    progress: bool = False,
+) -> ShardResult:
+    """Top-N for one shard of the users into the attempt's staging hash. Idempotent: a retry
+    writes the same fields again."""
+    staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt)
+    with _owner(settings, staging.client, staging.keys, staging.version, attempt) as owner:
+        staging.manifest()  # checks the model build
+        return _stage_shard(staging, owner, shard, shards, progress)
+
+
+def _complete_staging(staging: _Staging, owner: VersionOwner, shards: int) -> dict[str, str]:
+    """The attempt's manifest once every structure it records is staged in full. What is gone
+    (Redis restarted, or the staging TTL passed between tasks) is staged again, so a retried
+    ``finish_publish`` succeeds without rerunning the tasks before it."""
+    client, manifest = staging.client, staging.manifest()
+    lost = [
+        s for s in ("similar_products", "top_buys")
+        if s not in manifest or client.hlen(staging.key(s)) != int(manifest[s])
+    ]
+    if lost:
+        log.warning("version %s: staged %s lost (Redis restart or staging TTL?); staging again",
+                    staging.version, " and ".join(lost))
+        _stage_products(staging, owner)
+    missing = [shard for shard in range(shards) if f"shard:{shard}" not in manifest]
+    recorded = sum(int(manifest[f"shard:{shard}"]) for shard in range(shards) if shard not in missing)
+    if not missing and client.hlen(staging.key("user_recs")) != recorded:
+        missing = list(range(shards))  # entries lost, records kept: which shard lost them is unknown
+    if missing:
+        log.warning("version %s: user shards %s not staged in full (Redis restart or staging TTL?); "
+                    "scoring them again", staging.version, missing)
+        for shard in missing:
+            _stage_shard(staging, owner, shard, shards)
+    return staging.manifest()
 
 
 def finish_publish(
@@ -283,53 +398,68 @@ def finish_publish(
     model_dir: Path,
     eval_report: Path,
     params: PipelineParams,
+    attempt: str,
     shard_results: list[ShardResult],
     shards: int,
     artifacts_key: str | None = None,
 ) -> PublishResult:
     """Check that every shard and structure is complete, then switch the version live at once.
     ``artifacts_key``: the run's folder in the shared artifact store, for readers on other hosts."""
-    window, version = _window_and_version(matrix_dir, params)
-    keys, client = layout(settings), redis_client(settings)
-    try:
-        done = sorted(result.shard for result in shard_results)
-        if done != list(range(shards)):
-            raise EmptyResultError(f"version {version}: shards {done} finished, expected 0..{shards - 1}; not switching")
-        users = sum(result.users for result in shard_results)
-        if users == 0:
-            raise EmptyResultError("no user got a single recommendation (are all products inactive?); nothing published")
-        _verify_staging(client, keys, version, {"user_recs": users})
-        counts = {
-            "users": users,
-            "users_without_recommendations": sum(r.users_without_recommendations for r in shard_results),
-            "products_with_similar": client.hlen(keys.staging(version, "similar_products")),
-            "top_buys_lists": client.hlen(keys.staging(version, "top_buys")),
-            "shards": shards,
-        }
-        evaluation = json.loads(eval_report.read_text())
-        meta = {
-            "version": version,
-            "data_start": window.start.isoformat(),
-            "data_end": window.end.isoformat(),
-            "data_end_ts": repr(window.end.timestamp()),
-            "published_at": datetime.now(UTC).isoformat(),
-            "model_path": str((model_dir / "full.npz").resolve()),
-            "matrix_dir": str(matrix_dir.resolve()),
-            "metrics": _dumps({"model": evaluation["model"], "popularity": evaluation["popularity"]}),
-            "params": _dumps(params.to_dict()),
-            "counts": _dumps(counts),
-        }
-        if artifacts_key is not None:
-            meta["artifacts_key"] = artifacts_key
-        client.hset(keys.staging(version, "meta"), mapping=meta)
-        client.expire(keys.staging(version, "meta"), STAGING_TTL_SECONDS)
-        switch_live(client, keys, version, window, settings.previous_version_ttl_seconds)
-    except BaseException:
-        # a failed publish leaves nothing behind (live is untouched); if Redis itself is gone,
-        # the staging TTL cleans up instead
-        with suppress(redis.RedisError):
-            client.delete(*_staging_keys(keys, version))
-        raise
+    staging, window = _staging(settings, matrix_dir, model_dir, params, attempt)
+    client, keys, version = staging.client, staging.keys, staging.version
+    done = sorted(result.shard for result in shard_results)
+    if done != list(range(shards)):
+        _abandon(client, keys, version, attempt)
+        raise EmptyResultError(f"version {version}: shards {done} finished, expected 0..{shards - 1}; not switching")
+    foreign = sorted({result.attempt for result in shard_results} - {attempt})
+    if foreign:
+        raise PublishConflictError(
+            f"version {version}: shard results of publish attempts {foreign}, not of {attempt}; not switching"
+        )
+    with _owner(settings, client, keys, version, attempt) as owner:
+        try:
+            manifest = _complete_staging(staging, owner, shards)
+            users = sum(int(manifest[f"shard:{shard}"]) for shard in range(shards))
+            if users == 0:
+                raise EmptyResultError(
+                    "no user got a single recommendation (are all products inactive?); nothing published"
+                )
+            counts = {
+                "users": users,
+                "users_without_recommendations": sum(int(manifest[f"shard:{s}:empty"]) for s in range(shards)),
+                "products_with_similar": int(manifest["similar_products"]),
+                "top_buys_lists": int(manifest["top_buys"]),
+                "shards": shards,
+            }
+            evaluation = json.loads(eval_report.read_text())
+            meta = {
+                "version": version,
+                "attempt": attempt,
+                "data_start": window.start.isoformat(),
+                "data_end": window.end.isoformat(),
+                "data_end_ts": repr(window.end.timestamp()),
+                "published_at": datetime.now(UTC).isoformat(),
+                "model_path": str((model_dir / "full.npz").resolve()),
+                "matrix_dir": str(matrix_dir.resolve()),
+                "metrics": _dumps({"model": evaluation["model"], "popularity": evaluation["popularity"]}),
+                "params": _dumps(params.to_dict()),
+                "counts": _dumps(counts),
+            }
+            if artifacts_key is not None:
+                meta["artifacts_key"] = artifacts_key
+            _record(client, staging.key("meta"), meta)
+            owner.check()
+            switch_live(
+                client, keys, version, attempt,
+                data_end_ts=window.end.timestamp(),
+                latest_allowed_end_ts=time.time() + settings.max_clock_skew_seconds,
+                keep_versions=settings.keep_versions,
+                kept_ttl_seconds=settings.previous_version_ttl_seconds,
+            )
+        except (StaleVersionError, EmptyResultError):
+            _abandon(client, keys, version, attempt)  # retrying cannot change the outcome
+            raise
+    client.delete(staging.key("manifest"))
     log.info("published version %s live: %s", version, counts)
     return PublishResult(
         version=version,
@@ -349,10 +479,20 @@ def publish(
     progress: bool = False,
     artifacts_key: str | None = None,
 ) -> PublishResult:
-    """The whole publish in one process: prepare, every shard, switch (the DAG maps the shards)."""
-    prepare_publish(settings, matrix_dir, model_dir, params, progress)
-    results = [publish_shard(settings, matrix_dir, model_dir, params, i, shards, progress) for i in range(shards)]
-    return finish_publish(settings, matrix_dir, model_dir, eval_report, params, results, shards, artifacts_key)
+    """The whole publish in one process, as one attempt: prepare, every shard, switch (the DAG maps
+    the shards). A failed attempt removes its staging keys and lock (their TTLs cover a kill)."""
+    attempt = new_attempt()
+    try:
+        prepare_publish(settings, matrix_dir, model_dir, params, attempt, progress)
+        results = [
+            publish_shard(settings, matrix_dir, model_dir, params, attempt, shard, shards, progress)
+            for shard in range(shards)
+        ]
+        return finish_publish(settings, matrix_dir, model_dir, eval_report, params, attempt, results, shards, artifacts_key)
+    except BaseException:
+        staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt)
+        _abandon(staging.client, staging.keys, staging.version, attempt)
+        raise
 
 
 def _top_buys(items, n: int, item_out: Callable[[str], int | str]) -> dict[str, dict]:
@@ -362,13 +502,3 @@ def _top_buys(items, n: int, item_out: Callable[[str], int | str]) -> dict[str, 
     for category, group in ranked.dropna(subset=["category"]).groupby("category", sort=True):
         lists[top_buys_field(category)] = {"category": category, "top_buys": [item_out(i) for i in group["id"].head(n)]}
     return lists
-
-
-def _verify_staging(client: redis.Redis, keys: KeyLayout, version: str, written: dict[str, int]) -> None:
-    for structure, expected in written.items():
-        found = client.hlen(keys.staging(version, structure))
-        if found != expected:
-            raise EmptyResultError(
-                f"staging {structure} of version {version} holds {found} entries, expected {expected}; "
-                "not switching live"
-            )

@@ -44,7 +44,22 @@ class Settings(BaseSettings):
     )
     sql_dir: Path = Field(default=REPO_ROOT / "sql")
     previous_version_ttl_seconds: int = Field(
-        default=24 * 3600, description="How long the replaced version stays readable"
+        default=24 * 3600, ge=1, description="How long a replaced version is kept (readable, and for rollback)"
+    )
+    keep_versions: int = Field(
+        default=1, ge=0, description="Replaced versions kept for rollback, newest first (0: none)"
+    )
+    publish_lock_ttl_seconds: float = Field(
+        default=60.0, gt=0, description="A publisher's lock on its version lapses this long after it stops renewing"
+    )
+    publish_lock_wait_seconds: float = Field(
+        default=900.0, ge=0, description="How long a publisher waits for another publisher of the same version"
+    )
+    run_lock_wait_seconds: float = Field(
+        default=3600.0, ge=0, description="How long a stage waits for another process working on the same run folder"
+    )
+    max_clock_skew_seconds: float = Field(
+        default=300.0, ge=0, description="A run's window may end at most this far after now (clock drift)"
     )
 
     @cached_property

@@ -10,8 +10,14 @@ Live keys (what shop pages read):
 - ``{recsys}:top_buys``         HASH ``all`` or ``category:<name>`` -> ``{"category": null, "top_buys": [..]}``
 - ``{recsys}:meta``             HASH version, data window, published_at, metrics, params, counts
 
-A publish writes ``{recsys}:staging:<version>:<structure>`` and then switches them live at once;
-the replaced live keys move to ``{recsys}:v:<old version>:<structure>`` and expire after a TTL.
+Everything else under the prefix carries a TTL (docs/reliability.md, invariant I3):
+
+- ``{recsys}:staging:<version>:<attempt>:<structure>``  one publish attempt's keys before the switch;
+  ``<attempt>`` names the attempt, so concurrent or retried publishers never share a key
+- ``{recsys}:staging:<version>:<attempt>:manifest``     what that attempt has staged (entry counts)
+- ``{recsys}:owner:<version>``                         the attempt that owns publishing ``version``
+- ``{recsys}:v:<version>:<structure>``                 a replaced version, kept for rollback
+- ``{recsys}:history``                                 LIST of kept versions, newest first
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ import redis.asyncio as aioredis
 from recsys.settings import Settings
 
 STRUCTURES = ("user_recs", "similar_products", "top_buys", "meta")
+# the hashes of entries and, in ``meta.counts``, the count each must hold (checked at the switch)
+COUNTED_STRUCTURES = {"user_recs": "users", "similar_products": "products_with_similar", "top_buys": "top_buys_lists"}
+# meta field: users the API added to the live ``user_recs`` after the publish (fold-ins of new users)
+FOLD_IN_USERS = "fold_in_users"
 TOP_BUYS_ALL = "all"
 
 
@@ -44,11 +54,26 @@ class KeyLayout:
     def live(self, structure: str) -> str:
         return f"{self.tag}:{structure}"
 
-    def staging(self, version: str, structure: str) -> str:
-        return f"{self.tag}:staging:{version}:{structure}"
+    def staging(self, version: str, attempt: str, structure: str) -> str:
+        return f"{self.tag}:staging:{version}:{attempt}:{structure}"
+
+    def staging_pattern(self) -> str:
+        return f"{self.tag}:staging:*"
+
+    @staticmethod
+    def staging_owner(key: str) -> tuple[str, str | None]:
+        """(version, attempt) of a staging key; attempt None for keys of the layout before attempts."""
+        parts = key.split(":")
+        return parts[2], (parts[3] if len(parts) == 5 else None)
+
+    def owner(self, version: str) -> str:
+        return f"{self.tag}:owner:{version}"
 
     def previous(self, version: str, structure: str) -> str:
         return f"{self.tag}:v:{version}:{structure}"
+
+    def history(self) -> str:
+        return f"{self.tag}:history"
 
     def pattern(self) -> str:
         """Every key of this layout (for SCAN-based cleanup)."""

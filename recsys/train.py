@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from recsys.errors import RunChangedError
 from recsys.params import PipelineParams
 
 log = logging.getLogger(__name__)
@@ -191,6 +193,8 @@ def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: b
         del user_items, user_factors, item_factors  # the next fit needs the memory
 
     manifest = {
+        "build_id": uuid.uuid4().hex,
+        "matrix_build_id": matrix_manifest.get("build_id"),
         "params": params.to_dict(),
         "als": als_params,
         "window": matrix_manifest["window"],
@@ -200,3 +204,16 @@ def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: b
     }
     (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return TrainResult(model_dir=model_dir, full_model=outputs["full"], holdout_model=outputs["holdout"])
+
+
+def checked_model_build(matrix_dir: Path, model_dir: Path) -> str | None:
+    """The model's build id, once it is known to be trained on this matrix build: another run of
+    the same window may have rebuilt one of the two in between."""
+    model = json.loads((model_dir / "manifest.json").read_text())
+    matrix_build = json.loads((matrix_dir / "manifest.json").read_text()).get("build_id")
+    if model.get("matrix_build_id") != matrix_build:
+        raise RunChangedError(
+            f"the model in {model_dir} was trained on another build of {matrix_dir} (another run of the same "
+            "window rebuilt it?); run train again"
+        )
+    return model.get("build_id")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-
 
 from recsys.errors import InputError
 from recsys.matrix import holdout_split
@@ -102,7 +102,7 @@ def save_tuned(settings: Settings, tuned: TunedParams) -> Path:
     text = json.dumps(tuned.to_dict(), indent=2)
     end = datetime.fromisoformat(tuned.window["end"])
     (path.parent / f"{end:%Y%m%dT%H%M%SZ}.json").write_text(text)
-    tmp = path.with_suffix(".json.part")
+    tmp = path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")  # concurrent tunes never share it
     tmp.write_text(text)
     tmp.replace(path)  # atomic: a run never reads half a file
     return path

@@ -130,12 +130,12 @@ def test_a_second_worker_with_an_empty_cache_runs_the_later_stages(settings, dem
     second = worker(settings, tmp_path / "store", tmp_path / "worker-b")
     run = plan_run(first, window_end, PipelineParams())
     extract_stage(first, run)
-    matrix_stage(run)
+    matrix_stage(first, run)
 
     # what an XCom carries to another machine: no local path of the first worker
     elsewhere = Run.from_dict(run.to_dict(), second)
     assert elsewhere.paths.root == tmp_path / "worker-b" / run.paths.key
-    train_stage(elsewhere)
+    train_stage(second, elsewhere)
     evaluate_stage(second, elsewhere)
     result = publish_stage(second, elsewhere)
 
@@ -160,7 +160,7 @@ def test_tuned_params_reach_every_worker_through_the_store(settings, demo_loaded
     tuner = worker(settings, tmp_path / "store", tmp_path / "worker-a")
     search = plan_run(tuner, window_end, PipelineParams(confidence_scaling="none"), use_tuned=False)
     extract_stage(tuner, search)
-    matrix_stage(search)
+    matrix_stage(tuner, search)
     tuned = tune_stage(tuner, search, n_trials=2)
 
     other = worker(settings, tmp_path / "store", tmp_path / "worker-b")

@@ -231,15 +231,21 @@ def test_shards_cover_every_user_once():
 
 
 def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
-    from recsys.publish import finish_publish, prepare_publish, publish_shard
+    from recsys.publish import (
+        finish_publish,
+        new_attempt,
+        prepare_publish,
+        publish_shard,
+    )
 
     live = run_pipeline(settings, window_end - timedelta(days=1), PipelineParams())
     params = PipelineParams()
     paths = stage(settings, window_end, params)
-    prepare_publish(settings, paths.matrix, paths.model, params)
-    done = [publish_shard(settings, paths.matrix, paths.model, params, shard, 3) for shard in (0, 2)]
+    attempt = new_attempt()
+    prepare_publish(settings, paths.matrix, paths.model, params, attempt)
+    done = [publish_shard(settings, paths.matrix, paths.model, params, attempt, shard, 3) for shard in (0, 2)]
     with pytest.raises(EmptyResultError, match=r"shards \[0, 2\] finished, expected 0\.\.2"):
-        finish_publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, done, 3)
+        finish_publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, attempt, done, 3)
     client, keys = redis_client(settings), layout(settings)
     assert live_meta(client, keys)["version"] == live.publish.version
     assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))

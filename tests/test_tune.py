@@ -42,7 +42,7 @@ def test_tuned_values_fill_defaults_but_explicit_choices_win():
 def test_tuning_on_a_time_split_stores_what_the_next_run_uses(settings, demo_loaded, window_end):
     run = plan_run(settings, window_end, SEARCH, use_tuned=False)
     extract_stage(settings, run)
-    matrix_stage(run)
+    matrix_stage(settings, run)
     tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials=4)
 
     assert set(tuned.params) == set(TUNED_FIELDS)
@@ -71,8 +71,8 @@ def test_tuning_refuses_scaled_weights(settings, demo_loaded, window_end, tmp_pa
 def test_gate_refuses_a_model_far_below_the_live_one(settings, demo_loaded, window_end):
     run = plan_run(settings, window_end, PipelineParams())
     extract_stage(settings, run)
-    matrix_stage(run)
-    train_stage(run)
+    matrix_stage(settings, run)
+    train_stage(settings, run)
     paths = run.paths
     fine = evaluate(paths.matrix, paths.model, paths.evaluation, run.params, {"model": {"k": 10, "map": 0.01}})
     assert fine.passed, fine.reason

@@ -1,0 +1,47 @@
+"""The chaos suite (`recsys chaos`): a seeded subset of its trials, and its invariant checks shown
+to catch broken states. The full run (`recsys chaos --trials 200`) is a command, not a CI step."""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys import live
+from recsys.chaos import KINDS, run_chaos
+from recsys.store import layout, redis_client
+
+TRIALS_PER_KIND = 2
+
+
+def test_every_fault_kind_keeps_the_invariants():
+    report = run_chaos(trials=TRIALS_PER_KIND * len(KINDS), seed=20261129, log=print)
+    assert report.faults == {kind: TRIALS_PER_KIND for kind in KINDS}
+    assert report.violations == 0, [(o.trial, o.kind, o.violations) for o in report.outcomes if o.violations]
+    assert report.reader_answers.get(200, 0) > 100  # the reader really read throughout
+    assert sum(o.landed for o in report.outcomes) >= len(KINDS)  # most faults struck mid-work
+
+
+@pytest.mark.parametrize("damage", ["structure gone", "count off", "meta gone", "TTL on live"])
+def test_the_live_check_sees_a_broken_version(settings, demo_loaded, window_end, damage):
+    from recsys.params import PipelineParams
+    from recsys.pipeline import run_pipeline
+
+    run_pipeline(settings, window_end, PipelineParams())
+    client, keys = redis_client(settings), layout(settings)
+    assert live.live_problems(client, keys) == []
+    if damage == "structure gone":
+        client.delete(keys.live("top_buys"))
+    elif damage == "count off":
+        client.hdel(keys.live("user_recs"), client.hrandfield(keys.live("user_recs")))
+    elif damage == "meta gone":
+        client.delete(keys.live("meta"))
+    else:
+        client.expire(keys.live("similar_products"), 3600)
+    assert live.live_problems(client, keys) != []
+
+
+def test_the_ttl_check_sees_a_key_that_would_live_forever(settings):
+    client, keys = redis_client(settings), layout(settings)
+    client.set(f"{keys.tag}:staging:x:y:user_recs", "1", ex=60)
+    assert live.keys_without_ttl(client, keys) == []
+    client.persist(f"{keys.tag}:staging:x:y:user_recs")
+    assert live.keys_without_ttl(client, keys) == [f"{keys.tag}:staging:x:y:user_recs"]
