@@ -451,7 +451,7 @@ def run_speed(
     entry["speedup_vs_read_sql"] = _ratio(ours_rps, entry["read_sql"]["rows_per_s"])
 
     console.print("matrix ...")
-    measured = in_fresh_process(matrix_stage, run)
+    measured = in_fresh_process(matrix_stage, settings, run)
     entry = _record(figures, "matrix", measured)
     built = measured.value
     full = sp.load_npz(run.paths.matrix / "full.npz").tocsr()
@@ -460,7 +460,7 @@ def run_speed(
                   "peak_rss_over_csr": _ratio(entry["peak_rss_bytes"], csr_bytes)})
 
     console.print("train: our stage, implicit directly on the same CSRs ...")
-    entry = _record(figures, "train", in_fresh_process(train_stage, run))
+    entry = _record(figures, "train", in_fresh_process(train_stage, settings, run))
     implicit = in_fresh_process(
         implicit_fit_seconds, (run.paths.matrix / "train.npz", run.paths.matrix / "full.npz"), params
     )
