@@ -5,6 +5,7 @@ Bulk paths use COPY through psycopg 3; every statement text lives in ``sql/``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -21,6 +22,14 @@ def libpq_url(url: str) -> str:
     """Accept SQLAlchemy-style URLs (``postgresql+psycopg2://``) as well as plain libpq ones."""
     parsed = make_url(url)
     return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def search_path_option(schema: str) -> str:
+    """``-c search_path=...`` for libpq's ``options``: the schema as one double-quoted identifier
+    (mixed case kept; a comma or ``-c`` inside it stays part of the name), with backslashes and
+    spaces escaped as the server's option splitting requires."""
+    quoted = pgsql.Identifier(schema).as_string()
+    return "-c search_path=" + re.sub(r"([\\ ])", r"\\\1", quoted)
 
 
 @cache
@@ -43,7 +52,7 @@ def connect(settings: Settings) -> Iterator[psycopg.Connection]:
     """A connection whose search_path is the configured schema; commits on success."""
     conn = psycopg.connect(
         libpq_url(settings.require_database_url),
-        options=f"-c search_path={settings.db_schema} -c TimeZone=UTC",
+        options=f"{search_path_option(settings.db_schema)} -c TimeZone=UTC",
     )
     try:
         with conn:
