@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recsys.errors import ConfigurationError
+from recsys.redact import mask_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # written by `recsys services start`; real environment variables always win over it
@@ -23,10 +24,16 @@ LOCAL_SERVICES_ENV = REPO_ROOT / ".recsys" / "services.env"
 # A plain identifier of at most 63 bytes (PostgreSQL's limit): used quoted everywhere, so mixed case
 # is kept as written, and nothing in it can read as a list, an option or SQL.
 SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+# may hold user:password@ or ?password=: shown masked in every repr and str
+URL_FIELDS = ("database_url", "redis_url", "artifacts_url")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", env_file=LOCAL_SERVICES_ENV, extra="ignore")
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name in URL_FIELDS and isinstance(value, str) else value)
 
     database_url: str | None = Field(
         default=None, description="Shop database, e.g. postgresql://user:pw@host:5432/shop"

@@ -1,7 +1,8 @@
-"""Settings and connections: the schema name is one quoted identifier."""
+"""Settings and connections: the schema name is one quoted identifier, passwords never printed."""
 
 from __future__ import annotations
 
+import traceback
 import uuid
 
 import psycopg
@@ -102,3 +103,48 @@ def test_mixed_case_schema_through_demo_data_and_the_whole_pipeline(mixed_case_s
 
     db.drop_schema(settings)
     assert _schemas_named(settings, settings.db_schema) == []
+
+
+def test_settings_repr_and_str_mask_url_passwords():
+    settings = Settings(
+        _env_file=None,
+        database_url="postgresql://u:hunter2@h/db",
+        redis_url="redis://:hunter2@h:6379/0",
+        artifacts_url="s3://bucket/recsys?password=hunter2",
+    )
+    for shown in (repr(settings), str(settings), f"{settings!r}"):
+        assert "hunter2" not in shown
+        assert "postgresql://u:***@h/db" in shown
+        assert "redis://:***@h:6379/0" in shown
+        assert "s3://bucket/recsys?password=***" in shown
+    # callers still read the real URLs
+    assert settings.database_url == "postgresql://u:hunter2@h/db"
+    assert settings.redis_url == "redis://:hunter2@h:6379/0"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2%zz@127.0.0.1:5432/db",  # libpq: invalid percent-encoded token: "hunter2%zz"
+        "postgresql://u:hunter2@[::1/db",  # libpq quotes the whole URI
+        "postgresql://u@127.0.0.1:5432/db?password=hunter2%zz",
+    ],
+)
+def test_connection_errors_do_not_show_the_password(url):
+    settings = Settings(_env_file=None, database_url=url)
+    with pytest.raises(psycopg.Error) as failed:
+        with db.connect(settings):
+            pass
+    printed = "".join(traceback.format_exception(failed.value))
+    assert "hunter2" not in printed
+    assert "***" in str(failed.value)
+
+
+def test_sqlalchemy_style_urls_reach_libpq_unchanged_but_for_the_driver(service_urls):
+    assert db.libpq_url("postgresql+psycopg2://u:p%20w%40x@h:5432/db?sslmode=require") == (
+        "postgresql://u:p%20w%40x@h:5432/db?sslmode=require"
+    )
+    assert db.libpq_url("postgres://u@h/db") == "postgres://u@h/db"
+    url = service_urls.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    with db.connect(Settings(_env_file=None, database_url=url)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
