@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -350,3 +351,21 @@ def test_one_warning_line_sums_up_everything_left_out(settings, window_end, tmp_
     for part in ("dropped 3 of 44 rows", "exact duplicate", "purchase quantity <= 0", "unknown event_type", "'ghost' x 1"):
         assert part in warnings[0]
     assert (result.rows_read, result.rows_kept) == (44, 41)
+
+
+def test_rows_after_the_window_end_are_invalid_even_if_an_adapted_query_lets_them_in(settings, window_end, tmp_path):
+    """A shop adapting extract_interactions.sql (README) may drop the end bound: the rows after the
+    window end are then refused by the extract itself, not trained on."""
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(settings.sql_dir, sql_dir)
+    statement = (sql_dir / "extract_interactions.sql").read_text()
+    (sql_dir / "extract_interactions.sql").write_text(statement.replace("AND occurred_at < %(end)s", ""))
+    adapted = settings.model_copy(update={"sql_dir": sql_dir})
+    good = [(f"u{i}", "p1", "view", None, days_before(window_end, 1)) for i in range(30)]
+    insert_interactions(settings, good + [("late", "p1", "view", None, window_end), ("later", "p1", "view", None, window_end + timedelta(days=1))])
+    result = extract(adapted, window_for(window_end), tmp_path / "out", PipelineParams())
+    report = _report(result)
+    (reason,) = report["dropped"]
+    assert reason.startswith("occurred_at after the window end or in the future")
+    assert sorted(example["user_id"] for example in report["examples"][reason]) == ["late", "later"]
+    assert (result.rows_read, result.rows_kept) == (32, 30)
