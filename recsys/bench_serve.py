@@ -8,8 +8,11 @@ uvicorn subprocess on 127.0.0.1, and everything is removed at the end.
   HTTP/1.1 client over keep-alive connections; latency counts from the due time, not the send
   time, so a stalled server cannot hide its queueing (what wrk2 calls coordinated omission).
 - max throughput: ``wrk`` over the same users when installed, else the same Python client in a
-  closed loop.
-- floor: ``redis-benchmark -t get`` on the same Redis, when installed.
+  closed loop (the JSON names the client used).
+- floor: what each request must do at least, measured with what the project installs: HGETs of
+  the same users from the live hash over as many connections, through redis-py's asyncio client
+  + hiredis, in a closed loop. Also ``redis-benchmark -t get`` on the same Redis when it is
+  installed (Debian's redis-tools); else null, with the reason under ``"unavailable"``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +38,7 @@ import typer
 from rich.console import Console
 
 from recsys import services, store
+from recsys.bench_speed import missing_tool
 from recsys.demo import DemoShop, load_demo
 from recsys.params import PipelineParams
 from recsys.pipeline import run_pipeline
@@ -45,6 +48,7 @@ REQUEST_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 60.0
 CONNECTIONS = 64
 MAX_DURATION_S = 60
+PYTHON_CLIENT = "python-asyncio"  # this module's own HTTP/1.1 client, when wrk is not installed
 console = Console(stderr=True)
 
 
@@ -193,10 +197,37 @@ def max_throughput_python(port: int, paths: list[str], seconds: int) -> float:
     return round(len(latencies) / elapsed, 1)
 
 
-def redis_get_rps(redis_url: str) -> float | None:
-    if shutil.which("redis-benchmark") is None:
-        console.print("redis-benchmark not found (Debian: apt-get install redis-tools); no Redis floor")
-        return None
+def redis_py_hget_rps(settings: Settings, users: list[str], seconds: int) -> float:
+    """HGETs/s of the live user hash over ``users`` from CONNECTIONS concurrent connections of
+    redis-py's asyncio client (hiredis parsing), closed loop for ``seconds``."""
+    import redis.asyncio as aioredis
+
+    key = store.layout(settings).live("user_recs")
+
+    async def run() -> float:
+        client = aioredis.Redis.from_url(settings.require_redis_url, max_connections=CONNECTIONS)
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def loop(first: int) -> None:
+            nonlocal done
+            index = first
+            while time.perf_counter() < deadline:
+                await client.hget(key, users[index % len(users)])
+                index += CONNECTIONS
+                done += 1
+
+        try:
+            start = time.perf_counter()
+            await asyncio.gather(*(loop(first) for first in range(CONNECTIONS)))
+            return round(done / (time.perf_counter() - start), 1)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def redis_benchmark_get_rps(redis_url: str) -> float:
     url = urllib.parse.urlparse(redis_url)
     command = ["redis-benchmark", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379),
                "-t", "get", "-n", "100000", "-c", "50", "-q"]
@@ -206,10 +237,9 @@ def redis_get_rps(redis_url: str) -> float | None:
     return float(re.search(r"GET: ([\d.]+) requests per second", output).group(1))
 
 
-def _user_paths(settings: Settings) -> list[str]:
+def _published_users(settings: Settings) -> list[str]:
     client, keys = store.redis_client(settings), store.layout(settings)
-    users = [user for user, _ in client.hscan_iter(keys.live("user_recs"), count=1000)]
-    return [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in users]
+    return [user for user, _ in client.hscan_iter(keys.live("user_recs"), count=1000)]
 
 
 def serve_bench_command(
@@ -221,34 +251,45 @@ def serve_bench_command(
     workers: Annotated[int, typer.Option(min=1, max=16, help="API server processes")] = 2,
 ) -> None:
     """Load-test GET /users/{id}/recommendations on loopback: p50/p99 at a fixed rate, max
-    requests/s, and redis-benchmark GET on the same Redis as the floor."""
+    requests/s, and as the floor redis-py HGETs of the same users (and redis-benchmark GET when
+    installed) on the same Redis."""
     with services.isolated("bench-serve") as settings, tempfile.TemporaryDirectory(prefix="recsys-bench-log-") as logs:
         end = datetime.now(UTC).replace(microsecond=0)
         console.print(f"demo shop: {users} users, {products} products; pipeline ...")
         load_demo(settings, DemoShop(users=users, products=products, days=60), end=end)
         run_pipeline(settings, end, PipelineParams())
-        paths = _user_paths(settings)
+        users = _published_users(settings)
+        paths = [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in users]
         with api_server(settings, Path(logs) / "api.log", workers) as port:
             # warm-up: connections, the live model load, CPU caches
             fixed_rate(port, paths, min(rate, 500), 1)
             console.print(f"fixed rate {rate}/s for {seconds} s over {len(paths)} users, {workers} workers ...")
             fixed = fixed_rate(port, paths, rate, seconds)
-            if shutil.which("wrk"):
-                console.print(f"max throughput: wrk -t2 -c{CONNECTIONS} for {seconds} s ...")
-                max_rps, tool = max_throughput_wrk(port, paths, seconds), "wrk"
+            if wrk_missing := missing_tool("wrk", "Debian: wrk"):
+                console.print(f"{wrk_missing}: max throughput from the Python asyncio client")
+                max_rps, client = max_throughput_python(port, paths, seconds), PYTHON_CLIENT
             else:
-                console.print("wrk not found (Debian: apt-get install wrk); max throughput from the Python client")
-                max_rps, tool = max_throughput_python(port, paths, seconds), "python"
-        floor = redis_get_rps(settings.require_redis_url)
+                console.print(f"max throughput: wrk -t2 -c{CONNECTIONS} for {seconds} s ...")
+                max_rps, client = max_throughput_wrk(port, paths, seconds), "wrk"
+        console.print(f"floor: redis-py HGET over {CONNECTIONS} connections for {seconds} s ...")
+        floor = redis_py_hget_rps(settings, users, seconds)
+        unavailable = {}
+        if reason := missing_tool("redis-benchmark", "Debian: redis-tools"):
+            benchmark_floor, unavailable["redis_get_rps"] = None, reason
+        else:
+            benchmark_floor = redis_benchmark_get_rps(settings.require_redis_url)
     console.print(
         f"fixed {fixed.rate}/s: p50 {fixed.p50_ms} ms, p99 {fixed.p99_ms} ms, {fixed.errors} errors "
-        f"({fixed.requests} requests, {fixed.achieved_rps}/s achieved); max {max_rps} req/s ({tool}); "
-        f"redis-benchmark GET {floor} req/s"
+        f"({fixed.requests} requests, {fixed.achieved_rps}/s achieved); max {max_rps} req/s ({client}); "
+        f"redis-py HGET {floor} req/s; redis-benchmark GET {benchmark_floor or unavailable['redis_get_rps']}"
     )
     if json_output:
         result = {
             "fixed_rate": {"rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "errors": fixed.errors},
             "max_rps": max_rps,
-            "redis_get_rps": floor,
+            "max_rps_client": client,
+            "redis_py_hget_rps": floor,
+            "redis_get_rps": benchmark_floor,
+            "unavailable": unavailable,
         }
         sys.stdout.write(json.dumps(result) + "\n")

@@ -12,19 +12,24 @@ generated shop in one run.
   call vs a dense floor (one sgemm per user block + argpartition, no filtering). Users/s.
 - publish: the publish stage with its parts timed apart: scoring (top-N, similar items), writing
   (JSON payloads + pipelined HSETs: keys/s) and the rest (loading artifacts, checks, switch);
-  keys/s vs ``redis-benchmark -t set -P 16`` on the same server with the same value size. Redis
-  bytes per user (``MEMORY USAGE`` of the live user hash, and the ``INFO memory`` delta) vs the
-  raw payload (field + JSON value bytes) and vs the same payloads as one plain key per user.
+  keys/s vs the write floor measured with redis-py + hiredis (from requirements.txt) on the same
+  server: the same number of pre-built values of the same size HSET in publish's shape, no
+  payload building. Also vs ``redis-benchmark -t set -P 16`` with the same value size when it is
+  installed (Debian's redis-tools; not a Python package). Redis bytes per user (``MEMORY USAGE``
+  of the live user hash, and the ``INFO memory`` delta) vs the raw payload (field + JSON value
+  bytes) and vs the same payloads as one plain key per user.
 - peak RSS per stage: each stage (and each in-process reference: raw implicit, scoring) runs in
   a fresh Python process, as each Airflow task does, and reports its own ``ru_maxrss``.
 
 Configured servers when RECSYS_DATABASE_URL / RECSYS_REDIS_URL are set, else embedded ones; an
 own schema and Redis prefix either way, removed at the end (also on failure). ``--json`` ends
-stdout with one JSON object.
+stdout with one JSON object. A comparison whose reference cannot be measured here (a tool that is
+not installed, Spark skipped) is null, with the reason under its stage's ``"unavailable"``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -59,6 +64,8 @@ from recsys.settings import Settings
 console = Console(stderr=True)
 SCORING_BLOCK = 4_096
 REDIS_BENCHMARK_KEY = "key:__rand_int__"  # what redis-benchmark -t set writes without -r
+# fewer fields than this time too short to give a rate (the test shop writes ~2,000 keys)
+WRITE_FLOOR_MIN_FIELDS = 100_000
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -110,6 +117,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
         return None
     return round(a / b, 4)
+
+
+def unavailable(entry: dict, key: str, reason: str) -> None:
+    """Report ``entry[key]`` as not measured, and why."""
+    entry[key] = None
+    entry.setdefault("unavailable", {})[key] = reason
+    console.print(f"[yellow]{key} unavailable: {reason}[/yellow]")
+
+
+def missing_tool(name: str, package: str) -> str | None:
+    """Why ``name`` cannot be run here, or None when it is on PATH."""
+    if shutil.which(name) is None:
+        return f"{name} not on PATH ({package}; not a Python package, so not in requirements.txt)"
+    return None
 
 
 # -------------------------------------------------------------------------------------- extract
@@ -181,17 +202,22 @@ def subsample(matrix: sp.csr_matrix, nnz: int, seed: int) -> sp.csr_matrix:
     return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=matrix.shape)
 
 
-def spark_fit_seconds(user_items: sp.csr_matrix, params: PipelineParams, tmp: Path) -> dict | None:
+def spark_unavailable(spark_interactions: int) -> str | None:
+    """Why Spark cannot be compared in this run, or None when it can."""
+    if spark_interactions <= 0:
+        return "skipped (--spark-interactions 0)"
+    if importlib.util.find_spec("pyspark") is None:
+        return "pyspark not installed (pip install 'recsys[spark]')"
+    return missing_tool("java", "a Java runtime for Spark, e.g. Debian: default-jre-headless")
+
+
+def spark_fit_seconds(user_items: sp.csr_matrix, params: PipelineParams, tmp: Path) -> dict:
     """Spark MLlib ALS (implicitPrefs, local[2]) on the same nonzeros: fit seconds, excluding
     session start and loading the ratings into a cached DataFrame."""
-    try:
-        import pyspark
-        from pyspark.ml.recommendation import ALS
-        from pyspark.sql import SparkSession
-    except ImportError:
-        console.print("[yellow]pyspark not installed (pip install 'recsys[spark]'); Spark comparison skipped[/yellow]")
-        return None
     import pandas as pd
+    import pyspark
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import SparkSession
 
     coo = user_items.tocoo()
     ratings = pd.DataFrame({"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32),
@@ -271,12 +297,36 @@ def timed_attributes(module, names: tuple[str, ...], seconds: dict[str, float]) 
             setattr(module, name, function)
 
 
-def redis_set_rps(redis_url: str, value_bytes: int, requests: int) -> float | None:
+def redis_py_write_floor(settings: Settings, value_bytes: int, fields: int) -> float:
+    """Fields/s of the fastest write publish could do with its own client: ``fields`` pre-built
+    values of ``value_bytes`` HSET into one scratch hash under the bench's prefix through
+    redis-py + hiredis, in publish's shape (fields per HSET, HSETs per round trip), with no
+    payload to build. The hash is removed afterwards."""
+    from recsys.publish import HSET_CHUNK, HSETS_PER_ROUND_TRIP
+
+    client = store.redis_client(settings)
+    key = store.layout(settings).live("bench-write-floor")
+    names = [str(number) for number in range(fields)]
+    value = b"v" * max(1, value_bytes)
+    try:
+        start = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for number, first in enumerate(range(0, fields, HSET_CHUNK), start=1):
+            chunk = names[first : first + HSET_CHUNK]
+            pairs = [value] * (2 * len(chunk))
+            pairs[0::2] = chunk
+            pipe.hset(key, items=pairs)
+            if number % HSETS_PER_ROUND_TRIP == 0:
+                pipe.execute()
+        pipe.execute()
+        return _rate(fields, time.perf_counter() - start)
+    finally:
+        client.unlink(key)
+
+
+def redis_benchmark_set_rps(redis_url: str, value_bytes: int, requests: int) -> float:
     """``redis-benchmark -t set -P 16`` on the same server; its one key is removed afterwards
     unless it existed before."""
-    if shutil.which("redis-benchmark") is None:
-        console.print("redis-benchmark not found (Debian: apt-get install redis-tools); no Redis floor")
-        return None
     import redis
 
     url = urllib.parse.urlparse(redis_url)
@@ -469,7 +519,10 @@ def run_speed(
     entry["implicit_peak_rss_bytes"] = implicit.peak_rss_bytes
     entry["time_ratio_to_implicit"] = _ratio(entry["seconds"], implicit.value)
     entry["overhead_percent"] = round((entry["seconds"] / implicit.value - 1) * 100, 2)
-    if spark_interactions > 0:
+    if reason := spark_unavailable(spark_interactions):
+        entry["subsample"] = None
+        unavailable(entry, "speedup_vs_spark", reason)
+    else:
         sample = subsample(full, spark_interactions, seed)
         console.print(f"train: implicit vs Spark ALS on {sample.nnz:,} nonzeros ...")
         implicit_sample = fit_implicit(sample, params)
@@ -478,16 +531,12 @@ def run_speed(
         entry["subsample"] = {
             "nnz": int(sample.nnz),
             "implicit_s_per_iteration": round(implicit_sample / params.iterations, 4),
-            "spark_s_per_iteration": None if spark is None else round(spark["seconds"] / params.iterations, 4),
-            "spark_version": None if spark is None else spark["version"],
+            "spark_s_per_iteration": round(spark["seconds"] / params.iterations, 4),
+            "spark_version": spark["version"],
         }
         del sample
         entry["speedup_vs_spark"] = _ratio(entry["subsample"]["spark_s_per_iteration"],
                                            entry["subsample"]["implicit_s_per_iteration"])
-    else:
-        console.print("Spark comparison skipped (--spark-interactions 0)")
-        entry["subsample"] = None
-        entry["speedup_vs_spark"] = None
     del full
 
     console.print("scoring: ours, implicit batch recommend, sgemm floor ...")
@@ -510,7 +559,7 @@ def run_speed(
     # float32 users x factors and items x factors: what the model file holds, without loading it
     factor_bytes = (built.n_users + built.n_items) * params.factors * np.dtype(np.float32).itemsize
 
-    console.print("publish: stage (scoring timed apart), then redis-benchmark SET ...")
+    console.print("publish: stage (scoring timed apart), then the write floors ...")
     evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)
     used_before = _used_memory(settings)
     measured = in_fresh_process(publish_with_parts_timed, settings, run)
@@ -521,7 +570,8 @@ def run_speed(
     write_seconds = sum(parts.get(name, 0.0) for name in PUBLISH_WRITING)
     other_seconds = entry["seconds"] - sum(parts.values())
     payload = redis_payload(settings)
-    set_rps = redis_set_rps(settings.require_redis_url, int(payload["mean_value_bytes"]), 1_000_000)
+    value_bytes = int(payload["mean_value_bytes"])
+    floor_fields = max(keys_written, WRITE_FLOOR_MIN_FIELDS)
     entry.update({
         "users": published.users, "keys_written": keys_written,
         "scoring_seconds": round(parts.get("recommend_top_n", 0.0), 3),
@@ -530,13 +580,20 @@ def run_speed(
         "other_seconds": round(other_seconds, 3),
         "keys_per_s": _rate(keys_written, write_seconds),
         "keys_per_s_without_scoring": _rate(keys_written, write_seconds + other_seconds),
-        "redis_benchmark_set_rps": set_rps,
+        "redis_py_write_floor": {"fields": floor_fields, "value_bytes": value_bytes,
+                                 "fields_per_s": redis_py_write_floor(settings, value_bytes, floor_fields)},
         "redis_memory_usage_bytes": payload["memory_usage_bytes"],
         "redis_info_delta_bytes": used_after - used_before,
         "raw_payload_bytes_per_user": payload["raw_bytes_per_user"],
         "plain_keys_bytes_per_user": payload["plain_keys_bytes_per_user"],
     })
-    entry["ratio_to_redis_benchmark"] = _ratio(entry["keys_per_s"], set_rps)
+    entry["ratio_to_redis_py_write_floor"] = _ratio(entry["keys_per_s"], entry["redis_py_write_floor"]["fields_per_s"])
+    if reason := missing_tool("redis-benchmark", "Debian: redis-tools"):
+        unavailable(entry, "redis_benchmark_set_rps", reason)
+        unavailable(entry, "ratio_to_redis_benchmark", reason)
+    else:
+        entry["redis_benchmark_set_rps"] = redis_benchmark_set_rps(settings.require_redis_url, value_bytes, 1_000_000)
+        entry["ratio_to_redis_benchmark"] = _ratio(entry["keys_per_s"], entry["redis_benchmark_set_rps"])
     entry["bytes_per_user"] = _ratio(payload["memory_usage_bytes"], published.users)
     entry["info_delta_bytes_per_user"] = _ratio(entry["redis_info_delta_bytes"], published.users)
     entry["bytes_per_user_over_raw"] = _ratio(entry["bytes_per_user"], payload["raw_bytes_per_user"])
@@ -555,26 +612,31 @@ def run_speed(
     return figures
 
 
+# Every ratio is measured against references the project installs itself, except those listed in
+# OPTIONAL_RATIOS: null when their reference is not there, with the reason under "unavailable".
 RATIOS = (
     ("extract", "ratio_to_copy_floor"), ("extract", "speedup_vs_read_sql"),
     ("train", "time_ratio_to_implicit"), ("train", "speedup_vs_spark"),
     ("scoring", "ratio_to_blas_floor"), ("scoring", "ratio_to_implicit"),
-    ("publish", "ratio_to_redis_benchmark"), ("publish", "bytes_per_user"),
-    ("memory", "peak_rss_ratio"),
+    ("publish", "ratio_to_redis_py_write_floor"), ("publish", "ratio_to_redis_benchmark"),
+    ("publish", "bytes_per_user"), ("memory", "peak_rss_ratio"),
 )
+OPTIONAL_RATIOS = (("train", "speedup_vs_spark"), ("publish", "ratio_to_redis_benchmark"))
 
 
 def _summary(figures: dict) -> str:
     lines = []
     for stage, key in RATIOS:
-        lines.append(f"{stage}.{key} = {figures[stage].get(key)}")
+        why_not = figures[stage].get("unavailable", {}).get(key)
+        lines.append(f"{stage}.{key} = {figures[stage].get(key)}" + (f" ({why_not})" if why_not else ""))
     e, t, s, p = figures["extract"], figures["train"], figures["scoring"], figures["publish"]
     lines.append(
         f"extract {e['rows_per_s']:,} rows/s (COPY floor {e['copy_floor']['rows_per_s']:,}, read_sql "
         f"{e['read_sql']['rows_per_s']:,}); train {t['seconds']} s vs implicit {t['implicit_seconds']} s; "
         f"scoring {s['users_per_s']:,} users/s (implicit {s['implicit_users_per_s']:,}, floor "
         f"{s['blas_floor_users_per_s']:,}); publish {p['keys_per_s']:,} keys/s "
-        f"(redis-benchmark SET {p['redis_benchmark_set_rps']})"
+        f"(redis-py write floor {p['redis_py_write_floor']['fields_per_s']:,} fields/s, "
+        f"redis-benchmark SET {p['redis_benchmark_set_rps']})"
     )
     return "\n".join(lines)
 
@@ -595,7 +657,7 @@ def speed_bench_command(
 ) -> None:
     """Time and memory of extract, matrix, train, scoring and publish on one generated shop, each
     next to its reference (COPY floor, read_sql, raw implicit, Spark ALS, sgemm floor, implicit
-    recommend, redis-benchmark SET)."""
+    recommend, redis-py write floor, redis-benchmark SET)."""
     _terminate_cleanly()
     with services.isolated("bench-speed") as settings:
         figures = run_speed(settings, users, items, interactions, spark_interactions, read_sql_interactions,

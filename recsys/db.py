@@ -5,6 +5,7 @@ Bulk paths use COPY through psycopg 3; every statement text lives in ``sql/``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -12,15 +13,27 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql as pgsql
-from sqlalchemy.engine import make_url
 
+from recsys.redact import redact
 from recsys.settings import Settings
+
+_SQLALCHEMY_DRIVER = re.compile(r"^postgres(?:ql)?\+[A-Za-z0-9_]+://")
 
 
 def libpq_url(url: str) -> str:
-    """Accept SQLAlchemy-style URLs (``postgresql+psycopg2://``) as well as plain libpq ones."""
-    parsed = make_url(url)
-    return parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    """Accept SQLAlchemy-style URLs (``postgresql+psycopg2://``) as well as plain libpq ones.
+
+    Only the driver suffix goes: the rest reaches libpq exactly as written (re-rendering the URL
+    would decode a percent-encoded password and break it)."""
+    return _SQLALCHEMY_DRIVER.sub("postgresql://", url, count=1)
+
+
+def search_path_option(schema: str) -> str:
+    """``-c search_path=...`` for libpq's ``options``: the schema as one double-quoted identifier
+    (mixed case kept; a comma or ``-c`` inside it stays part of the name), with backslashes and
+    spaces escaped as the server's option splitting requires."""
+    quoted = pgsql.Identifier(schema).as_string()
+    return "-c search_path=" + re.sub(r"([\\ ])", r"\\\1", quoted)
 
 
 @cache
@@ -40,11 +53,15 @@ def sql_with_schema(settings: Settings, name: str, schema: str) -> pgsql.Compose
 
 @contextmanager
 def connect(settings: Settings) -> Iterator[psycopg.Connection]:
-    """A connection whose search_path is the configured schema; commits on success."""
-    conn = psycopg.connect(
-        libpq_url(settings.require_database_url),
-        options=f"-c search_path={settings.db_schema} -c TimeZone=UTC",
-    )
+    """A connection whose search_path is the configured schema; commits on success.
+
+    A connection error's message (libpq quotes parts of a URL it cannot parse) comes with the
+    URL's password masked, and without the original exception attached."""
+    url = settings.require_database_url
+    try:
+        conn = psycopg.connect(libpq_url(url), options=f"{search_path_option(settings.db_schema)} -c TimeZone=UTC")
+    except psycopg.Error as error:
+        raise type(error)(redact(str(error), url)) from None
     try:
         with conn:
             yield conn

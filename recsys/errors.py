@@ -14,6 +14,11 @@ class InputError(RecsysError):
     """The input data or parameters are unusable; retrying will not help."""
 
 
+class ConfigurationError(InputError):
+    """A setting is unusable (e.g. ``RECSYS_DB_SCHEMA`` is not a schema name); raised before any
+    connection is made."""
+
+
 class EmptyWindowError(InputError):
     """The requested time window holds no interactions at all."""
 

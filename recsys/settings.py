@@ -7,25 +7,51 @@ a password.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from recsys.errors import ConfigurationError
+from recsys.redact import mask_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # written by `recsys services start`; real environment variables always win over it
 LOCAL_SERVICES_ENV = REPO_ROOT / ".recsys" / "services.env"
+# A plain identifier of at most 63 bytes (PostgreSQL's limit): used quoted everywhere, so mixed case
+# is kept as written, and nothing in it can read as a list, an option or SQL.
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+# may hold user:password@ or ?password=: shown masked in every repr and str
+URL_FIELDS = ("database_url", "redis_url", "artifacts_url")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", env_file=LOCAL_SERVICES_ENV, extra="ignore")
 
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, (mask_url(value) if name in URL_FIELDS and isinstance(value, str) else value)
+
     database_url: str | None = Field(
         default=None, description="Shop database, e.g. postgresql://user:pw@host:5432/shop"
     )
     db_schema: str = Field(default="public", description="Schema that holds the shop tables")
+
+    @field_validator("db_schema")
+    @classmethod
+    def _schema_is_an_identifier(cls, value: str) -> str:
+        # not a ValueError, which pydantic would wrap into a multi-line ValidationError: one line,
+        # and an InputError, so the DAG fails the task at once instead of retrying it
+        if not SCHEMA_NAME.fullmatch(value):
+            raise ConfigurationError(
+                f"RECSYS_DB_SCHEMA {value!r} is not a schema name: 1 to 63 letters, digits, _ or $, "
+                "not starting with a digit"
+            )
+        return value
+
     redis_url: str | None = Field(default=None, description="Cache Redis, e.g. redis://host:6379/0")
     redis_prefix: str = Field(default="recsys", description="Prefix of every Redis key we write")
     artifacts_dir: Path = Field(

@@ -8,6 +8,7 @@ Each test gets its own Postgres schema and Redis key prefix and removes both aft
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,3 +135,26 @@ def insert_products(settings: Settings, rows: list[tuple]) -> None:
 
 def days_before(end: datetime, days: float) -> datetime:
     return end - timedelta(days=days)
+
+
+@pytest.fixture
+def bare_path(tmp_path: Path) -> str:
+    """A PATH as on a fresh machine with only Python and the project's requirements: one folder
+    holding a link to this interpreter. Debian's redis-benchmark and wrk are really not on it."""
+    bin_dir = tmp_path / "bare-bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    path = str(bin_dir)
+    for tool in ("redis-benchmark", "wrk", "java"):
+        assert shutil.which(tool, path=path) is None, tool
+    return path
+
+
+def run_recsys_json(args: list[str], servers: services.LocalServices, path: str, timeout: int = 600) -> dict:
+    """``recsys ARGS`` in a subprocess with PATH set to ``path`` and the given servers; returns
+    the JSON object that ends its stdout."""
+    env = {**os.environ, "PATH": path, **servers.env()}
+    command = [sys.executable, "-c", "from recsys.cli import app; app()", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -2,55 +2,75 @@
 
 from __future__ import annotations
 
-import json
 import math
+import re
+import shutil
 import tracemalloc
 
 import numpy as np
 import pytest
-import typer
-from typer.testing import CliRunner
+from conftest import run_recsys_json
 
-from recsys.bench_speed import RATIOS, speed_bench_command
+from recsys.bench_speed import (
+    OPTIONAL_RATIOS,
+    RATIOS,
+    missing_tool,
+    redis_benchmark_set_rps,
+    redis_py_write_floor,
+)
 from recsys.demo import DemoShop, generate_interactions
+from recsys.store import layout, redis_client
 
 
-@pytest.fixture
-def bench_env(service_urls, monkeypatch):
-    """The bench makes (and removes) its own schema and prefix on the test servers."""
-    monkeypatch.setenv("RECSYS_DATABASE_URL", service_urls.database_url)
-    monkeypatch.setenv("RECSYS_REDIS_URL", service_urls.redis_url)
-    return service_urls
+def _bench_keys(client, label: str) -> set:
+    return set(client.scan_iter(match=f"*{label}_*", count=1000))
 
 
-def test_speed_bench_reports_every_stage_and_ratio(bench_env):
+def test_speed_bench_on_a_machine_with_only_python(service_urls, bare_path):
+    """No redis-benchmark, no Java: every ratio the project can measure itself is a number, the
+    others are null with the reason."""
     import redis
 
-    client = redis.Redis.from_url(bench_env.redis_url)
-    before = set(client.scan_iter(match="bench-speed-*", count=1000))
-    app = typer.Typer()
-    app.command()(speed_bench_command)
-    result = CliRunner().invoke(
-        app,
-        ["--users", "2000", "--items", "300", "--interactions", "50000", "--spark-interactions", "0",
-         "--scoring-users", "2000", "--json"],
+    client = redis.Redis.from_url(service_urls.redis_url)
+    before = _bench_keys(client, "bench_speed")
+    figures = run_recsys_json(
+        ["bench", "speed", "--users", "2000", "--items", "300", "--interactions", "50000",
+         "--spark-interactions", "1000", "--scoring-users", "2000", "--json"],
+        service_urls, bare_path,
     )
-    assert result.exit_code == 0, result.output
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
     for stage, key in RATIOS:
         value = figures[stage][key]
-        if (stage, key) == ("train", "speedup_vs_spark"):
-            assert value is None  # Spark skipped
+        if (stage, key) in OPTIONAL_RATIOS:
+            assert value is None, (stage, key, value)
             continue
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (stage, key, value)
+    publish, train = figures["publish"], figures["train"]
+    assert "redis-benchmark not on PATH" in publish["unavailable"]["ratio_to_redis_benchmark"]
+    assert publish["redis_benchmark_set_rps"] is None
+    # with pyspark installed it is Java that is missing here; without it, pyspark
+    assert re.search(r"java not on PATH|pyspark not installed", train["unavailable"]["speedup_vs_spark"])
+    floor = publish["redis_py_write_floor"]
+    assert floor["fields"] >= 100_000 and floor["fields_per_s"] > 0 and floor["value_bytes"] > 10
     assert figures["extract"]["rows"] == figures["load"]["rows"] > 40_000
     assert figures["matrix"]["users"] == 2000
-    assert figures["publish"]["users"] > 1900
-    publish = figures["publish"]
+    assert publish["users"] > 1900
     assert 0 < publish["write_seconds"] < publish["seconds"] and publish["scoring_seconds"] > 0
     assert publish["plain_keys_bytes_per_user"] > publish["raw_payload_bytes_per_user"] > 0
-    # own schema and prefix are gone again
-    assert set(client.scan_iter(match="bench-speed-*", count=1000)) == before
+    # own schema and prefix are gone again, the floor's scratch hash with them
+    assert _bench_keys(client, "bench_speed") == before
+
+
+def test_write_floor_counts_its_fields_and_removes_its_hash(settings):
+    rate = redis_py_write_floor(settings, value_bytes=50, fields=25_000)
+    assert rate > 0
+    client = redis_client(settings)
+    assert not client.exists(layout(settings).live("bench-write-floor"))
+
+
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-benchmark (Debian: redis-tools) not installed")
+def test_redis_benchmark_floors_when_it_is_installed(settings):
+    assert redis_benchmark_set_rps(settings.redis_url, 100, 20_000) > 0
+    assert missing_tool("redis-benchmark", "Debian: redis-tools") is None
 
 
 def test_generator_is_deterministic_by_seed(window_end):

@@ -1,0 +1,150 @@
+"""Settings and connections: the schema name is one quoted identifier, passwords never printed."""
+
+from __future__ import annotations
+
+import traceback
+import uuid
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from recsys import db
+from recsys.cli import app
+from recsys.errors import ConfigurationError
+from recsys.params import PipelineParams
+from recsys.pipeline import run_pipeline
+from recsys.settings import Settings
+from recsys.store import KeyLayout, delete_all, layout, live_meta, redis_client
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "schema", ["x -c statement_timeout=1", "a,b", "1st", "", 'a"b', "tab\there", "x" * 64, "naïve"]
+)
+def test_a_schema_that_is_not_an_identifier_is_refused_before_connecting(schema, monkeypatch):
+    monkeypatch.setenv("RECSYS_DB_SCHEMA", schema)
+    # nothing listens on port 1: a connection attempt would fail differently
+    monkeypatch.setenv("RECSYS_DATABASE_URL", "postgresql://u@127.0.0.1:1/db")
+    with pytest.raises(ConfigurationError) as refused:
+        Settings(_env_file=None)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message.startswith(f"RECSYS_DB_SCHEMA {schema!r} is not a schema name")
+
+    result = runner.invoke(app, ["init-db"])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigurationError)
+
+
+@pytest.mark.parametrize("schema", ["public", "BarCase", "barcase", "_x$1", "s" * 63])
+def test_identifiers_are_accepted_as_written(schema):
+    assert Settings(_env_file=None, db_schema=schema).db_schema == schema
+
+
+def test_search_path_holds_the_schema_as_one_quoted_identifier_whatever_it_is(settings):
+    """Quoting does not rely on the validator: a value that bypassed it still cannot set a server
+    option or become a list."""
+    with db.connect(settings) as conn:
+        default_timeout = conn.execute("SHOW statement_timeout").fetchone()[0]
+    for schema in ("x -c statement_timeout=1", "a,b", "Mixed Case\\"):
+        unchecked = settings.model_copy(update={"db_schema": schema})  # model_copy does not validate
+        with db.connect(unchecked) as conn:
+            search_path, timeout = conn.execute("SELECT current_setting('search_path'), current_setting('statement_timeout')").fetchone()
+        assert timeout == default_timeout
+        assert search_path == psycopg.sql.Identifier(schema).as_string()
+
+
+@pytest.fixture
+def mixed_case_settings(service_urls, tmp_path):
+    tag = uuid.uuid4().hex[:10]
+    settings = Settings(
+        _env_file=None,
+        database_url=service_urls.database_url,
+        redis_url=service_urls.redis_url,
+        db_schema=f"Test_MixedCase_{tag}",
+        redis_prefix=f"test-{tag}",
+        artifacts_dir=tmp_path / "artifacts",
+    )
+    try:
+        yield settings
+    finally:
+        db.drop_schema(settings)
+        delete_all(redis_client(settings), KeyLayout(settings.redis_prefix))
+
+
+def _schemas_named(settings: Settings, name: str) -> list[str]:
+    with db.connect(settings.model_copy(update={"db_schema": "public"})) as conn:
+        rows = conn.execute("SELECT nspname FROM pg_namespace WHERE lower(nspname) = lower(%s)", [name]).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_mixed_case_schema_through_demo_data_and_the_whole_pipeline(mixed_case_settings, window_end, monkeypatch):
+    settings = mixed_case_settings
+    for name, value in {
+        "RECSYS_DATABASE_URL": settings.database_url,
+        "RECSYS_REDIS_URL": settings.redis_url,
+        "RECSYS_DB_SCHEMA": settings.db_schema,
+        "RECSYS_REDIS_PREFIX": settings.redis_prefix,
+        "RECSYS_ARTIFACTS_DIR": str(settings.artifacts_dir),
+    }.items():
+        monkeypatch.setenv(name, value)
+    loaded = runner.invoke(app, ["demo-data", "--users", "400", "--products", "120", "--days", "60",
+                                 "--end", window_end.isoformat()])
+    assert loaded.exit_code == 0, loaded.output
+    # the tables are in the schema as written, not in a lower-cased one
+    assert _schemas_named(settings, settings.db_schema) == [settings.db_schema]
+
+    result = run_pipeline(settings, window_end, PipelineParams(factors=16))
+    assert result.extract.rows_kept > 5_000
+    assert result.publish.users > 300
+    assert live_meta(redis_client(settings), layout(settings))["version"] == result.publish.version
+
+    db.drop_schema(settings)
+    assert _schemas_named(settings, settings.db_schema) == []
+
+
+def test_settings_repr_and_str_mask_url_passwords():
+    settings = Settings(
+        _env_file=None,
+        database_url="postgresql://u:hunter2@h/db",
+        redis_url="redis://:hunter2@h:6379/0",
+        artifacts_url="s3://bucket/recsys?password=hunter2",
+    )
+    for shown in (repr(settings), str(settings), f"{settings!r}"):
+        assert "hunter2" not in shown
+        assert "postgresql://u:***@h/db" in shown
+        assert "redis://:***@h:6379/0" in shown
+        assert "s3://bucket/recsys?password=***" in shown
+    # callers still read the real URLs
+    assert settings.database_url == "postgresql://u:hunter2@h/db"
+    assert settings.redis_url == "redis://:hunter2@h:6379/0"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2%zz@127.0.0.1:5432/db",  # libpq: invalid percent-encoded token: "hunter2%zz"
+        "postgresql://u:hunter2@[::1/db",  # libpq quotes the whole URI
+        "postgresql://u@127.0.0.1:5432/db?password=hunter2%zz",
+    ],
+)
+def test_connection_errors_do_not_show_the_password(url):
+    settings = Settings(_env_file=None, database_url=url)
+    with pytest.raises(psycopg.Error) as failed:
+        with db.connect(settings):
+            pass
+    printed = "".join(traceback.format_exception(failed.value))
+    assert "hunter2" not in printed
+    assert "***" in str(failed.value)
+
+
+def test_sqlalchemy_style_urls_reach_libpq_unchanged_but_for_the_driver(service_urls):
+    assert db.libpq_url("postgresql+psycopg2://u:p%20w%40x@h:5432/db?sslmode=require") == (
+        "postgresql://u:p%20w%40x@h:5432/db?sslmode=require"
+    )
+    assert db.libpq_url("postgres://u@h/db") == "postgres://u@h/db"
+    url = service_urls.database_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    with db.connect(Settings(_env_file=None, database_url=url)) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
