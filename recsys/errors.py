@@ -78,7 +78,9 @@ def describe(error: BaseException) -> str:
         return str(error)
     if isinstance(error, psycopg.OperationalError):
         lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else type(error).__name__
+        # libpq says 'connection to server at "h", port p failed: <why>', then hints
+        reasons = [line.rsplit("failed: ", 1)[1] for line in lines if "failed: " in line]
+        reason = reasons[0] if reasons else (lines[-1] if lines else type(error).__name__)
         return (f"cannot reach PostgreSQL at {_address(Settings().database_url)} ({reason}); "
                 "set RECSYS_DATABASE_URL or run `recsys services start`")
     if isinstance(error, redis.ConnectionError | redis.TimeoutError):
