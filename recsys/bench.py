@@ -122,7 +122,7 @@ def _validation_sets(data: Path | None, seed: int) -> dict[str, dict]:
     import tempfile
     from datetime import UTC, datetime
 
-    from recsys.demo import DemoShop, write_demo_parquet
+    from recsys.demo import DEMO_ID_TYPES, DemoShop, write_demo_parquet
     from recsys.extract import Window
     from recsys.matrix import build_matrix
     from recsys.params import PipelineParams
@@ -143,7 +143,7 @@ def _validation_sets(data: Path | None, seed: int) -> dict[str, dict]:
         with tempfile.TemporaryDirectory() as directory:
             interactions, products = write_demo_parquet(shop, end, Path(directory) / "extract")
             window = Window(end - timedelta(days=params.lookback_days), end)
-            build_matrix(interactions, products, window, Path(directory) / "matrix", params)
+            build_matrix(interactions, products, window, Path(directory) / "matrix", params, DEMO_ID_TYPES)
             split = holdout_split(Path(directory) / "matrix")
         sets[f"{name} (time split)"] = {
             "fit": split.fit, "validation": split.validation,

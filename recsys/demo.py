@@ -29,6 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from recsys import db
+from recsys.ids import IdTypes
 from recsys.settings import Settings
 
 CATEGORIES = (
@@ -242,6 +243,10 @@ def load_demo(settings: Settings, shop: DemoShop, end: datetime | None = None, p
     return DemoLoadResult(
         products=shop.products, interactions=total, start=end - timedelta(days=shop.days), end=end
     )
+
+
+# the demo shop's ids are integers
+DEMO_ID_TYPES = IdTypes("int", "int", {"user": "demo shop", "product": "demo shop"})
 
 
 def write_demo_parquet(shop: DemoShop, end: datetime, directory: Path) -> tuple[Path, Path]:

@@ -35,8 +35,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from recsys import db
+from recsys import db, ids
 from recsys.errors import EmptyWindowError, NoValidDataError
+from recsys.ids import IdTypes
 from recsys.params import PipelineParams
 from recsys.settings import Settings
 
@@ -207,8 +208,33 @@ def _blank(strings: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.or_(pc.utf8_is_space(strings), pc.equal(pc.binary_length(strings), 0))
 
 
+def extracted_id_types(extract_dir: Path) -> IdTypes:
+    """The id types an extract validated its rows against (from its report)."""
+    return IdTypes.from_dict(json.loads((extract_dir / "report.json").read_text())["id_types"])
+
+
+def resolve_id_types(settings: Settings, window: Window, live: dict | None) -> IdTypes:
+    """Each kind of id: configured, else as the live version publishes it, else inferred
+    (products from the catalogue, users from the window; see ``recsys.ids``)."""
+    chosen, source = {}, {}
+    for kind, configured, query, where in (
+        ("user", settings.user_id_type, "count_integer_user_ids", "user ids in the window"),
+        ("product", settings.product_id_type, "count_integer_product_ids", "product ids in the catalogue"),
+    ):
+        if configured is not None:
+            chosen[kind], source[kind] = configured, f"configured (RECSYS_{kind.upper()}_ID_TYPE)"
+        elif live and kind in live:
+            chosen[kind], source[kind] = live[kind], "as the live version publishes them"
+        else:
+            with db.connect(settings) as conn:
+                total, integers = conn.execute(db.sql_text(settings, query), {"start": window.start, "end": window.end}).fetchone()
+            chosen[kind] = ids.infer(integers, total)
+            source[kind] = f"inferred: {integers} of {total} distinct {where} are integers"
+    return IdTypes(chosen["user"], chosen["product"], source)
+
+
 def _validation_rules(
-    params: PipelineParams, known_event_types: pa.Array, latest: datetime
+    params: PipelineParams, known_event_types: pa.Array, latest: datetime, id_types: IdTypes
 ) -> list[tuple[str, callable]]:
     """(reason, predicate) pairs; a row is dropped for the first predicate it matches.
 
@@ -216,11 +242,18 @@ def _validation_rules(
     when the window ends later. The query itself stops at the window end; the check also holds
     for a shop's adapted query that forgets to."""
     latest_us = _epoch_us(latest)
+    typed = [
+        (f"{kind}_id not an integer ({kind} ids are int: {id_types.source[kind]})",
+         lambda t, column=f"{kind}_id": pc.invert(ids.integer_ids(t[column])))
+        for kind in ("user", "product")
+        if getattr(id_types, kind) == "int"
+    ]
     return [
         ("null user_id", lambda t: pc.is_null(t["user_id"])),
         ("empty user_id", lambda t: _blank(t["user_id"])),
         ("null product_id", lambda t: pc.is_null(t["product_id"])),
         ("empty product_id", lambda t: _blank(t["product_id"])),
+        *typed,
         (
             # is_in is false (not null) for a null event_type, so that row counts as unknown
             f"unknown event_type (known: {', '.join(known_event_types.to_pylist())})",
@@ -452,8 +485,10 @@ def extract(
     extract_dir: Path,
     params: PipelineParams,
     progress: bool = False,
+    live_id_types: dict | None = None,
 ) -> ExtractResult:
-    """Read interactions in ``window`` and the product catalogue; write validated Parquet."""
+    """Read interactions in ``window`` and the product catalogue; write validated Parquet.
+    ``live_id_types``: the live version's id types, which ids keep unless configured otherwise."""
     extract_dir.mkdir(parents=True, exist_ok=True)
     interactions_path, products_path = extract_dir / "interactions.parquet", extract_dir / "products.parquet"
     # both appear under their names only once the whole extract has succeeded
@@ -461,7 +496,8 @@ def extract(
     window_text = f"[{window.start.isoformat()}, {window.end.isoformat()})"
     query_params = {"start": window.start, "end": window.end}
     latest = min(window.end - timedelta(microseconds=1), datetime.now(UTC))
-    rules = _validation_rules(params, pa.array(sorted(params.event_weights), pa.string()), latest)
+    id_types = resolve_id_types(settings, window, live_id_types)
+    rules = _validation_rules(params, pa.array(sorted(params.event_weights), pa.string()), latest, id_types)
     report = ValidationReport()
     try:
         with tempfile.TemporaryDirectory(prefix=".slices-", dir=extract_dir) as slices_dir:
@@ -483,7 +519,7 @@ def extract(
 
     report_path = extract_dir / "report.json"
     report_path.write_text(
-        json.dumps({"window": window.to_dict(), "interactions": report.to_dict()}, indent=2)
+        json.dumps({"window": window.to_dict(), "id_types": id_types.to_dict(), "interactions": report.to_dict()}, indent=2)
     )
     log.info("extract %s: kept %d of %d rows", window_text, report.rows_kept, report.rows_read)
     return ExtractResult(

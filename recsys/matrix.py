@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from recsys.errors import InputError
 from recsys.extract import Window
+from recsys.ids import IdTypes
 from recsys.params import PipelineParams
 from recsys.weighting import decayed_weights, scale_confidence
 
@@ -158,6 +159,7 @@ def build_matrix(
     window: Window,
     matrix_dir: Path,
     params: PipelineParams,
+    id_types: IdTypes,
 ) -> MatrixResult:
     matrix_dir.mkdir(parents=True, exist_ok=True)
     interactions = pq.ParquetFile(interactions_path, pre_buffer=False)
@@ -217,6 +219,7 @@ def build_matrix(
     manifest = {
         "build_id": uuid.uuid4().hex,  # the stages after this one record which build they used
         "window": window.to_dict(),
+        "id_types": id_types.to_dict(),
         "holdout_cutoff": cutoff.isoformat(),
         "counts": counts,
         "params": params.to_dict(),
@@ -288,3 +291,11 @@ def holdout_split(matrix_dir: Path) -> HoldoutSplit:
         blocked_items=inactive_items(matrix_dir),
         manifest=manifest,
     )
+
+
+def matrix_id_types(matrix_dir: Path) -> IdTypes:
+    """How the ids of this matrix build are published."""
+    manifest = json.loads((matrix_dir / "manifest.json").read_text())
+    if "id_types" not in manifest:
+        raise InputError(f"{matrix_dir} was built by an older recsys without id types; run its matrix stage again")
+    return IdTypes.from_dict(manifest["id_types"])

@@ -28,7 +28,7 @@ from recsys import artifacts, store
 from recsys.artifacts import ArtifactStore
 from recsys.errors import FutureWindowError, RecsysError
 from recsys.evaluate import EvaluationResult, enforce_quality_gate, evaluate
-from recsys.extract import ExtractResult, Window, extract
+from recsys.extract import ExtractResult, Window, extract, extracted_id_types
 from recsys.matrix import MatrixResult, build_matrix
 from recsys.params import PipelineParams
 from recsys.publish import (
@@ -251,7 +251,8 @@ def _reading(settings: Settings, run: Run):
 
 def extract_stage(settings: Settings, run: Run, progress: bool = False) -> ExtractResult:
     with _writing(settings, run):
-        result = extract(settings, run.window, run.paths.extract, run.params, progress=progress)
+        live_id_types = store.live_id_types(store.redis_client(settings), store.layout(settings))
+        result = extract(settings, run.window, run.paths.extract, run.params, progress, live_id_types)
         run.push(EXTRACT)
     return result
 
@@ -261,7 +262,8 @@ def matrix_stage(settings: Settings, run: Run) -> MatrixResult:
         run.pull(EXTRACT)
         extracted = run.paths.extract
         result = build_matrix(
-            extracted / "interactions.parquet", extracted / "products.parquet", run.window, run.paths.matrix, run.params
+            extracted / "interactions.parquet", extracted / "products.parquet", run.window, run.paths.matrix,
+            run.params, extracted_id_types(extracted),
         )
         run.push(MATRIX)
     return result

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -38,7 +37,8 @@ import scipy.sparse as sp
 from recsys.errors import EmptyResultError, PublishConflictError, StaleVersionError
 from recsys.extract import Window
 from recsys.live import VersionOwner, live_data_end, run_script, switch_live
-from recsys.matrix import inactive_items
+from recsys.ids import IdType, IdTypes, id_out
+from recsys.matrix import inactive_items, matrix_id_types
 from recsys.params import PipelineParams
 from recsys.ranking import als_model, recommend_top_n, similar_items
 from recsys.settings import Settings
@@ -53,30 +53,17 @@ HSETS_PER_ROUND_TRIP = 8
 PAYLOAD_BATCH = 100_000  # users whose JSON is built at once: bounds a shard's payload memory
 # staging keys of a publish that died half-way expire by themselves; the switch removes the TTL
 STAGING_TTL_SECONDS = 6 * 3600
-_CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,15})$"
 # printable ASCII except '"' and '\\': JSON-quoting such an id is just adding the quotes
 _NEEDS_NO_ESCAPE = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
-_JS_SAFE_INT = 2**53
 TOP_BUYS_KEY_ALL = top_buys_field(None)
 
 
-def id_codec(ids: list[str]) -> Callable[[str], int | str]:
-    """Ids go back as the shop stored them: integers if every id is a canonical integer (that a
-    browser can hold exactly), strings otherwise ("007" stays "007")."""
-    canonical = re.compile(_CANONICAL_INT)
-    if all(canonical.match(i) and abs(int(i)) < _JS_SAFE_INT for i in ids):
-        return int
-    return str
-
-
-def json_id_tokens(ids: pa.Array) -> pa.Array:
-    """Each id as the JSON text ``json.dumps(id_codec(ids)(id))`` writes, computed column-wise:
-    publishing a million users must not cost a million Python calls."""
+def json_id_tokens(ids: pa.Array, id_type: IdType) -> pa.Array:
+    """Each id as the JSON text ``json.dumps(id_out(id_type)(id))`` writes, computed column-wise:
+    publishing a million users must not cost a million Python calls. With ``int``, every id is a
+    canonical integer already (the extract refused the others)."""
     ids = ids.cast(pa.string())
-    if len(ids) == 0:
-        return ids
-    canonical = pc.all(pc.match_substring_regex(ids, _CANONICAL_INT)).as_py()
-    if canonical and pc.max(pc.abs(pc.cast(ids, pa.int64()))).as_py() < _JS_SAFE_INT:
+    if id_type == "int" or len(ids) == 0:
         return ids
     quoted = pc.binary_join_element_wise('"', ids, '"', "")
     needs_escape = pc.invert(pc.match_substring_regex(ids, _NEEDS_NO_ESCAPE))
@@ -233,6 +220,7 @@ class _Staging:
     model_dir: Path
     params: PipelineParams
     model_build: str  # the model build this attempt publishes: every step must see the same one
+    id_types: IdTypes
 
     def key(self, structure: str) -> str:
         return self.keys.staging(self.version, self.attempt, structure)
@@ -253,7 +241,7 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     matrix_dir, params = staging.matrix_dir, staging.params
     items_table = pq.read_table(matrix_dir / "items.parquet")
     items = items_table.to_pandas()
-    top_lists = _top_buys(items, params.top_buys_n, id_codec(items["id"].tolist()))
+    top_lists = _top_buys(items, params.top_buys_n, id_out(staging.id_types.product))
     if not top_lists[TOP_BUYS_KEY_ALL]["top_buys"]:
         raise EmptyResultError("no active product for the top buys list; nothing published")
     blocked = inactive_items(matrix_dir)
@@ -262,7 +250,7 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
 
     item_ids = items_table["id"].combine_chunks()
-    item_tokens = json_id_tokens(item_ids)
+    item_tokens = json_id_tokens(item_ids, staging.id_types.product)
     has_similar = similar[:, 0] >= 0
     owners = pa.array(active[has_similar])
     client = staging.client
@@ -304,18 +292,16 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     )
     has_recs = recs[:, 0] >= 0
     owners, lists = users[has_recs], recs[has_recs]
-    # tokens of all users, not just this shard's: whether ids are published as numbers is decided
-    # over every id, so all shards agree
-    user_tokens, item_tokens = json_id_tokens(user_ids), json_id_tokens(_ids(matrix_dir / "items.parquet"))
+    user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
+    item_tokens = json_id_tokens(_ids(matrix_dir / "items.parquet"), staging.id_types.product)
     key = staging.key("user_recs")
     written = 0
     for start in range(0, len(owners), PAYLOAD_BATCH):
-        batch = pa.array(owners[start : start + PAYLOAD_BATCH])
+        batch = slice(start, start + PAYLOAD_BATCH)
         payloads = json_list_objects(
-            "user_id", pc.take(user_tokens, batch), "recommended_products", item_tokens,
-            lists[start : start + PAYLOAD_BATCH],
+            "user_id", user_tokens[batch], "recommended_products", item_tokens, lists[batch],
         )
-        written += _write_hash(staging.client, key, pc.take(user_ids, batch), payloads, owner)
+        written += _write_hash(staging.client, key, pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
     without = int((~has_recs).sum())
     _record(staging.client, staging.key("manifest"), {f"shard:{shard}": written, f"shard:{shard}:empty": without})
     return ShardResult(shard=shard, users=written, users_without_recommendations=without, attempt=staging.attempt)
@@ -326,7 +312,10 @@ def _staging(
 ) -> tuple[_Staging, Window]:
     window, version = _window_and_version(matrix_dir, params)
     model_build = checked_model_build(matrix_dir, model_dir) or ""
-    staging = _Staging(redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build)
+    staging = _Staging(
+        redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build,
+        matrix_id_types(matrix_dir),
+    )
     return staging, window
 
 
@@ -444,6 +433,7 @@ def finish_publish(
                 "metrics": _dumps({"model": evaluation["model"], "popularity": evaluation["popularity"]}),
                 "params": _dumps(params.to_dict()),
                 "counts": _dumps(counts),
+                "id_types": _dumps(staging.id_types.to_dict()),
             }
             if artifacts_key is not None:
                 meta["artifacts_key"] = artifacts_key

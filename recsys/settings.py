@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     )
     publish_lock_wait_seconds: float = Field(
         default=900.0, ge=0, description="How long a publisher waits for another publisher of the same version"
+    )
+    user_id_type: Literal["int", "str"] | None = Field(
+        default=None, description="Publish user ids as JSON integers or strings; unset: as live, else inferred"
+    )
+    product_id_type: Literal["int", "str"] | None = Field(
+        default=None, description="Publish product ids as JSON integers or strings; unset: as live, else inferred"
     )
     run_lock_wait_seconds: float = Field(
         default=3600.0, ge=0, description="How long a stage waits for another process working on the same run folder"

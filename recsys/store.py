@@ -114,9 +114,9 @@ def decode_entry(raw: str | None) -> Any:
     return None if raw is None else json.loads(raw)
 
 
-META_JSON_FIELDS = ("metrics", "params", "counts")
+META_JSON_FIELDS = ("metrics", "params", "counts", "id_types")
 # What readers outside the pipeline see of the meta hash; artifact paths on workers are internal.
-PUBLIC_META_FIELDS = ("version", "data_start", "data_end", "published_at", "metrics", "params", "counts")
+PUBLIC_META_FIELDS = ("version", "data_start", "data_end", "published_at", "metrics", "params", "counts", "id_types")
 
 
 def decode_meta(meta: dict[str, str]) -> dict | None:
@@ -158,6 +158,12 @@ async def read_entry(client: aioredis.Redis, slot: Slot) -> Any:
 
 async def read_meta(client: aioredis.Redis, keys: KeyLayout) -> dict | None:
     return decode_meta(await client.hgetall(keys.live("meta")))
+
+
+def live_id_types(client: redis.Redis, keys: KeyLayout) -> dict | None:
+    """How the live version publishes ids (``{"user": "int", "product": "str", ...}``), if known."""
+    raw = client.hget(keys.live("meta"), "id_types")
+    return None if raw is None else json.loads(raw)
 
 
 def live_metrics(client: redis.Redis, keys: KeyLayout) -> dict | None:

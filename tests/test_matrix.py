@@ -12,11 +12,14 @@ import pytest
 import scipy.sparse as sp
 
 from recsys.extract import INTERACTIONS_SCHEMA, Window
+from recsys.ids import IdTypes
 from recsys.matrix import build_matrix, load_ids
 from recsys.params import PipelineParams
 
 END = datetime(2026, 11, 28, 3, tzinfo=UTC)
 WINDOW = Window(END - timedelta(days=30), END)
+
+ID_TYPES = IdTypes("str", "str", {})  # the matrix only records them
 
 
 def write_inputs(tmp_path, rows, products):
@@ -55,7 +58,7 @@ def write_inputs(tmp_path, rows, products):
 def build(tmp_path, rows, products, **params):
     interactions, products_path = write_inputs(tmp_path, rows, products)
     params = {"confidence_scaling": "none", **params}  # raw weights unless a test asks for scaling
-    result = build_matrix(interactions, products_path, WINDOW, tmp_path / "matrix", PipelineParams(**params))
+    result = build_matrix(interactions, products_path, WINDOW, tmp_path / "matrix", PipelineParams(**params), ID_TYPES)
     return result.matrix_dir
 
 

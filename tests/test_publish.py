@@ -14,7 +14,8 @@ from recsys import db
 from recsys.errors import EmptyResultError, StaleVersionError
 from recsys.params import PipelineParams
 from recsys.pipeline import run_paths, run_pipeline, window_ending
-from recsys.publish import id_codec, json_id_tokens, json_list_objects, publish
+from recsys.ids import id_out, integer_ids
+from recsys.publish import json_id_tokens, json_list_objects, publish
 from recsys.store import (
     layout,
     live_meta,
@@ -139,14 +140,16 @@ def test_reader_polling_during_publish_only_sees_complete_versions(settings, dem
 
 def stage(settings, window_end, params):
     """extract, matrix and train for ``window_end``; returns the run's paths."""
-    from recsys.extract import extract
+    from recsys.extract import extract, extracted_id_types
     from recsys.matrix import build_matrix
     from recsys.train import train
 
     window = window_ending(window_end, params)
     paths = run_paths(settings, window, params)
     extracted = extract(settings, window, paths.extract, params)
-    build_matrix(extracted.interactions, extracted.products, window, paths.matrix, params)
+    build_matrix(
+        extracted.interactions, extracted.products, window, paths.matrix, params, extracted_id_types(paths.extract)
+    )
     train(paths.matrix, paths.model, params)
     paths.evaluation.mkdir(parents=True)
     (paths.evaluation / "report.json").write_text(json.dumps({"model": {}, "popularity": {}}))
@@ -184,37 +187,35 @@ def test_string_ids_stay_strings(settings, window_end):
     assert all(isinstance(p, str) and p.startswith("SKU-") for p in record["recommended_products"])
 
 
-def test_id_codec_keeps_what_the_shop_stored():
-    assert id_codec(["1", "22", "-3"]) is int
-    assert id_codec(["1", "007"]) is str  # leading zero would be lost as an integer
-    assert id_codec(["1", "a"]) is str
-    assert id_codec([str(2**60)]) is str  # beyond what a browser's JSON number holds exactly
-    assert id_codec(["-0"]) is str  # "-0" would come back as 0
+def test_integer_ids_are_only_what_json_numbers_keep():
+    import pyarrow as pa
+
+    ids = ["1", "22", "-3", str(2**53 - 1), "007", "a", str(2**60), "-0", "", "1.0"]
+    assert integer_ids(pa.array(ids)).to_pylist() == [True, True, True, True, False, False, False, False, False, False]
 
 
 @pytest.mark.parametrize(
-    "ids",
+    ("ids", "id_type"),
     [
-        ["1", "22", "-3", str(2**53 - 1)],
-        ["1", "007"],
-        ["1", str(2**53)],
-        ["-0", "5"],
-        ["SKU-1", 'say "hi"', "back\\slash", "tab\there", "caf\u00e9", "\u7d20", "\U0001f600", "", " "],
+        (["1", "22", "-3", str(2**53 - 1)], "int"),
+        (["1", "22", "-3"], "str"),
+        (["1", "007"], "str"),
+        (["SKU-1", 'say "hi"', "back\\slash", "tab\there", "caf\u00e9", "\u7d20", "\U0001f600", "", " "], "str"),
     ],
 )
-def test_column_wise_json_is_what_json_dumps_writes(ids):
-    """The vectorised payloads are byte-for-byte what json.dumps of the decoded ids gives."""
+def test_column_wise_json_is_what_json_dumps_writes(ids, id_type):
+    """The vectorised payloads are byte-for-byte what json.dumps of the typed ids gives."""
     import pyarrow as pa
 
-    out = id_codec(ids)
-    tokens = json_id_tokens(pa.array(ids))
+    out = id_out(id_type)
+    tokens = json_id_tokens(pa.array(ids), id_type)
     assert tokens.to_pylist() == [json.dumps(out(i)) for i in ids]
 
     lists = np.array([[len(ids) - 1, 0, -1], [-1, -1, -1], [1 % len(ids), -1, -1]], dtype=np.int32)
     owners = pa.array([ids[0], ids[-1], ids[1 % len(ids)]])
-    payloads = json_list_objects("user_id", json_id_tokens(owners), "recommended_products", tokens, lists)
+    payloads = json_list_objects("user_id", json_id_tokens(owners, id_type), "recommended_products", tokens, lists)
     expected = [
-        json.dumps({"user_id": id_codec(owners.to_pylist())(owner), "recommended_products": [out(ids[i]) for i in row if i >= 0]},
+        json.dumps({"user_id": out(owner), "recommended_products": [out(ids[i]) for i in row if i >= 0]},
                    separators=(",", ":"))
         for owner, row in zip(owners.to_pylist(), lists, strict=True)
     ]

@@ -9,7 +9,7 @@ import pytest
 
 from recsys.errors import QualityGateError
 from recsys.evaluate import enforce_quality_gate, evaluate
-from recsys.extract import extract
+from recsys.extract import extract, extracted_id_types
 from recsys.matrix import build_matrix
 from recsys.params import PipelineParams
 from recsys.pipeline import run_paths, run_pipeline, window_ending
@@ -23,7 +23,9 @@ def trained(settings, demo_loaded, window_end):
     window = window_ending(window_end, params)
     paths = run_paths(settings, window, params)
     extracted = extract(settings, window, paths.extract, params)
-    build_matrix(extracted.interactions, extracted.products, window, paths.matrix, params)
+    build_matrix(
+        extracted.interactions, extracted.products, window, paths.matrix, params, extracted_id_types(paths.extract)
+    )
     train(paths.matrix, paths.model, params)
     return params, paths
 
