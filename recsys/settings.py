@@ -64,3 +64,22 @@ class Settings(BaseSettings):
                 "(or run `recsys services start` for embedded local servers)"
             )
         return self.redis_url
+
+    # --- HTTP API security (`recsys serve`, recsys/api.py; docs/security.md) ---
+    api_keys: str | None = Field(
+        default=None,
+        repr=False,  # secrets
+        description="API keys, comma-separated scope:key pairs; scope read or write (write implies read)",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of more scope:key entries (comma- or line-separated), e.g. a mounted secret",
+    )
+    api_public_reads: bool = Field(default=False, description="Serve GET endpoints without a key")
+    api_write_rate: int = Field(default=6000, ge=1, description="Events per minute each write key may POST")
+    api_max_clock_skew_seconds: float = Field(
+        default=300, ge=0, description="How far in the future an event's timestamp may be"
+    )
+    api_refresh_retry_seconds: float = Field(
+        default=5, gt=0, description="How often lists left stale while Redis was down are retried"
+    )
