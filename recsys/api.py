@@ -14,14 +14,13 @@ live factors, in a thread pool so a fold-in never blocks other requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -947,7 +946,7 @@ def create_api(settings: Settings) -> FastAPI:
         yield
         if refresher is not None:
             refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with suppress(asyncio.CancelledError):
                 await refresher
         await svc.aclose()
 
