@@ -20,9 +20,10 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -31,19 +32,30 @@ import pyarrow.parquet as pq
 import redis.asyncio as aioredis
 import scipy.sparse as sp
 import typer
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
+from swagger_ui_bundle import swagger_ui_path
 
-from recsys import db, store
+from recsys import db, ids, store
+from recsys.api_security import (
+    NEW_KEY_COMMAND,
+    ApiKey,
+    ApiKeyConfigError,
+    WriteRateLimiter,
+    load_api_keys,
+    new_api_key,
+    require_scope,
+)
+from recsys.ids import IdTypes, id_out
 from recsys.params import PipelineParams
-from recsys.pipeline import live_artifacts
-from recsys.publish import id_codec
+from recsys.pipeline import live_artifacts, recovery_hint
 from recsys.ranking import als_model, similar_items
 from recsys.settings import Settings
 from recsys.train import load_factors
@@ -58,9 +70,9 @@ MAX_ID_LENGTH = 128
 # printable ids without commas (``exclude`` is a comma-separated list of them)
 ID_PATTERN = r"^[^\x00-\x1f\x7f,]+$"
 FOLD_IN_MAX_EVENTS = 5_000
-# clocks of shop servers drift a little; an event further in the future is a client bug
-MAX_CLOCK_SKEW = timedelta(minutes=5)
 WRITE_ATTEMPTS = 3
+PENDING_REFRESH_BATCH = 100
+DOCS_ASSETS = "/docs-assets"
 BM25_K1 = 1.2  # scale_confidence's default, the one the matrix stage uses
 SECONDS_PER_DAY = 86_400.0
 
@@ -83,8 +95,7 @@ class LiveModel:
     user_index: dict[str, int]
     item_ids: list[str]
     item_index: dict[str, int]
-    item_out: Callable[[str], ProductId]
-    user_out: Callable[[str], ProductId]
+    id_types: IdTypes
     active: np.ndarray  # bool per item
     category: np.ndarray  # object per item (None if uncategorised)
     categories: frozenset[str]  # categories with an active product: the ones with top buys
@@ -93,11 +104,11 @@ class LiveModel:
     document_frequency: np.ndarray  # users per item in the window, for bm25 fold-ins
 
     def product_out(self, index: int) -> ProductId:
-        return self.item_out(self.item_ids[index])
+        return id_out(self.id_types.product)(self.item_ids[index])
 
     def user_id_out(self, user_id: str) -> ProductId:
-        """The form publish would have given this id; a string-id shop keeps strings for new users."""
-        return self.user_out(user_id) if user_id in self.user_index or self.user_out is str else id_codec([user_id])(user_id)
+        """The form publish gives this id (requests were checked with :func:`_check_user_id`)."""
+        return id_out(self.id_types.user)(user_id)
 
 
 def load_live_model(meta: dict, settings: Settings) -> LiveModel:
@@ -126,8 +137,7 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         user_index={user_id: index for index, user_id in enumerate(user_ids)},
         item_ids=item_ids,
         item_index={item_id: index for index, item_id in enumerate(item_ids)},
-        item_out=id_codec(item_ids),
-        user_out=id_codec(user_ids),
+        id_types=ids.of_version(meta, user_ids, item_ids),
         active=active,
         category=category,
         categories=frozenset(c for c in category[active] if c is not None),
@@ -241,23 +251,53 @@ def fetch_user_events(settings: Settings, user_id: str, since: datetime) -> list
     return [tuple(row) for row in rows]
 
 
-def record_event(settings: Settings, user_id: str, event: EventIn, occurred_at: datetime) -> bool:
-    """Insert the event; False (nothing written) if the product is not in the catalogue."""
+class Stored(Enum):
+    """What ``record_event`` did with an event."""
+
+    NEW = "new"
+    REPLAYED = "replayed"  # its event_id was stored before, for the same event: nothing written
+    ID_REUSED = "id_reused"  # its event_id names another stored event: nothing written
+    UNKNOWN_PRODUCT = "unknown_product"  # not in the catalogue: nothing written
+
+
+def record_event(settings: Settings, user_id: str, event: EventIn, occurred_at: datetime, event_id: str | None) -> Stored:
+    """Insert the event, once per ``event_id``; committed before this returns."""
     product_id = str(event.product_id)
     with db.connect(settings) as conn:
         if conn.execute(db.sql_text(settings, "product_exists"), {"product_id": product_id}).fetchone() is None:
-            return False
-        conn.execute(
-            db.sql_text(settings, "insert_interaction"),
+            return Stored.UNKNOWN_PRODUCT
+        inserted = conn.execute(
+            db.sql_text(settings, "insert_event"),
             {
                 "user_id": user_id,
                 "product_id": product_id,
                 "event_type": event.event_type,
                 "value": event.value,
                 "occurred_at": occurred_at,
+                "event_id": event_id,
             },
+        ).fetchone()
+        if inserted is not None:
+            return Stored.NEW
+        stored = conn.execute(db.sql_text(settings, "event_by_id"), {"event_id": event_id}).fetchone()
+    return Stored.REPLAYED if tuple(stored) == (user_id, product_id, event.event_type, event.value) else Stored.ID_REUSED
+
+
+def mark_refresh_pending(settings: Settings, user_id: str) -> None:
+    with db.connect(settings) as conn:
+        conn.execute(
+            db.sql_text(settings, "mark_refresh_pending"), {"user_id": user_id, "requested_at": datetime.now(UTC)}
         )
-    return True
+
+
+def fetch_pending_refreshes(settings: Settings, limit: int) -> list[tuple[str, datetime]]:
+    with db.connect(settings) as conn:
+        return [tuple(row) for row in conn.execute(db.sql_text(settings, "pending_refreshes"), {"limit": limit})]
+
+
+def clear_pending_refresh(settings: Settings, user_id: str, requested_at: datetime) -> None:
+    with db.connect(settings) as conn:
+        conn.execute(db.sql_text(settings, "clear_pending_refresh"), {"user_id": user_id, "requested_at": requested_at})
 
 
 # --- request and response models ----------------------------------------------------------------
@@ -340,6 +380,7 @@ class ModelInfo(BaseModel):
                     "metrics": {"model": {"map": 0.081, "k": 10}, "popularity": {"map": 0.043, "k": 10}},
                     "params": {"top_n": 10, "event_weights": {"purchase": 4.0, "view": 1.0}},
                     "counts": {"users": 600, "users_without_recommendations": 0},
+                    "fold_in_users": 3,
                 }
             ]
         }
@@ -352,6 +393,15 @@ class ModelInfo(BaseModel):
     metrics: dict[str, Any] = Field(description="Holdout metrics of the model and of the popularity baseline")
     params: dict[str, Any]
     counts: dict[str, Any]
+    id_types: dict[str, Any] | None = Field(
+        default=None,
+        description='How ids are published: {"user": "int" | "str", "product": ..., "source": {...}} '
+        "(null for a version published before they were recorded)",
+    )
+    fold_in_users: int = Field(
+        description="Users the API added to the live user_recs hash after the publish (events of users the "
+        "version did not know): HLEN(user_recs) == counts.users + fold_in_users"
+    )
 
 
 class Health(BaseModel):
@@ -363,31 +413,100 @@ class Problem(BaseModel):
     detail: str = Field(description="What was wrong")
 
 
+def _iso_8601_text(value: Any) -> Any:
+    """Timestamps are ISO 8601 text only: a number is never read as epoch seconds."""
+    if not isinstance(value, str):
+        raise ValueError("must be ISO 8601 text, e.g. 2026-11-28T10:15:00Z")
+    try:
+        return datetime.fromisoformat(value.upper())  # RFC 3339 allows a lower-case t and z
+    except ValueError:
+        raise ValueError(f"{value[:40]!r} is not an ISO 8601 date-time, e.g. 2026-11-28T10:15:00Z") from None
+
+
+IsoTimestamp = Annotated[datetime, BeforeValidator(_iso_8601_text)]
+
+
+def _product_id_kind(value: Any) -> str | None:
+    if isinstance(value, bool):  # a bool is an int to Python, never a product id
+        return None
+    return "integer" if isinstance(value, int) else "string" if isinstance(value, str) else None
+
+
+# an integer or a string, told apart by JSON type: errors name the branch ("body.product_id.string:
+# String should match pattern ...") or, for any other type, say plainly what is expected
+ProductIdIn = Annotated[
+    Annotated[int, Field(ge=-(2**53), le=2**53), Tag("integer")]
+    | Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN), Tag("string")],
+    Discriminator(
+        _product_id_kind, custom_error_type="product_id_type", custom_error_message="Input should be an integer or a string"
+    ),
+]
+EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+
+
 class EventIn(BaseModel):
+    # strict: JSON types as sent, so true is not product 1 and "3" is not the value 3
     model_config = ConfigDict(
+        strict=True,
         extra="forbid",
         json_schema_extra={
-            "examples": [{"product_id": 45, "event_type": "purchase", "value": 2, "timestamp": "2026-11-28T10:15:00Z"}]
+            "examples": [
+                {"product_id": 45, "event_type": "purchase", "value": 2, "timestamp": "2026-11-28T10:15:00Z",
+                 "event_id": "order-9321-line-1"}
+            ]
         },
     )
 
-    product_id: Annotated[int, Field(ge=-(2**53), le=2**53)] | Annotated[
-        str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)
-    ]
+    product_id: ProductIdIn
     event_type: str = Field(min_length=1, max_length=64, description="One of the live version's event_weights")
     value: float | None = Field(
         default=None, ge=0, allow_inf_nan=False, description="Quantity or rating; null counts as 1"
     )
-    timestamp: datetime | None = Field(default=None, description="When it happened (UTC if no offset); default now")
+    timestamp: IsoTimestamp | None = Field(
+        default=None,
+        description="When it happened, ISO 8601 (UTC if no offset); default now. At most "
+        "RECSYS_MAX_CLOCK_SKEW_SECONDS in the future and not older than the live version's lookback_days",
+    )
+    event_id: EventId | None = Field(
+        default=None,
+        description="The client's id of this event (or the Idempotency-Key header): a retried POST is stored once",
+    )
 
 
 class EventAccepted(Recommendations):
     event_stored: Literal[True] = True
+    event_id: str | None = Field(description="The event's id, if the client gave one")
+    replayed: bool = Field(description="true: this event_id was already stored (a retry); nothing new was written")
+
+
+class EventPending(BaseModel):
+    """The event is stored; the user's list is refreshed once Redis is reachable again."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"user_id": 101, "event_stored": True, "event_id": "order-9321-line-1", "replayed": False,
+                 "list_refresh": "pending",
+                 "detail": "stored, list refresh pending: Redis is unavailable; the list is refreshed as soon as Redis allows"}
+            ]
+        }
+    )
+
+    user_id: ProductId
+    event_stored: Literal[True] = True
+    event_id: str | None
+    replayed: bool
+    list_refresh: Literal["pending"] = "pending"
+    detail: str
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No API key, or an unknown one, in the X-API-Key header"},
+    403: {"model": Problem, "description": "The API key's scope does not allow this (writes need a write key)"},
     404: {"model": Problem, "description": "Unknown user, product or category"},
+    409: {"model": Problem, "description": "The event_id names another, already stored event"},
     422: {"model": Problem, "description": "Invalid input; the message says which"},
+    429: {"model": Problem, "description": "This key's writes are over RECSYS_API_WRITE_RATE a minute; see Retry-After"},
     503: {"model": Problem, "description": "Redis or the database unreachable, or no version live yet"},
 }
 
@@ -399,8 +518,21 @@ class NothingLive(Exception):
     """No version has been published under this prefix yet."""
 
 
+# KEYS: live meta, live user_recs; ARGV: version, user id, entry. The version check and the write
+# are one atomic step, so a list computed against a replaced version never lands in the new one
+# (a publish switch renames the meta key). A user new to the hash is counted in the meta's
+# fold_in_users in the same step: HLEN(user_recs) == counts.users + fold_in_users always.
+WRITE_IF_LIVE = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return -1 end
+local added = redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if added == 1 then redis.call('HINCRBY', KEYS[1], 'fold_in_users', 1) end
+return added
+"""
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
 class RecsysService:
-    """Redis client, live-model cache and thread pool of one API process."""
+    """Redis client, live-model cache, thread pool and write rate limiter of one API process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -409,12 +541,17 @@ class RecsysService:
             settings.require_redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
         )
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="recsys-rank")
+        self.write_limiter = WriteRateLimiter(self.redis, self.keys, settings.api_write_rate)
         self._live: LiveModel | None = None
-        # both keys share the {prefix} hash tag, so the script also runs on Redis Cluster
+        # both keys of each script share the {prefix} hash tag, so they also run on Redis Cluster
         self._version_and_field = self.redis.register_script(
             "return {redis.call('HGET', KEYS[1], 'version'), redis.call('HGET', KEYS[2], ARGV[1])}"
         )
+        self._write_if_live = self.redis.register_script(WRITE_IF_LIVE)
         self._loading = asyncio.Lock()
+        # set while users may wait for a list refresh (at start: a previous process may have left some)
+        self.refreshes_due = asyncio.Event()
+        self.refreshes_due.set()
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
@@ -445,6 +582,16 @@ class RecsysService:
     async def current(self) -> LiveModel:
         return await self.model_for(await self.live_version())
 
+    async def current_or_last_loaded(self) -> LiveModel:
+        """The live model; while Redis is unreachable, the one this process loaded last (an event
+        is still validated and stored then). Without either, Redis' error propagates."""
+        try:
+            return await self.current()
+        except REDIS_DOWN:
+            if self._live is None:
+                raise
+            return self._live
+
     async def version_and_entry(self, slot: tuple[str, str]) -> tuple[str | None, dict | None]:
         """One command: a script runs atomically, so the entry and the version come from the same
         side of a switch (cheaper on the hot path than a MULTI pipeline of two HGETs)."""
@@ -452,20 +599,12 @@ class RecsysService:
         return version, store.decode_entry(raw)
 
     async def write_if_live(self, version: str, user_id: str, entry: dict) -> bool:
-        """HSET the user's list only while ``version`` is live: a publish switch renames the meta
-        key, so WATCH turns a write that would land in the new version into a no-op."""
-        meta_key = self.keys.live("meta")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(meta_key)
-            if await pipe.hget(meta_key, "version") != version:
-                return False
-            pipe.multi()
-            pipe.hset(self.keys.live("user_recs"), user_id, json.dumps(entry, separators=(",", ":")))
-            try:
-                await pipe.execute()
-            except WatchError:
-                return False
-        return True
+        """HSET the user's list only while ``version`` is live (``WRITE_IF_LIVE``)."""
+        added = await self._write_if_live(
+            keys=[self.keys.live("meta"), self.keys.live("user_recs")],
+            args=[version, user_id, json.dumps(entry, separators=(",", ":"))],
+        )
+        return added != -1
 
 
 def service(request: Request) -> RecsysService:
@@ -474,6 +613,14 @@ def service(request: Request) -> RecsysService:
 
 Service = Annotated[RecsysService, Depends(service)]
 
+WriteKey = Annotated[ApiKey, Security(require_scope("write"))]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN,
+        description="Same as the body's event_id: a retried POST with the same key is stored once",
+    ),
+]
 UserId = Annotated[
     str, PathParam(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, description="The shop's user id")
 ]
@@ -493,6 +640,12 @@ Exclude = Annotated[
 
 def _unprocessable(detail: str) -> HTTPException:
     return HTTPException(status_code=422, detail=detail)
+
+
+def _check_user_id(live: LiveModel, user_id: str) -> None:
+    """A user id the shop's id type cannot hold would be an invalid row at the next extract."""
+    if not ids.fits(live.id_types.user, user_id):
+        raise _unprocessable(f"user id {user_id[:40]!r} is not an integer: this shop's user ids are (GET /model, id_types)")
 
 
 def _parse_exclude(raw: str | None) -> set[str]:
@@ -563,6 +716,7 @@ async def user_recommendations(
 ) -> Response:
     version, entry = await svc.version_and_entry(store.user_recs_slot(svc.keys, user_id))
     live = await svc.model_for(version)
+    _check_user_id(live, user_id)
     _check_category(live, category)
 
     def answer(source: Source, products: list[ProductId], ranked: bool) -> Response:
@@ -600,21 +754,16 @@ async def user_recommendations(
     return answer(source, _outputs(live, ranked, offset, n), True)
 
 
-async def post_event(svc: RecsysService, user_id: str, event: EventIn) -> EventAccepted:
-    live = await svc.current()
-    params = live.params
-    if event.event_type not in params.event_weights:
-        known = ", ".join(sorted(params.event_weights))
-        raise _unprocessable(f"event_type {event.event_type!r} is not weighted by the live version; use one of: {known}")
-    if event.value is not None and event.value > params.max_value:
-        raise _unprocessable(f"value {event.value} is above max_value {params.max_value}: treated as a data error")
-    now = datetime.now(UTC)
-    occurred_at = now if event.timestamp is None else event.timestamp
-    occurred_at = occurred_at if occurred_at.tzinfo else occurred_at.replace(tzinfo=UTC)
-    if occurred_at > now + MAX_CLOCK_SKEW:
-        raise _unprocessable(f"timestamp {occurred_at.isoformat()} is in the future")
-    if not await svc.run(record_event, svc.settings, user_id, event, occurred_at):
-        raise HTTPException(status_code=404, detail=f"Product {str(event.product_id)!r} is not in the catalogue")
+@dataclass(frozen=True)
+class RefreshedList:
+    live: LiveModel
+    source: Source
+    products: list[int]  # item indices, best first
+
+
+async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList | None:
+    """Fold the user's recorded events into the live factors and write the new top-``top_n`` list
+    to the live ``user_recs`` hash. None if a publish switched versions on every attempt."""
     # a publish may switch versions meanwhile: recompute against the new one rather than write
     # a list of the old version into the new one
     for _ in range(WRITE_ATTEMPTS):
@@ -623,8 +772,7 @@ async def post_event(svc: RecsysService, user_id: str, event: EventIn) -> EventA
         top_n = live.params.top_n
         if not events.row.nnz:
             # nothing the live model knows (e.g. a product newer than the model): lists stay
-            products = await svc.run(rank_popular, live, [], None, top_n)
-            return _accepted(live, user_id, "popular", products, top_n)
+            return RefreshedList(live, "popular", await svc.run(rank_popular, live, [], None, top_n))
         vector = await svc.run(fold_in_vector, live, events)
         products = await svc.run(rank_items, live, vector, events.owned.tolist(), None, top_n)
         entry = {
@@ -633,15 +781,109 @@ async def post_event(svc: RecsysService, user_id: str, event: EventIn) -> EventA
             "source": "fold_in",
         }
         if await svc.write_if_live(live.version, user_id, entry):
-            return _accepted(live, user_id, "fold_in", products, top_n)
-    raise HTTPException(status_code=503, detail="The live version kept changing; the event is stored, retry to refresh the list")
+            return RefreshedList(live, "fold_in", products)
+    return None
 
 
-def _accepted(live: LiveModel, user_id: str, source: Source, products: list[int], n: int) -> EventAccepted:
-    return EventAccepted(
-        user_id=live.user_id_out(user_id), version=live.version, source=source, category=None, offset=0, n=n,
-        ranked_on_request=True, recommended_products=[live.product_out(i) for i in products],
+def _event_time(event: EventIn, params: PipelineParams, max_skew: timedelta, now: datetime) -> datetime:
+    """When the event happened (UTC if it has no offset): not further in the future than clocks
+    drift, and not older than the lookback, which no model would ever train on."""
+    occurred_at = now if event.timestamp is None else event.timestamp
+    occurred_at = occurred_at if occurred_at.tzinfo else occurred_at.replace(tzinfo=UTC)
+    if occurred_at > now + max_skew:
+        raise _unprocessable(
+            f"timestamp {occurred_at.isoformat()} is in the future: more than {max_skew.total_seconds():g} s "
+            f"after the server's clock ({now.isoformat(timespec='seconds')})"
+        )
+    oldest = now - timedelta(days=params.lookback_days)
+    if occurred_at < oldest:
+        raise _unprocessable(
+            f"timestamp {occurred_at.isoformat()} is older than the live version's lookback of "
+            f"{params.lookback_days} days (before {oldest.isoformat(timespec='seconds')})"
+        )
+    return occurred_at
+
+
+async def post_event(svc: RecsysService, user_id: str, event: EventIn, event_id: str | None) -> JSONResponse:
+    """Store the event in Postgres (committed first), then refresh the user's live list; if
+    Redis cannot take the list now, answer 202 and leave the refresh pending."""
+    live = await svc.current_or_last_loaded()
+    params = live.params
+    _check_user_id(live, user_id)
+    if event.event_type not in params.event_weights:
+        known = ", ".join(sorted(params.event_weights))
+        raise _unprocessable(f"event_type {event.event_type!r} is not weighted by the live version; use one of: {known}")
+    if event.value is not None and event.value > params.max_value:
+        raise _unprocessable(f"value {event.value} is above max_value {params.max_value}: treated as a data error")
+    max_skew = timedelta(seconds=svc.settings.max_clock_skew_seconds)
+    occurred_at = _event_time(event, params, max_skew, datetime.now(UTC))
+    stored = await svc.run(record_event, svc.settings, user_id, event, occurred_at, event_id)
+    if stored is Stored.UNKNOWN_PRODUCT:
+        raise HTTPException(status_code=404, detail=f"Product {str(event.product_id)!r} is not in the catalogue")
+    if stored is Stored.ID_REUSED:
+        raise HTTPException(
+            status_code=409,
+            detail=f"event_id {event_id!r} already names another stored event (other user, product, "
+            "event_type or value); give each event its own id",
+        )
+    replayed = stored is Stored.REPLAYED
+    try:
+        refreshed = await refresh_user_list(svc, user_id)
+        why_pending = "the live version kept changing"
+    except REDIS_DOWN as error:
+        log.warning("event of user %r stored; list refresh pending: %s", user_id, type(error).__name__)
+        refreshed, why_pending = None, "Redis is unavailable"
+    except NothingLive:  # unpublished since the event was validated
+        refreshed, why_pending = None, "no version is live"
+    if refreshed is None:
+        await svc.run(mark_refresh_pending, svc.settings, user_id)
+        svc.refreshes_due.set()
+        pending = EventPending(
+            user_id=live.user_id_out(user_id), event_id=event_id, replayed=replayed,
+            detail=f"stored, list refresh pending: {why_pending}; the list is refreshed as soon as Redis allows",
+        )
+        return JSONResponse(pending.model_dump(mode="json"), status_code=202)
+    live, n = refreshed.live, refreshed.live.params.top_n
+    accepted = EventAccepted(
+        user_id=live.user_id_out(user_id), version=live.version, source=refreshed.source, category=None, offset=0,
+        n=n, ranked_on_request=True, recommended_products=[live.product_out(i) for i in refreshed.products],
+        event_id=event_id, replayed=replayed,
     )
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=200 if replayed else 201)
+
+
+async def refresh_pending_lists(svc: RecsysService) -> bool:
+    """Refresh the lists left pending by events stored while Redis was down; True once none is left."""
+    while True:
+        pending = await svc.run(fetch_pending_refreshes, svc.settings, PENDING_REFRESH_BATCH)
+        for user_id, requested_at in pending:
+            if await refresh_user_list(svc, user_id) is None:
+                return False
+            await svc.run(clear_pending_refresh, svc.settings, user_id, requested_at)
+        if len(pending) < PENDING_REFRESH_BATCH:
+            return True
+
+
+async def refresh_pending_lists_when_due(svc: RecsysService) -> None:
+    """Background task of each API process: while refreshes may be due, try them every
+    RECSYS_API_REFRESH_RETRY_SECONDS until none is left."""
+    while True:
+        await svc.refreshes_due.wait()
+        await asyncio.sleep(svc.settings.api_refresh_retry_seconds)
+        svc.refreshes_due.clear()  # an event stored from now on sets it again
+        try:
+            drained = await refresh_pending_lists(svc)
+        except psycopg.errors.UndefinedTable:
+            log.error("no pending_list_refreshes table: run `recsys init-db` to add it (idempotent)")
+            return
+        except (*REDIS_DOWN, NothingLive, psycopg.OperationalError) as error:
+            log.info("pending list refreshes wait: %s", type(error).__name__)
+            drained = False
+        except Exception:
+            log.exception("pending list refreshes failed; retrying")
+            drained = False
+        if not drained:
+            svc.refreshes_due.set()
 
 
 def _unavailable(what: str) -> Callable[[Request, Exception], JSONResponse]:
@@ -654,12 +896,21 @@ def _unavailable(what: str) -> Callable[[Request, Exception], JSONResponse]:
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-    """One readable sentence per problem (``query.n: Input should be ...``), the same shape as
-    every other error of this API."""
-    problems = "; ".join(
-        f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors()
-    )
-    return JSONResponse(status_code=422, content={"detail": problems})
+    """One readable sentence per problem, naming the field and the value sent
+    (``body.value: Input should be a valid number, got "3"``), the same shape as every other error
+    of this API."""
+    problems = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        got = "" if problem["type"] == "missing" else f", got {_shown(problem.get('input'))}"
+        problems.append(f"{where}: {problem['msg']}{got}")
+    return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
+
+
+def _shown(value: Any) -> str:
+    """A sent value as JSON, cut short: enough to recognise, never a whole body."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 async def _nothing_live(request: Request, error: Exception) -> JSONResponse:
@@ -667,30 +918,76 @@ async def _nothing_live(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse(status_code=503, content={"detail": f"No version is live under Redis prefix {prefix!r} yet"})
 
 
+def _event_id(event: EventIn, idempotency_key: str | None) -> str | None:
+    if event.event_id is not None and idempotency_key is not None and event.event_id != idempotency_key:
+        raise _unprocessable(
+            f"body.event_id {event.event_id!r} and the Idempotency-Key header {idempotency_key!r} differ; send one"
+        )
+    return event.event_id if event.event_id is not None else idempotency_key
+
+
+def _add_local_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) from the assets of the swagger-ui-bundle-v2 package, not from a CDN:
+    the page works offline. No ReDoc: no package ships it."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - API docs",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon-32x32.png",
+            # no online validator badge: it would send the schema to validator.swagger.io
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+
 def create_api(settings: Settings) -> FastAPI:
+    """The API app; raises ApiKeyConfigError if the configured keys cannot be used."""
+    api_keys = load_api_keys(settings)
     svc = RecsysService(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # events need the shop database: without one there is nothing to refresh
+        refresher = asyncio.create_task(refresh_pending_lists_when_due(svc)) if settings.database_url else None
         yield
+        if refresher is not None:
+            refresher.cancel()
+            with suppress(asyncio.CancelledError):
+                await refresher
         await svc.aclose()
 
     app = FastAPI(
         title="Recsys recommendations",
         version="1",
         description="Live recommendations, similar products and top buys from the published version in "
-        "Redis; cold-start fold-ins and real-time events. See docs/serving.md.",
+        "Redis; cold-start fold-ins and real-time events. Send an API key in the X-API-Key header. "
+        "See docs/serving.md and docs/security.md.",
         lifespan=lifespan,
         responses={503: ERRORS[503]},
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = svc
+    app.state.api_keys = api_keys
+    _add_local_docs(app)
+    # GET endpoints need a read (or write) key unless the operator made reads public
+    read_access = [] if settings.api_public_reads else [Security(require_scope("read"))]
+    read_errors = {} if settings.api_public_reads else {401: ERRORS[401]}
     for error in (RedisConnectionError, RedisTimeoutError):
         app.add_exception_handler(error, _unavailable("Redis"))
     app.add_exception_handler(psycopg.OperationalError, _unavailable("The shop database"))
     app.add_exception_handler(NothingLive, _nothing_live)
     app.add_exception_handler(RequestValidationError, _invalid_request)
 
-    @app.get("/users/{user_id}/recommendations", response_model=Recommendations, responses={404: ERRORS[404], 422: ERRORS[422]})
+    @app.get(
+        "/users/{user_id}/recommendations", response_model=Recommendations, dependencies=read_access,
+        responses={**read_errors, 404: ERRORS[404], 422: ERRORS[422]},
+    )
     async def get_recommendations(
         user_id: UserId, svc: Service, n: PageSize = 10, offset: Offset = 0, exclude: Exclude = None, category: Category = None
     ) -> Response:
@@ -704,13 +1001,35 @@ def create_api(settings: Settings) -> FastAPI:
 
     @app.post(
         "/users/{user_id}/events", response_model=EventAccepted, status_code=201,
-        responses={404: ERRORS[404], 422: ERRORS[422]},
+        responses={
+            200: {"model": EventAccepted, "description": "A retry: this event_id was stored before, nothing new is"},
+            202: {"model": EventPending, "description": "Stored; the list is refreshed once Redis is back"},
+            **{status: ERRORS[status] for status in (401, 403, 404, 409, 422, 429)},
+        },
     )
-    async def create_event(user_id: UserId, event: EventIn, svc: Service) -> EventAccepted:
-        """Store an interaction in the shop database and refresh the user's live list at once."""
-        return await post_event(svc, user_id, event)
+    async def create_event(
+        user_id: UserId, event: EventIn, svc: Service, key: WriteKey, idempotency_key: IdempotencyKey = None
+    ) -> JSONResponse:
+        """Store an interaction in the shop database, then refresh the user's live list.
 
-    @app.get("/products/{product_id}/similar", response_model=SimilarProducts, responses={404: ERRORS[404], 422: ERRORS[422]})
+        Needs a write key. 201: stored and the list refreshed; 200: a retry of a stored
+        `event_id` (stored once); 202: stored, but Redis is unavailable, so the list is refreshed
+        once it is back. 429 with `Retry-After` past `RECSYS_API_WRITE_RATE` events a minute per key.
+        """
+        retry_after = await svc.write_limiter.retry_after(key)
+        if retry_after is not None:
+            raise HTTPException(
+                status_code=429,
+                detail=f"This API key sent more than {svc.settings.api_write_rate} events this minute; "
+                f"retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
+        return await post_event(svc, user_id, event, _event_id(event, idempotency_key))
+
+    @app.get(
+        "/products/{product_id}/similar", response_model=SimilarProducts, dependencies=read_access,
+        responses={**read_errors, 404: ERRORS[404], 422: ERRORS[422]},
+    )
     async def get_similar(product_id: ProductPathId, svc: Service, n: PageSize = 10) -> SimilarProducts:
         """Products most similar to this one (active only); beyond the published list, ranked on request."""
         version, entry = await svc.version_and_entry(store.similar_slot(svc.keys, product_id))
@@ -724,7 +1043,10 @@ def create_api(settings: Settings) -> FastAPI:
         return SimilarProducts(product_id=live.product_out(live.item_index[product_id]), version=live.version,
                                ranked_on_request=True, similar_products=[live.product_out(i) for i in similar])
 
-    @app.get("/top-buys", response_model=TopBuys, responses={404: ERRORS[404], 422: ERRORS[422]})
+    @app.get(
+        "/top-buys", response_model=TopBuys, dependencies=read_access,
+        responses={**read_errors, 404: ERRORS[404], 422: ERRORS[422]},
+    )
     async def get_top_buys(svc: Service, n: PageSize = 10, category: Category = None) -> TopBuys:
         """Most bought active products, overall or within a category."""
         version, entry = await svc.version_and_entry(store.top_buys_slot(svc.keys, category))
@@ -735,13 +1057,13 @@ def create_api(settings: Settings) -> FastAPI:
         ranked = await svc.run(rank_popular, live, [], category, n)
         return TopBuys(category=category, version=live.version, ranked_on_request=True, top_buys=_outputs(live, ranked, 0, n))
 
-    @app.get("/model", response_model=ModelInfo)
+    @app.get("/model", response_model=ModelInfo, dependencies=read_access, responses=read_errors)
     async def get_model(svc: Service) -> dict:
         """The live version: data window, holdout metrics, params, counts, publish time."""
         meta = await store.read_meta(svc.redis, svc.keys)
         if meta is None:
             raise NothingLive
-        return store.public_meta(meta)
+        return {**store.public_meta(meta), store.FOLD_IN_USERS: int(meta.get(store.FOLD_IN_USERS, 0))}
 
     @app.get("/health/live", response_model=Health)
     async def health_live() -> Health:
@@ -776,11 +1098,50 @@ def serve_command(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Processes; about one per core")] = 1,
     access_log: Annotated[bool, typer.Option(help="Log every request (costs throughput)")] = False,
 ) -> None:
-    """Serve the recommendation API (uvicorn) on the live version in Redis."""
+    """Serve the recommendation API (uvicorn) on the live version in Redis.
+
+    Needs API keys (RECSYS_API_KEYS or RECSYS_API_KEYS_FILE, docs/security.md) unless reads are
+    public (RECSYS_API_PUBLIC_READS=true); refuses to start with keys it cannot use."""
     import uvicorn
 
-    Settings().require_redis_url  # noqa: B018 - raises here, with the operator's message, not in every worker
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    # checked here, with the operator's message, not in every worker
+    settings.require_redis_url  # noqa: B018
+    try:
+        keys = load_api_keys(settings)
+    except ApiKeyConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    if not keys.keys and not settings.api_public_reads:
+        typer.echo(NO_KEYS_HELP, err=True)
+        raise typer.Exit(code=1)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if (hint := recovery_hint(settings)) is not None:
+        log.warning("%s; until then every request answers 503", hint)
+    log.info(
+        "API keys: %d read, %d write; public reads: %s; writes limited to %d events a minute per key",
+        keys.count("read"), keys.count("write"), settings.api_public_reads, settings.api_write_rate,
+    )
+    if not keys.count("write"):
+        log.warning("no write key configured: POST /users/{id}/events is refused (401/403)")
     uvicorn.run(
         "recsys.api:server_app", factory=True, host=host, port=port, workers=workers, access_log=access_log
     )
+
+
+NO_KEYS_HELP = f"""error: no API key configured, so every request would be refused. Make one with
+  {NEW_KEY_COMMAND}
+(or `python -c "from recsys.api_security import new_api_key; print(new_api_key('write'))"`) and start with
+  RECSYS_API_KEYS=write:<key> recsys serve
+(entries scope:key, comma-separated; scope read or write), or set RECSYS_API_PUBLIC_READS=true for a
+read-only API open to anyone. See docs/security.md."""
+
+
+def api_key_command(
+    scope: Annotated[str, typer.Option(help="read: GET endpoints only; write: also POST events")] = "write",
+) -> None:
+    """Print a new random API key as a RECSYS_API_KEYS entry (scope:key). Nothing is stored."""
+    try:
+        typer.echo(new_api_key(scope))  # type: ignore[arg-type]
+    except ApiKeyConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--scope") from None

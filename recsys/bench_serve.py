@@ -21,6 +21,7 @@ import asyncio
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,8 @@ READY_TIMEOUT_S = 60.0
 CONNECTIONS = 64
 MAX_DURATION_S = 60
 PYTHON_CLIENT = "python-asyncio"  # this module's own HTTP/1.1 client, when wrk is not installed
+# the read key of the server this run starts, made for it and sent with every request
+BENCH_READ_KEY = secrets.token_urlsafe(32)
 console = Console(stderr=True)
 
 
@@ -72,6 +75,7 @@ def api_server(settings: Settings, log_path: Path, workers: int) -> Iterator[int
         "RECSYS_REDIS_URL": settings.require_redis_url,
         "RECSYS_DB_SCHEMA": settings.db_schema,
         "RECSYS_REDIS_PREFIX": settings.redis_prefix,
+        "RECSYS_API_KEYS": f"read:{BENCH_READ_KEY}",
     }
     code = f"from recsys.api import serve_command; serve_command(host='127.0.0.1', port={port}, workers={workers})"
     with log_path.open("w") as log:
@@ -113,7 +117,7 @@ async def _one_request(port: int, path: str) -> tuple[int, bytes]:
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
     """One HTTP/1.1 request on a keep-alive connection; the body is read to the end so the
     connection can be reused."""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {BENCH_READ_KEY}\r\n\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
@@ -177,7 +181,7 @@ def max_throughput_wrk(port: int, paths: list[str], seconds: int) -> float:
 local i = 0
 request = function()
   i = i + 1
-  return wrk.format("GET", paths[(i % #paths) + 1])
+  return wrk.format("GET", paths[(i % #paths) + 1], {{["X-API-Key"] = "{BENCH_READ_KEY}"}})
 end
 """
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys import db, live, pipeline, services, store
-from recsys.api import serve_command
+from recsys.api import api_key_command, serve_command
 from recsys.bench import bench_app
 from recsys.bench_serve import serve_bench_command
 from recsys.bench_speed import speed_bench_command
@@ -31,6 +31,7 @@ services_app = typer.Typer(help="Embedded local PostgreSQL and Redis (for machin
 app.add_typer(services_app, name="services")
 app.add_typer(bench_app, name="bench")
 app.command("serve")(serve_command)
+app.command("api-key")(api_key_command)
 app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
 bench_app.command("speed")(speed_bench_command)

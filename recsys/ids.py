@@ -36,6 +36,21 @@ def infer(integers: int, total: int) -> IdType:
     return "int" if total and integers >= INT_SHARE * total else "str"
 
 
+def fits(id_type: IdType, value: str) -> bool:
+    """Whether one id can be published as ``id_type``."""
+    return id_type == "str" or bool(integer_ids(pa.array([value], pa.string()))[0].as_py())
+
+
+def of_version(meta: dict, user_ids: list[str], item_ids: list[str]) -> IdTypes:
+    """A published version's id types; a version published before they were recorded had ints
+    only where every id was one."""
+    if "id_types" in meta:
+        return IdTypes.from_dict(meta["id_types"])
+    def all_int(values: list[str]) -> IdType:
+        return "int" if pc.all(integer_ids(pa.array(values, pa.string()))).as_py() is not False else "str"
+    return IdTypes(all_int(user_ids), all_int(item_ids), {"user": "published before id types", "product": "same"})
+
+
 def id_out(id_type: IdType) -> Callable[[str], int | str]:
     """What an id stored as text becomes in published JSON."""
     return int if id_type == "int" else str

@@ -74,8 +74,9 @@ Live = Annotated[LiveStore, Depends(live_store)]
 
 
 def _redis_unavailable(request: Request, error: Exception) -> JSONResponse:
+    # the error text names Redis' host and port: the log has it, the page gets the kind only
     log.warning("Redis unavailable for %s: %s", request.url.path, error)
-    return JSONResponse(status_code=503, content={"detail": f"Redis is unavailable: {error}"})
+    return JSONResponse(status_code=503, content={"detail": "Redis is unavailable; try again later"})
 
 
 def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = ()) -> FastAPI:

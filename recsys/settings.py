@@ -91,7 +91,7 @@ class Settings(BaseSettings):
         default=3600.0, ge=0, description="How long a stage waits for another process working on the same run folder"
     )
     max_clock_skew_seconds: float = Field(
-        default=300.0, ge=0, description="A run's window may end at most this far after now (clock drift)"
+        default=300.0, ge=0, description="Clock drift allowed: a run's window, or an API event's timestamp, may be this far after now"
     )
 
     @cached_property
@@ -111,3 +111,19 @@ class Settings(BaseSettings):
                 "(or run `recsys services start` for embedded local servers)"
             )
         return self.redis_url
+
+    # --- HTTP API security (`recsys serve`, recsys/api.py; docs/security.md) ---
+    api_keys: str | None = Field(
+        default=None,
+        repr=False,  # secrets
+        description="API keys, comma-separated scope:key pairs; scope read or write (write implies read)",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="File of more scope:key entries (comma- or line-separated), e.g. a mounted secret",
+    )
+    api_public_reads: bool = Field(default=False, description="Serve GET endpoints without a key")
+    api_write_rate: int = Field(default=6000, ge=1, description="Events per minute each write key may POST")
+    api_refresh_retry_seconds: float = Field(
+        default=5, gt=0, description="How often lists left stale while Redis was down are retried"
+    )

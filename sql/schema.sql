@@ -21,3 +21,15 @@ CREATE TABLE IF NOT EXISTS interactions (
 CREATE INDEX IF NOT EXISTS interactions_occurred_at_idx ON interactions (occurred_at);
 -- The serving API folds one user's recent interactions in after each event.
 CREATE INDEX IF NOT EXISTS interactions_user_occurred_at_idx ON interactions (user_id, occurred_at);
+
+-- Events posted through the HTTP API may carry the client's event_id: a retried POST is stored
+-- once. NULL for rows from anywhere else, so the unique index covers only the ids given.
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS event_id TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS interactions_event_id_key ON interactions (event_id) WHERE event_id IS NOT NULL;
+
+-- Users whose event was stored while Redis was unreachable: the API refreshes their live list
+-- once Redis is back (the event itself is already in interactions).
+CREATE TABLE IF NOT EXISTS pending_list_refreshes (
+    user_id       TEXT PRIMARY KEY,
+    requested_at  TIMESTAMPTZ NOT NULL
+);

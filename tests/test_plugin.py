@@ -95,14 +95,16 @@ def test_page_is_a_self_contained_form(client: TestClient):
     assert "http://" not in page and "https://" not in page, "no external assets"
 
 
-def test_unreachable_redis_is_503(settings: Settings):
-    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{_closed_port()}/0"})
+def test_unreachable_redis_is_503_without_its_address(settings: Settings):
+    port = _closed_port()
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
     client = TestClient(create_app(lambda: down), raise_server_exceptions=False)
 
     for path in ("/api/model", "/api/users/1", "/api/top-buys"):
         response = client.get(path)
         assert response.status_code == 503
-        assert "Redis is unavailable" in response.json()["detail"]
+        assert response.json() == {"detail": "Redis is unavailable; try again later"}
+        assert str(port) not in response.text and "127.0.0.1" not in response.text
 
 
 def test_unconfigured_redis_is_503():
