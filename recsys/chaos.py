@@ -440,9 +440,14 @@ def trial_redis_kill_mid_publish(lab: Lab, rng: Random, outcome: Outcome) -> Non
     lab.wait_for_key(lab.keys.owner(lab.version_of(run)))
     time.sleep(rng.uniform(0, 0.6))
     outcome.landed = publisher.poll() is None
-    lab.redis.restart(keep_data=True)
+    lab.redis.kill()
+    # down long enough, at times, that the publisher's reconnect-and-retry gives up
+    down = rng.uniform(0, 3)
+    time.sleep(down)
+    lab.redis.start()
     code, _, stderr = lab.finish(publisher)
-    outcome.notes.append(f"killed {'mid-publish' if outcome.landed else 'after it'}; publisher exit {code}")
+    outcome.notes.append(f"killed {'mid-publish' if outcome.landed else 'after it'}, down {down:.1f} s; "
+                         f"publisher exit {code}")
     outcome.violations += _clean_failure(code, stderr)
     _rerun(lab, run, outcome)
 
