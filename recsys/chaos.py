@@ -686,7 +686,9 @@ class ChaosReport:
     def summary(self) -> dict:
         landed = Counter(o.kind for o in self.outcomes if o.landed)
         return {"trials": self.trials, "violations": self.violations, "faults": self.faults,
-                "faults_landed": {kind: landed[kind] for kind in self.faults}, "seconds": round(self.seconds, 1)}
+                "faults_landed": {kind: landed[kind] for kind in self.faults},
+                "reader_answers": {str(status): count for status, count in sorted(self.reader_answers.items())},
+                "seconds": round(self.seconds, 1)}
 
 
 @contextmanager
