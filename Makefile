@@ -13,7 +13,7 @@ export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 export AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME := 86400
 
-.PHONY: install demo test airflow services-start services-stop airflow-db constraints clean
+.PHONY: install demo test lint airflow services-start services-stop airflow-db constraints clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ airflow: services-start airflow-db
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff, and import-linter's layer contract (pyproject.toml [tool.importlinter]; README "For contributors")
+lint: install
+	$(BIN)/ruff check recsys tests dags plugins
+	$(BIN)/lint-imports
 
 constraints: install
 	{ echo "# Full pinned set (pip freeze of a working .venv); requirements*.txt install under it."; \

@@ -1,6 +1,6 @@
 """The recsys DAGs: ``recsys_daily`` (recommendations) and ``recsys_tune`` (its parameters).
 
-Wiring only: every task is a thin call into ``recsys.pipeline`` / ``recsys.tune``. Both DAGs live
+Wiring only: every task is a thin call into ``recsys.pipeline.stages``. Both DAGs live
 in one file so they share their wiring without relying on the DAG folder being importable.
 
 Database and Redis come from the Airflow connections ``recsys_db`` / ``recsys_redis`` when they
@@ -28,7 +28,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
 
-from recsys.params import PipelineParams
+from recsys.core.params import PipelineParams
 
 DEFAULTS = PipelineParams()
 
@@ -37,10 +37,10 @@ RETRY_POLICY = ExceptionRetryPolicy(
     rules=[
         RetryRule(
             exception=[
-                "recsys.errors.InputError",
-                "recsys.errors.QualityGateError",
-                "recsys.errors.EmptyResultError",
-                "recsys.errors.RunChangedError",
+                "recsys.core.errors.InputError",
+                "recsys.core.errors.QualityGateError",
+                "recsys.core.errors.EmptyResultError",
+                "recsys.core.errors.RunChangedError",
             ],
             action=RetryAction.FAIL,
             reason="bad input or a refused result: retrying cannot fix it",
@@ -50,8 +50,8 @@ RETRY_POLICY = ExceptionRetryPolicy(
                 "psycopg.OperationalError",
                 "redis.exceptions.ConnectionError",
                 "redis.exceptions.TimeoutError",
-                "recsys.errors.PublishConflictError",
-                "recsys.errors.IncompleteVersionError",
+                "recsys.core.errors.PublishConflictError",
+                "recsys.core.errors.IncompleteVersionError",
             ],
             action=RetryAction.RETRY,
             reason="transient database or Redis error, or another publisher of the same version",
@@ -74,7 +74,7 @@ DAG_SETTINGS = {
 def recsys_settings():
     """Settings from the Airflow connections ``recsys_db`` / ``recsys_redis``, else RECSYS_* env;
     the artifact store's filesystem options from the connection named in ``RECSYS_ARTIFACTS_URL``."""
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
     overrides = {}
     for field, conn_id in (("database_url", "recsys_db"), ("redis_url", "recsys_redis")):
@@ -98,7 +98,7 @@ def recsys_settings():
 
 def planned(run: dict, settings):
     """The run a previous task planned, from its XCom, with this worker's folders and store."""
-    from recsys.pipeline import Run
+    from recsys.pipeline.stages import Run
 
     return Run.from_dict(run, settings)
 
@@ -162,7 +162,7 @@ RUN_PARAMS = ("use_tuned_params", "publish_shards")
 @task
 def build_matrix(run: dict) -> dict:
     """Shared by both DAGs: the run's id maps and weighted matrices from its extract."""
-    from recsys.pipeline import matrix_stage
+    from recsys.pipeline.stages import matrix_stage
 
     settings = recsys_settings()
     matrix_stage(settings, planned(run, settings))
@@ -180,7 +180,7 @@ def recsys_daily():
     @task
     def extract(params=None, data_interval_end=None) -> dict:
         """Fix the run (effective params, window, folder) and extract its interactions."""
-        from recsys.pipeline import extract_stage, plan_run
+        from recsys.pipeline.stages import extract_stage, plan_run
 
         values = dict(params)
         steering = {name: values.pop(name) for name in RUN_PARAMS}
@@ -192,7 +192,7 @@ def recsys_daily():
 
     @task
     def train(run: dict) -> dict:
-        from recsys.pipeline import train_stage
+        from recsys.pipeline.stages import train_stage
 
         settings = recsys_settings()
         train_stage(settings, planned(run, settings))
@@ -201,7 +201,7 @@ def recsys_daily():
     @task
     def evaluate(run: dict) -> dict:
         """Holdout metrics for model and popularity; fails the run if the quality gate refuses."""
-        from recsys.pipeline import evaluate_stage
+        from recsys.pipeline.stages import evaluate_stage
 
         settings = recsys_settings()
         result = evaluate_stage(settings, planned(run, settings))
@@ -211,8 +211,8 @@ def recsys_daily():
     def prepare_publish(run: dict) -> list[dict]:
         """Start a publish attempt: stage products' lists; one job per user shard. A run older than
         the live version is skipped here."""
-        from recsys.errors import StaleVersionError
-        from recsys.pipeline import prepare_publish_stage
+        from recsys.core.errors import StaleVersionError
+        from recsys.pipeline.stages import prepare_publish_stage
 
         settings = recsys_settings()
         try:
@@ -225,7 +225,7 @@ def recsys_daily():
     def publish_shard(job: dict) -> dict:
         from dataclasses import asdict
 
-        from recsys.pipeline import publish_shard_stage
+        from recsys.pipeline.stages import publish_shard_stage
 
         run = job["run"]
         get_current_context()["shard_label"] = f"shard {job['shard'] + 1} of {run['shards']}"
@@ -237,9 +237,9 @@ def recsys_daily():
     def publish(run: dict, shard_results: list[dict]) -> dict:
         """Check every shard (staging again what a Redis restart lost), then switch the new version
         live atomically."""
-        from recsys.errors import StaleVersionError
-        from recsys.pipeline import finish_publish_stage
-        from recsys.publish import ShardResult
+        from recsys.core.errors import StaleVersionError
+        from recsys.pipeline.publish.stage import ShardResult
+        from recsys.pipeline.stages import finish_publish_stage
 
         results = [ShardResult(**result) for result in shard_results]
         settings = recsys_settings()
@@ -271,7 +271,7 @@ recsys_daily()
 def recsys_tune():
     @task
     def extract(params=None, data_interval_end=None) -> dict:
-        from recsys.pipeline import extract_stage, plan_run
+        from recsys.pipeline.stages import extract_stage, plan_run
 
         # raw weights: the search itself chooses the confidence scaling
         search_params = PipelineParams(
@@ -284,7 +284,7 @@ def recsys_tune():
 
     @task(execution_timeout=timedelta(hours=6))
     def tune(run: dict, params=None) -> dict:
-        from recsys.pipeline import tune_stage
+        from recsys.pipeline.stages import tune_stage
 
         settings = recsys_settings()
         tuned = tune_stage(settings, planned(run, settings), params["n_trials"])

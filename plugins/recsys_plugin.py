@@ -1,7 +1,7 @@
 """Airflow UI page "Browse > Recommendations": look up the live recommendations of a user id and
 the live model's data window and metrics, served by the api-server at ``<airflow>/recsys/``.
 
-The app itself is ``recsys.lookup_app`` (plain FastAPI). This file adds what only Airflow knows:
+The app itself is ``recsys.serving.lookup`` (plain FastAPI). This file adds what only Airflow knows:
 the Redis location from the ``recsys_redis`` connection (else ``RECSYS_REDIS_URL``, like the DAG)
 and Airflow's own login check: plugin apps are not protected by Airflow auth unless they ask.
 """
@@ -14,7 +14,7 @@ from airflow.plugins_manager import AirflowPlugin
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
 URL_PREFIX = "/recsys"
 
@@ -24,7 +24,7 @@ def _settings() -> Settings:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
     try:
         # the server-side lookup (env backend, secrets backends, then the metadata DB);
@@ -39,7 +39,7 @@ def _build_app() -> ASGIApp:
     from airflow.api_fastapi.core_api.security import requires_access_view
     from fastapi import Depends
 
-    from recsys.lookup_app import create_app
+    from recsys.serving.lookup import create_app
 
     # any user allowed to use the Airflow UI; the JWT comes from the UI's session cookie
     # (the page is same-origin) or from an Authorization: Bearer header

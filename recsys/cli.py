@@ -13,16 +13,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys import db, live, pipeline, services, store
-from recsys.api import api_key_command, serve_command
-from recsys.bench import bench_app
-from recsys.bench_serve import serve_bench_command
-from recsys.bench_speed import speed_bench_command
-from recsys.chaos import chaos_command
-from recsys.errors import RecsysError, describe
-from recsys.params import PipelineParams
-from recsys.pipeline import plan_run, run_pipeline
-from recsys.settings import Settings
+from recsys.bench.chaos import chaos_command
+from recsys.bench.quality import bench_app
+from recsys.bench.serve import serve_bench_command
+from recsys.bench.speed import speed_bench_command
+from recsys.core import db, redis_keys
+from recsys.core.errors import RecsysError, describe
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.local import services
+from recsys.pipeline import stages
+from recsys.pipeline.publish import versions
+from recsys.pipeline.stages import plan_run, run_pipeline
 
 app = typer.Typer(
     help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -30,8 +32,6 @@ app = typer.Typer(
 services_app = typer.Typer(help="Embedded local PostgreSQL and Redis (for machines without them).")
 app.add_typer(services_app, name="services")
 app.add_typer(bench_app, name="bench")
-app.command("serve")(serve_command)
-app.command("api-key")(api_key_command)
 app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
 bench_app.command("speed")(speed_bench_command)
@@ -56,6 +56,14 @@ def _main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _configured_urls() -> tuple[str | None, str | None]:
+    try:
+        settings = Settings()
+    except Exception:  # noqa: BLE001 - the settings themselves may be what failed
+        return None, None
+    return settings.database_url, settings.redis_url
+
+
 def main() -> None:
     """The ``recsys`` command: errors as one line, the traceback only with ``--debug``."""
     try:
@@ -63,7 +71,7 @@ def main() -> None:
     except Exception as error:
         if "--debug" in sys.argv[1:]:
             raise
-        err_console.print(f"[red]error:[/red] {describe(error)}", soft_wrap=True, highlight=False)
+        err_console.print(f"[red]error:[/red] {describe(error, *_configured_urls())}", soft_wrap=True, highlight=False)
         sys.exit(1)
 
 
@@ -123,7 +131,7 @@ def demo_data(
     end: EndOption = None,
 ) -> None:
     """Replace the shop tables with a generated demo shop (loaded with COPY)."""
-    from recsys.demo import DemoShop, load_demo
+    from recsys.local.demo import DemoShop, load_demo
 
     shop = DemoShop(users=users, products=products, days=days, seed=seed, interactions=interactions)
     result = load_demo(Settings(), shop, _end(end), progress=True)
@@ -143,15 +151,15 @@ def _stage(name: str, end: datetime | None, overrides: list[str] | None, use_tun
     try:
         run = plan_run(settings, _end(end), _params(overrides), use_tuned)
         if name == "extract":
-            result = pipeline.extract_stage(settings, run, progress=True)
+            result = stages.extract_stage(settings, run, progress=True)
         elif name == "matrix":
-            result = pipeline.matrix_stage(settings, run)
+            result = stages.matrix_stage(settings, run)
         elif name == "train":
-            result = pipeline.train_stage(settings, run, progress=True)
+            result = stages.train_stage(settings, run, progress=True)
         elif name == "evaluate":
-            result = pipeline.evaluate_stage(settings, run)
+            result = stages.evaluate_stage(settings, run)
         else:
-            result = pipeline.publish_stage(settings, run, progress=True)
+            result = stages.publish_stage(settings, run, progress=True)
     except (RecsysError, FileNotFoundError) as error:
         raise _fail(error) from error
     console.print(result)
@@ -206,18 +214,18 @@ def tune_command(
     holdout_days: int = PipelineParams().holdout_days,
 ) -> None:
     """Tune ALS on the shop's recent data (time-based validation); later runs use the result."""
-    from recsys.tune import tuned_path
+    from recsys.pipeline.tune import tuned_path
 
     settings = Settings()
     search = PipelineParams(lookback_days=lookback_days, holdout_days=holdout_days, confidence_scaling="none")
     try:
         run = plan_run(settings, _end(end), search, use_tuned=False)
-        pipeline.extract_stage(settings, run, progress=True)
-        pipeline.matrix_stage(settings, run)
-        tuned = pipeline.tune_stage(settings, run, trials)
+        stages.extract_stage(settings, run, progress=True)
+        stages.matrix_stage(settings, run)
+        tuned = stages.tune_stage(settings, run, trials)
     except RecsysError as error:
         raise _fail(error) from error
-    where = tuned_path(settings) if run.store is None else run.store.url(pipeline.TUNED)
+    where = tuned_path(settings) if run.store is None else run.store.url(stages.TUNED)
     console.print(f"chosen {tuned.params} in {tuned.seconds:.1f} s ({tuned.trials} trials) -> {where}")
     console.print(f"validation MAP@{search.k}: chosen {tuned.validation['chosen']['map']:.4f}, "
                   f"starting params {tuned.validation['starting_params']['map']:.4f}")
@@ -230,10 +238,10 @@ def show(
 ) -> None:
     """Print live recommendations, top buys and model metrics read back from Redis."""
     settings = Settings()
-    client, keys = store.redis_client(settings), store.layout(settings)
-    meta = store.live_meta(client, keys)
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    meta = redis_keys.live_meta(client, keys)
     if meta is None:
-        hint = pipeline.recovery_hint(settings) or "run the pipeline first"
+        hint = stages.recovery_hint(settings) or "run the pipeline first"
         raise _fail(RecsysError(f"no live version under prefix {settings.redis_prefix!r}; {hint}"))
     console.print(f"live version [bold]{meta['version']}[/bold], data {meta['data_start']} .. {meta['data_end']}")
     metrics = Table("", "MAP@K", "nDCG@K", "P@K", "R@K", "coverage", title=f"holdout, K={meta['metrics']['model']['k']}")
@@ -243,22 +251,52 @@ def show(
     console.print(metrics)
     user_ids = user or [field for field, _ in islice(client.hscan_iter(keys.live("user_recs")), users)]
     for user_id in user_ids:
-        found = store.user_recommendations(client, keys, user_id)
+        found = redis_keys.user_recommendations(client, keys, user_id)
         console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}", soft_wrap=True)
-    console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(store.top_buys(client, keys))}", soft_wrap=True)
+    console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(redis_keys.top_buys(client, keys))}", soft_wrap=True)
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Processes; about one per core")] = 1,
+    access_log: Annotated[bool, typer.Option(help="Log every request (costs throughput)")] = False,
+) -> None:
+    """Serve the recommendation API (uvicorn) on the live version in Redis.
+
+    Needs API keys (RECSYS_API_KEYS or RECSYS_API_KEYS_FILE, docs/security.md) unless reads are
+    public (RECSYS_API_PUBLIC_READS=true); refuses to start with keys it cannot use."""
+    from recsys.serving.api import serve
+
+    settings = Settings()
+    serve(settings, host, port, workers, access_log, stages.recovery_hint(settings))
+
+
+@app.command("api-key")
+def api_key_command(
+    scope: Annotated[str, typer.Option(help="read: GET endpoints only; write: also POST events")] = "write",
+) -> None:
+    """Print a new random API key as a RECSYS_API_KEYS entry (scope:key). Nothing is stored."""
+    from recsys.serving.security import ApiKeyConfigError, new_api_key
+
+    try:
+        typer.echo(new_api_key(scope))  # type: ignore[arg-type]
+    except ApiKeyConfigError as error:
+        raise typer.BadParameter(str(error), param_hint="--scope") from None
 
 
 @app.command("versions")
 def versions_command(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
     """List the live version and the kept (replaced) ones, newest first."""
     settings = Settings()
-    found = live.versions(store.redis_client(settings), store.layout(settings))
+    found = versions.versions(redis_keys.redis_client(settings), redis_keys.layout(settings))
     if as_json:
         for info in found:
             typer.echo(json.dumps(info.__dict__))
         return
     if not found:
-        hint = pipeline.recovery_hint(settings)
+        hint = stages.recovery_hint(settings)
         raise _fail(RecsysError(f"no version under prefix {settings.redis_prefix!r}" + (f"; {hint}" if hint else "")))
     table = Table("role", "version", "data end", "published at", "users", "expires in", "complete")
     for info in found:
@@ -275,7 +313,7 @@ def rollback_command(
     """Make a kept version live again, atomically; the version it replaces is kept in its place."""
     settings = Settings()
     try:
-        chosen = live.rollback(store.redis_client(settings), store.layout(settings),
+        chosen = versions.rollback(redis_keys.redis_client(settings), redis_keys.layout(settings),
                                settings.previous_version_ttl_seconds, version)
     except RecsysError as error:
         raise _fail(error) from error
@@ -289,7 +327,7 @@ def republish_command(
     """Publish a finished run again from its artifacts, without extracting or training: the way
     back after the cache Redis lost its data."""
     try:
-        result = pipeline.republish(Settings(), None if end is None else _end(end), progress=True)
+        result = stages.republish(Settings(), None if end is None else _end(end), progress=True)
     except RecsysError as error:
         raise _fail(error) from error
     console.print(f"published version {result.version} for {result.users:,} users")

@@ -37,9 +37,10 @@ os.environ.update(
 for name in [name for name in os.environ if name.startswith("RECSYS_") and not name.startswith("RECSYS_TEST_")]:
     del os.environ[name]
 
-from recsys import db, services  # noqa: E402
-from recsys.settings import Settings  # noqa: E402
-from recsys.store import KeyLayout, delete_all, redis_client  # noqa: E402
+from recsys.core import db  # noqa: E402
+from recsys.core.redis_keys import KeyLayout, delete_all, redis_client  # noqa: E402
+from recsys.core.settings import Settings  # noqa: E402
+from recsys.local import services  # noqa: E402
 
 
 def services_dir() -> Path:
@@ -112,7 +113,7 @@ def window_end() -> datetime:
 @pytest.fixture
 def demo_loaded(settings: Settings, window_end: datetime):
     """A small generated shop whose data ends at ``window_end``."""
-    from recsys.demo import DemoShop, load_demo
+    from recsys.local.demo import DemoShop, load_demo
 
     return load_demo(settings, DemoShop(users=600, products=150, days=60, seed=7), end=window_end)
 

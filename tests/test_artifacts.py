@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from recsys import artifacts
-from recsys.artifacts import ArtifactStore, open_store, pull, push, pushed
-from recsys.params import PipelineParams
-from recsys.pipeline import (
-    EVALUATION,
-    EXTRACT,
-    MATRIX,
-    MODEL,
+from recsys.core import artifacts
+from recsys.core.artifacts import ArtifactStore, open_store, pull, push, pushed
+from recsys.core.layout import EVALUATION, EXTRACT, FACTORS_FULL, MATRIX, MODEL
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import layout, live_meta, redis_client
+from recsys.core.settings import Settings
+from recsys.pipeline.stages import (
     Run,
     evaluate_stage,
     extract_stage,
@@ -24,9 +23,7 @@ from recsys.pipeline import (
     train_stage,
     tune_stage,
 )
-from recsys.settings import Settings
-from recsys.store import layout, live_meta, redis_client
-from recsys.tune import tuned_path, with_tuned
+from recsys.pipeline.tune import tuned_path, with_tuned
 
 
 @pytest.fixture
@@ -147,13 +144,13 @@ def test_a_second_worker_with_an_empty_cache_runs_the_later_stages(settings, dem
         assert pushed(run.store, f"{run.paths.key}/{folder}") is not None
 
     # the HTTP API on a third host loads the live model from the store, not from worker-b's disk
-    from recsys.api import load_live_model
+    from recsys.serving.api import load_live_model
 
     assert meta["artifacts_key"] == run.paths.key
     api_host = worker(settings, tmp_path / "store", tmp_path / "api-host")
     live = load_live_model(meta, api_host)
     assert live.version == result.version and len(live.user_index) >= meta["counts"]["users"] > 100
-    assert (tmp_path / "api-host" / run.paths.key / MODEL / "full.npz").is_file()
+    assert (tmp_path / "api-host" / run.paths.key / MODEL / FACTORS_FULL).is_file()
 
 
 def test_tuned_params_reach_every_worker_through_the_store(settings, demo_loaded, window_end, tmp_path):

@@ -7,7 +7,7 @@ import shutil
 import pytest
 from conftest import run_recsys_json
 
-from recsys.bench_serve import PYTHON_CLIENT, redis_benchmark_get_rps
+from recsys.bench.serve import PYTHON_CLIENT, redis_benchmark_get_rps
 
 
 def test_serve_bench_without_wrk_or_redis_benchmark(service_urls, bare_path):

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from conftest import run_recsys_json
 
-from recsys.bench_speed import (
+from recsys.bench.speed import (
     OPTIONAL_RATIOS,
     RATIOS,
     missing_tool,
     redis_benchmark_set_rps,
     redis_py_write_floor,
 )
-from recsys.demo import DemoShop, generate_interactions
-from recsys.store import layout, redis_client
+from recsys.core.redis_keys import layout, redis_client
+from recsys.local.demo import DemoShop, generate_interactions
 
 
 def _bench_keys(client, label: str) -> set:

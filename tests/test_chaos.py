@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from recsys import live
-from recsys.chaos import KINDS, run_chaos
-from recsys.store import layout, redis_client
+from recsys.bench.chaos import KINDS, run_chaos
+from recsys.core.redis_keys import layout, redis_client
+from recsys.pipeline.publish import versions
 
 TRIALS_PER_KIND = 2
 
@@ -22,12 +22,12 @@ def test_every_fault_kind_keeps_the_invariants():
 
 @pytest.mark.parametrize("damage", ["structure gone", "count off", "meta gone", "TTL on live"])
 def test_the_live_check_sees_a_broken_version(settings, demo_loaded, window_end, damage):
-    from recsys.params import PipelineParams
-    from recsys.pipeline import run_pipeline
+    from recsys.core.params import PipelineParams
+    from recsys.pipeline.stages import run_pipeline
 
     run_pipeline(settings, window_end, PipelineParams())
     client, keys = redis_client(settings), layout(settings)
-    assert live.live_problems(client, keys) == []
+    assert versions.live_problems(client, keys) == []
     if damage == "structure gone":
         client.delete(keys.live("top_buys"))
     elif damage == "count off":
@@ -36,12 +36,12 @@ def test_the_live_check_sees_a_broken_version(settings, demo_loaded, window_end,
         client.delete(keys.live("meta"))
     else:
         client.expire(keys.live("similar_products"), 3600)
-    assert live.live_problems(client, keys) != []
+    assert versions.live_problems(client, keys) != []
 
 
 def test_the_ttl_check_sees_a_key_that_would_live_forever(settings):
     client, keys = redis_client(settings), layout(settings)
     client.set(f"{keys.tag}:staging:x:y:user_recs", "1", ex=60)
-    assert live.keys_without_ttl(client, keys) == []
+    assert versions.keys_without_ttl(client, keys) == []
     client.persist(f"{keys.tag}:staging:x:y:user_recs")
-    assert live.keys_without_ttl(client, keys) == [f"{keys.tag}:staging:x:y:user_recs"]
+    assert versions.keys_without_ttl(client, keys) == [f"{keys.tag}:staging:x:y:user_recs"]

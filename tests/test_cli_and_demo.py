@@ -12,9 +12,9 @@ import redis
 from conftest import services_dir
 from typer.testing import CliRunner
 
-from recsys import services
 from recsys.cli import app
-from recsys.demo import DemoShop, generate_interactions
+from recsys.local import services
+from recsys.local.demo import DemoShop, generate_interactions
 
 runner = CliRunner()
 
@@ -82,8 +82,8 @@ def test_embedded_servers_start_reuse_and_stop(tmp_path):
 
 
 def test_params_reject_unknown_and_invalid_values():
-    from recsys.errors import InputError
-    from recsys.params import PipelineParams
+    from recsys.core.errors import InputError
+    from recsys.core.params import PipelineParams
 
     with pytest.raises(InputError, match="unknown parameters: factor"):
         PipelineParams.from_dict({"factor": 3})

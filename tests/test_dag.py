@@ -9,18 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import REPO
 
-from recsys.artifacts import open_store, pushed
-from recsys.params import PipelineParams
-from recsys.pipeline import (
-    EVALUATION,
-    EXTRACT,
-    MATRIX,
-    MODEL,
-    run_paths,
-    run_pipeline,
-    window_ending,
-)
-from recsys.store import layout, live_meta, redis_client
+from recsys.core.artifacts import open_store, pushed
+from recsys.core.layout import EVALUATION, EXTRACT, MATRIX, MODEL, run_paths
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import layout, live_meta, redis_client
+from recsys.core.window import window_ending
+from recsys.pipeline.stages import run_pipeline
 
 TASK_ORDER = ["extract", "build_matrix", "train", "evaluate", "prepare_publish", "publish_shard", "publish"]
 
@@ -70,7 +64,7 @@ def test_retry_policy_fails_bad_input_fast_and_retries_lost_connections(dag):
     import redis
     from airflow.sdk import RetryAction
 
-    from recsys.errors import EmptyWindowError, QualityGateError
+    from recsys.core.errors import EmptyWindowError, QualityGateError
 
     policy = dag.get_task("extract").retry_policy
 

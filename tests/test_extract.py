@@ -14,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import days_before, insert_interactions, insert_products
 
-from recsys import db
-from recsys import extract as extract_module
-from recsys.errors import EmptyWindowError, NoValidDataError
-from recsys.extract import INTERACTIONS_SCHEMA, Window, extract
-from recsys.params import PipelineParams
+from recsys.core import db
+from recsys.core.errors import EmptyWindowError, NoValidDataError
+from recsys.core.params import PipelineParams
+from recsys.core.window import Window
+from recsys.pipeline import extract as extract_module
+from recsys.pipeline.extract import INTERACTIONS_SCHEMA, extract
 
 
 def window_for(end, days=30) -> Window:
@@ -194,7 +195,7 @@ def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window
 
 def test_ids_with_newlines_survive_block_boundaries(settings, window_end, tmp_path, monkeypatch):
     """COPY quotes a value with a newline; Arrow must not split a row there, whatever the block size."""
-    from recsys.pipeline import window_ending
+    from recsys.core.window import window_ending
 
     rows = [(f"user-{i:05d}", f"p{i % 50}", "view", 1.0, days_before(window_end, 3)) for i in range(20_000)]
     odd_rows = range(0, 20_000, 997)
@@ -282,7 +283,7 @@ def test_products_missing_from_the_catalogue_are_listed_by_interactions(settings
         for i, product in enumerate(["ghost-a"] * 5 + ["ghost-b"] * 2 + ["ghost-c"])
     ]
     insert_interactions(settings, known + ghosts)
-    with caplog.at_level(logging.WARNING, logger="recsys.extract"):
+    with caplog.at_level(logging.WARNING, logger="recsys.pipeline.extract"):
         result = extract(settings, window_for(window_end), tmp_path, PipelineParams())
 
     assert result.rows_kept == 48  # kept: they still say something about their users
@@ -344,7 +345,7 @@ def test_one_warning_line_sums_up_everything_left_out(settings, window_end, tmp_
         settings,
         good + [good[0], ("u1", "p1", "purchase", 0.0, at), ("u2", "p1", "clicked", None, at), ("u3", "ghost", "view", None, at)],
     )
-    with caplog.at_level(logging.INFO, logger="recsys.extract"):
+    with caplog.at_level(logging.INFO, logger="recsys.pipeline.extract"):
         result = extract(settings, window_for(window_end), tmp_path, PipelineParams())
     warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0]

@@ -8,10 +8,10 @@ from datetime import timedelta
 
 from conftest import days_before, insert_interactions
 
-from recsys import db
-from recsys.params import PipelineParams
-from recsys.pipeline import run_pipeline
-from recsys.store import layout, live_meta, redis_client
+from recsys.core import db
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import layout, live_meta, redis_client
+from recsys.pipeline.stages import run_pipeline
 
 # later windows are compared with an earlier live model of another window: let the gate pass
 PARAMS = PipelineParams(max_map_drop=1.0)

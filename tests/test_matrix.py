@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from recsys.extract import INTERACTIONS_SCHEMA, Window
-from recsys.ids import IdTypes
-from recsys.matrix import build_matrix, load_ids
-from recsys.params import PipelineParams
+from recsys.core.ids import IdTypes
+from recsys.core.params import PipelineParams
+from recsys.core.window import Window
+from recsys.pipeline.extract import INTERACTIONS_SCHEMA
+from recsys.pipeline.matrix import build_matrix, load_ids
 
 END = datetime(2026, 11, 28, 3, tzinfo=UTC)
 WINDOW = Window(END - timedelta(days=30), END)
@@ -140,7 +141,7 @@ def test_confidence_scaling_keeps_the_pattern(tmp_path, scheme):
 
 def test_batched_reading_builds_the_same_matrices(tmp_path, monkeypatch):
     """Rows are read in batches; batch boundaries must not change any output."""
-    from recsys import matrix
+    from recsys.pipeline import matrix
 
     rng = np.random.default_rng(3)
     types = ["purchase", "view", "add_to_cart", "rating", "wishlist"]  # "wishlist": unknown, weight 0

@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 from implicit.evaluation import ranking_metrics_at_k
 
-from recsys.metrics import ranking_metrics
-from recsys.ranking import als_model, recommend_top_n
+from recsys.ml.metrics import ranking_metrics
+from recsys.ml.ranking import als_model, recommend_top_n
 
 
 def relevance(rows: list[list[int]], n_items: int) -> sp.csr_matrix:

@@ -10,11 +10,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from recsys import store
-from recsys.lookup_app import create_app
-from recsys.params import PipelineParams
-from recsys.pipeline import PipelineResult, run_pipeline
-from recsys.settings import Settings
+from recsys.core import redis_keys
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.pipeline.stages import PipelineResult, run_pipeline
+from recsys.serving.lookup import create_app
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def client(settings: Settings) -> TestClient:
 
 
 def _live_user(settings: Settings) -> str:
-    return store.redis_client(settings).hrandfield(store.layout(settings).live("user_recs"))
+    return redis_keys.redis_client(settings).hrandfield(redis_keys.layout(settings).live("user_recs"))
 
 
 def _closed_port() -> int:
@@ -43,7 +43,7 @@ def test_user_lookup_returns_the_live_entry(published: PipelineResult, settings:
     response = client.get(f"/api/users/{user_id}")
 
     assert response.status_code == 200
-    expected = store.user_recommendations(store.redis_client(settings), store.layout(settings), user_id)
+    expected = redis_keys.user_recommendations(redis_keys.redis_client(settings), redis_keys.layout(settings), user_id)
     assert response.json() == expected
     assert expected["recommended_products"]
 
@@ -71,7 +71,7 @@ def test_model_shows_version_window_and_metrics(published: PipelineResult, clien
 def test_top_buys(published: PipelineResult, settings: Settings, client: TestClient):
     everything = client.get("/api/top-buys")
     assert everything.status_code == 200
-    assert everything.json() == store.top_buys(store.redis_client(settings), store.layout(settings))
+    assert everything.json() == redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))
 
     assert client.get("/api/top-buys", params={"category": "no-such-category"}).status_code == 404
 

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from conftest import days_before, insert_interactions
 
-from recsys import db
-from recsys.errors import EmptyResultError, StaleVersionError
-from recsys.params import PipelineParams
-from recsys.pipeline import run_paths, run_pipeline, window_ending
-from recsys.ids import id_out, integer_ids
-from recsys.publish import json_id_tokens, json_list_objects, publish
-from recsys.store import (
+from recsys.core import db
+from recsys.core.errors import EmptyResultError, StaleVersionError
+from recsys.core.ids import id_out, integer_ids
+from recsys.core.layout import run_paths
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import (
     layout,
     live_meta,
     redis_client,
@@ -24,6 +23,9 @@ from recsys.store import (
     top_buys,
     user_recommendations,
 )
+from recsys.core.window import window_ending
+from recsys.pipeline.publish.stage import json_id_tokens, json_list_objects, publish
+from recsys.pipeline.stages import run_pipeline
 
 
 def purchased_and_inactive(settings, window):
@@ -140,9 +142,9 @@ def test_reader_polling_during_publish_only_sees_complete_versions(settings, dem
 
 def stage(settings, window_end, params):
     """extract, matrix and train for ``window_end``; returns the run's paths."""
-    from recsys.extract import extract, extracted_id_types
-    from recsys.matrix import build_matrix
-    from recsys.train import train
+    from recsys.pipeline.extract import extract, extracted_id_types
+    from recsys.pipeline.matrix import build_matrix
+    from recsys.pipeline.train import train
 
     window = window_ending(window_end, params)
     paths = run_paths(settings, window, params)
@@ -223,7 +225,7 @@ def test_column_wise_json_is_what_json_dumps_writes(ids, id_type):
 
 
 def test_shards_cover_every_user_once():
-    from recsys.publish import shard_users
+    from recsys.pipeline.publish.stage import shard_users
 
     for n_users, shards in [(10, 3), (7, 7), (5, 8), (1000, 16)]:
         parts = [shard_users(n_users, shard, shards) for shard in range(shards)]
@@ -232,7 +234,7 @@ def test_shards_cover_every_user_once():
 
 
 def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
-    from recsys.publish import (
+    from recsys.pipeline.publish.stage import (
         finish_publish,
         new_attempt,
         prepare_publish,
@@ -253,7 +255,7 @@ def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
 
 
 def test_payload_batches_do_not_change_what_is_published(settings, demo_loaded, window_end, monkeypatch):
-    from recsys import publish as publish_module
+    from recsys.pipeline.publish import stage as publish_module
 
     params = PipelineParams(top_n=5)
     paths = stage(settings, window_end, params)

@@ -11,23 +11,30 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from test_publish import stage
 
-from recsys import live, pipeline
-from recsys.errors import (
+from recsys.core.errors import (
     FutureWindowError,
     IncompleteVersionError,
     PublishConflictError,
     StaleVersionError,
 )
-from recsys.params import PipelineParams
-from recsys.pipeline import run_pipeline
-from recsys.publish import (
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import (
+    STRUCTURES,
+    delete_all,
+    layout,
+    live_meta,
+    redis_client,
+)
+from recsys.pipeline import stages
+from recsys.pipeline.publish import versions
+from recsys.pipeline.publish.stage import (
     finish_publish,
     new_attempt,
     prepare_publish,
     publish,
     publish_shard,
 )
-from recsys.store import STRUCTURES, delete_all, layout, live_meta, redis_client
+from recsys.pipeline.stages import run_pipeline
 
 # the gate may compare against an earlier live model of another window: let it always pass
 SMALL = PipelineParams(max_map_drop=1.0)
@@ -35,8 +42,8 @@ SMALL = PipelineParams(max_map_drop=1.0)
 
 def assert_whole_live_version(client, keys) -> dict:
     """I1 and I3: a complete live version, every other key with a TTL."""
-    assert live.live_problems(client, keys) == []
-    assert live.keys_without_ttl(client, keys) == []
+    assert versions.live_problems(client, keys) == []
+    assert versions.keys_without_ttl(client, keys) == []
     meta = live_meta(client, keys)
     assert meta is not None
     counts = meta["counts"]
@@ -98,7 +105,7 @@ def test_the_switch_refuses_a_version_missing_a_structure(settings, demo_loaded,
     client.expire(staged_meta, 60)
     client.set(keys.owner(version), attempt, px=60_000)
     with pytest.raises(IncompleteVersionError, match="staged user_recs holds"):
-        live.switch_live(client, keys, version, attempt, window_end.timestamp(), window_end.timestamp() + 1, 1, 60)
+        versions.switch_live(client, keys, version, attempt, window_end.timestamp(), window_end.timestamp() + 1, 1, 60)
     assert live_meta(client, keys)["version"] == first.publish.version
     assert_whole_live_version(client, keys)
 
@@ -106,7 +113,7 @@ def test_the_switch_refuses_a_version_missing_a_structure(settings, demo_loaded,
 def test_a_writer_killed_mid_write_leaves_keys_that_expire(settings, demo_loaded, window_end, monkeypatch):
     """The TTL comes with the first HSET: stop a shard after its first round trip (as a SIGKILL
     would) and its staging hash already expires."""
-    from recsys import publish as publish_module
+    from recsys.pipeline.publish import stage as publish_module
 
     monkeypatch.setattr(publish_module, "HSET_CHUNK", 5)
     monkeypatch.setattr(publish_module, "HSETS_PER_ROUND_TRIP", 1)
@@ -120,12 +127,12 @@ def test_a_writer_killed_mid_write_leaves_keys_that_expire(settings, demo_loaded
     paths = stage(settings, window_end, SMALL)
     attempt = new_attempt()
     version = prepare_publish(settings, paths.matrix, paths.model, SMALL, attempt)
-    monkeypatch.setattr(live.VersionOwner, "check", killed_after_first_round_trip)
+    monkeypatch.setattr(versions.VersionOwner, "check", killed_after_first_round_trip)
     with pytest.raises(KeyboardInterrupt):
         publish_shard(settings, paths.matrix, paths.model, SMALL, attempt, 0, 1)
     client, keys = redis_client(settings), layout(settings)
     assert client.hlen(keys.staging(version, attempt, "user_recs")) == 5
-    assert live.keys_without_ttl(client, keys) == []
+    assert versions.keys_without_ttl(client, keys) == []
 
 
 def test_orphaned_staging_keys_go_even_when_the_run_is_stale(settings, demo_loaded, window_end):
@@ -151,7 +158,7 @@ def test_a_publisher_never_switches_while_another_owns_the_version(settings, dem
     with pytest.raises(PublishConflictError, match="being published by another attempt"):
         finish_publish(impatient, paths.matrix, paths.model, paths.evaluation / "report.json", SMALL, attempt, results, 1)
     with pytest.raises(PublishConflictError, match="another attempt"):
-        live.switch_live(client, keys, version, attempt, window_end.timestamp(), window_end.timestamp(), 1, 60)
+        versions.switch_live(client, keys, version, attempt, window_end.timestamp(), window_end.timestamp(), 1, 60)
     assert live_meta(client, keys) is None  # nothing went live from the attempt that lost its lock
     client.delete(keys.owner(version))
 
@@ -195,7 +202,7 @@ def test_kept_versions_are_bounded(settings, demo_loaded, window_end):
     keep_two = settings.model_copy(update={"keep_versions": 2})
     published = [run_pipeline(keep_two, window_end - timedelta(days=days), SMALL).publish.version for days in (3, 2, 1, 0)]
     client, keys = redis_client(settings), layout(settings)
-    found = live.versions(client, keys)
+    found = versions.versions(client, keys)
     assert [(info.role, info.version) for info in found] == [
         ("live", published[3]), ("kept", published[2]), ("kept", published[1]),
     ]
@@ -210,13 +217,13 @@ def test_rollback_and_republish_restore_a_complete_version(settings, demo_loaded
     newer = run_pipeline(settings, window_end, SMALL).publish.version
 
     client.delete(*(keys.live(s) for s in STRUCTURES))  # live keys lost
-    assert "recsys rollback" in pipeline.recovery_hint(settings)
-    assert live.rollback(client, keys, settings.previous_version_ttl_seconds) == older
+    assert "recsys rollback" in stages.recovery_hint(settings)
+    assert versions.rollback(client, keys, settings.previous_version_ttl_seconds) == older
     assert assert_whole_live_version(client, keys)["version"] == older
 
     delete_all(client, keys)  # Redis lost everything
-    assert "recsys republish" in pipeline.recovery_hint(settings)
-    result = pipeline.republish(settings)
+    assert "recsys republish" in stages.recovery_hint(settings)
+    result = stages.republish(settings)
     assert result.version == newer
     assert assert_whole_live_version(client, keys)["version"] == newer
 

@@ -12,9 +12,10 @@ import pytest
 import scipy.sparse as sp
 from typer.testing import CliRunner
 
-from recsys import quality, tuning
-from recsys.bench import bench_app
-from recsys.train import fit_als
+from recsys.bench import movielens as quality
+from recsys.bench.frequency_scaled import fit_frequency_scaled
+from recsys.bench.quality import bench_app
+from recsys.ml import search as tuning
 
 sys.path.insert(0, str(Path(__file__).parent))
 from independent_metrics import recompute  # noqa: E402
@@ -83,10 +84,10 @@ def test_split_matches_recommenders_rows(ratings):
 
 def test_frequency_scaled_fit_is_deterministic_and_learns_the_clusters(ratings):
     matrices = quality.build_matrices(*quality.stratified_split(ratings))
-    kwargs = dict(factors=8, regularization=1.0, alpha=2.0, iterations=8, seed=1, regularization_exponent=1.0)
+    kwargs = dict(factors=8, regularization=1.0, alpha=2.0, iterations=8, seed=1, exponent=1.0, cg_steps=3)
 
-    users, items = fit_als(matrices.train, **kwargs)
-    users_again, _ = fit_als(matrices.train, **kwargs)
+    users, items = fit_frequency_scaled(matrices.train, **kwargs)
+    users_again, _ = fit_frequency_scaled(matrices.train, **kwargs)
 
     assert users.shape == (matrices.train.shape[0], 8) and items.shape == (matrices.train.shape[1], 8)
     np.testing.assert_array_equal(users, users_again)
@@ -108,13 +109,13 @@ def test_tuning_only_ever_sees_train(ratings, tmp_path, monkeypatch):
     seen: list[tuple[sp.csr_matrix, sp.csr_matrix]] = []
     real = tuning.validation_metrics
 
-    def spy(fit_matrix, validation, params, seed, k=10, exclude=None, blocked_items=None):
+    def spy(fit_matrix, validation, params, seed, k=10, exclude=None, blocked_items=None, fitter=tuning.fit):
         seen.append((fit_matrix, validation))
         assert exclude is None  # the benchmark excludes the fit items themselves
-        return real(fit_matrix, validation, params, seed, k, exclude, blocked_items)
+        return real(fit_matrix, validation, params, seed, k, exclude, blocked_items, fitter)
 
     monkeypatch.setattr(tuning, "validation_metrics", spy)
-    from recsys.bench import run_quality
+    from recsys.bench.quality import run_quality
 
     run_quality(data, seed=42, trials=3, dump=None)
 

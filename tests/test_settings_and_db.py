@@ -9,13 +9,19 @@ import psycopg
 import pytest
 from typer.testing import CliRunner
 
-from recsys import db
 from recsys.cli import app
-from recsys.errors import ConfigurationError
-from recsys.params import PipelineParams
-from recsys.pipeline import run_pipeline
-from recsys.settings import Settings
-from recsys.store import KeyLayout, delete_all, layout, live_meta, redis_client
+from recsys.core import db
+from recsys.core.errors import ConfigurationError
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import (
+    KeyLayout,
+    delete_all,
+    layout,
+    live_meta,
+    redis_client,
+)
+from recsys.core.settings import Settings
+from recsys.pipeline.stages import run_pipeline
 
 runner = CliRunner()
 

@@ -7,14 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from recsys.errors import QualityGateError
-from recsys.evaluate import enforce_quality_gate, evaluate
-from recsys.extract import extract, extracted_id_types
-from recsys.matrix import build_matrix
-from recsys.params import PipelineParams
-from recsys.pipeline import run_paths, run_pipeline, window_ending
-from recsys.store import layout, live_meta, redis_client
-from recsys.train import load_factors, train
+from recsys.core.errors import QualityGateError
+from recsys.core.layout import FACTORS_FULL, FACTORS_HOLDOUT, run_paths
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import layout, live_meta, redis_client
+from recsys.core.window import window_ending
+from recsys.ml.als import load_factors
+from recsys.pipeline.evaluate import enforce_quality_gate, evaluate
+from recsys.pipeline.extract import extract, extracted_id_types
+from recsys.pipeline.matrix import build_matrix
+from recsys.pipeline.stages import run_pipeline
+from recsys.pipeline.train import train
 
 
 @pytest.fixture
@@ -36,7 +39,7 @@ def test_model_artifacts_are_npz_and_json_without_pickle(trained):
     assert manifest["params"] == params.to_dict()
     assert set(manifest["library_versions"]) >= {"implicit", "numpy", "scipy", "python"}
     assert manifest["window"]["end"].startswith("2026-11-28T03:00:00")
-    for name in ("full.npz", "holdout.npz"):
+    for name in (FACTORS_FULL, FACTORS_HOLDOUT):
         user_factors, item_factors = load_factors(paths.model / name)  # allow_pickle=False inside
         assert user_factors.shape[1] == item_factors.shape[1] == params.factors
         assert np.isfinite(user_factors).all() and np.isfinite(item_factors).all()
@@ -45,7 +48,7 @@ def test_model_artifacts_are_npz_and_json_without_pickle(trained):
 def test_training_twice_gives_the_same_model(trained, tmp_path):
     params, paths = trained
     train(paths.matrix, tmp_path / "again", params)
-    first, second = load_factors(paths.model / "full.npz"), load_factors(tmp_path / "again" / "full.npz")
+    first, second = load_factors(paths.model / FACTORS_FULL), load_factors(tmp_path / "again" / FACTORS_FULL)
     for a, b in zip(first, second, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 

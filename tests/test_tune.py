@@ -8,12 +8,25 @@ from dataclasses import replace
 import pytest
 from conftest import REPO
 
-from recsys.errors import QualityGateError
-from recsys.evaluate import enforce_quality_gate, evaluate
-from recsys.params import PipelineParams
-from recsys.pipeline import extract_stage, matrix_stage, plan_run, run_pipeline, train_stage
-from recsys.store import layout, live_meta, redis_client
-from recsys.tune import TUNED_FIELDS, TunedParams, load_tuned, save_tuned, tune_on_matrix, with_tuned
+from recsys.core.errors import QualityGateError
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import layout, live_meta, redis_client
+from recsys.pipeline.evaluate import enforce_quality_gate, evaluate
+from recsys.pipeline.stages import (
+    extract_stage,
+    matrix_stage,
+    plan_run,
+    run_pipeline,
+    train_stage,
+)
+from recsys.pipeline.tune import (
+    TUNED_FIELDS,
+    TunedParams,
+    load_tuned,
+    save_tuned,
+    tune_on_matrix,
+    with_tuned,
+)
 
 SEARCH = PipelineParams(confidence_scaling="none")
 
@@ -62,7 +75,7 @@ def test_tuning_on_a_time_split_stores_what_the_next_run_uses(settings, demo_loa
 
 
 def test_tuning_refuses_scaled_weights(settings, demo_loaded, window_end, tmp_path):
-    from recsys.errors import InputError
+    from recsys.core.errors import InputError
 
     with pytest.raises(InputError, match="confidence_scaling='none'"):
         tune_on_matrix(tmp_path, PipelineParams(confidence_scaling="log"), n_trials=1)
