@@ -4,11 +4,13 @@
 to the machine's own); without them the suite starts embedded servers from pip packages. Tests
 never read ``RECSYS_DATABASE_URL``: a developer's shop database is never a test target.
 Each test gets its own Postgres schema and Redis key prefix and removes both afterwards.
+
+Tests that use a server (these fixtures, or servers of their own) are marked ``integration``:
+``pytest -m "not integration"`` runs the rest in seconds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,14 +18,14 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 # Airflow reads its configuration at import time: set it before anything imports airflow.
+from helpers import REPO, services_dir  # noqa: E402 - only plain modules: nothing reads settings yet
+
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="recsys-airflow-"))
 os.environ.update(
     {
@@ -41,13 +43,6 @@ from recsys.core import db  # noqa: E402
 from recsys.core.redis_keys import KeyLayout, delete_all, redis_client  # noqa: E402
 from recsys.core.settings import Settings  # noqa: E402
 from recsys.local import services  # noqa: E402
-
-
-def services_dir() -> Path:
-    """A data dir for embedded servers. Not pytest's tmp_path: run as root, embedded PostgreSQL
-    serves as its own system user, which must be able to pass through every parent directory, and
-    pytest's base temp dir is root-only (start_postgres opens the data dir itself)."""
-    return Path(tempfile.mkdtemp(prefix="recsys-test-services-"))
 
 
 @pytest.fixture(scope="session")
@@ -118,26 +113,6 @@ def demo_loaded(settings: Settings, window_end: datetime):
     return load_demo(settings, DemoShop(users=600, products=150, days=60, seed=7), end=window_end)
 
 
-INTERACTION_FIELDS = ("user_id", "product_id", "event_type", "value", "occurred_at")
-PRODUCT_FIELDS = ("product_id", "name", "category", "active")
-
-
-def insert_interactions(settings: Settings, rows: list[tuple]) -> None:
-    """Insert (user_id, product_id, event_type, value, occurred_at) rows as a shop would."""
-    with db.connect(settings) as conn, conn.cursor() as cur:
-        cur.executemany(db.sql_text(settings, "insert_interaction"), [dict(zip(INTERACTION_FIELDS, row, strict=True)) for row in rows])
-
-
-def insert_products(settings: Settings, rows: list[tuple]) -> None:
-    """Insert or update (product_id, name, category, active) rows."""
-    with db.connect(settings) as conn, conn.cursor() as cur:
-        cur.executemany(db.sql_text(settings, "upsert_product"), [dict(zip(PRODUCT_FIELDS, row, strict=True)) for row in rows])
-
-
-def days_before(end: datetime, days: float) -> datetime:
-    return end - timedelta(days=days)
-
-
 @pytest.fixture
 def bare_path(tmp_path: Path) -> str:
     """A PATH as on a fresh machine with only Python and the project's requirements: one folder
@@ -151,11 +126,12 @@ def bare_path(tmp_path: Path) -> str:
     return path
 
 
-def run_recsys_json(args: list[str], servers: services.LocalServices, path: str, timeout: int = 600) -> dict:
-    """``recsys ARGS`` in a subprocess with PATH set to ``path`` and the given servers; returns
-    the JSON object that ends its stdout."""
-    env = {**os.environ, "PATH": path, **servers.env()}
-    command = [sys.executable, "-c", "from recsys.cli import app; app()", *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+# fixtures that reach a real server, and test modules that start servers of their own
+SERVER_FIXTURES = {"service_urls", "settings", "recsys_env", "demo_loaded", "airflow_db"}
+SERVER_MODULES = {"test_chaos", "test_cli_and_demo", "test_bench_serve", "test_bench_speed", "test_dag"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(item.fixturenames) or item.module.__name__ in SERVER_MODULES:
+            item.add_marker(pytest.mark.integration)

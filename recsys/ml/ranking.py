@@ -103,3 +103,10 @@ def similar_items(
             kept = row_ids[row_valid][:n]
             result[part.start + row, : len(kept)] = kept
     return result
+
+
+def top_buys_order(items):
+    """Active products, most distinct buyers first (ties: more distinct users, then id): the order
+    of the published top buys and of the API's popular fallback. ``items``: the matrix's items table
+    as a DataFrame (``id``, ``active``, ``buyers``, ``popularity``)."""
+    return items[items["active"]].sort_values(["buyers", "popularity", "id"], ascending=[False, False, True])

@@ -19,29 +19,33 @@ from typing import Literal
 import numpy as np
 import scipy.sparse as sp
 
+from recsys.core.params import PipelineParams
 from recsys.ml.als import fit_als
 from recsys.ml.evaluation import evaluate_factors
 from recsys.ml.metrics import RankingMetrics
-from recsys.ml.weighting import ConfidenceScaling, scale_confidence
+from recsys.ml.weighting import BM25_B, ConfidenceScaling, scale_confidence
 
 log = logging.getLogger(__name__)
 
 Objective = Literal["map", "ndcg", "precision", "recall"]
 
 
+PIPELINE_DEFAULTS = PipelineParams()
+
+
 @dataclass(frozen=True)
 class AlsParams:
     """ALS settings as the search sees them; the defaults are the pipeline's (PipelineParams)."""
 
-    factors: int = 64
-    regularization: float = 40.0
-    alpha: float = 4.0
-    iterations: int = 15
+    factors: int = PIPELINE_DEFAULTS.factors
+    regularization: float = PIPELINE_DEFAULTS.regularization
+    alpha: float = PIPELINE_DEFAULTS.alpha
+    iterations: int = PIPELINE_DEFAULTS.iterations
     # 0 = implicit's ALS with one penalty for every row; > 0 = a frequency-scaled penalty, which
     # only a fitter that implements it takes (the benchmark's recsys.bench.frequency_scaled)
     regularization_exponent: float = 0.0
-    confidence: ConfidenceScaling = "log"
-    bm25_b: float = 0.75
+    confidence: ConfidenceScaling = PIPELINE_DEFAULTS.confidence_scaling
+    bm25_b: float = BM25_B
 
     def to_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -131,7 +135,7 @@ def _suggest(trial, space: SearchSpace) -> AlsParams:
         regularization_exponent=trial.suggest_float("regularization_exponent", *space.regularization_exponent),
         confidence=confidence,
         # only meaningful for bm25; fixed otherwise so TPE doesn't model a dead dimension
-        bm25_b=trial.suggest_float("bm25_b", *space.bm25_b) if confidence == "bm25" else 0.75,
+        bm25_b=trial.suggest_float("bm25_b", *space.bm25_b) if confidence == "bm25" else BM25_B,
     )
 
 

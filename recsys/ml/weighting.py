@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 ConfidenceScaling = Literal["none", "log", "bm25"]
 BM25_FLOOR = 1e-3
+BM25_K1, BM25_B = 1.2, 0.75  # the matrix stage's and the API's fold-in's
 
 
 def interaction_weights(
@@ -37,7 +38,7 @@ def decayed_weights(
 
 
 def scale_confidence(
-    user_items: sp.csr_matrix, scheme: ConfidenceScaling = "none", bm25_k1: float = 1.2, bm25_b: float = 0.75
+    user_items: sp.csr_matrix, scheme: ConfidenceScaling = "none", bm25_k1: float = BM25_K1, bm25_b: float = BM25_B
 ) -> sp.csr_matrix:
     """Rescale summed weights before ALS turns them into confidence 1 + alpha * w.
 

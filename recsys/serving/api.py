@@ -49,8 +49,8 @@ from recsys.core.layout import EXCLUDE, FULL, ITEMS, USERS, published_artifacts
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.ml.als import load_factors
-from recsys.ml.ranking import als_model, similar_items
-from recsys.ml.weighting import BM25_FLOOR, interaction_weights, scale_confidence
+from recsys.ml.ranking import als_model, similar_items, top_buys_order
+from recsys.ml.weighting import BM25_FLOOR, BM25_K1, interaction_weights, scale_confidence
 from recsys.serving.security import (
     NEW_KEY_COMMAND,
     ApiKey,
@@ -72,7 +72,6 @@ FOLD_IN_MAX_EVENTS = 5_000
 WRITE_ATTEMPTS = 3
 PENDING_REFRESH_BATCH = 100
 DOCS_ASSETS = "/docs-assets"
-BM25_K1 = 1.2  # scale_confidence's default, the one the matrix stage uses
 SECONDS_PER_DAY = 86_400.0
 
 Source = Literal["model", "fold_in", "popular"]
@@ -125,7 +124,7 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
     active = items["active"].to_numpy(dtype=bool)
     category = items["category"].to_numpy(dtype=object)
     # publish's top-buys order: distinct buyers, then distinct users, then id
-    ranked = items[active].sort_values(["buyers", "popularity", "id"], ascending=[False, False, True])
+    ranked = top_buys_order(items)
     exclude = sp.load_npz(matrix_dir / EXCLUDE).tocsr()
     full = sp.load_npz(matrix_dir / FULL).tocsr()
     return LiveModel(

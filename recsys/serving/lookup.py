@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Annotated, Any
 
 import redis
@@ -119,121 +120,5 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
 # Self-contained (no external assets). Every value from the user or from Redis reaches the DOM
 # through textContent, never innerHTML, so nothing is interpreted as markup. Fetch URLs are
 # relative: the app is mounted under a prefix (and Airflow possibly under a base path).
-LOOKUP_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Recsys lookup</title>
-<style>
-  body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #1f2933; }
-  h1 { font-size: 1.3rem; } h2 { font-size: 1.05rem; margin-top: 1.5rem; }
-  table { border-collapse: collapse; margin-top: .5rem; }
-  th, td { border: 1px solid #cbd2d9; padding: .25rem .6rem; text-align: left; }
-  th { background: #f0f4f8; }
-  td.num { text-align: right; font-variant-numeric: tabular-nums; }
-  .error { color: #b42318; }
-  .muted { color: #616e7c; }
-  input { padding: .3rem; } button { padding: .3rem .8rem; }
-</style>
-</head>
-<body>
-<h1>Recsys: live recommendations</h1>
+LOOKUP_PAGE = resources.files(__package__).joinpath("templates", "lookup.html").read_text()
 
-<form id="lookup">
-  <label for="user-id">User id</label>
-  <input id="user-id" name="user_id" required autocomplete="off">
-  <button type="submit">Look up</button>
-</form>
-<div id="user-result"></div>
-
-<h2>Live model</h2>
-<div id="model"><span class="muted">Loading…</span></div>
-
-<script>
-"use strict";
-
-function el(tag, text, className) {
-  const node = document.createElement(tag);
-  if (text !== undefined && text !== null) node.textContent = String(text);
-  if (className) node.className = className;
-  return node;
-}
-
-function table(headers, rows) {
-  const t = el("table");
-  const head = t.createTHead().insertRow();
-  headers.forEach(h => head.appendChild(el("th", h)));
-  const body = t.createTBody();
-  rows.forEach(cells => {
-    const row = body.insertRow();
-    cells.forEach(c => row.appendChild(el("td", c, typeof c === "number" ? "num" : "")));
-  });
-  return t;
-}
-
-async function getJson(url) {
-  const response = await fetch(url, {headers: {"Accept": "application/json"}});
-  let body = null;
-  try { body = await response.json(); } catch (e) { /* not JSON: reported below */ }
-  if (!response.ok) {
-    const detail = body && typeof body.detail === "string" ? body.detail : response.statusText;
-    throw new Error(response.status + ": " + detail);
-  }
-  return body;
-}
-
-function showError(target, error) {
-  target.replaceChildren(el("p", error.message, "error"));
-}
-
-function fmt(value) {
-  return typeof value === "number" && !Number.isInteger(value) ? Number(value.toFixed(4)) : value;
-}
-
-function renderModel(meta) {
-  const target = document.getElementById("model");
-  const info = [
-    ["Version", meta.version],
-    ["Data window", meta.data_start + " → " + meta.data_end],
-    ["Published", meta.published_at],
-  ];
-  const counts = meta.counts || {};
-  Object.keys(counts).forEach(name => info.push([name.replaceAll("_", " "), counts[name]]));
-  const metrics = meta.metrics || {};
-  const model = metrics.model || {}, popularity = metrics.popularity || {};
-  const names = Array.from(new Set([...Object.keys(model), ...Object.keys(popularity)]));
-  target.replaceChildren(
-    table(["", ""], info),
-    el("h2", "Holdout metrics: model vs popularity"),
-    table(["Metric", "Model", "Popularity"], names.map(n => [n, fmt(model[n]), fmt(popularity[n])])),
-  );
-}
-
-async function loadModel() {
-  try { renderModel(await getJson("api/model")); }
-  catch (error) { showError(document.getElementById("model"), error); }
-}
-
-async function lookUp(event) {
-  event.preventDefault();
-  const target = document.getElementById("user-result");
-  const userId = document.getElementById("user-id").value.trim();
-  if (!userId) return;
-  target.replaceChildren(el("p", "Loading…", "muted"));
-  try {
-    const found = await getJson("api/users/" + encodeURIComponent(userId));
-    const products = found.recommended_products || [];
-    target.replaceChildren(
-      el("p", products.length + " recommendations for user " + found.user_id + " (best first):"),
-      table(["Rank", "Product id"], products.map((p, i) => [i + 1, p])),
-    );
-  } catch (error) { showError(target, error); }
-}
-
-document.getElementById("lookup").addEventListener("submit", lookUp);
-loadModel();
-</script>
-</body>
-</html>
-"""

@@ -48,7 +48,7 @@ from recsys.core.redis_keys import (
 from recsys.core.settings import Settings
 from recsys.core.window import Window
 from recsys.ml.als import load_factors
-from recsys.ml.ranking import als_model, recommend_top_n, similar_items
+from recsys.ml.ranking import als_model, recommend_top_n, similar_items, top_buys_order
 from recsys.pipeline.matrix import inactive_items, matrix_id_types
 from recsys.pipeline.publish.versions import (
     VersionOwner,
@@ -500,7 +500,7 @@ def publish(
 
 def _top_buys(items, n: int, item_out: Callable[[str], int | str]) -> dict[str, dict]:
     """Most bought active products (ties by distinct users), overall and per category."""
-    ranked = items[items["active"]].sort_values(["buyers", "popularity", "id"], ascending=[False, False, True])
+    ranked = top_buys_order(items)
     lists = {TOP_BUYS_KEY_ALL: {"category": None, "top_buys": [item_out(i) for i in ranked["id"].head(n)]}}
     for category, group in ranked.dropna(subset=["category"]).groupby("category", sort=True):
         lists[top_buys_field(category)] = {"category": category, "top_buys": [item_out(i) for i in group["id"].head(n)]}

@@ -1,0 +1,5 @@
+"""``python -m recsys``: the ``recsys`` command."""
+
+from recsys.cli import main
+
+main()

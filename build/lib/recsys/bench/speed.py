@@ -1,0 +1,692 @@
+"""``recsys bench speed``: time and memory of each batch stage next to its reference, on one
+generated shop in one run.
+
+- extract: ``recsys.extract.extract`` vs ``pandas.read_sql`` of the same SELECT (on a sub-window
+  of about ``--read-sql-interactions`` rows: it holds every row as Python objects) vs the floor,
+  ``COPY (query) TO STDOUT`` drained by the client without parsing. Rows/s each.
+- matrix: the matrix stage's seconds and peak RSS next to the size of the CSR it builds.
+- train: the train stage (both fits, load and save) vs implicit called directly on the same two
+  CSRs with the same params; and implicit vs Spark MLlib ALS (implicitPrefs, local[2]) in
+  s/iteration on a random subsample of ``--spark-interactions`` nonzeros of the full CSR.
+- scoring: ``recommend_top_n`` over ``--scoring-users`` users vs one implicit batch ``recommend``
+  call vs a dense floor (one sgemm per user block + argpartition, no filtering). Users/s.
+- publish: the publish stage with its parts timed apart: scoring (top-N, similar items), writing
+  (JSON payloads + pipelined HSETs: keys/s) and the rest (loading artifacts, checks, switch);
+  keys/s vs the write floor measured with redis-py + hiredis (from requirements.txt) on the same
+  server: the same number of pre-built values of the same size HSET in publish's shape, no
+  payload building. Also vs ``redis-benchmark -t set -P 16`` with the same value size when it is
+  installed (Debian's redis-tools; not a Python package). Redis bytes per user (``MEMORY USAGE``
+  of the live user hash, and the ``INFO memory`` delta) vs the raw payload (field + JSON value
+  bytes) and vs the same payloads as one plain key per user.
+- peak RSS per stage: each stage (and each in-process reference: raw implicit, scoring) runs in
+  a fresh Python process, as each Airflow task does, and reports its own ``ru_maxrss``.
+
+Configured servers when RECSYS_DATABASE_URL / RECSYS_REDIS_URL are set, else embedded ones; an
+own schema and Redis prefix either way, removed at the end (also on failure). ``--json`` ends
+stdout with one JSON object. A comparison whose reference cannot be measured here (a tool that is
+not installed, Spark skipped) is null, with the reason under its stage's ``"unavailable"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import multiprocessing
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import psutil
+import scipy.sparse as sp
+import typer
+from rich.console import Console
+
+from recsys.core import db, redis_keys
+from recsys.core.layout import EXCLUDE, FACTORS_FULL, FULL, TRAIN
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.local import services
+from recsys.local.demo import DemoShop, load_demo
+
+console = Console(stderr=True)
+SCORING_BLOCK = 4_096
+REDIS_BENCHMARK_KEY = "key:__rand_int__"  # what redis-benchmark -t set writes without -r
+# fewer fields than this time too short to give a rate (the test shop writes ~2,000 keys)
+WRITE_FLOOR_MIN_FIELDS = 100_000
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class Measured:
+    value: Any
+    seconds: float  # of the call itself, without process start and imports
+    peak_rss_bytes: int  # of the whole process, imports included
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux: VmHWM, which starts afresh at exec; ru_maxrss would carry
+    over the parent's peak into a spawned child."""
+    with suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _call_measured(function: Callable, args: tuple) -> Measured:
+    start = time.perf_counter()
+    value = function(*args)
+    seconds = time.perf_counter() - start
+    return Measured(value, seconds, peak_rss_bytes())
+
+
+def in_fresh_process(function: Callable, *args) -> Measured:
+    """Run ``function(*args)`` in a new Python process, like an Airflow task: its peak RSS is its
+    own, not what earlier stages left in this one."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_call_measured, function, args).result()
+
+
+def _record(figures: dict, name: str, measured: Measured) -> dict:
+    entry = figures.setdefault(name, {})
+    entry["seconds"] = round(measured.seconds, 3)
+    entry["peak_rss_bytes"] = measured.peak_rss_bytes
+    return entry
+
+
+def _rate(count: float, seconds: float) -> float | None:
+    return round(count / seconds, 1) if seconds > 0 else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or not math.isfinite(a) or not math.isfinite(b):
+        return None
+    return round(a / b, 4)
+
+
+def unavailable(entry: dict, key: str, reason: str) -> None:
+    """Report ``entry[key]`` as not measured, and why."""
+    entry[key] = None
+    entry.setdefault("unavailable", {})[key] = reason
+    console.print(f"[yellow]{key} unavailable: {reason}[/yellow]")
+
+
+def missing_tool(name: str, package: str) -> str | None:
+    """Why ``name`` cannot be run here, or None when it is on PATH."""
+    if shutil.which(name) is None:
+        return f"{name} not on PATH ({package}; not a Python package, so not in requirements.txt)"
+    return None
+
+
+# -------------------------------------------------------------------------------------- extract
+
+
+def _select_of(copy_statement: str) -> str:
+    """The SELECT inside ``COPY (SELECT ...) TO STDOUT ...`` (comments dropped)."""
+    body = "\n".join(line for line in copy_statement.splitlines() if not line.lstrip().startswith("--"))
+    match = re.search(r"COPY\s*\((.*)\)\s*TO\s+STDOUT", body, re.S | re.I)
+    if match is None:
+        raise RuntimeError("extract_interactions.sql is not a COPY (query) TO STDOUT statement")
+    return match.group(1)
+
+
+def copy_floor(settings: Settings, window) -> tuple[int, float]:
+    """Bytes and seconds of the extract COPY drained without parsing or writing."""
+    statement = db.sql_text(settings, "extract_interactions")
+    drained = 0
+    start = time.perf_counter()
+    with db.connect(settings) as conn, conn.cursor() as cur, cur.copy(
+        statement, {"start": window.start, "end": window.end}
+    ) as copy:
+        for chunk in copy:
+            drained += len(chunk)
+    return drained, time.perf_counter() - start
+
+
+def read_sql(settings: Settings, start: datetime, end: datetime) -> tuple[int, float]:
+    """Rows and seconds of ``pandas.read_sql`` of the extract's SELECT over [start, end)."""
+    import pandas as pd
+
+    query = _select_of(db.sql_text(settings, "extract_interactions"))
+    began = time.perf_counter()
+    with db.connect(settings) as conn, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pandas prefers SQLAlchemy; psycopg works
+        frame = pd.read_sql(query, conn, params={"start": start, "end": end})
+    rows = len(frame)
+    del frame
+    return rows, time.perf_counter() - began
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
+def fit_implicit(user_items: sp.csr_matrix, params: PipelineParams) -> float:
+    """Seconds of implicit's CPU ALS fit alone, as implicit's docs say to run it (BLAS 1 thread)."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    user_items = user_items.tocsr().astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        model = AlternatingLeastSquares(
+            factors=params.factors,
+            regularization=params.regularization,
+            alpha=params.alpha,
+            iterations=params.iterations,
+            random_state=params.seed,
+        )
+        start = time.perf_counter()
+        model.fit(user_items, show_progress=False)
+        return time.perf_counter() - start
+
+
+def subsample(matrix: sp.csr_matrix, nnz: int, seed: int) -> sp.csr_matrix:
+    coo = matrix.tocoo()
+    if nnz >= coo.nnz:
+        return matrix.tocsr()
+    keep = np.sort(np.random.default_rng(seed).choice(coo.nnz, nnz, replace=False))
+    return sp.csr_matrix((coo.data[keep], (coo.row[keep], coo.col[keep])), shape=matrix.shape)
+
+
+def spark_unavailable(spark_interactions: int) -> str | None:
+    """Why Spark cannot be compared in this run, or None when it can."""
+    if spark_interactions <= 0:
+        return "skipped (--spark-interactions 0)"
+    if importlib.util.find_spec("pyspark") is None:
+        return "pyspark not installed (pip install 'recsys[spark]')"
+    return missing_tool("java", "a Java runtime for Spark, e.g. Debian: default-jre-headless")
+
+
+def spark_fit_seconds(user_items: sp.csr_matrix, params: PipelineParams, tmp: Path) -> dict:
+    """Spark MLlib ALS (implicitPrefs, local[2]) on the same nonzeros: fit seconds, excluding
+    session start and loading the ratings into a cached DataFrame."""
+    import pandas as pd
+    import pyspark
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import SparkSession
+
+    coo = user_items.tocoo()
+    ratings = pd.DataFrame({"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32),
+                            "rating": coo.data.astype(np.float32)})
+    spark = (
+        SparkSession.builder.master("local[2]")
+        .appName("recsys-bench-speed")
+        .config("spark.driver.memory", "6g")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.local.dir", str(tmp))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .getOrCreate()
+    )
+    try:
+        spark.sparkContext.setLogLevel("ERROR")
+        frame = spark.createDataFrame(ratings).repartition(4).cache()
+        frame.count()
+        als = ALS(
+            rank=params.factors, maxIter=params.iterations, regParam=params.regularization,
+            alpha=params.alpha, implicitPrefs=True, userCol="user", itemCol="item", ratingCol="rating",
+            seed=params.seed, coldStartStrategy="drop",
+        )
+        start = time.perf_counter()
+        model = als.fit(frame)
+        model.userFactors.count()  # factors are lazy until used
+        seconds = time.perf_counter() - start
+        return {"version": pyspark.__version__, "seconds": round(seconds, 3)}
+    finally:
+        spark.stop()
+
+
+# -------------------------------------------------------------------------------------- scoring
+
+
+def blas_floor(user_factors: np.ndarray, item_factors: np.ndarray, n: int) -> tuple[float, float]:
+    """Seconds of top-n for every row of ``user_factors``: one sgemm per block + argpartition;
+    and the seconds of the sgemm calls alone (the arithmetic every method has to do)."""
+    item_t = np.ascontiguousarray(item_factors.T, dtype=np.float32)
+    gemm = 0.0
+    start = time.perf_counter()
+    for lo in range(0, len(user_factors), SCORING_BLOCK):
+        began = time.perf_counter()
+        scores = user_factors[lo : lo + SCORING_BLOCK] @ item_t
+        gemm += time.perf_counter() - began
+        top = np.argpartition(-scores, n, axis=1)[:, :n]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+        np.take_along_axis(top, order, axis=1)
+    return time.perf_counter() - start, gemm
+
+
+# -------------------------------------------------------------------------------------- publish
+
+
+@contextmanager
+def timed_attributes(module, names: tuple[str, ...], seconds: dict[str, float]) -> Iterator[None]:
+    """Wrap ``module.<name>`` functions with timers (the publish module itself is untouched)."""
+    originals = {name: getattr(module, name) for name in names}
+
+    def wrap(name: str, function: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+        return timed
+
+    for name, function in originals.items():
+        setattr(module, name, wrap(name, function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
+
+
+def redis_py_write_floor(settings: Settings, value_bytes: int, fields: int) -> float:
+    """Fields/s of the fastest write publish could do with its own client: ``fields`` pre-built
+    values of ``value_bytes`` HSET into one scratch hash under the bench's prefix through
+    redis-py + hiredis, in publish's shape (fields per HSET, HSETs per round trip), with no
+    payload to build. The hash is removed afterwards."""
+    from recsys.pipeline.publish.stage import HSET_CHUNK, HSETS_PER_ROUND_TRIP
+
+    client = redis_keys.redis_client(settings)
+    key = redis_keys.layout(settings).live("bench-write-floor")
+    names = [str(number) for number in range(fields)]
+    value = b"v" * max(1, value_bytes)
+    try:
+        start = time.perf_counter()
+        pipe = client.pipeline(transaction=False)
+        for number, first in enumerate(range(0, fields, HSET_CHUNK), start=1):
+            chunk = names[first : first + HSET_CHUNK]
+            pairs = [value] * (2 * len(chunk))
+            pairs[0::2] = chunk
+            pipe.hset(key, items=pairs)
+            if number % HSETS_PER_ROUND_TRIP == 0:
+                pipe.execute()
+        pipe.execute()
+        return _rate(fields, time.perf_counter() - start)
+    finally:
+        client.unlink(key)
+
+
+def redis_benchmark_set_rps(redis_url: str, value_bytes: int, requests: int) -> float:
+    """``redis-benchmark -t set -P 16`` on the same server; its one key is removed afterwards
+    unless it existed before."""
+    import redis
+
+    url = urllib.parse.urlparse(redis_url)
+    database = int((url.path or "/0").strip("/") or 0)
+    client = redis.Redis.from_url(redis_url)
+    existed = bool(client.exists(REDIS_BENCHMARK_KEY))
+    command = ["redis-benchmark", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379),
+               "--dbnum", str(database), "-t", "set", "-P", "16", "-c", "50", "-n", str(requests),
+               "-d", str(max(1, value_bytes)), "-q"]
+    if url.password:
+        command += ["-a", urllib.parse.unquote(url.password), "--no-auth-warning"]
+    try:
+        output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
+    finally:
+        if not existed:
+            client.delete(REDIS_BENCHMARK_KEY)
+    return float(re.search(r"SET: ([\d.]+) requests per second", output).group(1))
+
+
+def redis_payload(settings: Settings, sample: int = 20_000) -> dict:
+    """Live user hash: MEMORY USAGE (every field), fields, raw field + value bytes (sampled), and
+    what the sampled users would take as one plain key each."""
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    key = keys.live("user_recs")
+    fields = client.hlen(key)
+    usage = client.memory_usage(key, samples=0) or 0
+    pairs = []
+    for pair in client.hscan_iter(key, count=1_000):
+        pairs.append(pair)
+        if len(pairs) >= sample:
+            break
+    mean = float(np.mean([len(f.encode()) + len(v.encode()) for f, v in pairs])) if pairs else 0.0
+    return {"fields": fields, "memory_usage_bytes": usage, "raw_bytes_per_user": round(mean, 1),
+            "mean_value_bytes": round(mean, 1),
+            "plain_keys_bytes_per_user": plain_keys_bytes_per_user(client, f"{key}:", pairs)}
+
+
+def plain_keys_bytes_per_user(client, key_prefix: str, pairs: list[tuple[str, str]]) -> float | None:
+    """MEMORY USAGE per user had these users been written as one plain key each
+    (``<key_prefix><user id>``), the layout the user hash is measured against; removed again."""
+    names = [key_prefix + field for field, _ in pairs]
+    pipe = client.pipeline(transaction=False)
+    try:
+        for name, (_, value) in zip(names, pairs, strict=True):
+            pipe.set(name, value)
+        pipe.execute()
+        for name in names:
+            pipe.memory_usage(name, samples=0)
+        usages = pipe.execute()
+    finally:
+        for start in range(0, len(names), 1_000):
+            client.delete(*names[start : start + 1_000])
+    return round(sum(usages) / len(usages), 1) if usages else None
+
+
+def _used_memory(settings: Settings) -> int:
+    return int(redis_keys.redis_client(settings).info("memory")["used_memory"])
+
+
+# ------------------------------------------------------------- run in fresh processes (picklable)
+
+
+def implicit_fit_seconds(matrix_files: tuple[Path, ...], params: PipelineParams) -> float:
+    return sum(fit_implicit(sp.load_npz(path).tocsr(), params) for path in matrix_files)
+
+
+def _scoring_inputs(run) -> tuple:
+    from recsys.ml.als import load_factors
+    from recsys.pipeline.matrix import inactive_items
+
+    user_factors, item_factors = load_factors(run.paths.model / FACTORS_FULL)
+    exclude = sp.load_npz(run.paths.matrix / EXCLUDE).tocsr()
+    return user_factors, item_factors, exclude, inactive_items(run.paths.matrix)
+
+
+def our_scoring_seconds(run, users: np.ndarray, top_n: int) -> float:
+    from recsys.ml.ranking import als_model, recommend_top_n
+
+    user_factors, item_factors, exclude, blocked = _scoring_inputs(run)
+    model = als_model(user_factors, item_factors)
+    start = time.perf_counter()
+    recommend_top_n(model, users, exclude, top_n, blocked)
+    return time.perf_counter() - start
+
+
+def reference_scoring_seconds(run, users: np.ndarray, top_n: int) -> dict[str, float]:
+    """implicit's batch recommend in one call, and the sgemm + argpartition floor."""
+    from recsys.ml.ranking import als_model
+
+    user_factors, item_factors, exclude, blocked = _scoring_inputs(run)
+    model = als_model(user_factors, item_factors)
+    start = time.perf_counter()
+    model.recommend(users, exclude[users], N=top_n, filter_already_liked_items=True,
+                    filter_items=blocked if len(blocked) else None)
+    implicit_seconds = time.perf_counter() - start
+    floor_seconds, gemm_seconds = blas_floor(np.ascontiguousarray(user_factors[users]), item_factors, top_n)
+    return {"implicit": implicit_seconds, "floor": floor_seconds, "sgemm": gemm_seconds}
+
+
+PUBLISH_SCORING = ("recommend_top_n", "similar_items")
+PUBLISH_WRITING = ("json_id_tokens", "json_list_objects", "_write_hash")
+
+
+def publish_with_parts_timed(settings: Settings, run):
+    """The publish stage, with its scoring and writing calls timed apart."""
+    from recsys.pipeline.publish import stage as publish_module
+    from recsys.pipeline.stages import publish_stage
+
+    seconds: dict[str, float] = {}
+    with timed_attributes(publish_module, PUBLISH_SCORING + PUBLISH_WRITING, seconds):
+        published = publish_stage(settings, run)
+    return published, seconds
+
+
+# ---------------------------------------------------------------------------------------- bench
+
+
+def run_speed(
+    settings: Settings,
+    users: int,
+    items: int,
+    interactions: int,
+    spark_interactions: int,
+    read_sql_interactions: int,
+    scoring_users: int,
+    seed: int,
+) -> dict:
+    from recsys.pipeline.evaluate import evaluate
+    from recsys.pipeline.stages import (
+        extract_stage,
+        matrix_stage,
+        plan_run,
+        train_stage,
+    )
+
+    params = PipelineParams()
+    end = datetime.now(UTC).replace(microsecond=0)
+    # every generated event inside the extract window
+    shop = DemoShop(users=users, products=items, interactions=interactions, days=params.lookback_days, seed=seed)
+    figures: dict = {"config": {"users": users, "items": items, "interactions_requested": interactions,
+                                "factors": params.factors, "iterations": params.iterations,
+                                "regularization": params.regularization, "alpha": params.alpha,
+                                "top_n": params.top_n, "cpu_count": psutil.cpu_count(),
+                                "python": sys.version.split()[0]}}
+    # what a stage process holds before it reads anything: interpreter, numpy, scipy, pyarrow ...
+    baseline_rss = in_fresh_process(time.sleep, 0).peak_rss_bytes
+
+    console.print(f"demo shop: {users:,} users x {items:,} products, ~{interactions:,} interactions -> Postgres ...")
+    start = time.perf_counter()
+    loaded = load_demo(settings, shop, end=end, progress=True)
+    load_seconds = time.perf_counter() - start
+    figures["load"] = {"seconds": round(load_seconds, 3), "rows": loaded.interactions,
+                       "rows_per_s": _rate(loaded.interactions, load_seconds)}
+    with db.connect(settings) as conn:
+        conn.execute("ANALYZE interactions")
+
+    run = plan_run(settings, end, params, use_tuned=False)
+    rows = loaded.interactions
+
+    console.print("extract: COPY floor, ours, pandas.read_sql ...")
+    floor_bytes, floor_seconds = copy_floor(settings, run.window)  # also warms the cache for ours
+    floor_bytes, floor_seconds = copy_floor(settings, run.window)
+    measured = in_fresh_process(extract_stage, settings, run)
+    entry = _record(figures, "extract", measured)
+    extracted = measured.value
+    ours_rps = _rate(extracted.rows_read, measured.seconds)
+    share = 1.0 if not read_sql_interactions else min(1.0, read_sql_interactions / max(rows, 1))
+    sql_end = run.window.end if share >= 1.0 else run.window.start + (run.window.end - run.window.start) * share
+    sql_rows, sql_seconds = read_sql(settings, run.window.start, sql_end)
+    entry.update({
+        "rows": extracted.rows_read, "rows_per_s": ours_rps,
+        "copy_floor": {"rows": rows, "bytes": floor_bytes, "seconds": round(floor_seconds, 3),
+                       "rows_per_s": _rate(rows, floor_seconds)},
+        "read_sql": {"rows": sql_rows, "seconds": round(sql_seconds, 3), "rows_per_s": _rate(sql_rows, sql_seconds)},
+    })
+    entry["ratio_to_copy_floor"] = _ratio(ours_rps, entry["copy_floor"]["rows_per_s"])
+    entry["speedup_vs_read_sql"] = _ratio(ours_rps, entry["read_sql"]["rows_per_s"])
+
+    console.print("matrix ...")
+    measured = in_fresh_process(matrix_stage, settings, run)
+    entry = _record(figures, "matrix", measured)
+    built = measured.value
+    full = sp.load_npz(run.paths.matrix / FULL).tocsr()
+    csr_bytes = full.data.nbytes + full.indices.nbytes + full.indptr.nbytes
+    entry.update({"users": built.n_users, "items": built.n_items, "nnz": built.nnz, "csr_bytes": csr_bytes,
+                  "peak_rss_over_csr": _ratio(entry["peak_rss_bytes"], csr_bytes)})
+
+    console.print("train: our stage, implicit directly on the same CSRs ...")
+    entry = _record(figures, "train", in_fresh_process(train_stage, settings, run))
+    implicit = in_fresh_process(
+        implicit_fit_seconds, (run.paths.matrix / TRAIN, run.paths.matrix / FULL), params
+    )
+    entry["fits"] = 2
+    entry["implicit_seconds"] = round(implicit.value, 3)
+    entry["implicit_peak_rss_bytes"] = implicit.peak_rss_bytes
+    entry["time_ratio_to_implicit"] = _ratio(entry["seconds"], implicit.value)
+    entry["overhead_percent"] = round((entry["seconds"] / implicit.value - 1) * 100, 2)
+    if reason := spark_unavailable(spark_interactions):
+        entry["subsample"] = None
+        unavailable(entry, "speedup_vs_spark", reason)
+    else:
+        sample = subsample(full, spark_interactions, seed)
+        console.print(f"train: implicit vs Spark ALS on {sample.nnz:,} nonzeros ...")
+        implicit_sample = fit_implicit(sample, params)
+        with tempfile.TemporaryDirectory(prefix="recsys-bench-spark-") as spark_tmp:
+            spark = spark_fit_seconds(sample, params, Path(spark_tmp))
+        entry["subsample"] = {
+            "nnz": int(sample.nnz),
+            "implicit_s_per_iteration": round(implicit_sample / params.iterations, 4),
+            "spark_s_per_iteration": round(spark["seconds"] / params.iterations, 4),
+            "spark_version": spark["version"],
+        }
+        del sample
+        entry["speedup_vs_spark"] = _ratio(entry["subsample"]["spark_s_per_iteration"],
+                                           entry["subsample"]["implicit_s_per_iteration"])
+    del full
+
+    console.print("scoring: ours, implicit batch recommend, sgemm floor ...")
+    rng = np.random.default_rng(seed)
+    n_score = min(scoring_users, built.n_users)
+    sample_users = np.sort(rng.choice(built.n_users, n_score, replace=False)).astype(np.int32)
+    measured = in_fresh_process(our_scoring_seconds, run, sample_users, params.top_n)
+    entry = _record(figures, "scoring", measured)
+    entry["seconds"] = round(measured.value, 3)
+    references = in_fresh_process(reference_scoring_seconds, run, sample_users, params.top_n).value
+    entry.update({
+        "users": n_score, "users_per_s": _rate(n_score, measured.value),
+        "implicit_users_per_s": _rate(n_score, references["implicit"]),
+        "blas_floor_users_per_s": _rate(n_score, references["floor"]),
+        "sgemm_only_users_per_s": _rate(n_score, references["sgemm"]),
+    })
+    entry["ratio_to_sgemm_only"] = _ratio(entry["users_per_s"], entry["sgemm_only_users_per_s"])
+    entry["ratio_to_blas_floor"] = _ratio(entry["users_per_s"], entry["blas_floor_users_per_s"])
+    entry["ratio_to_implicit"] = _ratio(entry["users_per_s"], entry["implicit_users_per_s"])
+    # float32 users x factors and items x factors: what the model file holds, without loading it
+    factor_bytes = (built.n_users + built.n_items) * params.factors * np.dtype(np.float32).itemsize
+
+    console.print("publish: stage (scoring timed apart), then the write floors ...")
+    evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)
+    used_before = _used_memory(settings)
+    measured = in_fresh_process(publish_with_parts_timed, settings, run)
+    entry = _record(figures, "publish", measured)
+    published, parts = measured.value
+    used_after = _used_memory(settings)
+    keys_written = published.users + published.products_with_similar
+    write_seconds = sum(parts.get(name, 0.0) for name in PUBLISH_WRITING)
+    other_seconds = entry["seconds"] - sum(parts.values())
+    payload = redis_payload(settings)
+    value_bytes = int(payload["mean_value_bytes"])
+    floor_fields = max(keys_written, WRITE_FLOOR_MIN_FIELDS)
+    entry.update({
+        "users": published.users, "keys_written": keys_written,
+        "scoring_seconds": round(parts.get("recommend_top_n", 0.0), 3),
+        "similar_seconds": round(parts.get("similar_items", 0.0), 3),
+        "write_seconds": round(write_seconds, 3),
+        "other_seconds": round(other_seconds, 3),
+        "keys_per_s": _rate(keys_written, write_seconds),
+        "keys_per_s_without_scoring": _rate(keys_written, write_seconds + other_seconds),
+        "redis_py_write_floor": {"fields": floor_fields, "value_bytes": value_bytes,
+                                 "fields_per_s": redis_py_write_floor(settings, value_bytes, floor_fields)},
+        "redis_memory_usage_bytes": payload["memory_usage_bytes"],
+        "redis_info_delta_bytes": used_after - used_before,
+        "raw_payload_bytes_per_user": payload["raw_bytes_per_user"],
+        "plain_keys_bytes_per_user": payload["plain_keys_bytes_per_user"],
+    })
+    entry["ratio_to_redis_py_write_floor"] = _ratio(entry["keys_per_s"], entry["redis_py_write_floor"]["fields_per_s"])
+    if reason := missing_tool("redis-benchmark", "Debian: redis-tools"):
+        unavailable(entry, "redis_benchmark_set_rps", reason)
+        unavailable(entry, "ratio_to_redis_benchmark", reason)
+    else:
+        entry["redis_benchmark_set_rps"] = redis_benchmark_set_rps(settings.require_redis_url, value_bytes, 1_000_000)
+        entry["ratio_to_redis_benchmark"] = _ratio(entry["keys_per_s"], entry["redis_benchmark_set_rps"])
+    entry["bytes_per_user"] = _ratio(payload["memory_usage_bytes"], published.users)
+    entry["info_delta_bytes_per_user"] = _ratio(entry["redis_info_delta_bytes"], published.users)
+    entry["bytes_per_user_over_raw"] = _ratio(entry["bytes_per_user"], payload["raw_bytes_per_user"])
+    entry["bytes_per_user_over_plain_keys"] = _ratio(entry["bytes_per_user"], payload["plain_keys_bytes_per_user"])
+
+    stages = ("extract", "matrix", "train", "scoring", "publish")
+    peak = max(figures[stage]["peak_rss_bytes"] for stage in stages)
+    figures["memory"] = {
+        "process_baseline_rss_bytes": baseline_rss,
+        "peak_rss_bytes": peak,
+        "peak_rss_by_stage": {stage: figures[stage]["peak_rss_bytes"] for stage in stages},
+        "csr_bytes": csr_bytes,
+        "factor_bytes": factor_bytes,
+        "peak_rss_ratio": _ratio(peak, csr_bytes + factor_bytes),
+    }
+    return figures
+
+
+# Every ratio is measured against references the project installs itself, except those listed in
+# OPTIONAL_RATIOS: null when their reference is not there, with the reason under "unavailable".
+RATIOS = (
+    ("extract", "ratio_to_copy_floor"), ("extract", "speedup_vs_read_sql"),
+    ("train", "time_ratio_to_implicit"), ("train", "speedup_vs_spark"),
+    ("scoring", "ratio_to_blas_floor"), ("scoring", "ratio_to_implicit"),
+    ("publish", "ratio_to_redis_py_write_floor"), ("publish", "ratio_to_redis_benchmark"),
+    ("publish", "bytes_per_user"), ("memory", "peak_rss_ratio"),
+)
+OPTIONAL_RATIOS = (("train", "speedup_vs_spark"), ("publish", "ratio_to_redis_benchmark"))
+
+
+def _summary(figures: dict) -> str:
+    lines = []
+    for stage, key in RATIOS:
+        why_not = figures[stage].get("unavailable", {}).get(key)
+        lines.append(f"{stage}.{key} = {figures[stage].get(key)}" + (f" ({why_not})" if why_not else ""))
+    e, t, s, p = figures["extract"], figures["train"], figures["scoring"], figures["publish"]
+    lines.append(
+        f"extract {e['rows_per_s']:,} rows/s (COPY floor {e['copy_floor']['rows_per_s']:,}, read_sql "
+        f"{e['read_sql']['rows_per_s']:,}); train {t['seconds']} s vs implicit {t['implicit_seconds']} s; "
+        f"scoring {s['users_per_s']:,} users/s (implicit {s['implicit_users_per_s']:,}, floor "
+        f"{s['blas_floor_users_per_s']:,}); publish {p['keys_per_s']:,} keys/s "
+        f"(redis-py write floor {p['redis_py_write_floor']['fields_per_s']:,} fields/s, "
+        f"redis-benchmark SET {p['redis_benchmark_set_rps']})"
+    )
+    return "\n".join(lines)
+
+
+def speed_bench_command(
+    users: Annotated[int, typer.Option(min=100, help="demo shop users")] = 100_000,
+    items: Annotated[int, typer.Option(min=50, help="demo shop products")] = 20_000,
+    interactions: Annotated[int, typer.Option(min=1_000, help="demo shop interactions (all event rows)")] = 2_000_000,
+    json_output: Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")] = False,
+    spark_interactions: Annotated[
+        int, typer.Option(min=0, help="nonzeros of the Spark vs implicit subsample; 0 skips Spark")
+    ] = 2_000_000,
+    read_sql_interactions: Annotated[
+        int, typer.Option(min=0, help="about this many rows for the pandas.read_sql reference; 0 = all")
+    ] = 2_000_000,
+    scoring_users: Annotated[int, typer.Option(min=1, help="users scored by each top-N method")] = 100_000,
+    seed: int = 42,
+) -> None:
+    """Time and memory of extract, matrix, train, scoring and publish on one generated shop, each
+    next to its reference (COPY floor, read_sql, raw implicit, Spark ALS, sgemm floor, implicit
+    recommend, redis-py write floor, redis-benchmark SET)."""
+    _terminate_cleanly()
+    with services.isolated("bench-speed") as settings:
+        figures = run_speed(settings, users, items, interactions, spark_interactions, read_sql_interactions,
+                            scoring_users, seed)
+    console.print(_summary(figures))
+    if json_output:
+        sys.stdout.write(json.dumps(figures, allow_nan=False, default=_json_default) + "\n")
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the schema and Redis keys are still removed."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    with suppress(ValueError):  # not the main thread (e.g. called from a test runner thread)
+        signal.signal(signal.SIGTERM, stop)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+

@@ -1,0 +1,70 @@
+"""How the shop's ids are published: as JSON integers or as strings, decided once, never by accident.
+
+Ids are TEXT in the shop database. A shop declares their types (``RECSYS_USER_ID_TYPE``,
+``RECSYS_PRODUCT_ID_TYPE``: ``int`` or ``str``); left unset, a type is taken from the live version
+(so published ids keep one type across versions), else inferred: product ids from the catalogue,
+user ids from the window, ``int`` when at least ``INT_SHARE`` of the distinct ids are integers a
+browser holds exactly. With type ``int``, an id that is not such an integer makes its row invalid
+(reported with examples by the extract), never a reason to turn every id into a string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+IdType = Literal["int", "str"]
+ID_TYPES: tuple[IdType, ...] = ("int", "str")
+# canonical decimal integers only: "007" and "-0" would not come back as the shop wrote them
+CANONICAL_INT = r"^(0|-?[1-9][0-9]{0,15})$"
+JS_SAFE_INT = 2**53  # larger integers lose digits in a browser's JSON numbers
+INT_SHARE = 0.99  # inferred int when at least this share of the distinct ids are integers
+
+
+def integer_ids(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Per id: is it a canonical integer below 2**53 in magnitude (null for a null id)?"""
+    canonical = pc.match_substring_regex(ids, CANONICAL_INT)
+    magnitude = pc.abs(pc.cast(pc.if_else(canonical, ids, "0"), pa.int64()))
+    return pc.and_(canonical, pc.less(magnitude, JS_SAFE_INT))
+
+
+def infer(integers: int, total: int) -> IdType:
+    return "int" if total and integers >= INT_SHARE * total else "str"
+
+
+def fits(id_type: IdType, value: str) -> bool:
+    """Whether one id can be published as ``id_type``."""
+    return id_type == "str" or bool(integer_ids(pa.array([value], pa.string()))[0].as_py())
+
+
+def of_version(meta: dict, user_ids: list[str], item_ids: list[str]) -> IdTypes:
+    """A published version's id types; a version published before they were recorded had ints
+    only where every id was one."""
+    if "id_types" in meta:
+        return IdTypes.from_dict(meta["id_types"])
+    def all_int(values: list[str]) -> IdType:
+        return "int" if pc.all(integer_ids(pa.array(values, pa.string()))).as_py() is not False else "str"
+    return IdTypes(all_int(user_ids), all_int(item_ids), {"user": "published before id types", "product": "same"})
+
+
+def id_out(id_type: IdType) -> Callable[[str], int | str]:
+    """What an id stored as text becomes in published JSON."""
+    return int if id_type == "int" else str
+
+
+@dataclass(frozen=True)
+class IdTypes:
+    user: IdType
+    product: IdType
+    source: dict[str, str]  # per kind: configured | live version | inferred (...)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> IdTypes:
+        return cls(values["user"], values["product"], values.get("source", {}))

@@ -1,0 +1,106 @@
+"""The run-folder contract: every folder and file a run's stages write and read, named here once.
+
+    <artifacts>/runs/<window end>/<params fingerprint>/      one run (RunPaths)
+        extract/    interactions.parquet products.parquet report.json
+        matrix/     manifest.json users.parquet items.parquet
+                    full.npz train.npz exclude.npz train_exclude.npz holdout.npz
+        model/      manifest.json factors_full.npz factors_holdout.npz
+        eval/       report.json
+        published/  published.json (the run went live)
+    <artifacts>/tuned/latest.json, <window end>.json
+
+The same names hold locally and in the shared artifact store (``recsys.core.artifacts``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys.core import artifacts
+from recsys.core.artifacts import ArtifactStore
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.core.window import Window, stamp
+
+RUNS, TUNED = "runs", "tuned"
+EXTRACT, MATRIX, MODEL, EVALUATION, PUBLISHED = "extract", "matrix", "model", "eval", "published"
+
+# extract/
+INTERACTIONS, PRODUCTS, EXTRACT_REPORT = "interactions.parquet", "products.parquet", "report.json"
+# matrix/ (CSR matrices user x item) and model/ (factors)
+MANIFEST = "manifest.json"
+USERS, ITEMS = "users.parquet", "items.parquet"
+FULL, TRAIN, EXCLUDE, TRAIN_EXCLUDE, HOLDOUT = "full.npz", "train.npz", "exclude.npz", "train_exclude.npz", "holdout.npz"
+FACTORS_FULL, FACTORS_HOLDOUT = "factors_full.npz", "factors_holdout.npz"
+# eval/ and published/
+EVALUATION_REPORT, PUBLISHED_MARKER = "report.json", "published.json"
+# tuned/
+TUNED_LATEST = "latest.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    artifacts_dir: Path  # this worker's local artifacts folder
+    key: str  # the run's folder relative to it, and to the store: runs/<window end>/<fingerprint>
+
+    @property
+    def root(self) -> Path:
+        return self.artifacts_dir / self.key
+
+    @property
+    def extract(self) -> Path:
+        return self.root / EXTRACT
+
+    @property
+    def matrix(self) -> Path:
+        return self.root / MATRIX
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / EVALUATION
+
+    @property
+    def published(self) -> Path:
+        return self.root / PUBLISHED
+
+    @property
+    def lock(self) -> Path:
+        return self.artifacts_dir / f"{self.key}.lock"
+
+
+def run_paths(settings: Settings, window: Window, params: PipelineParams) -> RunPaths:
+    return RunPaths(settings.artifacts_dir, f"{RUNS}/{stamp(window.end)}/{params.fingerprint()}")
+
+
+def window_end_of(key: str) -> str:
+    """The window end stamp in a run folder key."""
+    return key.split("/")[1]
+
+
+def configured_store(settings: Settings) -> ArtifactStore | None:
+    """The shared store, or None when artifacts stay in the local folder only."""
+    if not settings.artifacts_url:
+        return None
+    return artifacts.open_store(settings.artifacts_url, settings.artifacts_storage_options)
+
+
+def pull_folders(run_store: ArtifactStore, paths: RunPaths, folders: tuple[str, ...]) -> None:
+    for folder in folders:
+        artifacts.pull(run_store, f"{paths.key}/{folder}", paths.root / folder)
+
+
+def published_artifacts(settings: Settings, meta: dict) -> tuple[Path, Path]:
+    """(matrix folder, full model factors) of a published version on this host: pulled from the
+    shared store into the local artifacts folder when the version was published through one,
+    else where its publisher wrote them (one machine, or a shared volume)."""
+    run_store, key = configured_store(settings), meta.get("artifacts_key")
+    if run_store is None or key is None:
+        return Path(meta["matrix_dir"]), Path(meta["model_path"])
+    paths = RunPaths(settings.artifacts_dir, key)
+    pull_folders(run_store, paths, (MATRIX, MODEL))
+    return paths.matrix, paths.model / FACTORS_FULL

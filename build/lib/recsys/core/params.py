@@ -1,0 +1,100 @@
+"""Pipeline parameters: one validated dataclass shared by the CLI, the DAG Params form and tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from recsys.core.errors import InputError
+
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "purchase": 4.0,
+    "add_to_cart": 2.0,
+    "view": 1.0,
+    "rating": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    # window
+    lookback_days: int = 90
+    holdout_days: int = 7
+    # matrix
+    event_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    half_life_days: float = 0.0  # 0 disables time decay
+    confidence_scaling: str = "log"  # none | log | bm25, applied to summed weights
+    max_value: float = 1000.0  # a quantity/rating above this is treated as a data error
+    max_invalid_fraction: float = 0.2  # more bad rows than this fails the extract
+    exclude_event_types: tuple[str, ...] = ("purchase", "rating")  # never recommend these again
+    relevant_event_types: tuple[str, ...] = ("purchase", "add_to_cart", "rating")  # hits in eval
+    # ALS; defaults chosen on validation splits of three data sets (`recsys bench defaults`,
+    # docs/quality.md): strong regularization and log-damped confidence beat implicit's own defaults
+    factors: int = 64
+    regularization: float = 40.0
+    alpha: float = 4.0
+    iterations: int = 15
+    seed: int = 42
+    # outputs
+    top_n: int = 10
+    k: int = 10
+    similar_n: int = 10
+    top_buys_n: int = 20
+    # quality gate: model MAP@K must exceed popularity MAP@K * (1 + min_lift) and must not fall
+    # more than max_map_drop (a fraction) below the live model's MAP@K
+    min_lift: float = 0.0
+    max_map_drop: float = 0.2
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("lookback_days", "factors", "iterations", "top_n", "k", "similar_n", "top_buys_n"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 1 <= self.holdout_days < self.lookback_days:
+            problems.append(
+                f"holdout_days must be in [1, lookback_days={self.lookback_days}), got {self.holdout_days!r}"
+            )
+        if self.confidence_scaling not in ("none", "log", "bm25"):
+            problems.append(f"confidence_scaling must be none, log or bm25, got {self.confidence_scaling!r}")
+        for name in ("regularization", "alpha", "half_life_days", "min_lift"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.max_map_drop <= 1:
+            problems.append(f"max_map_drop must be in [0, 1], got {self.max_map_drop!r}")
+        if not 0 <= self.max_invalid_fraction <= 1:
+            problems.append(f"max_invalid_fraction must be in [0, 1], got {self.max_invalid_fraction!r}")
+        if not self.event_weights:
+            problems.append("event_weights must name at least one event type")
+        for event_type, weight in self.event_weights.items():
+            if not isinstance(weight, int | float) or weight <= 0:
+                problems.append(f"event_weights[{event_type!r}] must be a number > 0, got {weight!r}")
+        if problems:
+            raise InputError("invalid parameters: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PipelineParams:
+        """Build from a loose mapping (Airflow Params, JSON); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        coerced = dict(values)
+        for name in ("exclude_event_types", "relevant_event_types"):
+            if name in coerced:
+                coerced[name] = tuple(coerced[name])
+        if "event_weights" in coerced:
+            coerced["event_weights"] = {str(k): float(v) for k, v in coerced["event_weights"].items()}
+        return cls(**coerced)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        for name in ("exclude_event_types", "relevant_event_types"):
+            values[name] = list(values[name])
+        return values
+
+    def fingerprint(self) -> str:
+        """Short stable hash: same params -> same artifact folder and Redis version name."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:10]

@@ -1,0 +1,1 @@
+"""Local tooling: embedded PostgreSQL and Redis from pip packages, and the demo shop generator."""

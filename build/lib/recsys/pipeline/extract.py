@@ -1,0 +1,589 @@
+"""Extract stage: one time window of interactions from Postgres into Parquet, validated.
+
+The bulk path is ``COPY (query) TO STDOUT`` piped straight into Arrow's streaming CSV reader
+while it arrives (no temporary file of the CSV; parsing and validation overlap with the
+transfer). Valid rows are spilled to time slices of the window as they come; once the COPY has
+ended, each slice alone is deduplicated and appended to the Parquet output, so memory stays
+bounded by a block and one slice, not by the window.
+
+Everything left out is counted and reported with examples in ``report.json`` and one WARNING
+line: invalid rows (dropped), exact duplicates (collapsed into the first), and interactions on
+products missing from the catalogue (kept, listed by product). The stage fails when nothing, or
+too little, is valid.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from recsys.core import db, ids
+from recsys.core.errors import EmptyWindowError, NoValidDataError
+from recsys.core.ids import IdTypes
+from recsys.core.layout import EXTRACT_REPORT, INTERACTIONS, PRODUCTS
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXAMPLES_PER_REASON = 5
+# products missing from the catalogue listed in the report (most interactions first); the log
+# line names the first few
+MISSING_PRODUCTS_LISTED = 20
+MISSING_PRODUCTS_LOGGED = 5
+# Blocks trail the COPY while it runs (once it ends, the last block and the slices' dedupe and
+# Parquet write are left to do), and Arrow reads ahead several blocks when parsing falls behind.
+CSV_BLOCK_BYTES = 16 << 20
+# COPY hands over one row at a time: pass them through the pipe in MB-sized writes and reads
+PIPE_BUFFER_BYTES = 1 << 20
+# Dictionary pages where values repeat a lot. User ids have so many distinct values that the
+# writer soon falls back to plain pages anyway, after hashing for about a quarter of the write.
+PARQUET_DICTIONARY_COLUMNS = ["event_type", "product_id"]
+
+INTERACTION_CSV_COLUMNS = {
+    "interaction_id": pa.int64(),
+    "user_id": pa.string(),
+    "product_id": pa.string(),
+    "event_type": pa.string(),
+    "value": pa.float64(),
+    "occurred_at_us": pa.int64(),
+}
+PRODUCT_CSV_COLUMNS = {
+    "product_id": pa.string(),
+    "name": pa.string(),
+    "category": pa.string(),
+    "active": pa.bool_(),
+}
+# Exact duplicates share occurred_at, so they always land in the same time slice of the window,
+# wherever they are in the stream (a COPY has no order, and duplicates may be blocks apart). The
+# slices are spilled as uncompressed Arrow IPC (cheap next to the Parquet write) and deduplicated
+# one at a time: memory is bounded by the busiest slice (1/64 of the window when activity is
+# even) instead of growing with the window as a set of every row seen would. Dedupe in the matrix
+# stage was the alternative; here the count and examples land in this stage's report with the rest.
+TIME_SLICES = 64
+DUPLICATE_KEY = ["user_id", "product_id", "event_type", "value", "occurred_at_us"]
+DUPLICATE = "exact duplicate (same user_id, product_id, event_type, value and occurred_at as duplicate_of)"
+INTERACTIONS_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("product_id", pa.string()),
+        ("event_type", pa.string()),
+        ("value", pa.float32()),
+        ("occurred_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A half-open time window [start, end) in UTC."""
+
+    start: datetime
+    end: datetime
+
+    def __post_init__(self) -> None:
+        if self.start.tzinfo is None or self.end.tzinfo is None:
+            raise ValueError("window bounds must be timezone-aware")
+        if self.start >= self.end:
+            raise ValueError(f"window start {self.start} is not before its end {self.end}")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, str]) -> Window:
+        return cls(datetime.fromisoformat(values["start"]), datetime.fromisoformat(values["end"]))
+
+
+def _epoch_us(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+
+
+@dataclass
+class ValidationReport:
+    rows_read: int = 0
+    rows_kept: int = 0  # rows written to the output
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[dict]] = field(default_factory=dict)
+    # product_id -> kept interactions, for products missing from the catalogue
+    missing_products: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows_dropped(self) -> int:
+        return self.rows_read - self.rows_kept
+
+    @property
+    def rows_invalid(self) -> int:
+        """Dropped rows that were wrong, as opposed to repeated."""
+        return self.rows_dropped - self.dropped.get(DUPLICATE, 0)
+
+    def count_missing_products(self, product_ids: pa.ChunkedArray) -> None:
+        for entry in pc.value_counts(product_ids).to_pylist():
+            product_id = entry["values"]
+            self.missing_products[product_id] = self.missing_products.get(product_id, 0) + entry["counts"]
+
+    def top_missing_products(self, n: int) -> list[tuple[str, int]]:
+        return sorted(self.missing_products.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+    def add(self, reason: str, rows: pa.Table) -> None:
+        if rows.num_rows == 0:
+            return
+        self.dropped[reason] = self.dropped.get(reason, 0) + rows.num_rows
+        examples = self.examples.setdefault(reason, [])
+        room = EXAMPLES_PER_REASON - len(examples)
+        if room > 0:
+            examples.extend(_json_safe(row) for row in rows.slice(0, room).to_pylist())
+
+    def summary(self) -> str:
+        if not self.dropped:
+            text = f"all {self.rows_read} rows valid"
+        else:
+            parts = []
+            for reason, count in sorted(self.dropped.items(), key=lambda item: -item[1]):
+                example = self.examples[reason][0]
+                parts.append(f"{count} x {reason} (e.g. {_describe(example)})")
+            text = f"dropped {self.rows_dropped} of {self.rows_read} rows: " + "; ".join(parts)
+        if self.missing_products:
+            top = self.top_missing_products(MISSING_PRODUCTS_LOGGED)
+            named = ", ".join(f"{product_id!r} x {count}" for product_id, count in top)
+            more = len(self.missing_products) - len(top)
+            text += (
+                f"; kept {sum(self.missing_products.values())} interactions on {len(self.missing_products)} "
+                f"products missing from the catalogue (never recommended): {named}"
+                + (f" and {more} more" if more else "")
+            )
+        return text
+
+    def to_dict(self) -> dict:
+        return {
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_dropped": self.rows_dropped,
+            "rows_invalid": self.rows_invalid,
+            "dropped": self.dropped,
+            "examples": self.examples,
+            "missing_from_catalogue": {
+                "products": len(self.missing_products),
+                "interactions": sum(self.missing_products.values()),
+                "top": [
+                    {"product_id": product_id, "interactions": count}
+                    for product_id, count in self.top_missing_products(MISSING_PRODUCTS_LISTED)
+                ],
+            },
+        }
+
+
+def _json_safe(row: dict) -> dict:
+    return {
+        key: (repr(value) if isinstance(value, float) and not np.isfinite(value) else value)
+        for key, value in row.items()
+    }
+
+
+def _describe(row: dict) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in row.items() if key != "occurred_at_us")
+
+
+def _blank(strings: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Empty or whitespace only: the same rows as ``utf8_length(utf8_trim_whitespace(s)) == 0``
+    (the same Unicode whitespace set, checked over every code point) without building a trimmed
+    copy of every string."""
+    return pc.or_(pc.utf8_is_space(strings), pc.equal(pc.binary_length(strings), 0))
+
+
+def extracted_id_types(extract_dir: Path) -> IdTypes:
+    """The id types an extract validated its rows against (from its report)."""
+    return IdTypes.from_dict(json.loads((extract_dir / EXTRACT_REPORT).read_text())["id_types"])
+
+
+def resolve_id_types(settings: Settings, window: Window, live: dict | None) -> IdTypes:
+    """Each kind of id: configured, else as the live version publishes it, else inferred
+    (products from the catalogue, users from the window; see ``recsys.ids``)."""
+    chosen, source = {}, {}
+    for kind, configured, query, where in (
+        ("user", settings.user_id_type, "count_integer_user_ids", "user ids in the window"),
+        ("product", settings.product_id_type, "count_integer_product_ids", "product ids in the catalogue"),
+    ):
+        if configured is not None:
+            chosen[kind], source[kind] = configured, f"configured (RECSYS_{kind.upper()}_ID_TYPE)"
+        elif live and kind in live:
+            chosen[kind], source[kind] = live[kind], "as the live version publishes them"
+        else:
+            with db.connect(settings) as conn:
+                total, integers = conn.execute(db.sql_text(settings, query), {"start": window.start, "end": window.end}).fetchone()
+            chosen[kind] = ids.infer(integers, total)
+            source[kind] = f"inferred: {integers} of {total} distinct {where} are integers"
+    return IdTypes(chosen["user"], chosen["product"], source)
+
+
+def _validation_rules(
+    params: PipelineParams, known_event_types: pa.Array, latest: datetime, id_types: IdTypes
+) -> list[tuple[str, callable]]:
+    """(reason, predicate) pairs; a row is dropped for the first predicate it matches.
+
+    ``latest`` is the last valid instant: the window's last microsecond, or the extract's clock
+    when the window ends later. The query itself stops at the window end; the check also holds
+    for a shop's adapted query that forgets to."""
+    latest_us = _epoch_us(latest)
+    typed = [
+        (f"{kind}_id not an integer ({kind} ids are int: {id_types.source[kind]})",
+         lambda t, column=f"{kind}_id": pc.invert(ids.integer_ids(t[column])))
+        for kind in ("user", "product")
+        if getattr(id_types, kind) == "int"
+    ]
+    return [
+        ("null user_id", lambda t: pc.is_null(t["user_id"])),
+        ("empty user_id", lambda t: _blank(t["user_id"])),
+        ("null product_id", lambda t: pc.is_null(t["product_id"])),
+        ("empty product_id", lambda t: _blank(t["product_id"])),
+        *typed,
+        (
+            # is_in is false (not null) for a null event_type, so that row counts as unknown
+            f"unknown event_type (known: {', '.join(known_event_types.to_pylist())})",
+            lambda t: pc.invert(pc.is_in(t["event_type"], value_set=known_event_types)),
+        ),
+        ("NaN value", lambda t: pc.is_nan(t["value"])),
+        ("negative value", lambda t: pc.less(t["value"], 0)),
+        (
+            "purchase quantity <= 0",
+            lambda t: pc.and_(pc.equal(t["event_type"], "purchase"), pc.less_equal(t["value"], 0)),
+        ),
+        (f"absurd value (> max_value={params.max_value:g})", lambda t: pc.greater(t["value"], params.max_value)),
+        (
+            f"occurred_at after the window end or in the future (> {latest.isoformat()})",
+            lambda t: pc.greater(t["occurred_at_us"], latest_us),
+        ),
+    ]
+
+
+def _null_as_false(mask: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``fill_null(mask, False)``, in a fraction of its time on booleans (null AND false is false)."""
+    return pc.and_kleene(mask, pc.is_valid(mask))
+
+
+def _validate(table: pa.Table, rules, report: ValidationReport) -> pa.Table:
+    """The rows no rule matches; the others are counted (and kept as examples) under the first
+    rule they match. Each rule's mask is computed once; a block without bad rows, the common
+    case, costs those masks and one ``any``."""
+    report.rows_read += table.num_rows
+    matches = [_null_as_false(predicate(table)) for _, predicate in rules]
+    invalid = reduce(pc.or_, matches)
+    if not pc.any(invalid).as_py():
+        return table
+    counted = pa.array(np.zeros(table.num_rows, dtype=bool))
+    for (reason, _), match in zip(rules, matches, strict=True):
+        first_match = pc.and_not(match, counted)
+        if pc.any(first_match).as_py():
+            report.add(reason, table.filter(first_match))
+            counted = pc.or_(counted, first_match)
+    return table.filter(pc.invert(invalid))
+
+
+def _mix(hashes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Fold 64-bit ``values`` into running row hashes (multiply-xorshift; wraps around)."""
+    hashes = (hashes ^ values.astype(np.uint64, copy=False)) * np.uint64(0x9E3779B97F4A7C15)
+    return hashes ^ (hashes >> np.uint64(29))
+
+
+def _maybe_duplicated(table: pa.Table) -> np.ndarray:
+    """Rows that may have an exact duplicate in ``table``: equal rows always share a fingerprint,
+    different rows rarely do (they only cost an exact comparison). user_id enters by its length
+    alone: hashing a column of that many distinct strings costs more than the comparisons it saves."""
+    fingerprints = np.zeros(table.num_rows, np.uint64)
+    for name in ("product_id", "event_type"):
+        codes = pc.dictionary_encode(table[name]).combine_chunks().indices
+        fingerprints = _mix(fingerprints, codes.to_numpy())
+    fingerprints = _mix(fingerprints, pc.binary_length(table["user_id"]).to_numpy())
+    values = pc.fill_null(table["value"], np.nan).to_numpy()  # NULL and NaN: NaN rows are dropped already
+    fingerprints = _mix(fingerprints, values.view(np.uint64))
+    fingerprints = _mix(fingerprints, table["occurred_at_us"].to_numpy().view(np.uint64))
+    return pd.Series(fingerprints).duplicated(keep=False).to_numpy()
+
+
+def _collapse_duplicates(table: pa.Table, report: ValidationReport) -> pa.Table:
+    """``table`` with each exact duplicate (all of DUPLICATE_KEY equal; NULL equals NULL) removed
+    but for its first interaction; the removed ones are counted, with the id they repeat."""
+    suspects = _maybe_duplicated(table)
+    if not suspects.any():
+        return table
+    groups = (
+        table.filter(pa.array(suspects))
+        .group_by(DUPLICATE_KEY, use_threads=False)
+        .aggregate([("interaction_id", "min"), ("interaction_id", "list")])
+    )
+    ids = groups["interaction_id_list"].combine_chunks()
+    group_of_id = pc.list_parent_indices(ids)
+    copies = pa.table(
+        {
+            "interaction_id": ids.flatten(),
+            "duplicate_of": pc.take(groups["interaction_id_min"], group_of_id),
+            **{name: pc.take(groups[name], group_of_id) for name in DUPLICATE_KEY},
+        }
+    )
+    copies = copies.filter(pc.not_equal(copies["interaction_id"], copies["duplicate_of"]))
+    if copies.num_rows == 0:
+        return table
+    report.add(DUPLICATE, copies.sort_by("interaction_id"))
+    return table.filter(pc.invert(pc.is_in(table["interaction_id"], value_set=copies["interaction_id"])))
+
+
+def _to_output(table: pa.Table) -> pa.Table:
+    return pa.table(
+        {
+            "user_id": table["user_id"],
+            "product_id": table["product_id"],
+            "event_type": table["event_type"],
+            "value": pc.cast(table["value"], pa.float32()),
+            "occurred_at": pc.cast(table["occurred_at_us"], pa.timestamp("us", tz="UTC")),
+        },
+        schema=INTERACTIONS_SCHEMA,
+    )
+
+
+def _drain_copy(
+    settings: Settings, statement: str, params: dict, sink_fd: int, failures: list[BaseException]
+) -> None:
+    """Thread body: the rows of ``COPY ... TO STDOUT`` into the pipe ``sink_fd``, which is closed
+    at the end either way; a failure goes into ``failures`` for the reading thread to raise."""
+    try:
+        with (
+            open(sink_fd, "wb", buffering=PIPE_BUFFER_BYTES) as sink,
+            db.connect(settings) as conn,
+            conn.cursor() as cur,
+            cur.copy(statement, params) as copy,
+        ):
+            sink.writelines(copy)
+    except BaseException as error:  # noqa: BLE001 - handed over to the reader, who raises it
+        failures.append(error)
+
+
+@contextmanager
+def _copy_stream(settings: Settings, statement: str, params: dict) -> Iterator[io.BufferedReader]:
+    """The output of ``COPY ... TO STDOUT`` as a readable stream while it arrives.
+
+    A thread drains the COPY into a pipe (psycopg releases the GIL while it waits on the socket)
+    and the caller reads the other end, so parsing overlaps the transfer. Leaving the block joins
+    the thread and raises the COPY's error if it failed: a stream that ended early because the
+    COPY died is never taken for the whole result.
+    """
+    read_fd, write_fd = os.pipe()
+    failures: list[BaseException] = []
+    with open(read_fd, "rb", buffering=PIPE_BUFFER_BYTES) as source:
+        drainer = threading.Thread(
+            target=_drain_copy, args=(settings, statement, params, write_fd, failures), name="extract-copy"
+        )
+        try:
+            drainer.start()
+        except BaseException:
+            os.close(write_fd)
+            raise
+        try:
+            yield source
+        except BaseException as reading_error:
+            # Closing our end makes a drainer blocked on a full pipe fail with BrokenPipeError
+            # instead of waiting forever for a reader that is gone.
+            source.close()
+            drainer.join()
+            if failures and not isinstance(failures[0], BrokenPipeError):
+                # the COPY failed on its own, not because we stopped reading
+                raise failures[0] from reading_error
+            raise
+    drainer.join()
+    if failures:
+        raise failures[0]
+
+
+def _csv_batches(source: io.BufferedReader, columns: dict[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
+    """Record batches of a headerless COPY CSV stream; none for an empty one (Arrow refuses it)."""
+    if not source.peek(1):
+        return
+    yield from pacsv.open_csv(
+        source,
+        read_options=pacsv.ReadOptions(column_names=list(columns), block_size=CSV_BLOCK_BYTES),
+        # only an unquoted empty field is NULL: COPY writes NULL that way, '' as "" and NaN as NaN
+        convert_options=pacsv.ConvertOptions(
+            column_types=columns,
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+            true_values=["t"],
+            false_values=["f"],
+        ),
+    )
+
+
+class _TimeSlices:
+    """Rows spilled to one Arrow IPC stream file per time slice of the window, read back one
+    slice at a time (see TIME_SLICES)."""
+
+    def __init__(self, directory: Path, window: Window, schema: pa.Schema, count: int = TIME_SLICES):
+        self._start_us = _epoch_us(window.start)
+        self._span_us = _epoch_us(window.end) - self._start_us
+        self._schema = schema
+        self._paths = [directory / f"slice-{index:03d}.arrow" for index in range(count)]
+        self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        offsets = table["occurred_at_us"].to_numpy() - self._start_us
+        # rows outside the window are dropped by validation; the clip only keeps an index in range
+        slices = np.clip(offsets * len(self._paths) // self._span_us, 0, len(self._paths) - 1)
+        # small unsigned ints: numpy's stable sort is then a radix sort, linear in the rows
+        order = np.argsort(slices.astype(np.min_scalar_type(len(self._paths) - 1)), kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(slices, minlength=len(self._paths)))])
+        ordered = table.take(order)
+        for index in np.flatnonzero(np.diff(bounds)):
+            if index not in self._writers:
+                self._writers[index] = pa.ipc.new_stream(str(self._paths[index]), self._schema)
+            self._writers[index].write_table(ordered.slice(bounds[index], bounds[index + 1] - bounds[index]))
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+
+    def read_each(self) -> Iterator[pa.Table]:
+        """Each written slice in time order, once closed; its file is removed once the next one
+        is asked for."""
+        for index in sorted(self._writers):
+            with pa.OSFile(str(self._paths[index])) as source:
+                table = pa.ipc.open_stream(source).read_all()
+            yield table
+            del table  # the caller's slice is freed before the next one is read
+            self._paths[index].unlink()
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    extract_dir: Path
+    interactions: Path
+    products: Path
+    report: Path
+    rows_read: int
+    rows_kept: int
+
+
+def extract(
+    settings: Settings,
+    window: Window,
+    extract_dir: Path,
+    params: PipelineParams,
+    progress: bool = False,
+    live_id_types: dict | None = None,
+) -> ExtractResult:
+    """Read interactions in ``window`` and the product catalogue; write validated Parquet.
+    ``live_id_types``: the live version's id types, which ids keep unless configured otherwise."""
+    extract_dir.mkdir(parents=True, exist_ok=True)
+    interactions_path, products_path = extract_dir / INTERACTIONS, extract_dir / PRODUCTS
+    # both appear under their names only once the whole extract has succeeded
+    tmp_path, products_tmp_path = (path.with_suffix(".parquet.part") for path in (interactions_path, products_path))
+    window_text = f"[{window.start.isoformat()}, {window.end.isoformat()})"
+    query_params = {"start": window.start, "end": window.end}
+    latest = min(window.end - timedelta(microseconds=1), datetime.now(UTC))
+    id_types = resolve_id_types(settings, window, live_id_types)
+    rules = _validation_rules(params, pa.array(sorted(params.event_weights), pa.string()), latest, id_types)
+    report = ValidationReport()
+    try:
+        with tempfile.TemporaryDirectory(prefix=".slices-", dir=extract_dir) as slices_dir:
+            slices = _TimeSlices(Path(slices_dir), window, pa.schema(INTERACTION_CSV_COLUMNS.items()))
+            _spill_valid_rows(settings, query_params, rules, slices, report, progress)
+            if report.rows_read == 0:
+                raise EmptyWindowError(
+                    f"no interactions in {settings.db_schema}.interactions with occurred_at in {window_text}"
+                )
+            catalogue = _extract_products(settings, products_tmp_path)["product_id"]
+            _write_deduplicated(slices, catalogue, tmp_path, report)
+        _check_enough_valid(report, params, window_text)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        products_tmp_path.unlink(missing_ok=True)
+        raise
+    tmp_path.replace(interactions_path)
+    products_tmp_path.replace(products_path)
+
+    report_path = extract_dir / EXTRACT_REPORT
+    report_path.write_text(
+        json.dumps({"window": window.to_dict(), "id_types": id_types.to_dict(), "interactions": report.to_dict()}, indent=2)
+    )
+    log.info("extract %s: kept %d of %d rows", window_text, report.rows_kept, report.rows_read)
+    return ExtractResult(
+        extract_dir=extract_dir,
+        interactions=interactions_path,
+        products=products_path,
+        report=report_path,
+        rows_read=report.rows_read,
+        rows_kept=report.rows_kept,
+    )
+
+
+def _spill_valid_rows(
+    settings: Settings, query_params: dict, rules, slices: _TimeSlices, report: ValidationReport, progress: bool
+) -> None:
+    """Stream the window's COPY, validate each block and spill the valid rows to ``slices``."""
+    try:
+        with (
+            _copy_stream(settings, db.sql_text(settings, "extract_interactions"), query_params) as source,
+            tqdm(desc="extract interactions", unit="row", unit_scale=True, disable=not progress) as bar,
+        ):
+            for batch in _csv_batches(source, INTERACTION_CSV_COLUMNS):
+                slices.write(_validate(pa.Table.from_batches([batch]), rules, report))
+                bar.update(batch.num_rows)
+    finally:
+        slices.close()
+
+
+def _write_deduplicated(slices: _TimeSlices, catalogue: pa.ChunkedArray, path: Path, report: ValidationReport) -> None:
+    """Each slice without its duplicates into the Parquet output; products missing from the
+    catalogue counted on the rows kept."""
+    with pq.ParquetWriter(path, INTERACTIONS_SCHEMA, use_dictionary=PARQUET_DICTIONARY_COLUMNS) as writer:
+        for table in slices.read_each():
+            kept = _collapse_duplicates(table, report)
+            report.count_missing_products(
+                kept["product_id"].filter(pc.invert(pc.is_in(kept["product_id"], value_set=catalogue)))
+            )
+            writer.write_table(_to_output(kept))
+            report.rows_kept += kept.num_rows
+            del table, kept  # or they would stay alive while the next slice is read
+
+
+def _check_enough_valid(report: ValidationReport, params: PipelineParams, window_text: str) -> None:
+    """Log what was dropped or is missing (one WARNING line); raise when nothing, or too little,
+    is left to train on. Collapsed duplicates do not count as invalid: their first copy is kept."""
+    if report.dropped or report.missing_products:
+        log.warning("extract %s: %s", window_text, report.summary())
+    if report.rows_kept == 0:
+        raise NoValidDataError(f"no valid interactions in {window_text}: {report.summary()}")
+    invalid_fraction = report.rows_invalid / report.rows_read
+    if invalid_fraction > params.max_invalid_fraction:
+        raise NoValidDataError(
+            f"{invalid_fraction:.1%} of interactions in {window_text} are invalid, more than "
+            f"max_invalid_fraction={params.max_invalid_fraction:.1%}: {report.summary()}"
+        )
+
+
+def _extract_products(settings: Settings, path: Path) -> pa.Table:
+    """Snapshot the catalogue into ``path``: publish needs each product's active flag and
+    category, and the extract which interactions' products are missing from it."""
+    with _copy_stream(settings, db.sql_text(settings, "extract_products"), {}) as source:
+        batches = list(_csv_batches(source, PRODUCT_CSV_COLUMNS))
+    products = pa.Table.from_batches(batches, schema=pa.schema(PRODUCT_CSV_COLUMNS.items()))
+    pq.write_table(products, path)
+    return products

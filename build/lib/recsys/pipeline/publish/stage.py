@@ -1,0 +1,507 @@
+"""Publish stage: top-N per user, similar products and top buys into Redis, switched live at once.
+
+Three steps of one publish *attempt*, so the per-user scoring can fan out over workers (the DAG
+maps ``publish_shard``); a failure or a kill at any point leaves the live version untouched:
+
+1. ``prepare_publish``: take the version's owner lock (``recsys.live``), remove orphaned staging
+   keys, refuse early if a fresher version is already live (backfills never go back in time),
+   stage similar products and top buys;
+2. ``publish_shard`` (once per shard, any order, idempotent): score a contiguous range of users
+   and write their lists into the attempt's staging hash;
+3. ``finish_publish``: stage again whatever was lost since (Redis restart, staging TTL), refuse an
+   empty result, then switch in one atomic script that checks ownership, every structure's count
+   against the meta, and freshness, keeps the replaced version and makes the new one live.
+
+Every staging key carries the attempt id and gets its TTL with its first write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import redis
+import scipy.sparse as sp
+
+from recsys.core.errors import EmptyResultError, PublishConflictError, StaleVersionError
+from recsys.core.ids import IdType, IdTypes, id_out
+from recsys.core.layout import EXCLUDE, FACTORS_FULL, ITEMS, MANIFEST, USERS
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import (
+    STRUCTURES,
+    KeyLayout,
+    layout,
+    redis_client,
+    top_buys_field,
+)
+from recsys.core.settings import Settings
+from recsys.core.window import Window
+from recsys.ml.als import load_factors
+from recsys.ml.ranking import als_model, recommend_top_n, similar_items, top_buys_order
+from recsys.pipeline.matrix import inactive_items, matrix_id_types
+from recsys.pipeline.publish.versions import (
+    VersionOwner,
+    live_data_end,
+    run_script,
+    switch_live,
+)
+from recsys.pipeline.train import checked_model_build
+
+log = logging.getLogger(__name__)
+
+# fields per HSET and HSETs per round trip: measured near redis-benchmark's pipelined SET rate
+HSET_CHUNK = 10_000
+HSETS_PER_ROUND_TRIP = 8
+PAYLOAD_BATCH = 100_000  # users whose JSON is built at once: bounds a shard's payload memory
+# staging keys of a publish that died half-way expire by themselves; the switch removes the TTL
+STAGING_TTL_SECONDS = 6 * 3600
+# printable ASCII except '"' and '\\': JSON-quoting such an id is just adding the quotes
+_NEEDS_NO_ESCAPE = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
+TOP_BUYS_KEY_ALL = top_buys_field(None)
+
+
+def json_id_tokens(ids: pa.Array, id_type: IdType) -> pa.Array:
+    """Each id as the JSON text ``json.dumps(id_out(id_type)(id))`` writes, computed column-wise:
+    publishing a million users must not cost a million Python calls. With ``int``, every id is a
+    canonical integer already (the extract refused the others)."""
+    ids = ids.cast(pa.string())
+    if id_type == "int" or len(ids) == 0:
+        return ids
+    quoted = pc.binary_join_element_wise('"', ids, '"', "")
+    needs_escape = pc.invert(pc.match_substring_regex(ids, _NEEDS_NO_ESCAPE))
+    if not pc.any(needs_escape).as_py():
+        return quoted
+    escaped = pa.array([json.dumps(i) for i in ids.filter(needs_escape).to_pylist()], pa.string())
+    return pc.replace_with_mask(quoted, needs_escape, escaped)
+
+
+def json_list_objects(
+    owner_key: str, owner_tokens: pa.Array, list_key: str, member_tokens: pa.Array, lists: np.ndarray
+) -> pa.Array:
+    """``{"<owner_key>":<owner>,"<list_key>":[<member>,...]}`` per row of ``lists`` (indices into
+    ``member_tokens``; -1 marks an empty slot), in compact ``json.dumps`` form."""
+    filled = lists >= 0
+    offsets = np.zeros(len(lists) + 1, dtype=np.int32)
+    np.cumsum(filled.sum(axis=1), out=offsets[1:])
+    members = pc.take(member_tokens, pa.array(lists[filled], pa.int32()))
+    joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), members), ",")
+    return pc.binary_join_element_wise(
+        f'{{"{owner_key}":', owner_tokens, f',"{list_key}":[', joined, "]}", ""
+    )
+
+
+def version_name(window: Window, params: PipelineParams) -> str:
+    """Same data window and params -> same version: reruns overwrite instead of duplicating."""
+    return f"{window.end.astimezone(UTC):%Y%m%dT%H%M%SZ}-{params.fingerprint()}"
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    users: int
+    users_without_recommendations: int
+    products_with_similar: int
+
+
+def new_attempt() -> str:
+    """A publish attempt's id: it names the attempt's staging keys and holds the version's lock."""
+    return uuid.uuid4().hex[:12]
+
+
+def _owner(settings: Settings, client: redis.Redis, keys: KeyLayout, version: str, attempt: str) -> VersionOwner:
+    return VersionOwner(
+        client, keys, version, attempt, settings.publish_lock_ttl_seconds, settings.publish_lock_wait_seconds
+    )
+
+
+def _write_hash(client: redis.Redis, key: str, fields: pa.Array, values: pa.Array, owner: VersionOwner) -> int:
+    """HSET ``fields`` -> ``values`` into the staging hash ``key``; returns fields written.
+
+    Each round trip is one MULTI/EXEC ending in EXPIRE, so the key gets its TTL with its first
+    write and keeps one even if it expired between writes: a writer killed at any point leaves
+    nothing that lives forever.
+    """
+    per_round_trip = HSET_CHUNK * HSETS_PER_ROUND_TRIP
+    for start in range(0, len(fields), per_round_trip):
+        owner.check()
+        with client.pipeline(transaction=True) as pipe:
+            for chunk in range(start, min(start + per_round_trip, len(fields)), HSET_CHUNK):
+                pairs = [None] * (2 * min(HSET_CHUNK, len(fields) - chunk))
+                pairs[0::2] = fields.slice(chunk, HSET_CHUNK).to_pylist()
+                pairs[1::2] = values.slice(chunk, HSET_CHUNK).to_pylist()
+                pipe.hset(key, items=pairs)
+            pipe.expire(key, STAGING_TTL_SECONDS)
+            pipe.execute()
+    return len(fields)
+
+
+def _record(client: redis.Redis, key: str, mapping: dict) -> None:
+    """HSET with the staging TTL in one step (manifest, meta)."""
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, STAGING_TTL_SECONDS)
+        pipe.execute()
+
+
+def _dumps(value: dict) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _refuse_if_stale(client: redis.Redis, keys: KeyLayout, window: Window) -> None:
+    live_end = live_data_end(client, keys)
+    if live_end is not None and live_end > window.end.timestamp():
+        raise StaleVersionError(
+            f"live version {client.hget(keys.live('meta'), 'version')} has data up to "
+            f"{datetime.fromtimestamp(live_end, UTC).isoformat()}, newer than this run's "
+            f"{window.end.isoformat()}; not replacing it"
+        )
+
+
+def _sweep_orphans(client: redis.Redis, keys: KeyLayout) -> int:
+    """Delete staging keys of attempts that do not own their version (dead, superseded, or of the
+    layout before attempts). They would expire anyway; this frees their memory now."""
+    holders: dict[str, str | None] = {}
+    orphans = []
+    for key in client.scan_iter(match=keys.staging_pattern(), count=1000):
+        version, attempt = keys.staging_owner(key)
+        if version not in holders:
+            holders[version] = client.get(keys.owner(version))
+        if attempt is None or holders[version] != attempt:
+            orphans.append(key)
+    if orphans:
+        client.delete(*orphans)
+        log.info("removed %d staging keys of publish attempts that no longer run", len(orphans))
+    return len(orphans)
+
+
+def _attempt_keys(keys: KeyLayout, version: str, attempt: str) -> list[str]:
+    return [keys.staging(version, attempt, structure) for structure in (*STRUCTURES, "manifest")]
+
+
+def _abandon(client: redis.Redis, keys: KeyLayout, version: str, attempt: str) -> None:
+    """Best effort after a failed attempt: its keys and lock go now instead of at their TTL."""
+    with suppress(redis.RedisError):
+        client.delete(*_attempt_keys(keys, version, attempt))
+        run_script(client, "release", [keys.owner(version)], [attempt])
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    shard: int
+    users: int  # users written (those with at least one recommendation)
+    users_without_recommendations: int
+    attempt: str
+
+
+def shard_users(n_users: int, shard: int, shards: int) -> np.ndarray:
+    """Contiguous, balanced user index ranges: shard ``i`` of ``shards``."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is not in [0, {shards})")
+    bounds = np.linspace(0, n_users, shards + 1).astype(np.int64)
+    return np.arange(bounds[shard], bounds[shard + 1], dtype=np.int32)
+
+
+def _window_and_version(matrix_dir: Path, params: PipelineParams) -> tuple[Window, str]:
+    window = Window.from_dict(json.loads((matrix_dir / MANIFEST).read_text())["window"])
+    return window, version_name(window, params)
+
+
+def _ids(path: Path) -> pa.Array:
+    return pq.read_table(path, columns=["id"])["id"].combine_chunks()
+
+
+@dataclass(frozen=True)
+class _Staging:
+    """One attempt's staging keys and where they come from."""
+
+    client: redis.Redis
+    keys: KeyLayout
+    version: str
+    attempt: str
+    matrix_dir: Path
+    model_dir: Path
+    params: PipelineParams
+    model_build: str  # the model build this attempt publishes: every step must see the same one
+    id_types: IdTypes
+
+    def key(self, structure: str) -> str:
+        return self.keys.staging(self.version, self.attempt, structure)
+
+    def manifest(self) -> dict[str, str]:
+        """What the attempt has staged, after checking it staged it from this step's model build."""
+        manifest = self.client.hgetall(self.key("manifest"))
+        if manifest.get("model_build", self.model_build) != self.model_build:
+            raise PublishConflictError(
+                f"version {self.version}: the model changed since publish attempt {self.attempt} began "
+                "(another run of the same window retrained it?); publish again"
+            )
+        return manifest
+
+
+def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = False) -> None:
+    """Similar products and top buys into the attempt's staging keys; their counts into its manifest."""
+    matrix_dir, params = staging.matrix_dir, staging.params
+    items_table = pq.read_table(matrix_dir / ITEMS)
+    items = items_table.to_pandas()
+    top_lists = _top_buys(items, params.top_buys_n, id_out(staging.id_types.product))
+    if not top_lists[TOP_BUYS_KEY_ALL]["top_buys"]:
+        raise EmptyResultError("no active product for the top buys list; nothing published")
+    blocked = inactive_items(matrix_dir)
+    active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
+    model = als_model(*load_factors(staging.model_dir / FACTORS_FULL))
+    similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
+
+    item_ids = items_table["id"].combine_chunks()
+    item_tokens = json_id_tokens(item_ids, staging.id_types.product)
+    has_similar = similar[:, 0] >= 0
+    owners = pa.array(active[has_similar])
+    client = staging.client
+    client.delete(staging.key("similar_products"), staging.key("top_buys"))
+    similar_count = _write_hash(
+        client,
+        staging.key("similar_products"),
+        pc.take(item_ids, owners),
+        json_list_objects(
+            "product_id", pc.take(item_tokens, owners), "similar_products", item_tokens, similar[has_similar]
+        ),
+        owner,
+    )
+    top_buys_count = _write_hash(
+        client,
+        staging.key("top_buys"),
+        pa.array(list(top_lists), pa.string()),
+        pa.array([_dumps(value) for value in top_lists.values()], pa.string()),
+        owner,
+    )
+    _record(
+        client, staging.key("manifest"),
+        {"model_build": staging.model_build, "similar_products": similar_count, "top_buys": top_buys_count},
+    )
+
+
+def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int, progress: bool = False) -> ShardResult:
+    """Top-N of one shard of the users into the attempt's staging hash; the count into its manifest."""
+    matrix_dir, params = staging.matrix_dir, staging.params
+    user_ids = _ids(matrix_dir / USERS)
+    users = shard_users(len(user_ids), shard, shards)
+    recs, _ = recommend_top_n(
+        als_model(*load_factors(staging.model_dir / FACTORS_FULL)),
+        users,
+        sp.load_npz(matrix_dir / EXCLUDE).tocsr(),
+        params.top_n,
+        inactive_items(matrix_dir),
+        progress=f"recommend {shard + 1}/{shards}" if progress else None,
+    )
+    has_recs = recs[:, 0] >= 0
+    owners, lists = users[has_recs], recs[has_recs]
+    user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
+    item_tokens = json_id_tokens(_ids(matrix_dir / ITEMS), staging.id_types.product)
+    key = staging.key("user_recs")
+    written = 0
+    for start in range(0, len(owners), PAYLOAD_BATCH):
+        batch = slice(start, start + PAYLOAD_BATCH)
+        payloads = json_list_objects(
+            "user_id", user_tokens[batch], "recommended_products", item_tokens, lists[batch],
+        )
+        written += _write_hash(staging.client, key, pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
+    without = int((~has_recs).sum())
+    _record(staging.client, staging.key("manifest"), {f"shard:{shard}": written, f"shard:{shard}:empty": without})
+    return ShardResult(shard=shard, users=written, users_without_recommendations=without, attempt=staging.attempt)
+
+
+def _staging(
+    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str
+) -> tuple[_Staging, Window]:
+    window, version = _window_and_version(matrix_dir, params)
+    model_build = checked_model_build(matrix_dir, model_dir) or ""
+    staging = _Staging(
+        redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build,
+        matrix_id_types(matrix_dir),
+    )
+    return staging, window
+
+
+def prepare_publish(
+    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str, progress: bool = False
+) -> str:
+    """Take the version's lock for ``attempt``, remove orphaned staging keys, refuse a stale run
+    early, and stage the per-product structures (similar products, top buys). Returns the version."""
+    staging, window = _staging(settings, matrix_dir, model_dir, params, attempt)
+    client, keys, version = staging.client, staging.keys, staging.version
+    with _owner(settings, client, keys, version, attempt) as owner:
+        _sweep_orphans(client, keys)  # whatever the freshness check below decides
+        try:
+            _refuse_if_stale(client, keys, window)
+            client.delete(*_attempt_keys(keys, version, attempt))
+            _stage_products(staging, owner, progress)
+        except (StaleVersionError, EmptyResultError):
+            _abandon(client, keys, version, attempt)
+            raise
+    return version
+
+
+def publish_shard(
+    settings: Settings,
+    matrix_dir: Path,
+    model_dir: Path,
+    params: PipelineParams,
+    attempt: str,
+    shard: int = 0,
+    shards: int = 1,
+    progress: bool = False,
+) -> ShardResult:
+    """Top-N for one shard of the users into the attempt's staging hash. Idempotent: a retry
+    writes the same fields again."""
+    staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt)
+    with _owner(settings, staging.client, staging.keys, staging.version, attempt) as owner:
+        staging.manifest()  # checks the model build
+        return _stage_shard(staging, owner, shard, shards, progress)
+
+
+def _complete_staging(staging: _Staging, owner: VersionOwner, shards: int) -> dict[str, str]:
+    """The attempt's manifest once every structure it records is staged in full. What is gone
+    (Redis restarted, or the staging TTL passed between tasks) is staged again, so a retried
+    ``finish_publish`` succeeds without rerunning the tasks before it."""
+    client, manifest = staging.client, staging.manifest()
+    lost = [
+        s for s in ("similar_products", "top_buys")
+        if s not in manifest or client.hlen(staging.key(s)) != int(manifest[s])
+    ]
+    if lost:
+        log.warning("version %s: staged %s lost (Redis restart or staging TTL?); staging again",
+                    staging.version, " and ".join(lost))
+        _stage_products(staging, owner)
+    missing = [shard for shard in range(shards) if f"shard:{shard}" not in manifest]
+    recorded = sum(int(manifest[f"shard:{shard}"]) for shard in range(shards) if shard not in missing)
+    if not missing and client.hlen(staging.key("user_recs")) != recorded:
+        missing = list(range(shards))  # entries lost, records kept: which shard lost them is unknown
+    if missing:
+        log.warning("version %s: user shards %s not staged in full (Redis restart or staging TTL?); "
+                    "scoring them again", staging.version, missing)
+        for shard in missing:
+            _stage_shard(staging, owner, shard, shards)
+    return staging.manifest()
+
+
+def finish_publish(
+    settings: Settings,
+    matrix_dir: Path,
+    model_dir: Path,
+    eval_report: Path,
+    params: PipelineParams,
+    attempt: str,
+    shard_results: list[ShardResult],
+    shards: int,
+    artifacts_key: str | None = None,
+) -> PublishResult:
+    """Check that every shard and structure is complete, then switch the version live at once.
+    ``artifacts_key``: the run's folder in the shared artifact store, for readers on other hosts."""
+    staging, window = _staging(settings, matrix_dir, model_dir, params, attempt)
+    client, keys, version = staging.client, staging.keys, staging.version
+    done = sorted(result.shard for result in shard_results)
+    if done != list(range(shards)):
+        _abandon(client, keys, version, attempt)
+        raise EmptyResultError(f"version {version}: shards {done} finished, expected 0..{shards - 1}; not switching")
+    foreign = sorted({result.attempt for result in shard_results} - {attempt})
+    if foreign:
+        raise PublishConflictError(
+            f"version {version}: shard results of publish attempts {foreign}, not of {attempt}; not switching"
+        )
+    with _owner(settings, client, keys, version, attempt) as owner:
+        try:
+            manifest = _complete_staging(staging, owner, shards)
+            users = sum(int(manifest[f"shard:{shard}"]) for shard in range(shards))
+            if users == 0:
+                raise EmptyResultError(
+                    "no user got a single recommendation (are all products inactive?); nothing published"
+                )
+            counts = {
+                "users": users,
+                "users_without_recommendations": sum(int(manifest[f"shard:{s}:empty"]) for s in range(shards)),
+                "products_with_similar": int(manifest["similar_products"]),
+                "top_buys_lists": int(manifest["top_buys"]),
+                "shards": shards,
+            }
+            evaluation = json.loads(eval_report.read_text())
+            meta = {
+                "version": version,
+                "attempt": attempt,
+                "data_start": window.start.isoformat(),
+                "data_end": window.end.isoformat(),
+                "data_end_ts": repr(window.end.timestamp()),
+                "published_at": datetime.now(UTC).isoformat(),
+                "model_path": str((model_dir / FACTORS_FULL).resolve()),
+                "matrix_dir": str(matrix_dir.resolve()),
+                "metrics": _dumps({"model": evaluation["model"], "popularity": evaluation["popularity"]}),
+                "params": _dumps(params.to_dict()),
+                "counts": _dumps(counts),
+                "id_types": _dumps(staging.id_types.to_dict()),
+            }
+            if artifacts_key is not None:
+                meta["artifacts_key"] = artifacts_key
+            _record(client, staging.key("meta"), meta)
+            owner.check()
+            switch_live(
+                client, keys, version, attempt,
+                data_end_ts=window.end.timestamp(),
+                latest_allowed_end_ts=time.time() + settings.max_clock_skew_seconds,
+                keep_versions=settings.keep_versions,
+                kept_ttl_seconds=settings.previous_version_ttl_seconds,
+            )
+        except (StaleVersionError, EmptyResultError):
+            _abandon(client, keys, version, attempt)  # retrying cannot change the outcome
+            raise
+    client.delete(staging.key("manifest"))
+    log.info("published version %s live: %s", version, counts)
+    return PublishResult(
+        version=version,
+        users=counts["users"],
+        users_without_recommendations=counts["users_without_recommendations"],
+        products_with_similar=counts["products_with_similar"],
+    )
+
+
+def publish(
+    settings: Settings,
+    matrix_dir: Path,
+    model_dir: Path,
+    eval_report: Path,
+    params: PipelineParams,
+    shards: int = 1,
+    progress: bool = False,
+    artifacts_key: str | None = None,
+) -> PublishResult:
+    """The whole publish in one process, as one attempt: prepare, every shard, switch (the DAG maps
+    the shards). A failed attempt removes its staging keys and lock (their TTLs cover a kill)."""
+    attempt = new_attempt()
+    try:
+        prepare_publish(settings, matrix_dir, model_dir, params, attempt, progress)
+        results = [
+            publish_shard(settings, matrix_dir, model_dir, params, attempt, shard, shards, progress)
+            for shard in range(shards)
+        ]
+        return finish_publish(settings, matrix_dir, model_dir, eval_report, params, attempt, results, shards, artifacts_key)
+    except BaseException:
+        staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt)
+        _abandon(staging.client, staging.keys, staging.version, attempt)
+        raise
+
+
+def _top_buys(items, n: int, item_out: Callable[[str], int | str]) -> dict[str, dict]:
+    """Most bought active products (ties by distinct users), overall and per category."""
+    ranked = top_buys_order(items)
+    lists = {TOP_BUYS_KEY_ALL: {"category": None, "top_buys": [item_out(i) for i in ranked["id"].head(n)]}}
+    for category, group in ranked.dropna(subset=["category"]).groupby("category", sort=True):
+        lists[top_buys_field(category)] = {"category": category, "top_buys": [item_out(i) for i in group["id"].head(n)]}
+    return lists

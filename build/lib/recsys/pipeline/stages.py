@@ -1,0 +1,399 @@
+"""A run: its effective params, data window and artifact folders, and the whole pipeline in one
+process (the same stage functions the DAG calls, in order).
+
+Every run works in a folder named by its data window end and params fingerprint, so a rerun of
+the same run overwrites its own artifacts instead of piling up duplicates. Two processes working on
+the same run folder on one machine take turns (:func:`run_lock`): a whole ``run`` holds it from
+extract to publish, each stage holds it while it writes. With a shared artifact
+store (``RECSYS_ARTIFACTS_URL``) each stage pulls its input folders from the store into the local
+artifacts folder, runs on local files, and pushes its output folder back, so the next stage can
+run on another machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from recsys.core import artifacts, redis_keys
+from recsys.core.artifacts import ArtifactStore
+from recsys.core.errors import FutureWindowError, RecsysError
+from recsys.core.layout import (
+    EVALUATION,
+    EVALUATION_REPORT,
+    EXTRACT,
+    INTERACTIONS,
+    MANIFEST,
+    MATRIX,
+    MODEL,
+    PRODUCTS,
+    PUBLISHED,
+    PUBLISHED_MARKER,
+    RUNS,
+    TUNED,
+    RunPaths,
+    configured_store,
+    pull_folders,
+    run_paths,
+    window_end_of,
+)
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.core.window import Window, stamp, window_ending
+from recsys.pipeline.evaluate import EvaluationResult, enforce_quality_gate, evaluate
+from recsys.pipeline.extract import ExtractResult, extract, extracted_id_types
+from recsys.pipeline.matrix import MatrixResult, build_matrix
+from recsys.pipeline.publish.stage import (
+    PublishResult,
+    ShardResult,
+    finish_publish,
+    new_attempt,
+    prepare_publish,
+    publish,
+    publish_shard,
+)
+from recsys.pipeline.train import TrainResult, checked_model_build, train
+from recsys.pipeline.tune import (
+    TunedParams,
+    load_tuned,
+    save_tuned,
+    tune_on_matrix,
+    tuned_path,
+    with_tuned,
+)
+
+log = logging.getLogger(__name__)
+
+
+def refuse_future_window(settings: Settings, end: datetime) -> None:
+    """A window may not end after now (plus clock skew): its version would hold every normal run
+    after it back as stale."""
+    now = datetime.now(UTC)
+    if end > now + timedelta(seconds=settings.max_clock_skew_seconds):
+        raise FutureWindowError(
+            f"the data window would end at {end.isoformat()}, after now ({now.isoformat(timespec='seconds')}) "
+            f"plus the allowed clock skew of {settings.max_clock_skew_seconds:g} s; give --end a past time "
+            "(or leave it out for now)"
+        )
+
+
+_held_run_locks = threading.local()  # .depth: lock file -> nesting depth in this thread
+
+
+@contextmanager
+def run_lock(paths: RunPaths, wait_seconds: float, shared: bool = False) -> Iterator[None]:
+    """Hold the run folder's lock on this machine (flock on ``<run folder>.lock``): exclusive to
+    write a stage's folder, ``shared`` to only read (publish steps, several shards at once).
+    Re-entrant within a thread, so a whole run can hold it around its stages."""
+    path = paths.lock
+    held = _held_run_locks.__dict__.setdefault("depth", {})
+    if path in held:
+        held[path] += 1
+        try:
+            yield
+        finally:
+            held[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, announced = time.monotonic() + wait_seconds, False
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RunBusyError(
+                        f"another process is working on run {paths.key} (lock {path}); gave up after "
+                        f"{wait_seconds:g} s. Run it again when that one has finished."
+                    ) from None
+                if not announced:
+                    log.warning("another process is working on run %s; waiting for it", paths.key)
+                    announced = True
+                time.sleep(0.2)
+        held[path] = 1
+        try:
+            yield
+        finally:
+            del held[path]
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+class RunBusyError(RecsysError):
+    """Another process kept the run folder locked for longer than the wait allowed."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a stage needs to know about its run; :meth:`to_dict` is small enough for an
+    Airflow XCom and leaves out what each worker takes from its own settings (folders, store)."""
+
+    params: PipelineParams
+    window: Window
+    paths: RunPaths
+    store: ArtifactStore | None  # None: artifacts stay in the local folder only
+
+    def to_dict(self) -> dict:
+        return {"params": self.params.to_dict(), "window": self.window.to_dict()}
+
+    @classmethod
+    def from_dict(cls, values: dict, settings: Settings) -> Run:
+        """The run a previous task planned, with this worker's artifacts folder and store."""
+        params, window = PipelineParams.from_dict(values["params"]), Window.from_dict(values["window"])
+        return cls(params, window, run_paths(settings, window, params), configured_store(settings))
+
+    def pull(self, *folders: str) -> None:
+        """Bring the run's input folders from the store into the local artifacts folder."""
+        if self.store is not None:
+            pull_folders(self.store, self.paths, folders)
+
+    def push(self, folder: str) -> None:
+        """Upload a folder a stage has finished writing, for the stages after it."""
+        if self.store is not None:
+            artifacts.push(self.store, self.paths.root / folder, f"{self.paths.key}/{folder}")
+
+
+def plan_run(settings: Settings, end: datetime, params: PipelineParams, use_tuned: bool = True) -> Run:
+    """Fix a run's effective params once (tuned values for fields left at their defaults)."""
+    refuse_future_window(settings, end)
+    run_store = configured_store(settings)
+    effective = with_tuned(params, tuned_params(settings, run_store)) if use_tuned else params
+    window = window_ending(end, effective)
+    return Run(effective, window, run_paths(settings, window, effective), run_store)
+
+
+def tuned_params(settings: Settings, run_store: ArtifactStore | None) -> TunedParams | None:
+    """The tuned params; with a store, only its copy counts, so every worker plans the same run."""
+    if run_store is not None and not pull_tuned(settings, run_store):
+        return None
+    return load_tuned(settings)
+
+
+def pull_tuned(settings: Settings, run_store: ArtifactStore) -> bool:
+    """Mirror the store's tuned params folder locally; False if the store has none yet."""
+    if artifacts.pushed(run_store, TUNED) is None:
+        return False
+    artifacts.pull(run_store, TUNED, tuned_path(settings).parent)
+    return True
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    run: Run
+    extract: ExtractResult
+    matrix: MatrixResult
+    train: TrainResult
+    evaluation: EvaluationResult
+    publish: PublishResult
+
+
+def live_metrics(settings: Settings) -> dict | None:
+    return redis_keys.live_metrics(redis_keys.redis_client(settings), redis_keys.layout(settings))
+
+
+# One function per stage, taking the planned run: the DAG's tasks, the CLI's stage commands and
+# run_pipeline all call these, so they cannot drift apart. Each pulls the folders it reads and
+# pushes the one it writes (no-ops without a store).
+
+
+def _writing(settings: Settings, run: Run):
+    return run_lock(run.paths, settings.run_lock_wait_seconds)
+
+
+def _reading(settings: Settings, run: Run):
+    return run_lock(run.paths, settings.run_lock_wait_seconds, shared=True)
+
+
+def extract_stage(settings: Settings, run: Run, progress: bool = False) -> ExtractResult:
+    with _writing(settings, run):
+        live_id_types = redis_keys.live_id_types(redis_keys.redis_client(settings), redis_keys.layout(settings))
+        result = extract(settings, run.window, run.paths.extract, run.params, progress, live_id_types)
+        run.push(EXTRACT)
+    return result
+
+
+def matrix_stage(settings: Settings, run: Run) -> MatrixResult:
+    with _writing(settings, run):
+        run.pull(EXTRACT)
+        extracted = run.paths.extract
+        result = build_matrix(
+            extracted / INTERACTIONS, extracted / PRODUCTS, run.window, run.paths.matrix,
+            run.params, extracted_id_types(extracted),
+        )
+        run.push(MATRIX)
+    return result
+
+
+def train_stage(settings: Settings, run: Run, progress: bool = False) -> TrainResult:
+    with _writing(settings, run):
+        run.pull(MATRIX)
+        result = train(run.paths.matrix, run.paths.model, run.params, progress=progress)
+        run.push(MODEL)
+    return result
+
+
+def evaluate_stage(settings: Settings, run: Run) -> EvaluationResult:
+    """Evaluate and apply the quality gate (raises QualityGateError when it refuses)."""
+    with _writing(settings, run):
+        run.pull(MATRIX, MODEL)
+        paths = run.paths
+        checked_model_build(paths.matrix, paths.model)
+        result = evaluate(paths.matrix, paths.model, paths.evaluation, run.params, live_metrics(settings))
+        run.push(EVALUATION)  # a refused report too: it says why
+    enforce_quality_gate(result)
+    return result
+
+
+def _mark_published(run: Run, result: PublishResult) -> None:
+    """Record in the run's artifacts that it went live: `recsys republish` finds it there."""
+    folder = run.paths.root / PUBLISHED
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = {"version": result.version, "published_at": datetime.now(UTC).isoformat(), "window": run.window.to_dict()}
+    (folder / PUBLISHED_MARKER).write_text(json.dumps(marker, indent=2))
+    run.push(PUBLISHED)
+
+
+def publish_stage(settings: Settings, run: Run, progress: bool = False) -> PublishResult:
+    """The whole publish as one attempt, in this process."""
+    with _reading(settings, run):
+        run.pull(MATRIX, MODEL, EVALUATION)
+        paths = run.paths
+        result = publish(
+            settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, progress=progress,
+            artifacts_key=paths.key if run.store else None,
+        )
+        _mark_published(run, result)
+    return result
+
+
+def prepare_publish_stage(settings: Settings, run: Run) -> tuple[str, str]:
+    """Start a publish attempt (the DAG's first publish task); returns (version, attempt)."""
+    attempt = new_attempt()
+    with _reading(settings, run):
+        run.pull(MATRIX, MODEL)
+        return prepare_publish(settings, run.paths.matrix, run.paths.model, run.params, attempt), attempt
+
+
+def publish_shard_stage(settings: Settings, run: Run, attempt: str, shard: int, shards: int) -> ShardResult:
+    with _reading(settings, run):
+        run.pull(MATRIX, MODEL)
+        return publish_shard(settings, run.paths.matrix, run.paths.model, run.params, attempt, shard, shards)
+
+
+def finish_publish_stage(
+    settings: Settings, run: Run, attempt: str, results: list[ShardResult], shards: int
+) -> PublishResult:
+    with _reading(settings, run):
+        run.pull(MATRIX, MODEL, EVALUATION)
+        paths = run.paths
+        result = finish_publish(
+            settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, attempt, results,
+            shards, artifacts_key=paths.key if run.store else None,
+        )
+        _mark_published(run, result)
+    return result
+
+
+def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:
+    """Tune on the run's matrix and store the choice where every later run's planning finds it."""
+    with _reading(settings, run):
+        run.pull(MATRIX)
+        tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials)
+    if run.store is None:
+        save_tuned(settings, tuned)
+        return tuned
+    pull_tuned(settings, run.store)  # the dated history so far: the push below replaces the folder
+    save_tuned(settings, tuned)
+    artifacts.push(run.store, tuned_path(settings).parent, TUNED)
+    return tuned
+
+
+def run_pipeline(
+    settings: Settings, end: datetime, params: PipelineParams, use_tuned: bool = True, progress: bool = False
+) -> PipelineResult:
+    run = plan_run(settings, end, params, use_tuned)
+    # one lock around the whole run: another run of the same window waits instead of interleaving
+    with _writing(settings, run):
+        return PipelineResult(
+            run=run,
+            extract=extract_stage(settings, run, progress),
+            matrix=matrix_stage(settings, run),
+            train=train_stage(settings, run, progress),
+            evaluation=evaluate_stage(settings, run),
+            publish=publish_stage(settings, run, progress),
+        )
+
+
+# --- the way back after a Redis loss: publish a finished run again, without retraining -------------
+
+
+def _run_of(settings: Settings, key: str, run_store: ArtifactStore | None) -> Run:
+    """The run whose folder is ``key`` (``runs/<end>/<fingerprint>``), from its matrix manifest."""
+    paths = RunPaths(settings.artifacts_dir, key)
+    if run_store is not None:
+        pull_folders(run_store, paths, (MATRIX,))
+    manifest = json.loads((paths.matrix / MANIFEST).read_text())
+    params, window = PipelineParams.from_dict(manifest["params"]), Window.from_dict(manifest["window"])
+    return Run(params, window, paths, run_store)
+
+
+def _published_markers(settings: Settings, run_store: ArtifactStore | None) -> dict[str, dict]:
+    """Run folder key -> its published.json, for every run that went live."""
+    if run_store is None:
+        found = settings.artifacts_dir.glob(f"{RUNS}/*/*/{PUBLISHED}/{PUBLISHED_MARKER}")
+        return {path.parent.parent.relative_to(settings.artifacts_dir).as_posix(): json.loads(path.read_text())
+                for path in found}
+    markers = {}
+    for marker in run_store.fs.glob(run_store.path(RUNS, "*", "*", PUBLISHED, artifacts.MARKER)):
+        key = "/".join(marker.split("/")[-5:-2])
+        upload = artifacts.pushed(run_store, f"{key}/{PUBLISHED}")
+        if upload is not None:
+            text = run_store.fs.cat_file(run_store.path(key, PUBLISHED, upload.upload_id, PUBLISHED_MARKER))
+            markers[key] = json.loads(text)
+    return markers
+
+
+def published_run(settings: Settings, end: datetime | None = None) -> Run:
+    """The run that went live last (with ``end``: last among those of that window end)."""
+    run_store = configured_store(settings)
+    markers = _published_markers(settings, run_store)
+    if end is not None:
+        markers = {key: marker for key, marker in markers.items() if window_end_of(key) == stamp(end)}
+    if not markers:
+        where = settings.artifacts_dir if run_store is None else run_store.url(RUNS)
+        window = "" if end is None else f" with a window ending {end.isoformat()}"
+        raise RecsysError(f"no published run{window} in {where}; `recsys run` makes one")
+    key = max(markers, key=lambda k: (window_end_of(k), markers[k]["published_at"]))
+    return _run_of(settings, key, run_store)
+
+
+def republish(settings: Settings, end: datetime | None = None, progress: bool = False) -> PublishResult:
+    """Publish a run that went live before again, from its artifacts (no extract, no training)."""
+    return publish_stage(settings, published_run(settings, end), progress)
+
+
+def recovery_hint(settings: Settings) -> str | None:
+    """When nothing is live: what an operator can put back, and how. None if a version is live."""
+    from recsys.pipeline.publish import versions
+
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    if client.exists(keys.live("meta")):
+        return None
+    kept = [info.version for info in versions.versions(client, keys)]
+    if kept:
+        return f"nothing is live, but kept versions exist ({', '.join(kept)}): `recsys rollback` makes one live again"
+    try:
+        run = published_run(settings)
+    except (RecsysError, OSError):
+        return None
+    return f"nothing is live, but run {run.paths.key} was published before: `recsys republish` puts it back"

@@ -1,0 +1,35 @@
+-- Source tables of the shop. Ids are TEXT so a shop may use integers or strings; they come back
+-- unchanged in every output. Columns are nullable on purpose: this is a raw event log, and the
+-- extract stage validates it, counting and reporting bad rows instead of losing a whole load.
+CREATE TABLE IF NOT EXISTS products (
+    product_id  TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    category    TEXT,
+    active      BOOLEAN NOT NULL DEFAULT TRUE
+);
+
+CREATE TABLE IF NOT EXISTS interactions (
+    interaction_id  BIGSERIAL PRIMARY KEY,
+    user_id         TEXT,
+    product_id      TEXT,
+    event_type      TEXT,            -- purchase | add_to_cart | view | rating | ...
+    value           DOUBLE PRECISION, -- quantity or rating; NULL means 1
+    occurred_at     TIMESTAMPTZ NOT NULL
+);
+
+-- The extract reads one time window [start, end): a range scan on occurred_at.
+CREATE INDEX IF NOT EXISTS interactions_occurred_at_idx ON interactions (occurred_at);
+-- The serving API folds one user's recent interactions in after each event.
+CREATE INDEX IF NOT EXISTS interactions_user_occurred_at_idx ON interactions (user_id, occurred_at);
+
+-- Events posted through the HTTP API may carry the client's event_id: a retried POST is stored
+-- once. NULL for rows from anywhere else, so the unique index covers only the ids given.
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS event_id TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS interactions_event_id_key ON interactions (event_id) WHERE event_id IS NOT NULL;
+
+-- Users whose event was stored while Redis was unreachable: the API refreshes their live list
+-- once Redis is back (the event itself is already in interactions).
+CREATE TABLE IF NOT EXISTS pending_list_refreshes (
+    user_id       TEXT PRIMARY KEY,
+    requested_at  TIMESTAMPTZ NOT NULL
+);

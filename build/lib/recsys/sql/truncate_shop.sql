@@ -1,0 +1,1 @@
+TRUNCATE interactions, products RESTART IDENTITY

@@ -1,0 +1,33 @@
+"""``recsys bench serve`` at a small size, on a machine with only Python and the requirements."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from helpers import run_recsys_json
+
+from recsys.bench.serve import PYTHON_CLIENT, redis_benchmark_get_rps
+
+
+def test_serve_bench_without_wrk_or_redis_benchmark(service_urls, bare_path):
+    import redis
+
+    client = redis.Redis.from_url(service_urls.redis_url)
+    before = set(client.scan_iter(match="*bench_serve_*", count=1000))
+    result = run_recsys_json(
+        ["bench", "serve", "--json", "--rate", "200", "--seconds", "1", "--users", "150", "--products", "60",
+         "--workers", "1"],
+        service_urls, bare_path,
+    )
+    assert 0 < result["fixed_rate"]["p50_ms"] <= result["fixed_rate"]["p99_ms"]  # NaN when nothing succeeded
+    assert result["max_rps_client"] == PYTHON_CLIENT and result["max_rps"] > 0
+    assert result["redis_py_hget_rps"] > 0
+    assert result["redis_get_rps"] is None
+    assert "redis-benchmark not on PATH" in result["unavailable"]["redis_get_rps"]
+    assert set(client.scan_iter(match="*bench_serve_*", count=1000)) == before
+
+
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-benchmark (Debian: redis-tools) not installed")
+def test_redis_benchmark_get_floor_when_it_is_installed(service_urls):
+    assert redis_benchmark_get_rps(service_urls.redis_url) > 0

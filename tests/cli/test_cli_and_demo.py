@@ -1,0 +1,95 @@
+"""The ``recsys`` command end to end, the demo generator, and the embedded servers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import psycopg
+import pytest
+import redis
+from helpers import services_dir
+from typer.testing import CliRunner
+
+from recsys.cli import app
+from recsys.local import services
+from recsys.local.demo import DemoShop, generate_interactions
+
+runner = CliRunner()
+
+
+def test_stage_commands_then_show(recsys_env, window_end):
+    end = ["--end", window_end.isoformat()]
+    loaded = runner.invoke(app, ["demo-data", "--users", "400", "--products", "120", "--days", "60", *end])
+    assert loaded.exit_code == 0, loaded.output
+    for stage in ("extract", "matrix", "train", "evaluate", "publish"):
+        result = runner.invoke(app, [stage, *end, "--param", "factors=16"])
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+    shown = runner.invoke(app, ["show", "--users", "2"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.count("recommended_products") == 2
+    assert "top_buys" in shown.output
+
+
+def test_run_command_reports_gate_refusal_and_bad_params(recsys_env, window_end):
+    end = ["--end", window_end.isoformat()]
+    runner.invoke(app, ["demo-data", "--users", "400", "--products", "120", "--days", "60", *end])
+    refused = runner.invoke(app, ["run", *end, "--param", "min_lift=50"])
+    assert refused.exit_code == 1
+    assert "quality gate refused" in refused.output
+    bad = runner.invoke(app, ["run", *end, "--param", "factors=0"])
+    assert bad.exit_code != 0
+    assert "factors must be >= 1" in str(bad.exception) + bad.output
+
+
+def test_empty_window_is_a_clear_cli_error(recsys_env, window_end):
+    result = runner.invoke(app, ["extract", "--end", window_end.isoformat()])
+    assert result.exit_code == 1
+    assert "no interactions in" in result.output
+
+
+def test_demo_generator_is_deterministic_and_shop_like(window_end):
+    shop = DemoShop(users=500, products=200, days=30, seed=3)
+    (catalogue, first), = list(generate_interactions(shop, window_end))
+    (_, again), = list(generate_interactions(shop, window_end))
+    assert first.equals(again)
+    counts = first["event_type"].value_counts()
+    assert counts["view"] > counts["add_to_cart"] > counts["purchase"] > 0
+    assert first["occurred_at"].min() >= window_end - np.timedelta64(30, "D")
+    assert first["occurred_at"].max() < window_end
+    popularity = first.groupby("product_id").size().sort_values(ascending=False).to_numpy()
+    top_share = popularity[: len(popularity) // 10].sum() / popularity.sum()
+    assert top_share > 0.3  # power law: the top 10 % of products take a large share
+    assert 0 < (~catalogue["active"]).sum() < len(catalogue) * 0.2
+
+
+def test_embedded_servers_start_reuse_and_stop(tmp_path):
+    env_file, data_dir = tmp_path / "services.env", services_dir()
+    started = services.start(data_dir, env_file=env_file)
+    try:
+        assert services.start(data_dir, env_file=env_file) == started  # reused, not doubled
+        with psycopg.connect(started.database_url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert redis.Redis.from_url(started.redis_url).ping()
+        assert env_file.read_text().splitlines() == [f"{k}={v}" for k, v in started.env().items()]
+    finally:
+        services.stop(data_dir, env_file=env_file)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    assert not env_file.exists()
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(started.redis_url, socket_connect_timeout=1).ping()
+
+
+def test_params_reject_unknown_and_invalid_values():
+    from recsys.core.errors import InputError
+    from recsys.core.params import PipelineParams
+
+    with pytest.raises(InputError, match="unknown parameters: factor"):
+        PipelineParams.from_dict({"factor": 3})
+    with pytest.raises(InputError, match=r"holdout_days.*event_weights\['view'\]"):
+        PipelineParams(holdout_days=90, lookback_days=90, event_weights={"view": -1})
+    round_tripped = PipelineParams.from_dict(json.loads(json.dumps(PipelineParams().to_dict())))
+    assert round_tripped == PipelineParams()
+    assert round_tripped.fingerprint() == PipelineParams().fingerprint()
+    assert PipelineParams(factors=32).fingerprint() != PipelineParams().fingerprint()

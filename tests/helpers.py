@@ -1,0 +1,75 @@
+"""Helpers shared by the tests (fixtures are in conftest.py): writing shop rows as a shop would,
+staging a run, and running the ``recsys`` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from recsys.core import db
+from recsys.core.layout import EVALUATION_REPORT, run_paths
+from recsys.core.settings import Settings
+from recsys.core.window import window_ending
+from recsys.local import services
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def services_dir() -> Path:
+    """A data dir for embedded servers. Not pytest's tmp_path: run as root, embedded PostgreSQL
+    serves as its own system user, which must be able to pass through every parent directory, and
+    pytest's base temp dir is root-only (start_postgres opens the data dir itself)."""
+    return Path(tempfile.mkdtemp(prefix="recsys-test-services-"))
+
+
+INTERACTION_FIELDS = ("user_id", "product_id", "event_type", "value", "occurred_at")
+PRODUCT_FIELDS = ("product_id", "name", "category", "active")
+
+
+def insert_interactions(settings: Settings, rows: list[tuple]) -> None:
+    """Insert (user_id, product_id, event_type, value, occurred_at) rows as a shop would."""
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany(db.sql_text(settings, "insert_interaction"), [dict(zip(INTERACTION_FIELDS, row, strict=True)) for row in rows])
+
+
+def insert_products(settings: Settings, rows: list[tuple]) -> None:
+    """Insert or update (product_id, name, category, active) rows."""
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany(db.sql_text(settings, "upsert_product"), [dict(zip(PRODUCT_FIELDS, row, strict=True)) for row in rows])
+
+
+def days_before(end: datetime, days: float) -> datetime:
+    return end - timedelta(days=days)
+
+
+def run_recsys_json(args: list[str], servers: services.LocalServices, path: str, timeout: int = 600) -> dict:
+    """``recsys ARGS`` in a subprocess with PATH set to ``path`` and the given servers; returns
+    the JSON object that ends its stdout."""
+    env = {**os.environ, "PATH": path, **servers.env()}
+    command = [sys.executable, "-c", "from recsys.cli import app; app()", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def stage(settings, window_end, params):
+    """extract, matrix and train for ``window_end``; returns the run's paths."""
+    from recsys.pipeline.extract import extract, extracted_id_types
+    from recsys.pipeline.matrix import build_matrix
+    from recsys.pipeline.train import train
+
+    window = window_ending(window_end, params)
+    paths = run_paths(settings, window, params)
+    extracted = extract(settings, window, paths.extract, params)
+    build_matrix(
+        extracted.interactions, extracted.products, window, paths.matrix, params, extracted_id_types(paths.extract)
+    )
+    train(paths.matrix, paths.model, params)
+    paths.evaluation.mkdir(parents=True)
+    (paths.evaluation / EVALUATION_REPORT).write_text(json.dumps({"model": {}, "popularity": {}}))
+    return paths

@@ -1,0 +1,372 @@
+"""Extract against a real PostgreSQL: window bounds, validation, clear errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import days_before, insert_interactions, insert_products
+
+from recsys.core import db
+from recsys.core.errors import EmptyWindowError, NoValidDataError
+from recsys.core.params import PipelineParams
+from recsys.core.window import Window
+from recsys.pipeline import extract as extract_module
+from recsys.pipeline.extract import INTERACTIONS_SCHEMA, extract
+
+
+def window_for(end, days=30) -> Window:
+    return Window(start=end - timedelta(days=days), end=end)
+
+
+def test_reads_exactly_the_half_open_window(settings, window_end, tmp_path):
+    window = window_for(window_end)
+    insert_interactions(
+        settings,
+        [
+            ("u1", "p1", "view", None, window.start - timedelta(microseconds=1)),  # before
+            ("u1", "p2", "view", None, window.start),  # first instant: in
+            ("u2", "p3", "purchase", 2, window.end - timedelta(microseconds=1)),  # last instant: in
+            ("u2", "p4", "purchase", 1, window.end),  # end is exclusive: out (backfill safety)
+            ("u3", "p5", "view", None, window.end + timedelta(days=3)),  # the future: out
+        ],
+    )
+    result = extract(settings, window, tmp_path, PipelineParams())
+    table = pq.read_table(result.interactions).to_pydict()
+    assert sorted(table["product_id"]) == ["p2", "p3"]
+    assert result.rows_read == result.rows_kept == 2
+    assert min(table["occurred_at"]) == window.start
+    assert table["value"][table["product_id"].index("p3")] == 2.0
+
+
+def test_string_and_integer_ids_come_back_unchanged(settings, window_end, tmp_path):
+    at = days_before(window_end, 1)
+    insert_interactions(settings, [("007", "SKU-1", "view", None, at), ("42", "0042", "purchase", 1, at)])
+    table = pq.read_table(extract(settings, window_for(window_end), tmp_path, PipelineParams()).interactions)
+    assert sorted(table["user_id"].to_pylist()) == ["007", "42"]
+    assert sorted(table["product_id"].to_pylist()) == ["0042", "SKU-1"]
+
+
+def test_bad_rows_are_dropped_counted_and_named(settings, window_end, tmp_path):
+    at = days_before(window_end, 2)
+    good = [(f"u{i}", f"p{i % 7}", "view", None, at) for i in range(60)]
+    bad = [
+        (None, "p1", "view", None, at),
+        ("  ", "p1", "view", None, at),
+        ("u1", None, "view", None, at),
+        ("u1", "p1", "clicked", None, at),
+        ("u1", "p1", "purchase", float("nan"), at),
+        ("u1", "p1", "purchase", -3.0, at),
+        ("u1", "p1", "purchase", 1e9, at),
+        ("u1", "p1", "purchase", float("inf"), at),
+    ]
+    insert_interactions(settings, good + bad)
+    result = extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    assert (result.rows_read, result.rows_kept) == (68, 60)
+
+    report = json.loads(result.report.read_text())["interactions"]
+    dropped = report["dropped"]
+    assert dropped["null user_id"] == 1
+    assert dropped["empty user_id"] == 1
+    assert dropped["null product_id"] == 1
+    assert dropped["NaN value"] == 1
+    assert dropped["negative value"] == 1
+    assert dropped["absurd value (> max_value=1000)"] == 2
+    unknown = next(reason for reason in dropped if reason.startswith("unknown event_type"))
+    assert report["examples"][unknown][0]["event_type"] == "clicked"
+    assert report["examples"]["negative value"][0]["value"] == -3.0
+    assert report["examples"]["negative value"][0]["interaction_id"] > 0  # names the source row
+
+
+def test_empty_window_fails_clearly(settings, window_end, tmp_path):
+    insert_interactions(settings, [("u1", "p1", "view", None, window_end + timedelta(days=1))])
+    with pytest.raises(EmptyWindowError, match=r"no interactions in test_\w+\.interactions with occurred_at in \["):
+        extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    assert not (tmp_path / "interactions.parquet").exists()
+
+
+def test_nothing_valid_fails_with_the_reasons(settings, window_end, tmp_path):
+    at = days_before(window_end, 1)
+    insert_interactions(settings, [("u1", "p1", "clicked", None, at), ("u2", "p2", "purchase", -1, at)])
+    with pytest.raises(NoValidDataError, match="unknown event_type.*clicked|negative value"):
+        extract(settings, window_for(window_end), tmp_path, PipelineParams())
+
+
+def test_too_many_invalid_rows_fail_instead_of_training_on_the_rest(settings, window_end, tmp_path):
+    at = days_before(window_end, 1)
+    rows = [(f"u{i}", "p1", "view", None, at) for i in range(7)] + [(f"u{i}", "p1", "purchase", -1, at) for i in range(3)]
+    insert_interactions(settings, rows)
+    with pytest.raises(NoValidDataError, match=r"30\.0% of interactions .* max_invalid_fraction=20\.0%"):
+        extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    result = extract(settings, window_for(window_end), tmp_path, PipelineParams(max_invalid_fraction=0.5))
+    assert result.rows_kept == 7
+
+
+def test_products_snapshot_keeps_active_flags(settings, window_end, tmp_path):
+    insert_products(settings, [("p1", "One", "books", True), ("p2", "Two", None, False)])
+    insert_interactions(settings, [("u1", "p1", "view", None, days_before(window_end, 1))])
+    products = pq.read_table(extract(settings, window_for(window_end), tmp_path, PipelineParams()).products).to_pydict()
+    assert dict(zip(products["product_id"], products["active"], strict=True)) == {"p1": True, "p2": False}
+    assert products["category"] == ["books", None]
+
+
+def test_a_row_is_counted_once_under_the_first_rule_it_breaks(settings, window_end, tmp_path):
+    at = days_before(window_end, 1)
+    good = [(f"u{i}", "p1", "view", None, at) for i in range(20)]
+    bad = [
+        (None, None, "clicked", -1.0, at),  # breaks four rules: counted as null user_id only
+        ("\u00a0\t", "p1", "purchase", float("nan"), at),  # Unicode whitespace only: empty user_id
+        ("u1", "", "purchase", 2e9, at),  # empty product_id before absurd value
+    ]
+    insert_interactions(settings, good + bad)
+    result = extract(settings, window_for(window_end), tmp_path, PipelineParams(), progress=True)
+    report = json.loads(result.report.read_text())["interactions"]
+    assert report["dropped"] == {"null user_id": 1, "empty user_id": 1, "empty product_id": 1}
+    assert report["examples"]["empty user_id"][0]["user_id"] == "\u00a0\t"
+    assert (result.rows_read, result.rows_kept) == (23, 20)
+    assert pq.read_table(result.interactions).schema == INTERACTIONS_SCHEMA
+
+
+def test_empty_catalogue_gives_an_empty_products_snapshot(settings, window_end, tmp_path):
+    insert_interactions(settings, [("u1", "p1", "view", None, days_before(window_end, 1))])
+    products = pq.read_table(extract(settings, window_for(window_end), tmp_path, PipelineParams()).products)
+    assert products.num_rows == 0
+    assert products.column_names == ["product_id", "name", "category", "active"]
+
+
+def _interactions_behind_a_view(settings, rows: int, end, view_columns: str) -> None:
+    """``rows`` valid interactions, one second apart up to a day before ``end``, read through a
+    view named ``interactions`` whose columns are ``view_columns`` over the stored table: a real
+    query that fails part-way through the COPY."""
+    with db.connect(settings) as conn:
+        conn.execute(
+            "INSERT INTO interactions (user_id, product_id, event_type, value, occurred_at) "
+            "SELECT 'u' || (n %% 97), 'p' || (n %% 13), 'view', NULL, %(start)s + n * interval '1 second' "
+            "FROM generate_series(1, %(rows)s) AS n",
+            {"start": end - timedelta(days=1, seconds=rows + 1), "rows": rows},
+        )
+        conn.execute("ALTER TABLE interactions RENAME TO stored_interactions")
+        conn.execute(f"CREATE VIEW interactions AS SELECT {view_columns} FROM stored_interactions")
+
+
+def _leftovers(directory) -> list[str]:
+    """Everything a failed extract left behind: no output, no spilled slices."""
+    return sorted(path.name for path in directory.iterdir())
+
+
+def test_copy_failing_mid_stream_raises_and_publishes_nothing(settings, window_end, tmp_path):
+    # rows stream out in occurred_at order; the 3000th fails after the first ones reached us
+    _interactions_behind_a_view(
+        settings,
+        5_000,
+        window_end,
+        "interaction_id, user_id, product_id, event_type, "
+        "CASE WHEN interaction_id < 3000 THEN value ELSE 1 / (interaction_id - interaction_id) END AS value, "
+        "occurred_at",
+    )
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    assert _leftovers(tmp_path) == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
+
+
+def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window_end, tmp_path, monkeypatch):
+    # small blocks: the parser fails while the COPY still has far more rows than the pipe holds
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)
+    _interactions_behind_a_view(
+        settings,
+        100_000,
+        window_end,
+        "interaction_id, user_id, product_id, event_type, "
+        "CASE WHEN interaction_id < 1000 THEN value::text ELSE 'not a number' END AS value, occurred_at",
+    )
+    with pytest.raises(pa.ArrowInvalid, match="not a number"):
+        extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    assert _leftovers(tmp_path) == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
+
+
+def test_ids_with_newlines_survive_block_boundaries(settings, window_end, tmp_path, monkeypatch):
+    """COPY quotes a value with a newline; Arrow must not split a row there, whatever the block size."""
+    from recsys.core.window import window_ending
+
+    rows = [(f"user-{i:05d}", f"p{i % 50}", "view", 1.0, days_before(window_end, 3)) for i in range(20_000)]
+    odd_rows = range(0, 20_000, 997)
+    for k in odd_rows:
+        rows[k] = (f"odd\nuser {k}", "p1", "view", 1.0, days_before(window_end, 3))
+    insert_interactions(settings, rows)
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4096)  # hundreds of block boundaries
+    params = PipelineParams()
+    result = extract(settings, window_ending(window_end, params), tmp_path / "x", params)
+    users = pq.read_table(result.interactions)["user_id"].to_pylist()
+    assert result.rows_kept == result.rows_read == 20_000
+    assert {u for u in users if "\n" in u} == {f"odd\nuser {k}" for k in odd_rows}
+
+
+# --- what the extract drops or flags beyond single-row validity: generated data only ------------
+
+
+def _report(result) -> dict:
+    return json.loads(result.report.read_text())["interactions"]
+
+
+def test_exact_duplicates_are_collapsed_into_the_first_even_blocks_apart(settings, window_end, tmp_path, monkeypatch):
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)  # hundreds of blocks
+    at = days_before(window_end, 2)
+    rows = [(f"user-{i:05d}", f"p{i % 40}", "view", None, at + timedelta(seconds=i)) for i in range(6_000)]
+    first, last = rows[0], rows[-1]
+    duplicated = [
+        first,  # 6,000 rows after its original: many blocks apart
+        first,
+        last,
+        ("user-00007", "p7", "purchase", 2.0, at),
+        ("user-00007", "p7", "purchase", 2.0, at),  # a pair whose value is not NULL
+    ]
+    near_misses = [  # one field differs from a row above: not duplicates
+        (first[0], first[1], "view", 1.0, first[4]),  # value 1 is not NULL
+        (first[0], first[1], "add_to_cart", None, first[4]),
+        (first[0], first[1], "view", None, first[4] + timedelta(microseconds=1)),
+        (first[0], "p1", "view", None, first[4]),
+        ("user-00001", first[1], "view", None, first[4]),  # same length user id: same fingerprint
+        ("user-00007", "p7", "purchase", 3.0, at),
+    ]
+    insert_interactions(settings, rows + duplicated + near_misses)
+    result = extract(settings, window_for(window_end), tmp_path, PipelineParams())
+
+    report = _report(result)
+    assert report["dropped"] == {extract_module.DUPLICATE: 4}
+    assert (result.rows_read, result.rows_kept) == (6_011, 6_007)
+    assert report["rows_invalid"] == 0
+    examples = report["examples"][extract_module.DUPLICATE]
+    # each dropped copy names the interaction it repeats: the first one inserted
+    assert [(e["interaction_id"], e["duplicate_of"]) for e in examples] == [(6_001, 1), (6_002, 1), (6_003, 6_000), (6_005, 6_004)]
+    assert examples[0]["user_id"] == "user-00000" and examples[0]["value"] is None
+    table = pq.read_table(result.interactions)
+    assert table.num_rows == 6_007
+    keys = list(zip(*(table[name].to_pylist() for name in ("user_id", "product_id", "event_type", "value", "occurred_at")), strict=True))
+    assert len(set(keys)) == len(keys)
+
+
+def test_a_fingerprint_collision_is_not_taken_for_a_duplicate():
+    """Rows that differ only in a user id of the same length share a fingerprint; the exact
+    comparison keeps them apart."""
+    table = pa.table(
+        {
+            "interaction_id": pa.array([1, 2, 3], pa.int64()),
+            "user_id": ["ua", "ub", "ua"],
+            "product_id": ["p1", "p1", "p1"],
+            "event_type": ["view", "view", "view"],
+            "value": pa.array([None, None, None], pa.float64()),
+            "occurred_at_us": pa.array([10, 10, 10], pa.int64()),
+        }
+    )
+    report = extract_module.ValidationReport()
+    kept = extract_module._collapse_duplicates(table, report)
+    assert kept["interaction_id"].to_pylist() == [1, 2]
+    assert report.dropped == {extract_module.DUPLICATE: 1}
+    assert report.examples[extract_module.DUPLICATE][0]["duplicate_of"] == 1
+
+
+def test_products_missing_from_the_catalogue_are_listed_by_interactions(settings, window_end, tmp_path, caplog):
+    at = days_before(window_end, 1)
+    insert_products(settings, [(f"p{i}", f"Product {i}", "books", True) for i in range(3)])
+    known = [(f"u{i}", f"p{i % 3}", "view", None, at + timedelta(seconds=i)) for i in range(40)]
+    ghosts = [
+        (f"u{i}", product, "view", None, at + timedelta(seconds=100 + i))
+        for i, product in enumerate(["ghost-a"] * 5 + ["ghost-b"] * 2 + ["ghost-c"])
+    ]
+    insert_interactions(settings, known + ghosts)
+    with caplog.at_level(logging.WARNING, logger="recsys.pipeline.extract"):
+        result = extract(settings, window_for(window_end), tmp_path, PipelineParams())
+
+    assert result.rows_kept == 48  # kept: they still say something about their users
+    missing = _report(result)["missing_from_catalogue"]
+    assert missing == {
+        "products": 3,
+        "interactions": 8,
+        "top": [
+            {"product_id": "ghost-a", "interactions": 5},
+            {"product_id": "ghost-b", "interactions": 2},
+            {"product_id": "ghost-c", "interactions": 1},
+        ],
+    }
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert "kept 8 interactions on 3 products missing from the catalogue" in warning
+    assert "'ghost-a' x 5, 'ghost-b' x 2, 'ghost-c' x 1" in warning
+
+
+def test_purchases_of_zero_or_less_are_invalid_other_zero_values_are_not(settings, window_end, tmp_path):
+    at = days_before(window_end, 1)
+    good = [(f"u{i}", "p1", "view", None, at + timedelta(seconds=i)) for i in range(30)]
+    insert_interactions(
+        settings,
+        good
+        + [
+            ("u1", "p1", "purchase", 0.0, at),  # zero quantity: invalid
+            ("u2", "p1", "purchase", -2.0, at),  # negative: under the earlier "negative value" rule
+            ("u3", "p1", "purchase", None, at),  # NULL means 1: valid
+            ("u4", "p1", "purchase", 0.5, at),  # valid
+            ("u5", "p1", "rating", 0.0, at),  # not a purchase: valid
+        ],
+    )
+    result = extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    report = _report(result)
+    assert report["dropped"] == {"purchase quantity <= 0": 1, "negative value": 1}
+    assert report["examples"]["purchase quantity <= 0"][0]["user_id"] == "u1"
+    assert result.rows_kept == 33
+
+
+def test_timestamps_in_the_future_are_invalid(settings, tmp_path):
+    now = datetime.now(UTC)
+    window = Window(start=now - timedelta(days=10), end=now + timedelta(days=1))  # ends after now
+    good = [(f"u{i}", "p1", "view", None, now - timedelta(hours=1, seconds=i)) for i in range(30)]
+    insert_interactions(settings, good + [("u1", "p2", "view", None, now + timedelta(hours=2))])
+    result = extract(settings, window, tmp_path, PipelineParams())
+    report = _report(result)
+    (reason,) = report["dropped"]
+    assert reason.startswith("occurred_at after the window end or in the future (> ")
+    assert report["dropped"][reason] == 1
+    assert report["examples"][reason][0]["product_id"] == "p2"
+    assert result.rows_kept == 30
+
+
+def test_one_warning_line_sums_up_everything_left_out(settings, window_end, tmp_path, caplog):
+    at = days_before(window_end, 1)
+    insert_products(settings, [("p1", "One", "books", True)])
+    good = [(f"u{i}", "p1", "view", None, at + timedelta(seconds=i)) for i in range(40)]
+    insert_interactions(
+        settings,
+        good + [good[0], ("u1", "p1", "purchase", 0.0, at), ("u2", "p1", "clicked", None, at), ("u3", "ghost", "view", None, at)],
+    )
+    with caplog.at_level(logging.INFO, logger="recsys.pipeline.extract"):
+        result = extract(settings, window_for(window_end), tmp_path, PipelineParams())
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    for part in ("dropped 3 of 44 rows", "exact duplicate", "purchase quantity <= 0", "unknown event_type", "'ghost' x 1"):
+        assert part in warnings[0]
+    assert (result.rows_read, result.rows_kept) == (44, 41)
+
+
+def test_rows_after_the_window_end_are_invalid_even_if_an_adapted_query_lets_them_in(settings, window_end, tmp_path):
+    """A shop adapting extract_interactions.sql (README) may drop the end bound: the rows after the
+    window end are then refused by the extract itself, not trained on."""
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(settings.sql_dir, sql_dir)
+    statement = (sql_dir / "extract_interactions.sql").read_text()
+    (sql_dir / "extract_interactions.sql").write_text(statement.replace("AND occurred_at < %(end)s", ""))
+    adapted = settings.model_copy(update={"sql_dir": sql_dir})
+    good = [(f"u{i}", "p1", "view", None, days_before(window_end, 1)) for i in range(30)]
+    insert_interactions(settings, good + [("late", "p1", "view", None, window_end), ("later", "p1", "view", None, window_end + timedelta(days=1))])
+    result = extract(adapted, window_for(window_end), tmp_path / "out", PipelineParams())
+    report = _report(result)
+    (reason,) = report["dropped"]
+    assert reason.startswith("occurred_at after the window end or in the future")
+    assert sorted(example["user_id"] for example in report["examples"][reason]) == ["late", "later"]
+    assert (result.rows_read, result.rows_kept) == (32, 30)

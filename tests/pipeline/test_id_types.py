@@ -1,0 +1,80 @@
+"""Published ids keep the type the shop declared (or the live version has): one odd id is an
+invalid row, never a reason to turn every id into a string."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+from helpers import days_before, insert_interactions
+
+from recsys.core import db
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import layout, live_meta, redis_client
+from recsys.pipeline.stages import run_pipeline
+
+# later windows are compared with an earlier live model of another window: let the gate pass
+PARAMS = PipelineParams(max_map_drop=1.0)
+
+
+def published_ids(settings) -> dict[str, list]:
+    client, keys = redis_client(settings), layout(settings)
+    found = {"user": [], "product": []}
+    for raw in client.hvals(keys.live("user_recs")):
+        record = json.loads(raw)
+        found["user"].append(record["user_id"])
+        found["product"] += record["recommended_products"]
+    for raw in client.hvals(keys.live("similar_products")):
+        record = json.loads(raw)
+        found["product"] += [record["product_id"], *record["similar_products"]]
+    for raw in client.hvals(keys.live("top_buys")):
+        found["product"] += json.loads(raw)["top_buys"]
+    return found
+
+
+def some_product(settings) -> str:
+    with db.connect(settings) as conn:
+        return conn.execute("SELECT product_id FROM products WHERE active ORDER BY product_id LIMIT 1").fetchone()[0]
+
+
+def test_a_junk_user_and_an_uncatalogued_product_change_no_other_id(settings, demo_loaded, window_end):
+    insert_interactions(settings, [
+        ("junk-user", some_product(settings), "view", None, days_before(window_end, 3)),
+        ("5", "sku-x", "view", None, days_before(window_end, 2)),
+    ])
+    result = run_pipeline(settings, window_end, PARAMS)
+
+    published = published_ids(settings)
+    assert published["user"] and all(type(i) is int for i in published["user"])
+    assert published["product"] and all(type(i) is int for i in published["product"])
+    meta = live_meta(redis_client(settings), layout(settings))
+    assert (meta["id_types"]["user"], meta["id_types"]["product"]) == ("int", "int")
+
+    report = json.loads((result.run.paths.extract / "report.json").read_text())
+    dropped = report["interactions"]["examples"]
+    user_reason = next(reason for reason in dropped if reason.startswith("user_id not an integer"))
+    product_reason = next(reason for reason in dropped if reason.startswith("product_id not an integer"))
+    assert dropped[user_reason][0]["user_id"] == "junk-user"
+    assert dropped[product_reason][0]["product_id"] == "sku-x"
+
+
+def test_a_configured_type_wins_and_later_runs_keep_the_live_types(settings, demo_loaded, window_end):
+    run_pipeline(settings.model_copy(update={"user_id_type": "str"}), window_end - timedelta(days=1), PARAMS)
+    published = published_ids(settings)
+    assert all(type(i) is str for i in published["user"]) and all(type(i) is int for i in published["product"])
+
+    run_pipeline(settings, window_end, PARAMS)  # unset: as the live version, though the ids are integers
+    published = published_ids(settings)
+    assert all(type(i) is str for i in published["user"]) and all(type(i) is int for i in published["product"])
+
+
+def test_new_string_ids_do_not_flip_a_live_integer_type(settings, demo_loaded, window_end):
+    run_pipeline(settings, window_end - timedelta(days=1), PARAMS)
+    product = some_product(settings)
+    # far more than the 1 % that inference tolerates
+    insert_interactions(settings, [(f"guest-{i}", product, "view", None, days_before(window_end, 0.5)) for i in range(60)])
+    result = run_pipeline(settings, window_end, PARAMS)
+    assert all(type(i) is int for i in published_ids(settings)["user"])
+    report = json.loads((result.run.paths.extract / "report.json").read_text())
+    assert report["id_types"]["source"]["user"] == "as the live version publishes them"
+    assert sum(n for reason, n in report["interactions"]["dropped"].items() if reason.startswith("user_id not")) == 60

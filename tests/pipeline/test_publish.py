@@ -1,0 +1,250 @@
+"""Publishing to a real Redis: key layout, exclusions, atomic switch, freshness, no empty results."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+
+import numpy as np
+import pytest
+from helpers import days_before, insert_interactions, stage
+
+from recsys.core import db
+from recsys.core.errors import EmptyResultError, StaleVersionError
+from recsys.core.ids import id_out, integer_ids
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import (
+    layout,
+    live_meta,
+    redis_client,
+    similar_products,
+    top_buys,
+    user_recommendations,
+)
+from recsys.core.window import window_ending
+from recsys.pipeline.publish.stage import json_id_tokens, json_list_objects, publish
+from recsys.pipeline.stages import run_pipeline
+
+
+def purchased_and_inactive(settings, window):
+    with db.connect(settings) as conn:
+        bought = conn.execute(
+            "SELECT DISTINCT user_id, product_id FROM interactions "
+            "WHERE event_type = 'purchase' AND occurred_at >= %s AND occurred_at < %s",
+            (window.start, window.end),
+        ).fetchall()
+        inactive = {row[0] for row in conn.execute("SELECT product_id FROM products WHERE NOT active")}
+    return {(int(u), int(p)) for u, p in bought}, {int(p) for p in inactive}
+
+
+def test_published_layout_and_exclusions(settings, demo_loaded, window_end):
+    params = PipelineParams(top_n=8)
+    result = run_pipeline(settings, window_end, params)
+    client, keys = redis_client(settings), layout(settings)
+
+    meta = live_meta(client, keys)
+    assert meta["version"] == result.publish.version
+    assert meta["data_end"] == window_end.isoformat()
+    assert meta["metrics"]["model"]["map"] > meta["metrics"]["popularity"]["map"]
+    assert client.hlen(keys.live("user_recs")) == result.publish.users == meta["counts"]["users"]
+
+    bought, inactive = purchased_and_inactive(settings, window_ending(window_end, params))
+    assert inactive, "the demo shop has inactive products"
+    for user_id, raw in client.hscan_iter(keys.live("user_recs"), count=500):
+        record = json.loads(raw)
+        assert record["user_id"] == int(user_id)  # integer ids stay integers
+        products = record["recommended_products"]
+        assert 0 < len(products) <= 8 and len(set(products)) == len(products)
+        assert not inactive & set(products)
+        assert not {(record["user_id"], p) for p in products} & bought
+
+    some_user = next(iter(client.hkeys(keys.live("user_recs"))))
+    assert user_recommendations(client, keys, some_user) == json.loads(client.hget(keys.live("user_recs"), some_user))
+
+    overall = top_buys(client, keys)["top_buys"]
+    assert len(overall) == params.top_buys_n and not inactive & set(overall)
+    active_product = overall[0]
+    similar = similar_products(client, keys, str(active_product))
+    assert similar["product_id"] == active_product
+    assert active_product not in similar["similar_products"]
+    assert not inactive & set(similar["similar_products"])
+    category = top_buys(client, keys, category="books")
+    assert category is None or category["category"] == "books"
+
+
+def test_rerun_is_idempotent(settings, demo_loaded, window_end):
+    first = run_pipeline(settings, window_end, PipelineParams())
+    client, keys = redis_client(settings), layout(settings)
+    before = client.hgetall(keys.live("user_recs"))
+    second = run_pipeline(settings, window_end, PipelineParams())
+    assert second.publish.version == first.publish.version
+    assert client.hgetall(keys.live("user_recs")) == before
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_older_run_never_replaces_a_fresher_live_version(settings, demo_loaded, window_end):
+    fresh = run_pipeline(settings, window_end, PipelineParams())
+    with pytest.raises(StaleVersionError, match="newer than this run's"):
+        run_pipeline(settings, window_end - timedelta(days=2), PipelineParams())
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == fresh.publish.version
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_replaced_version_stays_readable_then_expires(settings, demo_loaded, window_end):
+    old = run_pipeline(settings, window_end, PipelineParams())
+    new = run_pipeline(settings, window_end, PipelineParams(factors=16))
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == new.publish.version != old.publish.version
+    previous = keys.previous(old.publish.version, "user_recs")
+    assert client.hlen(previous) == old.publish.users
+    assert 0 < client.ttl(previous) <= settings.previous_version_ttl_seconds
+    assert client.ttl(keys.live("user_recs")) == -1  # live keys never expire
+
+
+def test_reader_polling_during_publish_only_sees_complete_versions(settings, demo_loaded, window_end):
+    """Two versions of different sizes and list lengths; every atomic read must match one of them."""
+    first = run_pipeline(settings, window_end - timedelta(days=20), PipelineParams(top_n=3))
+    client, keys = redis_client(settings), layout(settings)
+    probe_user = next(iter(client.hkeys(keys.live("user_recs"))))
+    seen, errors, stop = set(), [], threading.Event()
+
+    def poll():
+        reader = redis_client(settings)
+        while not stop.is_set():
+            with reader.pipeline(transaction=True) as pipe:
+                pipe.hget(keys.live("meta"), "version")
+                pipe.hget(keys.live("meta"), "counts")
+                pipe.hget(keys.live("meta"), "params")
+                pipe.hlen(keys.live("user_recs"))
+                pipe.hget(keys.live("user_recs"), probe_user)
+                version, counts, params, n_users, probe = pipe.execute()
+            seen.add(version)
+            if n_users != json.loads(counts)["users"]:
+                errors.append(f"{version}: {n_users} users live, meta says {counts}")
+            if probe and len(json.loads(probe)["recommended_products"]) > json.loads(params)["top_n"]:
+                errors.append(f"{version}: a list longer than its version's top_n")
+
+    reader_thread = threading.Thread(target=poll)
+    reader_thread.start()
+    try:
+        second = run_pipeline(settings, window_end, PipelineParams(top_n=12))
+    finally:
+        stop.set()
+        reader_thread.join()
+    assert not errors, errors[:3]
+    assert first.publish.users != second.publish.users
+    assert seen <= {first.publish.version, second.publish.version}
+    assert second.publish.version in seen or live_meta(client, keys)["version"] == second.publish.version
+
+
+def test_empty_result_is_refused_and_live_kept(settings, demo_loaded, window_end):
+    live = run_pipeline(settings, window_end - timedelta(days=1), PipelineParams())
+    with db.connect(settings) as conn:
+        conn.execute("UPDATE products SET active = FALSE")
+    params = PipelineParams()
+    paths = stage(settings, window_end, params)
+    with pytest.raises(EmptyResultError, match="nothing published"):
+        publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == live.publish.version
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_string_ids_stay_strings(settings, window_end):
+    rows = []
+    for user in range(40):
+        for step, product in enumerate(("SKU-%02d" % ((user + k) % 12) for k in range(6))):
+            when = days_before(window_end, 20 - step * 3)
+            rows.append((f"user-{user:03d}", product, "purchase" if step % 2 else "view", 1.0, when))
+    insert_interactions(settings, rows)
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany(db.sql_text(settings, "upsert_product"),
+                        [{"product_id": "SKU-%02d" % i, "name": str(i), "category": None, "active": True} for i in range(12)])
+    params = PipelineParams(factors=4, iterations=5)
+    paths = stage(settings, window_end, params)
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
+    record = user_recommendations(redis_client(settings), layout(settings), "user-007")
+    assert record["user_id"] == "user-007"
+    assert all(isinstance(p, str) and p.startswith("SKU-") for p in record["recommended_products"])
+
+
+def test_integer_ids_are_only_what_json_numbers_keep():
+    import pyarrow as pa
+
+    ids = ["1", "22", "-3", str(2**53 - 1), "007", "a", str(2**60), "-0", "", "1.0"]
+    assert integer_ids(pa.array(ids)).to_pylist() == [True, True, True, True, False, False, False, False, False, False]
+
+
+@pytest.mark.parametrize(
+    ("ids", "id_type"),
+    [
+        (["1", "22", "-3", str(2**53 - 1)], "int"),
+        (["1", "22", "-3"], "str"),
+        (["1", "007"], "str"),
+        (["SKU-1", 'say "hi"', "back\\slash", "tab\there", "caf\u00e9", "\u7d20", "\U0001f600", "", " "], "str"),
+    ],
+)
+def test_column_wise_json_is_what_json_dumps_writes(ids, id_type):
+    """The vectorised payloads are byte-for-byte what json.dumps of the typed ids gives."""
+    import pyarrow as pa
+
+    out = id_out(id_type)
+    tokens = json_id_tokens(pa.array(ids), id_type)
+    assert tokens.to_pylist() == [json.dumps(out(i)) for i in ids]
+
+    lists = np.array([[len(ids) - 1, 0, -1], [-1, -1, -1], [1 % len(ids), -1, -1]], dtype=np.int32)
+    owners = pa.array([ids[0], ids[-1], ids[1 % len(ids)]])
+    payloads = json_list_objects("user_id", json_id_tokens(owners, id_type), "recommended_products", tokens, lists)
+    expected = [
+        json.dumps({"user_id": out(owner), "recommended_products": [out(ids[i]) for i in row if i >= 0]},
+                   separators=(",", ":"))
+        for owner, row in zip(owners.to_pylist(), lists, strict=True)
+    ]
+    assert payloads.to_pylist() == expected
+
+
+def test_shards_cover_every_user_once():
+    from recsys.pipeline.publish.stage import shard_users
+
+    for n_users, shards in [(10, 3), (7, 7), (5, 8), (1000, 16)]:
+        parts = [shard_users(n_users, shard, shards) for shard in range(shards)]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(n_users))
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
+    from recsys.pipeline.publish.stage import (
+        finish_publish,
+        new_attempt,
+        prepare_publish,
+        publish_shard,
+    )
+
+    live = run_pipeline(settings, window_end - timedelta(days=1), PipelineParams())
+    params = PipelineParams()
+    paths = stage(settings, window_end, params)
+    attempt = new_attempt()
+    prepare_publish(settings, paths.matrix, paths.model, params, attempt)
+    done = [publish_shard(settings, paths.matrix, paths.model, params, attempt, shard, 3) for shard in (0, 2)]
+    with pytest.raises(EmptyResultError, match=r"shards \[0, 2\] finished, expected 0\.\.2"):
+        finish_publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, attempt, done, 3)
+    client, keys = redis_client(settings), layout(settings)
+    assert live_meta(client, keys)["version"] == live.publish.version
+    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+
+
+def test_payload_batches_do_not_change_what_is_published(settings, demo_loaded, window_end, monkeypatch):
+    from recsys.pipeline.publish import stage as publish_module
+
+    params = PipelineParams(top_n=5)
+    paths = stage(settings, window_end, params)
+    client, keys = redis_client(settings), layout(settings)
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
+    in_one_batch = client.hgetall(keys.live("user_recs"))
+    monkeypatch.setattr(publish_module, "PAYLOAD_BATCH", 7)
+    monkeypatch.setattr(publish_module, "HSET_CHUNK", 3)
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, shards=2)
+    assert len(in_one_batch) > 20
+    assert client.hgetall(keys.live("user_recs")) == in_one_batch

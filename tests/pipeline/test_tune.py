@@ -1,0 +1,129 @@
+"""Production tuning: time-based validation on shop data, stored params, used by later runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from helpers import REPO
+
+from recsys.core.errors import QualityGateError
+from recsys.core.params import PipelineParams
+from recsys.core.redis_keys import layout, live_meta, redis_client
+from recsys.pipeline.evaluate import enforce_quality_gate, evaluate
+from recsys.pipeline.stages import (
+    extract_stage,
+    matrix_stage,
+    plan_run,
+    run_pipeline,
+    train_stage,
+)
+from recsys.pipeline.tune import (
+    TUNED_FIELDS,
+    TunedParams,
+    load_tuned,
+    save_tuned,
+    tune_on_matrix,
+    with_tuned,
+)
+
+SEARCH = PipelineParams(confidence_scaling="none")
+
+
+def tuned_example(**params) -> TunedParams:
+    return TunedParams(
+        params={"factors": 8, "regularization": 3.0, "alpha": 7.0, "iterations": 6, "confidence_scaling": "log", **params},
+        validation={},
+        window={"start": "2026-08-30T03:00:00+00:00", "end": "2026-11-28T03:00:00+00:00"},
+        holdout_cutoff="2026-11-21T03:00:00+00:00",
+        trials=1,
+        seconds=0.1,
+        tuned_at="2026-11-28T04:00:00+00:00",
+    )
+
+
+def test_tuned_values_fill_defaults_but_explicit_choices_win():
+    tuned = tuned_example()
+    assert with_tuned(PipelineParams(), None) == PipelineParams()
+    merged = with_tuned(PipelineParams(factors=32, top_n=5), tuned)
+    assert merged.factors == 32  # chosen by the run: kept
+    assert (merged.regularization, merged.alpha, merged.iterations) == (3.0, 7.0, 6)
+    assert merged.confidence_scaling == "log" and merged.top_n == 5
+
+
+def test_tuning_on_a_time_split_stores_what_the_next_run_uses(settings, demo_loaded, window_end):
+    run = plan_run(settings, window_end, SEARCH, use_tuned=False)
+    extract_stage(settings, run)
+    matrix_stage(settings, run)
+    tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials=4)
+
+    assert set(tuned.params) == set(TUNED_FIELDS)
+    assert tuned.trials == 4
+    chosen, start = tuned.validation["chosen"], tuned.validation["starting_params"]
+    assert chosen["map"] >= start["map"] > 0  # the starting params are trial 0: never worse
+    assert tuned.window["end"] == window_end.isoformat()
+
+    path = save_tuned(settings, tuned)
+    assert load_tuned(settings) == tuned
+    assert (path.parent / "20261128T030000Z.json").exists()
+
+    next_run = plan_run(settings, window_end, PipelineParams())
+    for name in TUNED_FIELDS:
+        assert getattr(next_run.params, name) == tuned.params[name]
+    assert plan_run(settings, window_end, PipelineParams(), use_tuned=False).params == PipelineParams()
+
+
+def test_tuning_refuses_scaled_weights(settings, demo_loaded, window_end, tmp_path):
+    from recsys.core.errors import InputError
+
+    with pytest.raises(InputError, match="confidence_scaling='none'"):
+        tune_on_matrix(tmp_path, PipelineParams(confidence_scaling="log"), n_trials=1)
+
+
+def test_gate_refuses_a_model_far_below_the_live_one(settings, demo_loaded, window_end):
+    run = plan_run(settings, window_end, PipelineParams())
+    extract_stage(settings, run)
+    matrix_stage(settings, run)
+    train_stage(settings, run)
+    paths = run.paths
+    fine = evaluate(paths.matrix, paths.model, paths.evaluation, run.params, {"model": {"k": 10, "map": 0.01}})
+    assert fine.passed, fine.reason
+    strong_live = {"model": {"k": 10, "map": fine.model.map * 2}}
+    result = evaluate(paths.matrix, paths.model, paths.evaluation, run.params, strong_live)
+    assert not result.passed
+    with pytest.raises(QualityGateError, match=r"vs live model MAP@10 0\.\d+ \(needs >= 0\.\d+, max_map_drop=0\.2\)"):
+        enforce_quality_gate(result)
+    lenient = replace(run.params, max_map_drop=0.6)
+    assert evaluate(paths.matrix, paths.model, paths.evaluation, lenient, strong_live).passed
+    # a live model evaluated at another K is not comparable: only popularity decides
+    assert evaluate(paths.matrix, paths.model, paths.evaluation, run.params, {"model": {"k": 5, "map": 0.99}}).passed
+
+
+def test_tune_dag_then_daily_dag_uses_its_params(airflow_db, recsys_env, demo_loaded, window_end):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    tune_dag, daily_dag = bag.dags["recsys_tune"], bag.dags["recsys_daily"]
+    for task in [*tune_dag.tasks, *daily_dag.tasks]:
+        task.retries = 0
+
+    tuned_run = tune_dag.test(logical_date=window_end, run_conf={"n_trials": 3})
+    assert tuned_run.state == DagRunState.SUCCESS
+    tuned = load_tuned(recsys_env)
+    assert tuned is not None and tuned.trials == 3
+
+    daily_run = daily_dag.test(logical_date=window_end)
+    assert daily_run.state == DagRunState.SUCCESS
+    published = live_meta(redis_client(recsys_env), layout(recsys_env))["params"]
+    for name in TUNED_FIELDS:
+        assert published[name] == tuned.params[name]
+
+
+def test_cli_pipeline_ignores_tuned_params_when_asked(settings, demo_loaded, window_end):
+    save_tuned(settings, tuned_example(factors=8))
+    result = run_pipeline(settings, window_end, PipelineParams(), use_tuned=False)
+    assert result.run.params.factors == PipelineParams().factors
+    assert json.loads((result.run.paths.model / "manifest.json").read_text())["als"]["factors"] == 64
