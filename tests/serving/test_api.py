@@ -30,8 +30,8 @@ from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.pipeline.publish.stage import publish
 from recsys.pipeline.stages import run_pipeline
-from recsys.serving import api
 from recsys.serving import security as api_security
+from recsys.serving import service
 from recsys.serving.api import create_api
 from recsys.serving.lookup import create_app as create_lookup_app
 
@@ -303,13 +303,13 @@ def test_a_slow_fold_in_does_not_block_other_users(
     published: dict, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ):
     release = threading.Event()
-    real_fetch = api.fetch_user_events
+    real_fetch = service.fetch_user_events
 
     def slow_fetch(*args):
         release.wait(10)
         return real_fetch(*args)
 
-    monkeypatch.setattr(api, "fetch_user_events", slow_fetch)
+    monkeypatch.setattr(service, "fetch_user_events", slow_fetch)
     app = create_api(with_keys(settings))
     user_id = _live_user(settings)
 

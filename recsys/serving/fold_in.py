@@ -1,0 +1,112 @@
+"""Ranking on request (CPU work: it runs in the service's thread pool): a user's recorded events
+weighed as the matrix stage would, folded into the live item factors, and ranked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsys.ml.ranking import similar_items
+from recsys.ml.weighting import BM25_FLOOR, BM25_K1, interaction_weights, scale_confidence
+from recsys.serving.live_model import LiveModel
+
+log = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86_400.0
+
+
+
+@dataclass(frozen=True)
+class UserEvents:
+    """A user's recorded interactions as the matrix stage would weigh them."""
+
+    row: sp.csr_matrix  # 1 x items, summed and scaled weights
+    owned: np.ndarray  # item indices of exclude_event_types: never recommended again
+
+
+def _bm25_row(live: LiveModel, row: sp.csr_matrix) -> sp.csr_matrix:
+    """BM25 for one user with the window's idf. The user's length norm is taken as average
+    (B term 1): the window's raw row sums are not kept, so this approximates the matrix stage."""
+    idf = np.log(live.exclude.shape[0]) - np.log1p(live.document_frequency[row.indices])
+    scaled = row.copy()
+    scaled.data = np.maximum(row.data * (BM25_K1 + 1) / (BM25_K1 + row.data) * idf, BM25_FLOOR).astype(np.float32)
+    return scaled
+
+
+def weigh_events(live: LiveModel, events: list[tuple[str, str, float | None, float]], now: datetime) -> UserEvents:
+    """(product_id, event_type, value, epoch seconds) rows -> the user's weighted row.
+
+    The same rules as extract + matrix: unknown products and event types count for nothing, a
+    negative, non-finite or absurd (> max_value) value is a data error and is dropped.
+    """
+    params = live.params
+    kept = [
+        (live.item_index[product], event_type, math.nan if value is None else value, at)
+        for product, event_type, value, at in events
+        if product in live.item_index
+        and event_type in params.event_weights
+        and (value is None or (math.isfinite(value) and 0 <= value <= params.max_value))
+    ]
+    shape = (1, len(live.item_ids))
+    if not kept:
+        return UserEvents(sp.csr_matrix(shape, dtype=np.float32), np.empty(0, dtype=np.int64))
+    items, types, values, at = (np.asarray(column) for column in zip(*kept, strict=True))
+    ages_days = (now.timestamp() - at.astype(np.float64)) / SECONDS_PER_DAY
+    weights = interaction_weights(types.astype(str), values.astype(np.float64), ages_days, params.event_weights, params.half_life_days)
+    row = sp.csr_matrix((weights, (np.zeros(len(items), dtype=np.int32), items)), shape=shape, dtype=np.float32)
+    row.sum_duplicates()
+    row.eliminate_zeros()
+    if params.confidence_scaling == "bm25":
+        row = _bm25_row(live, row)
+    else:
+        row = scale_confidence(row, params.confidence_scaling)
+    owned = np.unique(items[np.isin(types, list(params.exclude_event_types))]).astype(np.int64)
+    return UserEvents(row.astype(np.float32), owned)
+
+
+def fold_in_vector(live: LiveModel, events: UserEvents) -> np.ndarray:
+    """The user's factors solved against the live item factors (implicit's recalculate_user)."""
+    return np.asarray(live.model.recalculate_user(0, events.row), dtype=np.float32)
+
+
+def rank_items(
+    live: LiveModel, vector: np.ndarray, blocked: Iterable[int], category: str | None, count: int
+) -> list[int]:
+    """Top ``count`` active items by score, never a blocked one, optionally within a category."""
+    allowed = _allowed(live, blocked, category)
+    candidates = np.flatnonzero(allowed)
+    if len(candidates) == 0:
+        return []
+    scores = live.model.item_factors[candidates] @ vector
+    count = min(count, len(candidates))
+    best = np.argpartition(-scores, count - 1)[:count]
+    # stable on ties so the order matches between calls
+    best = best[np.lexsort((candidates[best], -scores[best]))]
+    return candidates[best].tolist()
+
+
+def rank_popular(live: LiveModel, blocked: Iterable[int], category: str | None, count: int) -> list[int]:
+    allowed = _allowed(live, blocked, category)
+    return [int(i) for i in live.popular[allowed[live.popular]][:count]]
+
+
+def _allowed(live: LiveModel, blocked: Iterable[int], category: str | None) -> np.ndarray:
+    allowed = live.active.copy()
+    blocked = np.fromiter(blocked, dtype=np.int64)
+    allowed[blocked] = False
+    if category is not None:
+        allowed &= live.category == category
+    return allowed
+
+
+def similar_to(live: LiveModel, item: int, count: int) -> list[int]:
+    blocked = np.flatnonzero(~live.active).astype(np.int32)
+    row = similar_items(live.model, np.asarray([item]), count, blocked)[0]
+    return [int(i) for i in row[row >= 0]]

@@ -1,0 +1,89 @@
+"""The live version in memory: factors, id maps, catalogue flags and exclusions of the version
+Redis has live, loaded once per version (``load_live_model``) and shared read-only by requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from recsys.core import ids
+from recsys.core.ids import IdTypes, id_out
+from recsys.core.layout import EXCLUDE, FULL, ITEMS, USERS, published_artifacts
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.ml.als import load_factors
+from recsys.ml.ranking import als_model, top_buys_order
+from recsys.serving.schemas import ProductId
+
+log = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    """What ranking on request needs from one published version (read-only once built)."""
+
+    version: str
+    params: PipelineParams
+    data_start: datetime
+    model: Any  # implicit ALS around the version's factors
+    user_index: dict[str, int]
+    item_ids: list[str]
+    item_index: dict[str, int]
+    id_types: IdTypes
+    active: np.ndarray  # bool per item
+    category: np.ndarray  # object per item (None if uncategorised)
+    categories: frozenset[str]  # categories with an active product: the ones with top buys
+    popular: np.ndarray  # active item indices in top-buys order
+    exclude: sp.csr_matrix  # who already has what in the window
+    document_frequency: np.ndarray  # users per item in the window, for bm25 fold-ins
+
+    def product_out(self, index: int) -> ProductId:
+        return id_out(self.id_types.product)(self.item_ids[index])
+
+    def user_id_out(self, user_id: str) -> ProductId:
+        """The form publish gives this id (requests were checked with :func:`_check_user_id`)."""
+        return id_out(self.id_types.user)(user_id)
+
+
+def load_live_model(meta: dict, settings: Settings) -> LiveModel:
+    matrix_dir, model_path = published_artifacts(settings, meta)
+    params = PipelineParams.from_dict(meta["params"])
+    user_ids = pq.read_table(matrix_dir / USERS, columns=["id"])["id"].to_pylist()
+    items = pq.read_table(matrix_dir / ITEMS).to_pandas()
+    item_ids = items["id"].tolist()
+    model = als_model(*load_factors(model_path))
+    # the fold-in must solve the same least squares the version was trained with
+    model.regularization, model.alpha = params.regularization, params.alpha
+    # requests already run in parallel on the pool; implicit's own threads would oversubscribe
+    model.num_threads = 1
+    _ = model.YtY  # cached on the model: computed once here, not by the first concurrent fold-ins
+    active = items["active"].to_numpy(dtype=bool)
+    category = items["category"].to_numpy(dtype=object)
+    # publish's top-buys order: distinct buyers, then distinct users, then id
+    ranked = top_buys_order(items)
+    exclude = sp.load_npz(matrix_dir / EXCLUDE).tocsr()
+    full = sp.load_npz(matrix_dir / FULL).tocsr()
+    return LiveModel(
+        version=meta["version"],
+        params=params,
+        data_start=datetime.fromisoformat(meta["data_start"]),
+        model=model,
+        user_index={user_id: index for index, user_id in enumerate(user_ids)},
+        item_ids=item_ids,
+        item_index={item_id: index for index, item_id in enumerate(item_ids)},
+        id_types=ids.of_version(meta, user_ids, item_ids),
+        active=active,
+        category=category,
+        categories=frozenset(c for c in category[active] if c is not None),
+        popular=ranked.index.to_numpy(dtype=np.int64),
+        exclude=exclude,
+        document_frequency=np.bincount(full.indices, minlength=full.shape[1]),
+    )

@@ -1,0 +1,231 @@
+"""The API's request and response models, and its limits on input (documented in the OpenAPI schema).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+
+log = logging.getLogger(__name__)
+
+
+MAX_N = 100
+MAX_OFFSET = 1_000
+MAX_EXCLUDE = 500
+MAX_ID_LENGTH = 128
+# printable ids without commas (``exclude`` is a comma-separated list of them)
+ID_PATTERN = r"^[^\x00-\x1f\x7f,]+$"
+
+Source = Literal["model", "fold_in", "popular"]
+ProductId = int | str
+
+
+class Recommendations(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": 101,
+                    "version": "20261128T030000Z-888fd592bf",
+                    "source": "model",
+                    "category": None,
+                    "offset": 0,
+                    "n": 5,
+                    "ranked_on_request": False,
+                    "recommended_products": [45, 78, 12, 90, 33],
+                }
+            ]
+        }
+    )
+
+    user_id: ProductId = Field(description="As the shop stores it: an integer if all ids are integers")
+    version: str = Field(description="Live version the list comes from")
+    source: Source = Field(
+        description="model: the user was in the live model; fold_in: folded in on request from the "
+        "user's recorded interactions; popular: top buys (no usable interactions)"
+    )
+    category: str | None = Field(description="Category filter applied, if any")
+    offset: int
+    n: int = Field(description="Page size asked for; the list is shorter only if no more products qualify")
+    ranked_on_request: bool = Field(
+        description="false: a page of the published list; true: ranked from the live factors for this request"
+    )
+    recommended_products: list[ProductId] = Field(description="Best first")
+
+
+class SimilarProducts(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"product_id": 45, "version": "20261128T030000Z-888fd592bf", "ranked_on_request": False,
+                 "similar_products": [78, 12, 33]}
+            ]
+        }
+    )
+
+    product_id: ProductId
+    version: str
+    ranked_on_request: bool
+    similar_products: list[ProductId] = Field(description="Most similar first (cosine on item factors)")
+
+
+class TopBuys(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"category": "books", "version": "20261128T030000Z-888fd592bf", "ranked_on_request": False,
+                 "top_buys": [45, 78, 12]}
+            ]
+        }
+    )
+
+    category: str | None
+    version: str
+    ranked_on_request: bool
+    top_buys: list[ProductId] = Field(description="Most distinct buyers first; active products only")
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "version": "20261128T030000Z-888fd592bf",
+                    "data_start": "2026-08-30T03:00:00+00:00",
+                    "data_end": "2026-11-28T03:00:00+00:00",
+                    "published_at": "2026-11-28T03:12:41.120000+00:00",
+                    "metrics": {"model": {"map": 0.081, "k": 10}, "popularity": {"map": 0.043, "k": 10}},
+                    "params": {"top_n": 10, "event_weights": {"purchase": 4.0, "view": 1.0}},
+                    "counts": {"users": 600, "users_without_recommendations": 0},
+                    "fold_in_users": 3,
+                }
+            ]
+        }
+    )
+
+    version: str
+    data_start: str
+    data_end: str
+    published_at: str
+    metrics: dict[str, Any] = Field(description="Holdout metrics of the model and of the popularity baseline")
+    params: dict[str, Any]
+    counts: dict[str, Any]
+    id_types: dict[str, Any] | None = Field(
+        default=None,
+        description='How ids are published: {"user": "int" | "str", "product": ..., "source": {...}} '
+        "(null for a version published before they were recorded)",
+    )
+    fold_in_users: int = Field(
+        description="Users the API added to the live user_recs hash after the publish (events of users the "
+        "version did not know): HLEN(user_recs) == counts.users + fold_in_users"
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str | None = None
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="What was wrong")
+
+
+def _iso_8601_text(value: Any) -> Any:
+    """Timestamps are ISO 8601 text only: a number is never read as epoch seconds."""
+    if not isinstance(value, str):
+        raise ValueError("must be ISO 8601 text, e.g. 2026-11-28T10:15:00Z")
+    try:
+        return datetime.fromisoformat(value.upper())  # RFC 3339 allows a lower-case t and z
+    except ValueError:
+        raise ValueError(f"{value[:40]!r} is not an ISO 8601 date-time, e.g. 2026-11-28T10:15:00Z") from None
+
+
+IsoTimestamp = Annotated[datetime, BeforeValidator(_iso_8601_text)]
+
+
+def _product_id_kind(value: Any) -> str | None:
+    if isinstance(value, bool):  # a bool is an int to Python, never a product id
+        return None
+    return "integer" if isinstance(value, int) else "string" if isinstance(value, str) else None
+
+
+# an integer or a string, told apart by JSON type: errors name the branch ("body.product_id.string:
+# String should match pattern ...") or, for any other type, say plainly what is expected
+ProductIdIn = Annotated[
+    Annotated[int, Field(ge=-(2**53), le=2**53), Tag("integer")]
+    | Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN), Tag("string")],
+    Discriminator(
+        _product_id_kind, custom_error_type="product_id_type", custom_error_message="Input should be an integer or a string"
+    ),
+]
+EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+
+
+class EventIn(BaseModel):
+    # strict: JSON types as sent, so true is not product 1 and "3" is not the value 3
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"product_id": 45, "event_type": "purchase", "value": 2, "timestamp": "2026-11-28T10:15:00Z",
+                 "event_id": "order-9321-line-1"}
+            ]
+        },
+    )
+
+    product_id: ProductIdIn
+    event_type: str = Field(min_length=1, max_length=64, description="One of the live version's event_weights")
+    value: float | None = Field(
+        default=None, ge=0, allow_inf_nan=False, description="Quantity or rating; null counts as 1"
+    )
+    timestamp: IsoTimestamp | None = Field(
+        default=None,
+        description="When it happened, ISO 8601 (UTC if no offset); default now. At most "
+        "RECSYS_MAX_CLOCK_SKEW_SECONDS in the future and not older than the live version's lookback_days",
+    )
+    event_id: EventId | None = Field(
+        default=None,
+        description="The client's id of this event (or the Idempotency-Key header): a retried POST is stored once",
+    )
+
+
+class EventAccepted(Recommendations):
+    event_stored: Literal[True] = True
+    event_id: str | None = Field(description="The event's id, if the client gave one")
+    replayed: bool = Field(description="true: this event_id was already stored (a retry); nothing new was written")
+
+
+class EventPending(BaseModel):
+    """The event is stored; the user's list is refreshed once Redis is reachable again."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"user_id": 101, "event_stored": True, "event_id": "order-9321-line-1", "replayed": False,
+                 "list_refresh": "pending",
+                 "detail": "stored, list refresh pending: Redis is unavailable; the list is refreshed as soon as Redis allows"}
+            ]
+        }
+    )
+
+    user_id: ProductId
+    event_stored: Literal[True] = True
+    event_id: str | None
+    replayed: bool
+    list_refresh: Literal["pending"] = "pending"
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No API key, or an unknown one, in the X-API-Key header"},
+    403: {"model": Problem, "description": "The API key's scope does not allow this (writes need a write key)"},
+    404: {"model": Problem, "description": "Unknown user, product or category"},
+    409: {"model": Problem, "description": "The event_id names another, already stored event"},
+    422: {"model": Problem, "description": "Invalid input; the message says which"},
+    429: {"model": Problem, "description": "This key's writes are over RECSYS_API_WRITE_RATE a minute; see Retry-After"},
+    503: {"model": Problem, "description": "Redis or the database unreachable, or no version live yet"},
+}

@@ -1,0 +1,433 @@
+"""One API process's service (Redis client, live-model cache, thread pool) and what each route
+does with it: a user's list, a posted event and its list refresh, the pending refreshes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, TypeVar
+
+import psycopg
+import redis.asyncio as aioredis
+from fastapi import Depends, Header, HTTPException, Query, Request, Security
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse, Response
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from recsys.core import ids, redis_keys
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.serving.events import (
+    Stored,
+    clear_pending_refresh,
+    fetch_pending_refreshes,
+    fetch_user_events,
+    mark_refresh_pending,
+    record_event,
+)
+from recsys.serving.fold_in import UserEvents, fold_in_vector, rank_items, rank_popular, weigh_events
+from recsys.serving.live_model import LiveModel, load_live_model
+from recsys.serving.schemas import (
+    ID_PATTERN,
+    MAX_EXCLUDE,
+    MAX_ID_LENGTH,
+    MAX_N,
+    MAX_OFFSET,
+    EventAccepted,
+    EventIn,
+    EventPending,
+    ProductId,
+    Source,
+)
+from recsys.serving.security import (
+    ApiKey,
+    WriteRateLimiter,
+    require_scope,
+)
+
+log = logging.getLogger(__name__)
+
+WRITE_ATTEMPTS = 3  # recomputations of a list when versions switch under it
+PENDING_REFRESH_BATCH = 100
+T = TypeVar("T")
+
+
+
+class NothingLive(Exception):
+    """No version has been published under this prefix yet."""
+
+
+# KEYS: live meta, live user_recs; ARGV: version, user id, entry. The version check and the write
+# are one atomic step, so a list computed against a replaced version never lands in the new one
+# (a publish switch renames the meta key). A user new to the hash is counted in the meta's
+# fold_in_users in the same step: HLEN(user_recs) == counts.users + fold_in_users always.
+WRITE_IF_LIVE = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return -1 end
+local added = redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if added == 1 then redis.call('HINCRBY', KEYS[1], 'fold_in_users', 1) end
+return added
+"""
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+class RecsysService:
+    """Redis client, live-model cache, thread pool and write rate limiter of one API process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = redis_keys.layout(settings)
+        self.redis = aioredis.Redis.from_url(
+            settings.require_redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
+        )
+        self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="recsys-rank")
+        self.write_limiter = WriteRateLimiter(self.redis, self.keys, settings.api_write_rate)
+        self._live: LiveModel | None = None
+        # both keys of each script share the {prefix} hash tag, so they also run on Redis Cluster
+        self._version_and_field = self.redis.register_script(
+            "return {redis.call('HGET', KEYS[1], 'version'), redis.call('HGET', KEYS[2], ARGV[1])}"
+        )
+        self._write_if_live = self.redis.register_script(WRITE_IF_LIVE)
+        self._loading = asyncio.Lock()
+        # set while users may wait for a list refresh (at start: a previous process may have left some)
+        self.refreshes_due = asyncio.Event()
+        self.refreshes_due.set()
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def live_version(self) -> str | None:
+        return await self.redis.hget(self.keys.live("meta"), "version")
+
+    async def model_for(self, version: str | None) -> LiveModel:
+        """The in-memory model of ``version``, (re)loaded once when a new version went live."""
+        if version is None:
+            raise NothingLive
+        live = self._live
+        if live is not None and live.version == version:
+            return live
+        async with self._loading:
+            if self._live is None or self._live.version != version:
+                meta = await redis_keys.read_meta(self.redis, self.keys)
+                if meta is None:
+                    raise NothingLive
+                log.info("loading live version %s", meta["version"])
+                self._live = await self.run(load_live_model, meta, self.settings)
+            return self._live
+
+    async def current(self) -> LiveModel:
+        return await self.model_for(await self.live_version())
+
+    async def current_or_last_loaded(self) -> LiveModel:
+        """The live model; while Redis is unreachable, the one this process loaded last (an event
+        is still validated and stored then). Without either, Redis' error propagates."""
+        try:
+            return await self.current()
+        except REDIS_DOWN:
+            if self._live is None:
+                raise
+            return self._live
+
+    async def version_and_entry(self, slot: tuple[str, str]) -> tuple[str | None, dict | None]:
+        """One command: a script runs atomically, so the entry and the version come from the same
+        side of a switch (cheaper on the hot path than a MULTI pipeline of two HGETs)."""
+        version, raw = await self._version_and_field(keys=[self.keys.live("meta"), slot[0]], args=[slot[1]])
+        return version, redis_keys.decode_entry(raw)
+
+    async def write_if_live(self, version: str, user_id: str, entry: dict) -> bool:
+        """HSET the user's list only while ``version`` is live (``WRITE_IF_LIVE``)."""
+        added = await self._write_if_live(
+            keys=[self.keys.live("meta"), self.keys.live("user_recs")],
+            args=[version, user_id, json.dumps(entry, separators=(",", ":"))],
+        )
+        return added != -1
+
+
+def service(request: Request) -> RecsysService:
+    return request.app.state.service
+
+
+Service = Annotated[RecsysService, Depends(service)]
+
+WriteKey = Annotated[ApiKey, Security(require_scope("write"))]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key", min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN,
+        description="Same as the body's event_id: a retried POST with the same key is stored once",
+    ),
+]
+UserId = Annotated[
+    str, PathParam(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, description="The shop's user id")
+]
+ProductPathId = Annotated[
+    str, PathParam(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN, description="The shop's product id")
+]
+PageSize = Annotated[int, Query(ge=1, le=MAX_N, description=f"How many (1..{MAX_N})")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Skip this many (paging)")]
+Category = Annotated[
+    str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, description="Only products of this category")
+]
+Exclude = Annotated[
+    str | None,
+    Query(max_length=MAX_EXCLUDE * (MAX_ID_LENGTH + 1), description="Comma-separated product ids never to return"),
+]
+
+
+def _unprocessable(detail: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=detail)
+
+
+def _check_user_id(live: LiveModel, user_id: str) -> None:
+    """A user id the shop's id type cannot hold would be an invalid row at the next extract."""
+    if not ids.fits(live.id_types.user, user_id):
+        raise _unprocessable(f"user id {user_id[:40]!r} is not an integer: this shop's user ids are (GET /model, id_types)")
+
+
+def _parse_exclude(raw: str | None) -> set[str]:
+    if not raw:
+        return set()
+    ids = {part.strip() for part in raw.split(",") if part.strip()}
+    if len(ids) > MAX_EXCLUDE:
+        raise _unprocessable(f"exclude lists {len(ids)} product ids; at most {MAX_EXCLUDE} are allowed")
+    too_long = [i for i in ids if len(i) > MAX_ID_LENGTH or not i.isprintable()]
+    if too_long:
+        raise _unprocessable(f"exclude holds an invalid product id {sorted(too_long)[0][:40]!r}: "
+                             f"ids are printable and at most {MAX_ID_LENGTH} characters")
+    return ids
+
+
+def _check_category(live: LiveModel, category: str | None) -> None:
+    if category is not None and category not in live.categories:
+        known = ", ".join(sorted(live.categories)[:20])
+        raise HTTPException(status_code=404, detail=f"Unknown category {category!r}; known: {known}")
+
+
+def _page(
+    live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None, offset: int, n: int
+) -> list[ProductId] | None:
+    """The page cut from a published list, or None if that list cannot fill it after filtering."""
+    kept = [
+        product
+        for product in stored
+        if str(product) not in excluded
+        and (category is None or live.category[live.item_index[str(product)]] == category)
+    ]
+    return kept[offset : offset + n] if len(kept) >= offset + n else None
+
+
+def _indices(live: LiveModel, products: Iterable[str]) -> list[int]:
+    return [live.item_index[p] for p in products if p in live.item_index]
+
+
+def _outputs(live: LiveModel, indices: list[int], offset: int, n: int) -> list[ProductId]:
+    return [live.product_out(i) for i in indices[offset : offset + n]]
+
+
+async def _rank_for_user(
+    svc: RecsysService, live: LiveModel, user_id: str, source: Source, blocked: list[int], category: str | None, count: int
+) -> tuple[Source, list[int]]:
+    """Rank from factors: the model's own user factors, else a fold-in of the recorded events,
+    else popularity. Returns the source actually used."""
+    if source == "model" and user_id in live.user_index:
+        index = live.user_index[user_id]
+        owned = live.exclude[index].indices.tolist()
+        vector = live.model.user_factors[index]
+        return "model", await svc.run(rank_items, live, vector, blocked + owned, category, count)
+    events = await _user_events(svc, live, user_id)
+    if events.row.nnz:
+        vector = await svc.run(fold_in_vector, live, events)
+        owned = events.owned.tolist()
+        return "fold_in", await svc.run(rank_items, live, vector, blocked + owned, category, count)
+    return "popular", await svc.run(rank_popular, live, blocked, category, count)
+
+
+async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> UserEvents:
+    rows = await svc.run(fetch_user_events, svc.settings, user_id, live.data_start)
+    return await svc.run(weigh_events, live, rows, datetime.now(UTC))
+
+
+async def user_recommendations(
+    svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None
+) -> Response:
+    version, entry = await svc.version_and_entry(redis_keys.user_recs_slot(svc.keys, user_id))
+    live = await svc.model_for(version)
+    _check_user_id(live, user_id)
+    _check_category(live, category)
+
+    def answer(source: Source, products: list[ProductId], ranked: bool) -> Response:
+        # built as JSON directly: this is the hot path, and FastAPI validating a response model
+        # again costs more than the Redis round trip (the schema stays documented on the route)
+        body = {
+            "user_id": live.user_id_out(user_id), "version": live.version, "source": source, "category": category,
+            "offset": offset, "n": n, "ranked_on_request": ranked, "recommended_products": products,
+        }
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+
+    if entry is not None:
+        source: Source = entry.get("source", "model")
+        page = _page(live, entry["recommended_products"], excluded, category, offset, n)
+        if page is not None:
+            return answer(source, page, False)
+    elif user_id in live.user_index:
+        source = "model"
+    else:
+        source = "fold_in"
+    blocked = _indices(live, excluded)
+    try:
+        source, ranked = await _rank_for_user(svc, live, user_id, source, blocked, category, offset + n)
+    except psycopg.OperationalError:
+        if entry is not None or user_id in live.user_index:
+            raise
+        # a cold-start user still gets a useful list while the shop database is away
+        log.warning("database unavailable; user %r gets top buys", user_id, exc_info=True)
+        source, ranked = "popular", await svc.run(rank_popular, live, blocked, category, offset + n)
+    if source == "popular":
+        stored = await redis_keys.read_entry(svc.redis, redis_keys.top_buys_slot(svc.keys, category))
+        page = None if stored is None else _page(live, stored["top_buys"], excluded, None, offset, n)
+        if page is not None:
+            return answer("popular", page, False)
+    return answer(source, _outputs(live, ranked, offset, n), True)
+
+
+@dataclass(frozen=True)
+class RefreshedList:
+    live: LiveModel
+    source: Source
+    products: list[int]  # item indices, best first
+
+
+async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList | None:
+    """Fold the user's recorded events into the live factors and write the new top-``top_n`` list
+    to the live ``user_recs`` hash. None if a publish switched versions on every attempt."""
+    # a publish may switch versions meanwhile: recompute against the new one rather than write
+    # a list of the old version into the new one
+    for _ in range(WRITE_ATTEMPTS):
+        live = await svc.current()
+        events = await _user_events(svc, live, user_id)
+        top_n = live.params.top_n
+        if not events.row.nnz:
+            # nothing the live model knows (e.g. a product newer than the model): lists stay
+            return RefreshedList(live, "popular", await svc.run(rank_popular, live, [], None, top_n))
+        vector = await svc.run(fold_in_vector, live, events)
+        products = await svc.run(rank_items, live, vector, events.owned.tolist(), None, top_n)
+        entry = {
+            "user_id": live.user_id_out(user_id),
+            "recommended_products": [live.product_out(i) for i in products],
+            "source": "fold_in",
+        }
+        if await svc.write_if_live(live.version, user_id, entry):
+            return RefreshedList(live, "fold_in", products)
+    return None
+
+
+def _event_time(event: EventIn, params: PipelineParams, max_skew: timedelta, now: datetime) -> datetime:
+    """When the event happened (UTC if it has no offset): not further in the future than clocks
+    drift, and not older than the lookback, which no model would ever train on."""
+    occurred_at = now if event.timestamp is None else event.timestamp
+    occurred_at = occurred_at if occurred_at.tzinfo else occurred_at.replace(tzinfo=UTC)
+    if occurred_at > now + max_skew:
+        raise _unprocessable(
+            f"timestamp {occurred_at.isoformat()} is in the future: more than {max_skew.total_seconds():g} s "
+            f"after the server's clock ({now.isoformat(timespec='seconds')})"
+        )
+    oldest = now - timedelta(days=params.lookback_days)
+    if occurred_at < oldest:
+        raise _unprocessable(
+            f"timestamp {occurred_at.isoformat()} is older than the live version's lookback of "
+            f"{params.lookback_days} days (before {oldest.isoformat(timespec='seconds')})"
+        )
+    return occurred_at
+
+
+async def post_event(svc: RecsysService, user_id: str, event: EventIn, event_id: str | None) -> JSONResponse:
+    """Store the event in Postgres (committed first), then refresh the user's live list; if
+    Redis cannot take the list now, answer 202 and leave the refresh pending."""
+    live = await svc.current_or_last_loaded()
+    params = live.params
+    _check_user_id(live, user_id)
+    if event.event_type not in params.event_weights:
+        known = ", ".join(sorted(params.event_weights))
+        raise _unprocessable(f"event_type {event.event_type!r} is not weighted by the live version; use one of: {known}")
+    if event.value is not None and event.value > params.max_value:
+        raise _unprocessable(f"value {event.value} is above max_value {params.max_value}: treated as a data error")
+    max_skew = timedelta(seconds=svc.settings.max_clock_skew_seconds)
+    occurred_at = _event_time(event, params, max_skew, datetime.now(UTC))
+    stored = await svc.run(record_event, svc.settings, user_id, event, occurred_at, event_id)
+    if stored is Stored.UNKNOWN_PRODUCT:
+        raise HTTPException(status_code=404, detail=f"Product {str(event.product_id)!r} is not in the catalogue")
+    if stored is Stored.ID_REUSED:
+        raise HTTPException(
+            status_code=409,
+            detail=f"event_id {event_id!r} already names another stored event (other user, product, "
+            "event_type or value); give each event its own id",
+        )
+    replayed = stored is Stored.REPLAYED
+    try:
+        refreshed = await refresh_user_list(svc, user_id)
+        why_pending = "the live version kept changing"
+    except REDIS_DOWN as error:
+        log.warning("event of user %r stored; list refresh pending: %s", user_id, type(error).__name__)
+        refreshed, why_pending = None, "Redis is unavailable"
+    except NothingLive:  # unpublished since the event was validated
+        refreshed, why_pending = None, "no version is live"
+    if refreshed is None:
+        await svc.run(mark_refresh_pending, svc.settings, user_id)
+        svc.refreshes_due.set()
+        pending = EventPending(
+            user_id=live.user_id_out(user_id), event_id=event_id, replayed=replayed,
+            detail=f"stored, list refresh pending: {why_pending}; the list is refreshed as soon as Redis allows",
+        )
+        return JSONResponse(pending.model_dump(mode="json"), status_code=202)
+    live, n = refreshed.live, refreshed.live.params.top_n
+    accepted = EventAccepted(
+        user_id=live.user_id_out(user_id), version=live.version, source=refreshed.source, category=None, offset=0,
+        n=n, ranked_on_request=True, recommended_products=[live.product_out(i) for i in refreshed.products],
+        event_id=event_id, replayed=replayed,
+    )
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=200 if replayed else 201)
+
+
+async def refresh_pending_lists(svc: RecsysService) -> bool:
+    """Refresh the lists left pending by events stored while Redis was down; True once none is left."""
+    while True:
+        pending = await svc.run(fetch_pending_refreshes, svc.settings, PENDING_REFRESH_BATCH)
+        for user_id, requested_at in pending:
+            if await refresh_user_list(svc, user_id) is None:
+                return False
+            await svc.run(clear_pending_refresh, svc.settings, user_id, requested_at)
+        if len(pending) < PENDING_REFRESH_BATCH:
+            return True
+
+
+async def refresh_pending_lists_when_due(svc: RecsysService) -> None:
+    """Background task of each API process: while refreshes may be due, try them every
+    RECSYS_API_REFRESH_RETRY_SECONDS until none is left."""
+    while True:
+        await svc.refreshes_due.wait()
+        await asyncio.sleep(svc.settings.api_refresh_retry_seconds)
+        svc.refreshes_due.clear()  # an event stored from now on sets it again
+        try:
+            drained = await refresh_pending_lists(svc)
+        except psycopg.errors.UndefinedTable:
+            log.error("no pending_list_refreshes table: run `recsys init-db` to add it (idempotent)")
+            return
+        except (*REDIS_DOWN, NothingLive, psycopg.OperationalError) as error:
+            log.info("pending list refreshes wait: %s", type(error).__name__)
+            drained = False
+        except Exception:
+            log.exception("pending list refreshes failed; retrying")
+            drained = False
+        if not drained:
+            svc.refreshes_due.set()
