@@ -42,9 +42,9 @@ import tempfile
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -275,30 +275,6 @@ def blas_floor(user_factors: np.ndarray, item_factors: np.ndarray, n: int) -> tu
 # -------------------------------------------------------------------------------------- publish
 
 
-@contextmanager
-def timed_attributes(module, names: tuple[str, ...], seconds: dict[str, float]) -> Iterator[None]:
-    """Wrap ``module.<name>`` functions with timers (the publish module itself is untouched)."""
-    originals = {name: getattr(module, name) for name in names}
-
-    def wrap(name: str, function: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-
-        return timed
-
-    for name, function in originals.items():
-        setattr(module, name, wrap(name, function))
-    try:
-        yield
-    finally:
-        for name, function in originals.items():
-            setattr(module, name, function)
-
-
 def redis_py_write_floor(settings: Settings, value_bytes: int, fields: int) -> float:
     """Fields/s of the fastest write publish could do with its own client: ``fields`` pre-built
     values of ``value_bytes`` HSET into one scratch hash under the bench's prefix through
@@ -428,19 +404,14 @@ def reference_scoring_seconds(run, users: np.ndarray, top_n: int) -> dict[str, f
     return {"implicit": implicit_seconds, "floor": floor_seconds, "sgemm": gemm_seconds}
 
 
-PUBLISH_SCORING = ("recommend_top_n", "similar_items")
-PUBLISH_WRITING = ("json_id_tokens", "json_list_objects", "_write_hash")
-
-
 def publish_with_parts_timed(settings: Settings, run):
-    """The publish stage, with its scoring and writing calls timed apart."""
-    from recsys.pipeline.publish import stage as publish_module
+    """The publish stage, with its phases (scoring, similar, writing) timed through its own hook."""
+    from recsys.pipeline.publish.stage import PhaseTimings
     from recsys.pipeline.stages import publish_stage
 
-    seconds: dict[str, float] = {}
-    with timed_attributes(publish_module, PUBLISH_SCORING + PUBLISH_WRITING, seconds):
-        published = publish_stage(settings, run)
-    return published, seconds
+    timings = PhaseTimings()
+    published = publish_stage(settings, run, timings=timings)
+    return published, timings.seconds
 
 
 # ---------------------------------------------------------------------------------------- bench
@@ -574,15 +545,15 @@ def run_speed(
     published, parts = measured.value
     used_after = _used_memory(settings)
     keys_written = published.users + published.products_with_similar
-    write_seconds = sum(parts.get(name, 0.0) for name in PUBLISH_WRITING)
+    write_seconds = parts.get("writing", 0.0)
     other_seconds = entry["seconds"] - sum(parts.values())
     payload = redis_payload(settings)
     value_bytes = int(payload["mean_value_bytes"])
     floor_fields = max(keys_written, WRITE_FLOOR_MIN_FIELDS)
     entry.update({
         "users": published.users, "keys_written": keys_written,
-        "scoring_seconds": round(parts.get("recommend_top_n", 0.0), 3),
-        "similar_seconds": round(parts.get("similar_items", 0.0), 3),
+        "scoring_seconds": round(parts.get("scoring", 0.0), 3),
+        "similar_seconds": round(parts.get("similar", 0.0), 3),
         "write_seconds": round(write_seconds, 3),
         "other_seconds": round(other_seconds, 3),
         "keys_per_s": _rate(keys_written, write_seconds),

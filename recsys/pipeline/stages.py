@@ -52,6 +52,7 @@ from recsys.pipeline.evaluate import EvaluationResult, enforce_quality_gate, eva
 from recsys.pipeline.extract import ExtractResult, extract, extracted_id_types
 from recsys.pipeline.matrix import MatrixResult, build_matrix
 from recsys.pipeline.publish.stage import (
+    PhaseTimings,
     PublishResult,
     ShardResult,
     finish_publish,
@@ -263,14 +264,16 @@ def _mark_published(run: Run, result: PublishResult) -> None:
     run.push(PUBLISHED)
 
 
-def publish_stage(settings: Settings, run: Run, progress: bool = False) -> PublishResult:
-    """The whole publish as one attempt, in this process."""
+def publish_stage(
+    settings: Settings, run: Run, progress: bool = False, timings: PhaseTimings | None = None
+) -> PublishResult:
+    """The whole publish as one attempt, in this process (``timings``: seconds per phase, if given)."""
     with _reading(settings, run):
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
         result = publish(
             settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, progress=progress,
-            artifacts_key=paths.key if run.store else None,
+            artifacts_key=paths.key if run.store else None, timings=timings,
         )
         _mark_published(run, result)
     return result

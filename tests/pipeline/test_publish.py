@@ -248,3 +248,15 @@ def test_payload_batches_do_not_change_what_is_published(settings, demo_loaded, 
     publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, shards=2)
     assert len(in_one_batch) > 20
     assert client.hgetall(keys.live("user_recs")) == in_one_batch
+
+
+def test_a_publish_reports_the_seconds_of_each_phase(settings, demo_loaded, window_end):
+    """The speed benchmark's public hook: scoring, similar products and writing, timed apart."""
+    from recsys.pipeline.publish.stage import PhaseTimings
+
+    params = PipelineParams()
+    paths = stage(settings, window_end, params)
+    timings = PhaseTimings()
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, shards=2, timings=timings)
+    assert set(timings.seconds) == {"scoring", "similar", "writing"}
+    assert all(seconds > 0 for seconds in timings.seconds.values())

@@ -21,9 +21,9 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from contextlib import suppress
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -104,6 +104,22 @@ def json_list_objects(
 def version_name(window: Window, params: PipelineParams) -> str:
     """Same data window and params -> same version: reruns overwrite instead of duplicating."""
     return f"{window.end.astimezone(UTC):%Y%m%dT%H%M%SZ}-{params.fingerprint()}"
+
+
+@dataclass
+class PhaseTimings:
+    """Seconds a publish spends per phase: ``scoring`` (users' top-N), ``similar`` (similar
+    products), ``writing`` (JSON payloads and HSETs). Pass one in to measure (the speed benchmark)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -234,6 +250,7 @@ class _Staging:
     params: PipelineParams
     model_build: str  # the model build this attempt publishes: every step must see the same one
     id_types: IdTypes
+    timings: PhaseTimings
 
     def key(self, structure: str) -> str:
         return self.keys.staging(self.version, self.attempt, structure)
@@ -260,30 +277,32 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     blocked = inactive_items(matrix_dir)
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
     model = als_model(*load_factors(staging.model_dir / FACTORS_FULL))
-    similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
+    with staging.timings.phase("similar"):
+        similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
 
     item_ids = items_table["id"].combine_chunks()
-    item_tokens = json_id_tokens(item_ids, staging.id_types.product)
-    has_similar = similar[:, 0] >= 0
-    owners = pa.array(active[has_similar])
     client = staging.client
     client.delete(staging.key("similar_products"), staging.key("top_buys"))
-    similar_count = _write_hash(
-        client,
-        staging.key("similar_products"),
-        pc.take(item_ids, owners),
-        json_list_objects(
-            "product_id", pc.take(item_tokens, owners), "similar_products", item_tokens, similar[has_similar]
-        ),
-        owner,
-    )
-    top_buys_count = _write_hash(
-        client,
-        staging.key("top_buys"),
-        pa.array(list(top_lists), pa.string()),
-        pa.array([_dumps(value) for value in top_lists.values()], pa.string()),
-        owner,
-    )
+    with staging.timings.phase("writing"):
+        item_tokens = json_id_tokens(item_ids, staging.id_types.product)
+        has_similar = similar[:, 0] >= 0
+        owners = pa.array(active[has_similar])
+        similar_count = _write_hash(
+            client,
+            staging.key("similar_products"),
+            pc.take(item_ids, owners),
+            json_list_objects(
+                "product_id", pc.take(item_tokens, owners), "similar_products", item_tokens, similar[has_similar]
+            ),
+            owner,
+        )
+        top_buys_count = _write_hash(
+            client,
+            staging.key("top_buys"),
+            pa.array(list(top_lists), pa.string()),
+            pa.array([_dumps(value) for value in top_lists.values()], pa.string()),
+            owner,
+        )
     _record(
         client, staging.key("manifest"),
         {"model_build": staging.model_build, "similar_products": similar_count, "top_buys": top_buys_count},
@@ -295,49 +314,53 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     matrix_dir, params = staging.matrix_dir, staging.params
     user_ids = _ids(matrix_dir / USERS)
     users = shard_users(len(user_ids), shard, shards)
-    recs, _ = recommend_top_n(
-        als_model(*load_factors(staging.model_dir / FACTORS_FULL)),
-        users,
-        sp.load_npz(matrix_dir / EXCLUDE).tocsr(),
-        params.top_n,
+    model, exclude, blocked = (
+        als_model(*load_factors(staging.model_dir / FACTORS_FULL)), sp.load_npz(matrix_dir / EXCLUDE).tocsr(),
         inactive_items(matrix_dir),
-        progress=f"recommend {shard + 1}/{shards}" if progress else None,
     )
+    with staging.timings.phase("scoring"):
+        recs, _ = recommend_top_n(
+            model, users, exclude, params.top_n, blocked,
+            progress=f"recommend {shard + 1}/{shards}" if progress else None,
+        )
     has_recs = recs[:, 0] >= 0
     owners, lists = users[has_recs], recs[has_recs]
-    user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
-    item_tokens = json_id_tokens(_ids(matrix_dir / ITEMS), staging.id_types.product)
     key = staging.key("user_recs")
     written = 0
-    for start in range(0, len(owners), PAYLOAD_BATCH):
-        batch = slice(start, start + PAYLOAD_BATCH)
-        payloads = json_list_objects(
-            "user_id", user_tokens[batch], "recommended_products", item_tokens, lists[batch],
-        )
-        written += _write_hash(staging.client, key, pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
+    with staging.timings.phase("writing"):
+        user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
+        item_tokens = json_id_tokens(_ids(matrix_dir / ITEMS), staging.id_types.product)
+        for start in range(0, len(owners), PAYLOAD_BATCH):
+            batch = slice(start, start + PAYLOAD_BATCH)
+            payloads = json_list_objects(
+                "user_id", user_tokens[batch], "recommended_products", item_tokens, lists[batch],
+            )
+            written += _write_hash(staging.client, key, pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
     without = int((~has_recs).sum())
     _record(staging.client, staging.key("manifest"), {f"shard:{shard}": written, f"shard:{shard}:empty": without})
     return ShardResult(shard=shard, users=written, users_without_recommendations=without, attempt=staging.attempt)
 
 
 def _staging(
-    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str
+    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str,
+    timings: PhaseTimings | None = None,
 ) -> tuple[_Staging, Window]:
     window, version = _window_and_version(matrix_dir, params)
     model_build = checked_model_build(matrix_dir, model_dir) or ""
     staging = _Staging(
         redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build,
-        matrix_id_types(matrix_dir),
+        matrix_id_types(matrix_dir), timings or PhaseTimings(),
     )
     return staging, window
 
 
 def prepare_publish(
-    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str, progress: bool = False
+    settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str, progress: bool = False,
+    timings: PhaseTimings | None = None,
 ) -> str:
     """Take the version's lock for ``attempt``, remove orphaned staging keys, refuse a stale run
     early, and stage the per-product structures (similar products, top buys). Returns the version."""
-    staging, window = _staging(settings, matrix_dir, model_dir, params, attempt)
+    staging, window = _staging(settings, matrix_dir, model_dir, params, attempt, timings)
     client, keys, version = staging.client, staging.keys, staging.version
     with _owner(settings, client, keys, version, attempt) as owner:
         _sweep_orphans(client, keys)  # whatever the freshness check below decides
@@ -360,10 +383,11 @@ def publish_shard(
     shard: int = 0,
     shards: int = 1,
     progress: bool = False,
+    timings: PhaseTimings | None = None,
 ) -> ShardResult:
     """Top-N for one shard of the users into the attempt's staging hash. Idempotent: a retry
     writes the same fields again."""
-    staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt)
+    staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt, timings)
     with _owner(settings, staging.client, staging.keys, staging.version, attempt) as owner:
         staging.manifest()  # checks the model build
         return _stage_shard(staging, owner, shard, shards, progress)
@@ -481,14 +505,15 @@ def publish(
     shards: int = 1,
     progress: bool = False,
     artifacts_key: str | None = None,
+    timings: PhaseTimings | None = None,
 ) -> PublishResult:
     """The whole publish in one process, as one attempt: prepare, every shard, switch (the DAG maps
     the shards). A failed attempt removes its staging keys and lock (their TTLs cover a kill)."""
     attempt = new_attempt()
     try:
-        prepare_publish(settings, matrix_dir, model_dir, params, attempt, progress)
+        prepare_publish(settings, matrix_dir, model_dir, params, attempt, progress, timings)
         results = [
-            publish_shard(settings, matrix_dir, model_dir, params, attempt, shard, shards, progress)
+            publish_shard(settings, matrix_dir, model_dir, params, attempt, shard, shards, progress, timings)
             for shard in range(shards)
         ]
         return finish_publish(settings, matrix_dir, model_dir, eval_report, params, attempt, results, shards, artifacts_key)
