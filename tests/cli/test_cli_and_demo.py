@@ -93,3 +93,13 @@ def test_params_reject_unknown_and_invalid_values():
     assert round_tripped == PipelineParams()
     assert round_tripped.fingerprint() == PipelineParams().fingerprint()
     assert PipelineParams(factors=32).fingerprint() != PipelineParams().fingerprint()
+
+
+def test_the_command_starts_without_fastapi_implicit_or_airflow():
+    """`recsys --help` (and every command's start) stays light: those load where they are used."""
+    import subprocess
+    import sys
+
+    code = "import sys, recsys.cli; print(sorted(m for m in ('fastapi', 'implicit', 'airflow') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
