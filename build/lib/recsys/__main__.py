@@ -1,5 +1,0 @@
-"""``python -m recsys``: the ``recsys`` command."""
-
-from recsys.cli import main
-
-main()

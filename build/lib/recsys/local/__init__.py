@@ -1,1 +1,0 @@
-"""Local tooling: embedded PostgreSQL and Redis from pip packages, and the demo shop generator."""

@@ -1,2 +1,0 @@
-"""Serving the live version: the HTTP API, its keys, and the look-up page. Imports
-``recsys.core`` and ``recsys.ml``, never ``recsys.pipeline``."""

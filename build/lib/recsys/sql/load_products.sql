@@ -1,1 +1,0 @@
-COPY products (product_id, name, category, active) FROM STDIN WITH (FORMAT csv)

@@ -1,1 +1,0 @@
-TRUNCATE interactions, products RESTART IDENTITY
