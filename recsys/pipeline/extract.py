@@ -41,6 +41,7 @@ from recsys.core.ids import IdTypes
 from recsys.core.layout import EXTRACT_REPORT, INTERACTIONS, PRODUCTS
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
+from recsys.core.window import Window
 
 log = logging.getLogger(__name__)
 
@@ -90,27 +91,6 @@ INTERACTIONS_SCHEMA = pa.schema(
         ("occurred_at", pa.timestamp("us", tz="UTC")),
     ]
 )
-
-
-@dataclass(frozen=True)
-class Window:
-    """A half-open time window [start, end) in UTC."""
-
-    start: datetime
-    end: datetime
-
-    def __post_init__(self) -> None:
-        if self.start.tzinfo is None or self.end.tzinfo is None:
-            raise ValueError("window bounds must be timezone-aware")
-        if self.start >= self.end:
-            raise ValueError(f"window start {self.start} is not before its end {self.end}")
-
-    def to_dict(self) -> dict[str, str]:
-        return {"start": self.start.isoformat(), "end": self.end.isoformat()}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, str]) -> Window:
-        return cls(datetime.fromisoformat(values["start"]), datetime.fromisoformat(values["end"]))
 
 
 def _epoch_us(moment: datetime) -> int:

@@ -6,16 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from helpers import stage
 
 from recsys.core.errors import QualityGateError
-from recsys.core.layout import FACTORS_FULL, FACTORS_HOLDOUT, run_paths
+from recsys.core.layout import FACTORS_FULL, FACTORS_HOLDOUT
 from recsys.core.params import PipelineParams
 from recsys.core.redis_keys import layout, live_meta, redis_client
-from recsys.core.window import window_ending
 from recsys.ml.als import load_factors
 from recsys.pipeline.evaluate import enforce_quality_gate, evaluate
-from recsys.pipeline.extract import extract, extracted_id_types
-from recsys.pipeline.matrix import build_matrix
 from recsys.pipeline.stages import run_pipeline
 from recsys.pipeline.train import train
 
@@ -23,14 +21,7 @@ from recsys.pipeline.train import train
 @pytest.fixture
 def trained(settings, demo_loaded, window_end):
     params = PipelineParams()
-    window = window_ending(window_end, params)
-    paths = run_paths(settings, window, params)
-    extracted = extract(settings, window, paths.extract, params)
-    build_matrix(
-        extracted.interactions, extracted.products, window, paths.matrix, params, extracted_id_types(paths.extract)
-    )
-    train(paths.matrix, paths.model, params)
-    return params, paths
+    return params, stage(settings, window_end, params)
 
 
 def test_model_artifacts_are_npz_and_json_without_pickle(trained):
