@@ -9,8 +9,10 @@ from datetime import datetime
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from helpers import insert_products
+from run_history import daily_runs, write_runs
 
-from recsys.core import redis_keys
+from recsys.core import db, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.pipeline.stages import PipelineResult, run_pipeline
@@ -44,15 +46,23 @@ def test_user_lookup_returns_the_live_entry(published: PipelineResult, settings:
 
     assert response.status_code == 200
     expected = redis_keys.user_recommendations(redis_keys.redis_client(settings), redis_keys.layout(settings), user_id)
-    assert response.json() == expected
+    assert response.json() == {"source": "model", **expected}
     assert expected["recommended_products"]
 
 
-def test_unknown_user_is_404(published: PipelineResult, client: TestClient):
+def test_user_without_a_list_gets_the_top_buys_labelled_popular(
+    published: PipelineResult, settings: Settings, client: TestClient
+):
     response = client.get("/api/users/no-such-user")
 
-    assert response.status_code == 404
-    assert "no-such-user" in response.json()["detail"]
+    assert response.status_code == 200
+    overall = redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    assert response.json() == {
+        "user_id": "no-such-user",
+        "source": "popular",
+        "recommended_products": overall["top_buys"],
+    }
+    assert overall["top_buys"]
 
 
 def test_model_shows_version_window_and_metrics(published: PipelineResult, client: TestClient):
@@ -74,6 +84,76 @@ def test_top_buys(published: PipelineResult, settings: Settings, client: TestCli
     assert everything.json() == redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))
 
     assert client.get("/api/top-buys", params={"category": "no-such-category"}).status_code == 404
+
+
+def test_top_buys_categories_are_the_published_ones(published: PipelineResult, settings: Settings, client: TestClient):
+    with db.connect(settings) as conn:
+        shop = {category for (category,) in conn.execute("SELECT DISTINCT category FROM products WHERE active")}
+
+    response = client.get("/api/top-buys/categories")
+
+    assert response.status_code == 200
+    categories = response.json()["categories"]
+    assert categories == sorted(categories) and set(categories) <= shop and len(categories) >= 2
+    for category in categories:
+        assert client.get("/api/top-buys", params={"category": category}).json()["category"] == category
+
+
+def test_model_marks_params_that_differ_from_the_defaults(settings: Settings, demo_loaded, window_end: datetime):
+    run_pipeline(settings, window_end, PipelineParams(factors=32, iterations=5))
+    client = TestClient(create_app(lambda: settings))
+
+    compared = {p["name"]: p for p in client.get("/api/model").json()["params_compared"]}
+
+    assert compared["factors"] == {"name": "factors", "value": 32, "default": 64, "tuned": True}
+    assert compared["iterations"]["tuned"] and compared["iterations"]["default"] == 15
+    assert compared["regularization"] == {"name": "regularization", "value": 40.0, "default": 40.0, "tuned": False}
+    assert not compared["event_weights"]["tuned"] and not compared["exclude_event_types"]["tuned"]
+    assert {name for name, p in compared.items() if p["tuned"]} == {"factors", "iterations"}
+
+
+def test_product_labels_come_from_the_shop_catalogue(settings: Settings, client: TestClient):
+    insert_products(settings, [("p/1", "Tea <b>pot</b>", "kitchen", True), ("2", "Spade", None, False)])
+
+    response = client.get("/api/products", params={"ids": ["p/1", "2", "unknown"]})
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "products": {"p/1": {"name": "Tea <b>pot</b>", "category": "kitchen"}, "2": {"name": "Spade", "category": None}}
+    }
+
+
+def test_product_labels_with_the_database_down_are_503_without_its_address(settings: Settings):
+    port = _closed_port()
+    # built anew, not model_copy: the copy would keep the cached require_database_url
+    down = Settings(_env_file=None, database_url=f"postgresql://postgres@127.0.0.1:{port}/shop", redis_url=settings.redis_url)
+    client = TestClient(create_app(lambda: down))
+
+    response = client.get("/api/products", params={"ids": ["1"]})
+
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Shop database unavailable; see the API server log."}
+    assert str(port) not in response.text
+
+
+def test_runs_before_the_history_table_exists_are_unavailable(settings: Settings, client: TestClient):
+    response = client.get("/api/runs")
+
+    assert response.status_code == 200
+    assert response.json() == {"available": False, "runs": []}
+
+
+def test_runs_are_the_latest_ones_oldest_first(settings: Settings, client: TestClient, window_end: datetime):
+    write_runs(settings, daily_runs(window_end, [0.10, 0.12, 0.08, 0.15], [0.09, 0.09, 0.09, 0.09]))
+
+    response = client.get("/api/runs", params={"limit": 3})
+
+    assert response.status_code == 200
+    found = response.json()
+    assert found["available"]
+    assert [run["metrics"]["model"]["map"] for run in found["runs"]] == [0.12, 0.08, 0.15]
+    assert [run["gate_passed"] for run in found["runs"]] == [True, False, True]
+    assert datetime.fromisoformat(found["runs"][-1]["window_end"]) == window_end
 
 
 def test_nothing_published_is_404_not_an_error(client: TestClient):
