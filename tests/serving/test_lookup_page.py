@@ -194,3 +194,20 @@ def test_page_shows_ids_only_when_the_shop_database_is_down(served: str, setting
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_report_named_in_the_meta_is_a_link_only_when_it_is_a_web_url(served: str, settings: Settings, browser):
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    page = browser.new_page()
+
+    client.hset(keys.live("meta"), "report", "javascript:alert(1)")
+    page.goto(served)
+    page.wait_for_selector("#report span")
+    assert page.locator("#report a").count() == 0
+    assert page.inner_text("#report") == "Latest run report: javascript:alert(1)"
+
+    client.hset(keys.live("meta"), "report", "https://reports.example.org/runs/1")
+    page.goto(served)
+    page.wait_for_selector("#report a")
+    assert page.get_attribute("#report a", "href") == "https://reports.example.org/runs/1"
+    assert page.inner_text("#report a") == "Latest run report"
