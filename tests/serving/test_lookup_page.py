@@ -7,7 +7,6 @@ download a browser build, which this project's machines cannot. Without either, 
 
 from __future__ import annotations
 
-import shutil
 import socket
 import threading
 import time
