@@ -66,8 +66,8 @@ def _open_store(settings_factory: SettingsFactory) -> LiveStore:
         # Settings.require_* raise RuntimeError with a message meant for the operator
         raise HTTPException(status_code=503, detail=str(missing)) from missing
     except Exception as error:
-        # other messages (e.g. a pydantic validation error) may echo a URL with its password
-        log.exception("could not resolve recsys settings")
+        # e.g. a malformed Redis URL, whose message may echo its password
+        log.exception("could not open a Redis client from the recsys settings")
         raise HTTPException(
             status_code=503, detail="Recsys settings could not be resolved; see the API server log."
         ) from error
