@@ -156,6 +156,18 @@ def test_runs_are_the_latest_ones_oldest_first(settings: Settings, client: TestC
     assert datetime.fromisoformat(found["runs"][-1]["window_end"]) == window_end
 
 
+def test_runs_carry_columns_the_pipeline_adds_later(settings: Settings, client: TestClient, window_end: datetime):
+    """Rows come whole, so a report column added to recsys_runs reaches the page's report link."""
+    write_runs(settings, daily_runs(window_end, [0.10], [0.09]))
+    with db.connect(settings) as conn:
+        conn.execute("ALTER TABLE recsys_runs ADD COLUMN report TEXT")
+        conn.execute("UPDATE recsys_runs SET report = 'https://reports.example.org/runs/1'")
+
+    [run] = client.get("/api/runs").json()["runs"]
+
+    assert run["report"] == "https://reports.example.org/runs/1"
+
+
 def test_nothing_published_is_404_not_an_error(client: TestClient):
     for path in ("/api/model", "/api/users/1", "/api/top-buys"):
         response = client.get(path)
@@ -224,18 +236,20 @@ def test_plugin_app_requires_an_airflow_login():
     assert client.get("/").status_code == 401
 
 
-@pytest.mark.parametrize("via_connection", [True, False], ids=["recsys_redis-connection", "RECSYS-env"])
+@pytest.mark.parametrize("via_connection", [True, False], ids=["recsys-connections", "RECSYS-env"])
 def test_plugin_app_serves_the_live_version_to_a_logged_in_user(
     via_connection: bool, airflow_db, published: PipelineResult, recsys_env: Settings, monkeypatch: pytest.MonkeyPatch
 ):
-    """Redis comes from the ``recsys_redis`` connection when it exists (winning over
-    RECSYS_REDIS_URL), else from RECSYS_REDIS_URL."""
+    """Redis and the shop database come from the ``recsys_redis`` / ``recsys_db`` connections
+    when they exist (winning over RECSYS_REDIS_URL / RECSYS_DATABASE_URL), else from those."""
     from airflow.api_fastapi.app import init_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
     if via_connection:
         monkeypatch.setenv("AIRFLOW_CONN_RECSYS_REDIS", recsys_env.redis_url)
         monkeypatch.setenv("RECSYS_REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
+        monkeypatch.setenv("AIRFLOW_CONN_RECSYS_DB", recsys_env.database_url)
+        monkeypatch.setenv("RECSYS_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{_closed_port()}/shop")
     token = init_auth_manager().generate_jwt(SimpleAuthManagerUser(username="viewer", role="viewer"))
     # the Airflow UI's session cookie: the page in the UI's iframe is same-origin
     client = TestClient(_recsys_plugin_app()["app"], cookies={"_token": token})
@@ -244,6 +258,11 @@ def test_plugin_app_serves_the_live_version_to_a_logged_in_user(
 
     assert response.status_code == 200
     assert response.json()["version"] == published.publish.version
+    with db.connect(recsys_env) as conn:
+        [(product_id, name)] = conn.execute("SELECT product_id, name FROM products ORDER BY product_id LIMIT 1")
+    labels = client.get("/api/products", params={"ids": [product_id]})
+    assert labels.status_code == 200
+    assert labels.json()["products"][product_id]["name"] == name
 
 
 def test_plugin_app_is_mounted_under_recsys_in_the_api_server():
