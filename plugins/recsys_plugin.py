@@ -1,9 +1,12 @@
-"""Airflow UI page "Browse > Recommendations": look up the live recommendations of a user id and
-the live model's data window and metrics, served by the api-server at ``<airflow>/recsys/``.
+"""Airflow UI page "Browse > Recommendations": look up the live recommendations of a user id (or
+the top buys a user without a list gets), top buys by category, the live model's data window,
+metrics and params, and the run history's quality chart, served by the api-server at
+``<airflow>/recsys/``.
 
 The app itself is ``recsys.serving.lookup`` (plain FastAPI). This file adds what only Airflow knows:
-the Redis location from the ``recsys_redis`` connection (else ``RECSYS_REDIS_URL``, like the DAG)
-and Airflow's own login check: plugin apps are not protected by Airflow auth unless they ask.
+Redis and the shop database from the ``recsys_redis`` / ``recsys_db`` connections (else
+``RECSYS_REDIS_URL`` / ``RECSYS_DATABASE_URL``, like the DAG) and Airflow's own login check: plugin
+apps are not protected by Airflow auth unless they ask.
 """
 
 from __future__ import annotations
@@ -20,18 +23,22 @@ URL_PREFIX = "/recsys"
 
 
 def _settings() -> Settings:
-    """Settings as the DAG resolves them; only Redis, the one thing the lookup reads."""
+    """Settings as the DAG resolves them: Redis (the live version) and the shop database (product
+    names, run history); the page works without the database, showing ids only."""
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
     from recsys.core.settings import Settings
 
-    try:
-        # the server-side lookup (env backend, secrets backends, then the metadata DB);
-        # the DAG's airflow.sdk.Connection.get is the task-side one
-        return Settings(redis_url=Connection.get_connection_from_secrets("recsys_redis").get_uri())
-    except AirflowNotFoundException:
-        return Settings()
+    overrides = {}
+    for field, conn_id in (("database_url", "recsys_db"), ("redis_url", "recsys_redis")):
+        try:
+            # the server-side lookup (env backend, secrets backends, then the metadata DB);
+            # the DAG's airflow.sdk.Connection.get is the task-side one
+            overrides[field] = Connection.get_connection_from_secrets(conn_id).get_uri()
+        except AirflowNotFoundException:
+            pass
+    return Settings(**overrides)
 
 
 def _build_app() -> ASGIApp:

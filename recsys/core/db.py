@@ -52,14 +52,19 @@ def sql_with_schema(settings: Settings, name: str, schema: str) -> pgsql.Compose
 
 
 @contextmanager
-def connect(settings: Settings) -> Iterator[psycopg.Connection]:
+def connect(settings: Settings, connect_timeout: int | None = None) -> Iterator[psycopg.Connection]:
     """A connection whose search_path is the configured schema; commits on success.
+    ``connect_timeout`` (seconds) bounds the wait for an unreachable server (libpq's default: none).
 
     A connection error's message (libpq quotes parts of a URL it cannot parse) comes with the
     URL's password masked, and without the original exception attached."""
     url = settings.require_database_url
     try:
-        conn = psycopg.connect(libpq_url(url), options=f"{search_path_option(settings.db_schema)} -c TimeZone=UTC")
+        conn = psycopg.connect(
+            libpq_url(url),
+            options=f"{search_path_option(settings.db_schema)} -c TimeZone=UTC",
+            **({} if connect_timeout is None else {"connect_timeout": connect_timeout}),
+        )
     except psycopg.Error as error:
         raise type(error)(redact(str(error), url)) from None
     try:

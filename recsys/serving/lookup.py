@@ -1,4 +1,6 @@
-"""Read-only HTTP lookup of what is live in Redis: one user's recommendations, the live model.
+"""Read-only HTTP lookup of what is live in Redis: one user's recommendations (or the top buys a
+user without a list gets), top buys by category, the live model; decorated from PostgreSQL with
+product names and the run history when the database answers.
 
 Plain FastAPI with no Airflow import, so it runs the same under the Airflow plugin
 (``plugins/recsys_plugin.py`` mounts it in the api-server), under uvicorn, and in tests.
@@ -15,17 +17,28 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Annotated, Any
 
+import psycopg
 import redis
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from recsys.core import redis_keys
+from recsys.core import lookup_reads, redis_keys
+from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SettingsFactory = Callable[[], Settings]
+
+# what a user without a list of their own is shown (the API's cold-start answer without events)
+POPULAR_SOURCE = "popular"
+# product names looked up per request: a page shows at most a few lists of top_n / top_buys_n ids
+MAX_LABELLED_PRODUCTS = 200
+MAX_HISTORY_RUNS = 100
+SHOP_DB_UNAVAILABLE = "Shop database unavailable; see the API server log."
+
 
 @dataclass(frozen=True)
 class LiveStore:
@@ -33,17 +46,28 @@ class LiveStore:
     keys: redis_keys.KeyLayout
 
 
-def _open_store(settings_factory: SettingsFactory) -> LiveStore:
+def _resolve_settings(settings_factory: SettingsFactory) -> Settings:
     try:
-        settings = settings_factory()
+        return settings_factory()
+    except Exception as error:
+        # a message (e.g. a pydantic validation error) may echo a URL with its password
+        log.exception("could not resolve recsys settings")
+        raise HTTPException(
+            status_code=503, detail="Recsys settings could not be resolved; see the API server log."
+        ) from error
+
+
+def _open_store(settings_factory: SettingsFactory) -> LiveStore:
+    settings = _resolve_settings(settings_factory)
+    try:
         client = aioredis.Redis.from_url(settings.require_redis_url, decode_responses=True, socket_connect_timeout=5)
         return LiveStore(client, redis_keys.layout(settings))
     except RuntimeError as missing:
         # Settings.require_* raise RuntimeError with a message meant for the operator
         raise HTTPException(status_code=503, detail=str(missing)) from missing
     except Exception as error:
-        # other messages (e.g. a pydantic validation error) may echo a URL with its password
-        log.exception("could not resolve recsys settings")
+        # e.g. a malformed Redis URL, whose message may echo its password
+        log.exception("could not open a Redis client from the recsys settings")
         raise HTTPException(
             status_code=503, detail="Recsys settings could not be resolved; see the API server log."
         ) from error
@@ -74,6 +98,28 @@ async def live_store(request: Request) -> AsyncIterator[LiveStore]:
 Live = Annotated[LiveStore, Depends(live_store)]
 
 
+async def _read_shop_db(request: Request, read: Callable[[Settings], Any]) -> Any:
+    """``read(settings)`` in a thread; any failure is a 503 whose text names no address."""
+    settings = _resolve_settings(request.app.state.settings_factory)
+    try:
+        return await run_in_threadpool(read, settings)
+    except RuntimeError as missing:
+        # Settings.require_database_url: no database configured, said for the operator
+        raise HTTPException(status_code=503, detail=str(missing)) from missing
+    except psycopg.Error as error:
+        log.warning("shop database unavailable for %s: %s", request.url.path, error)
+        raise HTTPException(status_code=503, detail=SHOP_DB_UNAVAILABLE) from error
+
+
+def compare_params(live: dict | None) -> list[dict]:
+    """Each live param with its default; ``tuned`` when it differs (set by tuning or by hand)."""
+    defaults = PipelineParams().to_dict()
+    return [
+        {"name": name, "value": value, "default": defaults.get(name), "tuned": name not in defaults or value != defaults[name]}
+        for name, value in sorted((live or {}).items())
+    ]
+
+
 def _redis_unavailable(request: Request, error: Exception) -> JSONResponse:
     # the error text names Redis' host and port: the log has it, the page gets the kind only
     log.warning("Redis unavailable for %s: %s", request.url.path, error)
@@ -95,17 +141,31 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
     # :path so that ids containing "/" (ids are free text in the shop) still resolve
     @app.get("/api/users/{user_id:path}")
     async def user_recommendations(user_id: str, live: Live) -> dict:
+        """The user's live list, else the overall top buys with ``source: popular`` (what a shop
+        page shows a user without a list), never a bare 404 while a version is live."""
         found = await redis_keys.read_entry(live.client, redis_keys.user_recs_slot(live.keys, user_id))
-        if found is None:
-            raise await _not_found(live, f"User {user_id!r} has no live recommendations.")
-        return found
+        if found is not None:
+            return {"source": "model", **found}
+        popular = await redis_keys.read_entry(live.client, redis_keys.top_buys_slot(live.keys, None))
+        if popular is None:
+            raise await _not_found(live, f"User {user_id!r} has no live recommendations and no top buys are live.")
+        return {"user_id": user_id, "source": POPULAR_SOURCE, "recommended_products": popular["top_buys"]}
 
     @app.get("/api/model")
     async def model(live: Live) -> dict:
         meta = await redis_keys.read_meta(live.client, live.keys)
         if meta is None:
             raise _nothing_live(live.keys)
-        return redis_keys.public_meta(meta)
+        # report: a link the pipeline may add to the meta; absent, the page shows none
+        return {**redis_keys.public_meta(meta), "report": meta.get("report"), "params_compared": compare_params(meta.get("params"))}
+
+    @app.get("/api/top-buys/categories")
+    async def top_buys_categories(live: Live) -> dict:
+        fields = await live.client.hkeys(live.keys.live("top_buys"))
+        if not fields:
+            raise await _not_found(live, "No live top buys.")
+        prefix = redis_keys.top_buys_field("")
+        return {"categories": sorted(field.removeprefix(prefix) for field in fields if field.startswith(prefix))}
 
     @app.get("/api/top-buys")
     async def top_buys(live: Live, category: str | None = None) -> dict:
@@ -113,6 +173,17 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
         if found is None:
             raise await _not_found(live, f"No live top buys for category {category!r}.")
         return found
+
+    @app.get("/api/products")
+    async def products(request: Request, ids: Annotated[list[str], Query(max_length=MAX_LABELLED_PRODUCTS)]) -> dict:
+        """Names and categories from the shop's ``products`` table; 503 when it cannot be read."""
+        return {"products": await _read_shop_db(request, lambda settings: lookup_reads.product_labels(settings, ids))}
+
+    @app.get("/api/runs")
+    async def runs(request: Request, limit: Annotated[int, Query(ge=1, le=MAX_HISTORY_RUNS)] = 30) -> dict:
+        """The pipeline's run history, oldest first; ``available: false`` before ``recsys_runs`` exists."""
+        found = await _read_shop_db(request, lambda settings: lookup_reads.recent_runs(settings, limit))
+        return {"available": found is not None, "runs": list(reversed(found or []))}
 
     return app
 

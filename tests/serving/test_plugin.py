@@ -9,8 +9,10 @@ from datetime import datetime
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from helpers import insert_products
+from run_history import daily_runs, write_runs
 
-from recsys.core import redis_keys
+from recsys.core import db, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.pipeline.stages import PipelineResult, run_pipeline
@@ -44,15 +46,23 @@ def test_user_lookup_returns_the_live_entry(published: PipelineResult, settings:
 
     assert response.status_code == 200
     expected = redis_keys.user_recommendations(redis_keys.redis_client(settings), redis_keys.layout(settings), user_id)
-    assert response.json() == expected
+    assert response.json() == {"source": "model", **expected}
     assert expected["recommended_products"]
 
 
-def test_unknown_user_is_404(published: PipelineResult, client: TestClient):
+def test_user_without_a_list_gets_the_top_buys_labelled_popular(
+    published: PipelineResult, settings: Settings, client: TestClient
+):
     response = client.get("/api/users/no-such-user")
 
-    assert response.status_code == 404
-    assert "no-such-user" in response.json()["detail"]
+    assert response.status_code == 200
+    overall = redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    assert response.json() == {
+        "user_id": "no-such-user",
+        "source": "popular",
+        "recommended_products": overall["top_buys"],
+    }
+    assert overall["top_buys"]
 
 
 def test_model_shows_version_window_and_metrics(published: PipelineResult, client: TestClient):
@@ -74,6 +84,88 @@ def test_top_buys(published: PipelineResult, settings: Settings, client: TestCli
     assert everything.json() == redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))
 
     assert client.get("/api/top-buys", params={"category": "no-such-category"}).status_code == 404
+
+
+def test_top_buys_categories_are_the_published_ones(published: PipelineResult, settings: Settings, client: TestClient):
+    with db.connect(settings) as conn:
+        shop = {category for (category,) in conn.execute("SELECT DISTINCT category FROM products WHERE active")}
+
+    response = client.get("/api/top-buys/categories")
+
+    assert response.status_code == 200
+    categories = response.json()["categories"]
+    assert categories == sorted(categories) and set(categories) <= shop and len(categories) >= 2
+    for category in categories:
+        assert client.get("/api/top-buys", params={"category": category}).json()["category"] == category
+
+
+def test_model_marks_params_that_differ_from_the_defaults(settings: Settings, demo_loaded, window_end: datetime):
+    run_pipeline(settings, window_end, PipelineParams(factors=32, iterations=5))
+    client = TestClient(create_app(lambda: settings))
+
+    compared = {p["name"]: p for p in client.get("/api/model").json()["params_compared"]}
+
+    assert compared["factors"] == {"name": "factors", "value": 32, "default": 64, "tuned": True}
+    assert compared["iterations"]["tuned"] and compared["iterations"]["default"] == 15
+    assert compared["regularization"] == {"name": "regularization", "value": 40.0, "default": 40.0, "tuned": False}
+    assert not compared["event_weights"]["tuned"] and not compared["exclude_event_types"]["tuned"]
+    assert {name for name, p in compared.items() if p["tuned"]} == {"factors", "iterations"}
+
+
+def test_product_labels_come_from_the_shop_catalogue(settings: Settings, client: TestClient):
+    insert_products(settings, [("p/1", "Tea <b>pot</b>", "kitchen", True), ("2", "Spade", None, False)])
+
+    response = client.get("/api/products", params={"ids": ["p/1", "2", "unknown"]})
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "products": {"p/1": {"name": "Tea <b>pot</b>", "category": "kitchen"}, "2": {"name": "Spade", "category": None}}
+    }
+
+
+def test_product_labels_with_the_database_down_are_503_without_its_address(settings: Settings):
+    port = _closed_port()
+    # built anew, not model_copy: the copy would keep the cached require_database_url
+    down = Settings(_env_file=None, database_url=f"postgresql://postgres@127.0.0.1:{port}/shop", redis_url=settings.redis_url)
+    client = TestClient(create_app(lambda: down))
+
+    response = client.get("/api/products", params={"ids": ["1"]})
+
+    assert response.status_code == 503
+    assert response.json() == {"detail": "Shop database unavailable; see the API server log."}
+    assert str(port) not in response.text
+
+
+def test_runs_before_the_history_table_exists_are_unavailable(settings: Settings, client: TestClient):
+    response = client.get("/api/runs")
+
+    assert response.status_code == 200
+    assert response.json() == {"available": False, "runs": []}
+
+
+def test_runs_are_the_latest_ones_oldest_first(settings: Settings, client: TestClient, window_end: datetime):
+    write_runs(settings, daily_runs(window_end, [0.10, 0.12, 0.08, 0.15], [0.09, 0.09, 0.09, 0.09]))
+
+    response = client.get("/api/runs", params={"limit": 3})
+
+    assert response.status_code == 200
+    found = response.json()
+    assert found["available"]
+    assert [run["metrics"]["model"]["map"] for run in found["runs"]] == [0.12, 0.08, 0.15]
+    assert [run["gate_passed"] for run in found["runs"]] == [True, False, True]
+    assert datetime.fromisoformat(found["runs"][-1]["window_end"]) == window_end
+
+
+def test_runs_carry_columns_the_pipeline_adds_later(settings: Settings, client: TestClient, window_end: datetime):
+    """Rows come whole, so a report column added to recsys_runs reaches the page's report link."""
+    write_runs(settings, daily_runs(window_end, [0.10], [0.09]))
+    with db.connect(settings) as conn:
+        conn.execute("ALTER TABLE recsys_runs ADD COLUMN report TEXT")
+        conn.execute("UPDATE recsys_runs SET report = 'https://reports.example.org/runs/1'")
+
+    [run] = client.get("/api/runs").json()["runs"]
+
+    assert run["report"] == "https://reports.example.org/runs/1"
 
 
 def test_nothing_published_is_404_not_an_error(client: TestClient):
@@ -144,18 +236,20 @@ def test_plugin_app_requires_an_airflow_login():
     assert client.get("/").status_code == 401
 
 
-@pytest.mark.parametrize("via_connection", [True, False], ids=["recsys_redis-connection", "RECSYS-env"])
+@pytest.mark.parametrize("via_connection", [True, False], ids=["recsys-connections", "RECSYS-env"])
 def test_plugin_app_serves_the_live_version_to_a_logged_in_user(
     via_connection: bool, airflow_db, published: PipelineResult, recsys_env: Settings, monkeypatch: pytest.MonkeyPatch
 ):
-    """Redis comes from the ``recsys_redis`` connection when it exists (winning over
-    RECSYS_REDIS_URL), else from RECSYS_REDIS_URL."""
+    """Redis and the shop database come from the ``recsys_redis`` / ``recsys_db`` connections
+    when they exist (winning over RECSYS_REDIS_URL / RECSYS_DATABASE_URL), else from those."""
     from airflow.api_fastapi.app import init_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
     if via_connection:
         monkeypatch.setenv("AIRFLOW_CONN_RECSYS_REDIS", recsys_env.redis_url)
         monkeypatch.setenv("RECSYS_REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
+        monkeypatch.setenv("AIRFLOW_CONN_RECSYS_DB", recsys_env.database_url)
+        monkeypatch.setenv("RECSYS_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{_closed_port()}/shop")
     token = init_auth_manager().generate_jwt(SimpleAuthManagerUser(username="viewer", role="viewer"))
     # the Airflow UI's session cookie: the page in the UI's iframe is same-origin
     client = TestClient(_recsys_plugin_app()["app"], cookies={"_token": token})
@@ -164,6 +258,11 @@ def test_plugin_app_serves_the_live_version_to_a_logged_in_user(
 
     assert response.status_code == 200
     assert response.json()["version"] == published.publish.version
+    with db.connect(recsys_env) as conn:
+        [(product_id, name)] = conn.execute("SELECT product_id, name FROM products ORDER BY product_id LIMIT 1")
+    labels = client.get("/api/products", params={"ids": [product_id]})
+    assert labels.status_code == 200
+    assert labels.json()["products"][product_id]["name"] == name
 
 
 def test_plugin_app_is_mounted_under_recsys_in_the_api_server():

@@ -1,0 +1,212 @@
+"""The look-up page in a real headless Chromium, served by uvicorn against real Redis and Postgres
+with a published version and a run history. Screenshots (light and dark) go to pytest's tmp path.
+
+Chromium comes from the machine (Debian's ``/usr/bin/chromium``): ``playwright install`` would
+download a browser build, which this project's machines cannot. Without either, the test skips.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import uvicorn
+from helpers import insert_products
+from run_history import daily_runs, write_runs
+
+from recsys.core import db, redis_keys
+from recsys.core.params import PipelineParams
+from recsys.core.settings import Settings
+from recsys.pipeline.stages import run_pipeline
+from recsys.serving.lookup import create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MODEL_MAPS = [0.071, 0.083, 0.052, 0.090, 0.094]
+POPULARITY_MAPS = [0.060, 0.061, 0.063, 0.062, 0.064]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+if not CHROMIUM.exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (Debian package chromium)", allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def served(settings: Settings, demo_loaded, window_end: datetime) -> Iterator[str]:
+    """A tuned version live, a product name that is markup, a run history; the page under uvicorn."""
+    run_pipeline(settings, window_end, PipelineParams(factors=32))
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    first_top_buy = redis_keys.top_buys(client, keys)["top_buys"][0]
+    with db.connect(settings) as conn:
+        [(category,)] = conn.execute("SELECT category FROM products WHERE product_id = %s", (str(first_top_buy),))
+    insert_products(settings, [(str(first_top_buy), "<img src=x onerror=alert(1)>", category, True)])
+    write_runs(settings, daily_runs(window_end, MODEL_MAPS, POPULARITY_MAPS))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(lambda: settings), host="127.0.0.1", port=_free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{server.config.port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def browser() -> Iterator:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _names(settings: Settings, product_ids: list) -> dict[str, str]:
+    with db.connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT product_id, name FROM products WHERE product_id = ANY(%s)", ([str(p) for p in product_ids],)
+        )
+        return dict(rows.fetchall())
+
+
+def _look_up(page, user_id: str) -> None:
+    page.fill("#user-id", user_id)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#user-source")
+    page.wait_for_selector("#user-result tbody tr")
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+def test_page_shows_names_fallback_params_and_chart(
+    color_scheme: str, served: str, settings: Settings, browser, tmp_path: Path
+):
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    user_id = client.hrandfield(keys.live("user_recs"))
+    recommended = redis_keys.user_recommendations(client, keys, user_id)["recommended_products"]
+    overall = redis_keys.top_buys(client, keys)["top_buys"]
+    page = browser.new_page(color_scheme=color_scheme, viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("dialog", lambda dialog: errors.append(f"dialog: {dialog.message}"))
+
+    page.goto(served)
+    page.wait_for_selector("#quality-chart polyline.model")
+    page.wait_for_selector("#model table")
+
+    # a known user: their list, best first, with names from the catalogue
+    _look_up(page, user_id)
+    assert "source: model" in page.inner_text("#user-source")
+    rows = page.locator("#user-result tbody tr")
+    assert rows.count() == len(recommended)
+    names = _names(settings, recommended)
+    for rank, product_id in enumerate(recommended):
+        cells = rows.nth(rank).locator("td").all_inner_texts()
+        assert cells[:3] == [str(rank + 1), str(product_id), names[str(product_id)]]
+    page.screenshot(path=tmp_path / f"lookup-known-{color_scheme}.png", full_page=True)
+
+    # an unknown user: the top buys overall, labelled as the popular fallback
+    _look_up(page, "no-such-user")
+    assert "source: popular" in page.inner_text("#user-source")
+    assert "popular fallback" in page.inner_text("#user-source")
+    assert page.locator("#user-result tbody tr td:nth-child(2)").all_inner_texts() == [str(p) for p in overall]
+    # a name that is markup stays text: no element made of it, no alert
+    assert page.locator("#user-result tbody tr").first.locator("td").nth(2).inner_text() == "<img src=x onerror=alert(1)>"
+    assert page.locator("#user-result img").count() == 0
+
+    # top buys by category: every published category offered, the list follows the choice
+    categories = page.locator("#category option").all_inner_texts()[1:]
+    assert len(categories) >= 2
+    page.select_option("#category", categories[-1])
+    expected = redis_keys.top_buys(client, keys, categories[-1])["top_buys"]
+    page.wait_for_function(
+        "first => document.querySelector('#top-buys tbody tr td:nth-child(2)')?.textContent === first",
+        arg=str(expected[0]),
+    )
+
+    # params: the tuned one marked, a default one not; metrics with 4 decimals, counts with separators
+    factors = page.locator("#model tr", has_text="factors").first.inner_text()
+    assert "32" in factors and "64" in factors and "tuned/overridden" in factors
+    assert "tuned/overridden" not in page.locator("#model tr", has_text="regularization").first.inner_text()
+    metric_rows = page.locator("#model table").nth(0).locator("tr", has_text="@10")
+    metric_cells = metric_rows.locator("td.num").all_inner_texts()
+    assert metric_cells and all(len(cell.split(".")[1]) == 4 for cell in metric_cells)
+    assert "MAP@10" in page.inner_text("#model")
+    evaluated_users = page.locator("#model tr", has_text="Evaluated users").first.locator("td.num").first.inner_text()
+    assert evaluated_users.isdigit() or "," in evaluated_users, "a count, not a 4-decimal metric"
+
+    # the chart: one point per run for each series, the refused run marked, visible
+    assert page.is_visible("#quality-chart")
+    assert page.locator("#quality-chart circle.model").count() == len(MODEL_MAPS)
+    assert page.locator("#quality-chart circle.popularity").count() == len(POPULARITY_MAPS)
+    assert page.locator("#quality-chart circle.refused").count() == 1
+    assert page.locator("#quality-chart").bounding_box()["height"] > 150
+    assert "1 refused by the quality gate" in page.inner_text("#history")
+
+    page.screenshot(path=tmp_path / f"lookup-fallback-{color_scheme}.png", full_page=True)
+    assert not errors
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == ("rgb(255, 255, 255)" if color_scheme == "light" else "rgb(17, 24, 39)")
+
+
+def test_page_shows_ids_only_when_the_shop_database_is_down(served: str, settings: Settings, browser, tmp_path: Path):
+    """The same page with an unreachable database: ids, a note instead of names, no chart."""
+    down = Settings(
+        _env_file=None,
+        database_url=f"postgresql://postgres@127.0.0.1:{_free_port()}/shop",
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(lambda: down), host="127.0.0.1", port=_free_port(), log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.config.port}/")
+        _look_up(page, "no-such-user")
+        assert "popular fallback" in page.inner_text("#user-source")
+        assert "Names unavailable" in page.inner_text("#user-result")
+        assert page.locator("#user-result tbody tr td:nth-child(3)").all_inner_texts()[0] == "—"
+        page.wait_for_selector("#history p:has-text('Run history unavailable')")
+        assert not page.is_visible("#quality-chart")
+        page.screenshot(path=tmp_path / "lookup-database-down.png", full_page=True)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_report_named_in_the_meta_is_a_link_only_when_it_is_a_web_url(served: str, settings: Settings, browser):
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    page = browser.new_page()
+
+    client.hset(keys.live("meta"), "report", "javascript:alert(1)")
+    page.goto(served)
+    page.wait_for_selector("#report span")
+    assert page.locator("#report a").count() == 0
+    assert page.inner_text("#report") == "Latest run report: javascript:alert(1)"
+
+    client.hset(keys.live("meta"), "report", "https://reports.example.org/runs/1")
+    page.goto(served)
+    page.wait_for_selector("#report a")
+    assert page.get_attribute("#report a", "href") == "https://reports.example.org/runs/1"
+    assert page.inner_text("#report a") == "Latest run report"
