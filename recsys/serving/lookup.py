@@ -24,9 +24,10 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from recsys.core import lookup_reads, redis_keys
+from recsys.core import redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
+from recsys.serving import lookup_reads
 
 log = logging.getLogger(__name__)
 
