@@ -25,11 +25,13 @@ from datetime import UTC, datetime, timedelta
 
 from recsys.core import artifacts, redis_keys
 from recsys.core.artifacts import ArtifactStore
-from recsys.core.errors import FutureWindowError, RecsysError
+from recsys.core.errors import FutureWindowError, RecsysError, StaleVersionError
 from recsys.core.layout import (
     EVALUATION,
+    EVALUATION_HTML,
     EVALUATION_REPORT,
     EXTRACT,
+    EXTRACT_REPORT,
     INTERACTIONS,
     MANIFEST,
     MATRIX,
@@ -48,6 +50,7 @@ from recsys.core.layout import (
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.core.window import Window, stamp, window_ending
+from recsys.pipeline import history, report
 from recsys.pipeline.evaluate import EvaluationResult, enforce_quality_gate, evaluate
 from recsys.pipeline.extract import ExtractResult, extract, extracted_id_types
 from recsys.pipeline.matrix import MatrixResult, build_matrix
@@ -242,16 +245,71 @@ def train_stage(settings: Settings, run: Run, progress: bool = False) -> TrainRe
     return result
 
 
-def evaluate_stage(settings: Settings, run: Run) -> EvaluationResult:
-    """Evaluate and apply the quality gate (raises QualityGateError when it refuses)."""
+# how many runs of the quality history the evaluation report plots
+REPORT_HISTORY_RUNS = 30
+
+
+def evaluate_stage(settings: Settings, run: Run, dag_run_id: str | None = None) -> EvaluationResult:
+    """Evaluate, record the run in the quality history, write the HTML report, then apply the
+    quality gate (raises QualityGateError when it refuses: after recording, so refusals show)."""
     with _writing(settings, run):
         run.pull(MATRIX, MODEL)
         paths = run.paths
         checked_model_build(paths.matrix, paths.model)
         result = evaluate(paths.matrix, paths.model, paths.evaluation, run.params, live_metrics(settings))
+        extract_counts = _extract_counts(run)
+        history.record_evaluation(settings, _run_record(run, result, extract_counts, dag_run_id))
+        evaluation = json.loads(result.report_path.read_text())
+        recent = history.recent_runs(settings, REPORT_HISTORY_RUNS)[::-1]
+        page = report.render(evaluation, recent, paths.key, extract_counts)
+        (paths.evaluation / EVALUATION_HTML).write_text(page)
         run.push(EVALUATION)  # a refused report too: it says why
     enforce_quality_gate(result)
     return result
+
+
+def _extract_counts(run: Run) -> dict | None:
+    """Rows read / kept / dropped by reason, from the run's extract report (local, else the
+    store's copy read alone: the extract's Parquet files stay where they are)."""
+    local = run.paths.extract / EXTRACT_REPORT
+    if local.exists():
+        text = local.read_text()
+    elif run.store is not None and (upload := artifacts.pushed(run.store, f"{run.paths.key}/{EXTRACT}")):
+        text = run.store.fs.cat_file(run.store.path(run.paths.key, EXTRACT, upload.upload_id, EXTRACT_REPORT))
+    else:
+        return None
+    values = json.loads(text)["interactions"]
+    return {name: values[name] for name in ("rows_read", "rows_kept", "rows_dropped", "rows_invalid", "dropped")}
+
+
+def _run_record(run: Run, result: EvaluationResult, extract_counts: dict | None, dag_run_id: str | None):
+    model = json.loads((run.paths.model / MANIFEST).read_text())
+    counts = model["counts"]
+    return history.RunRecord(
+        run_key=run.paths.key,
+        dag_run_id=dag_run_id,
+        window_start=run.window.start,
+        window_end=run.window.end,
+        params=run.params.to_dict(),
+        metrics={"model": result.model.to_dict(), "popularity": result.popularity.to_dict()},
+        gate_passed=result.passed,
+        gate_reason=result.reason,
+        extract_counts=extract_counts,
+        train_seconds=model.get("seconds"),
+        interactions=counts.get("interactions"),
+        users=counts.get("users"),
+        items=counts.get("items"),
+    )
+
+
+@contextmanager
+def _recording_stale(settings: Settings, run: Run) -> Iterator[None]:
+    """A publish refused as stale is recorded as skipped_stale before the error goes on."""
+    try:
+        yield
+    except StaleVersionError:
+        history.record_publish(settings, run.paths.key, history.SKIPPED_STALE)
+        raise
 
 
 def _mark_published(run: Run, result: PublishResult) -> None:
@@ -268,18 +326,20 @@ def publish_stage(settings: Settings, run: Run, progress: bool = False) -> Publi
     with _reading(settings, run):
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
-        result = publish(
-            settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, progress=progress,
-            artifacts_key=paths.key if run.store else None,
-        )
+        with _recording_stale(settings, run):
+            result = publish(
+                settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params,
+                progress=progress, artifacts_key=paths.key if run.store else None,
+            )
         _mark_published(run, result)
+    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
     return result
 
 
 def prepare_publish_stage(settings: Settings, run: Run) -> tuple[str, str]:
     """Start a publish attempt (the DAG's first publish task); returns (version, attempt)."""
     attempt = new_attempt()
-    with _reading(settings, run):
+    with _reading(settings, run), _recording_stale(settings, run):
         run.pull(MATRIX, MODEL)
         return prepare_publish(settings, run.paths.matrix, run.paths.model, run.params, attempt), attempt
 
@@ -296,11 +356,13 @@ def finish_publish_stage(
     with _reading(settings, run):
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
-        result = finish_publish(
-            settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, attempt, results,
-            shards, artifacts_key=paths.key if run.store else None,
-        )
+        with _recording_stale(settings, run):
+            result = finish_publish(
+                settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, attempt,
+                results, shards, artifacts_key=paths.key if run.store else None,
+            )
         _mark_published(run, result)
+    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
     return result
 
 
