@@ -209,6 +209,16 @@ def live_metrics(settings: Settings) -> dict | None:
 # pushes the one it writes (no-ops without a store).
 
 
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS held to one thread while implicit scores with its own threads (evaluate, publish): a
+    multi-threaded BLAS under it oversubscribes the cores, and implicit warns about it."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def _writing(settings: Settings, run: Run):
     return run_lock(run.paths, settings.run_lock_wait_seconds)
 
@@ -252,7 +262,7 @@ REPORT_HISTORY_RUNS = 30
 def evaluate_stage(settings: Settings, run: Run, dag_run_id: str | None = None) -> EvaluationResult:
     """Evaluate, record the run in the quality history, write the HTML report, then apply the
     quality gate (raises QualityGateError when it refuses: after recording, so refusals show)."""
-    with _writing(settings, run):
+    with _writing(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         paths = run.paths
         checked_model_build(paths.matrix, paths.model)
@@ -323,7 +333,7 @@ def _mark_published(run: Run, result: PublishResult) -> None:
 
 def publish_stage(settings: Settings, run: Run, progress: bool = False) -> PublishResult:
     """The whole publish as one attempt, in this process."""
-    with _reading(settings, run):
+    with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
         with _recording_stale(settings, run):
@@ -339,13 +349,13 @@ def publish_stage(settings: Settings, run: Run, progress: bool = False) -> Publi
 def prepare_publish_stage(settings: Settings, run: Run) -> tuple[str, str]:
     """Start a publish attempt (the DAG's first publish task); returns (version, attempt)."""
     attempt = new_attempt()
-    with _reading(settings, run), _recording_stale(settings, run):
+    with _reading(settings, run), _recording_stale(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         return prepare_publish(settings, run.paths.matrix, run.paths.model, run.params, attempt), attempt
 
 
 def publish_shard_stage(settings: Settings, run: Run, attempt: str, shard: int, shards: int) -> ShardResult:
-    with _reading(settings, run):
+    with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         return publish_shard(settings, run.paths.matrix, run.paths.model, run.params, attempt, shard, shards)
 
@@ -353,7 +363,7 @@ def publish_shard_stage(settings: Settings, run: Run, attempt: str, shard: int, 
 def finish_publish_stage(
     settings: Settings, run: Run, attempt: str, results: list[ShardResult], shards: int
 ) -> PublishResult:
-    with _reading(settings, run):
+    with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
         with _recording_stale(settings, run):

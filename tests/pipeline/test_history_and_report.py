@@ -60,3 +60,27 @@ def test_the_html_report_is_self_contained_and_shows_the_history(settings, demo_
     shares = report["distribution"]["model"]["category_share"]
     assert sum(shares.values()) == pytest.approx(1.0)
     assert 1 <= report["distribution"]["model"]["mean_distinct_categories"] <= report["k"]
+
+
+def test_evaluate_and_publish_hold_blas_to_one_thread(settings, demo_loaded, window_end, monkeypatch):
+    import warnings
+
+    import implicit.utils
+    from threadpoolctl import threadpool_info
+
+    from recsys.pipeline import stages
+
+    run = plan_run(settings, window_end, PipelineParams())
+    stages.extract_stage(settings, run)
+    stages.matrix_stage(settings, run)
+    stages.train_stage(settings, run)
+    assert any(api["user_api"] == "blas" and api["num_threads"] > 1 for api in threadpool_info()), (
+        "this machine's BLAS is single-threaded: the test would pass without the limit"
+    )
+    monkeypatch.setattr(implicit.utils, "_checked_blas_config", False)  # implicit warns once per process
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stages.evaluate_stage(settings, run)
+        monkeypatch.setattr(implicit.utils, "_checked_blas_config", False)
+        stages.publish_stage(settings, run)
+    assert [str(w.message) for w in caught if "threads" in str(w.message)] == []
