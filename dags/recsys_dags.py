@@ -122,12 +122,22 @@ Params left at their defaults take the values the ``recsys_tune`` DAG chose, unl
 
 TUNE_DOC = """Tune ALS on the shop's recent data: extract -> build_matrix -> tune.
 
-Fits on the window before the holdout cutoff and validates on what happened after it (MAP@K,
-the daily quality gate's metric). The chosen factors / regularization / alpha / iterations /
-confidence scaling are stored with their validation metrics and data window in
-``tuned/latest.json`` of the artifacts (of the shared store when ``RECSYS_ARTIFACTS_URL`` is set);
-``recsys_daily`` uses them for every param left at its default. Weekly on Sunday (unpause to
-enable) or triggered with a trial budget.
+**What it does.** Fits on the window before the holdout cutoff and validates on what happened
+after it (MAP@K, the daily quality gate's metric), starting the search from the active tuned
+params. Every result is kept as ``tuned/result-<time>-<id>.json`` of the artifacts (of the shared
+store when ``RECSYS_ARTIFACTS_URL`` is set); it becomes active (``tuned/latest.json``, what
+``recsys_daily`` uses for every param left at its default) only if it beats the active params on
+a comparable validation window, or if those are older than ``RECSYS_TUNED_MAX_AGE_DAYS``
+(default 28). Concurrent tunes take turns for that step under a Redis lock. The tune task's log
+and ``recsys show`` say which result is active and why.
+
+**When it runs.** Only when triggered (``schedule=None``): a scheduled DAG that is paused and
+then triggered is unpaused by the trigger and at once gets its latest scheduled run too, i.e.
+two tunes. Trigger it with a budget after a catalogue or traffic change, or from your own
+scheduler (``airflow dags trigger recsys_tune``).
+
+**Params.** ``n_trials``: the search budget (ALS fits; about 1-2 s each on the demo shop);
+``lookback_days`` / ``holdout_days``: the data window and the validation days at its end.
 """
 
 
@@ -259,7 +269,7 @@ recsys_daily()
 
 @dag(
     dag_id="recsys_tune",
-    schedule=CronDataIntervalTimetable("0 4 * * 0", timezone="UTC"),
+    schedule=None,  # triggered only: see TUNE_DOC ("When it runs")
     params={
         "n_trials": Param(40, type="integer", minimum=1, maximum=1000, title="Trials (the search budget)"),
         "lookback_days": Param(DEFAULTS.lookback_days, type="integer", minimum=2, title="Lookback (days)"),
@@ -270,15 +280,17 @@ recsys_daily()
 )
 def recsys_tune():
     @task
-    def extract(params=None, data_interval_end=None) -> dict:
+    def extract(params=None, data_interval_end=None, dag_run=None) -> dict:
         from recsys.pipeline.stages import extract_stage, plan_run
 
+        # an unscheduled DAG's manual run may have no data interval: its window ends when it was triggered
+        end = data_interval_end or dag_run.run_after
         # raw weights: the search itself chooses the confidence scaling
         search_params = PipelineParams(
             lookback_days=params["lookback_days"], holdout_days=params["holdout_days"], confidence_scaling="none"
         )
         settings = recsys_settings()
-        run = plan_run(settings, data_interval_end, search_params, use_tuned=False)
+        run = plan_run(settings, end, search_params, use_tuned=False)
         extract_stage(settings, run)
         return run.to_dict()
 
@@ -288,7 +300,7 @@ def recsys_tune():
 
         settings = recsys_settings()
         tuned = tune_stage(settings, planned(run, settings), params["n_trials"])
-        return {"params": tuned.params, "validation": tuned.validation}
+        return {"result_id": tuned.result_id, "params": tuned.params, "map": tuned.map, "decision": tuned.decision}
 
     tune(build_matrix(extract()))
 

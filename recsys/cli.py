@@ -228,6 +228,7 @@ def tune_command(
         raise _fail(error) from error
     where = tuned_path(settings) if run.store is None else run.store.url(stages.TUNED)
     console.print(f"chosen {tuned.params} in {tuned.seconds:.1f} s ({tuned.trials} trials) -> {where}")
+    console.print(f"result {tuned.result_id} {tuned.decision}")
     console.print(f"validation MAP@{search.k}: chosen {tuned.validation['chosen']['map']:.4f}, "
                   f"starting params {tuned.validation['starting_params']['map']:.4f}")
 
@@ -255,6 +256,23 @@ def show(
         found = redis_keys.user_recommendations(client, keys, user_id)
         console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}", soft_wrap=True)
     console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(redis_keys.top_buys(client, keys))}", soft_wrap=True)
+    _show_tuned(settings)
+
+
+def _show_tuned(settings: Settings) -> None:
+    """The active tuned params and where they come from (runs use them for params left at defaults)."""
+    from recsys.core.layout import configured_store
+
+    tuned = stages.tuned_params(settings, configured_store(settings))
+    if tuned is None:
+        console.print("tuned params: none active (runs use the defaults; `recsys tune` or the recsys_tune DAG makes some)")
+        return
+    console.print(f"tuned params (active): {json.dumps(tuned.params)}", soft_wrap=True)
+    console.print(
+        f"  result {tuned.result_id or '(unnamed)'} tuned at {tuned.tuned_at} on {tuned.window['start']} .. "
+        f"{tuned.window['end']} ({tuned.trials} trials, started from {tuned.started_from}); validation MAP@K "
+        f"{tuned.map:.4f}; {tuned.decision or 'activated'}", soft_wrap=True,
+    )
 
 
 @app.command("history")

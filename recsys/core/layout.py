@@ -7,7 +7,7 @@
         model/      manifest.json factors_full.npz factors_holdout.npz
         eval/       report.json report.html (the operators' page: plots, self-contained)
         published/  published.json (the run went live)
-    <artifacts>/tuned/latest.json, <window end>.json
+    <artifacts>/tuned/latest.json (the active result), result-<tuned at>-<id>.json (every result)
 
 The same names hold locally and in the shared artifact store (``recsys.core.artifacts``).
 """
@@ -36,7 +36,7 @@ FACTORS_FULL, FACTORS_HOLDOUT = "factors_full.npz", "factors_holdout.npz"
 # eval/ and published/
 EVALUATION_REPORT, EVALUATION_HTML, PUBLISHED_MARKER = "report.json", "report.html", "published.json"
 # tuned/
-TUNED_LATEST = "latest.json"
+TUNED_LATEST, TUNED_RESULT_PREFIX = "latest.json", "result-"
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,8 @@ from recsys.pipeline.publish.stage import (
 from recsys.pipeline.train import TrainResult, checked_model_build, train
 from recsys.pipeline.tune import (
     TunedParams,
+    keep_result,
     load_tuned,
-    save_tuned,
     tune_on_matrix,
     tuned_path,
     with_tuned,
@@ -377,17 +377,38 @@ def finish_publish_stage(
 
 
 def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:
-    """Tune on the run's matrix and store the choice where every later run's planning finds it."""
+    """Tune on the run's matrix, starting from the active tuned params; keep the result and make it
+    active only if it does not regress (``tune.promotion``). Concurrent tunes, on any worker, take
+    turns for the keep-and-activate step under one Redis lock."""
     with _reading(settings, run):
         run.pull(MATRIX)
-        tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials)
-    if run.store is None:
-        save_tuned(settings, tuned)
-        return tuned
-    pull_tuned(settings, run.store)  # the dated history so far: the push below replaces the folder
-    save_tuned(settings, tuned)
-    artifacts.push(run.store, tuned_path(settings).parent, TUNED)
+        active = tuned_params(settings, run.store)
+        tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials, start_from=active)
+    with tune_lock(settings):
+        if run.store is not None:
+            pull_tuned(settings, run.store)  # the results so far: the push below replaces the folder
+        tuned = keep_result(settings, tuned)
+        if run.store is not None:
+            artifacts.push(run.store, tuned_path(settings).parent, TUNED)
     return tuned
+
+
+# the keep-and-activate step is short; a holder that died frees the lock after this long
+TUNE_LOCK_SECONDS = 300
+
+
+@contextmanager
+def tune_lock(settings: Settings) -> Iterator[None]:
+    """One tune at a time reads the active params and replaces them (a Redis lock: shared by
+    every worker, unlike a file lock)."""
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    lock = client.lock(keys.tune_lock(), timeout=TUNE_LOCK_SECONDS, blocking_timeout=settings.run_lock_wait_seconds)
+    if not lock.acquire():
+        raise RunBusyError(f"another tune kept the tune lock for over {settings.run_lock_wait_seconds:g} s")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_pipeline(
