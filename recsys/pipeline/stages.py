@@ -278,6 +278,30 @@ def evaluate_stage(settings: Settings, run: Run, dag_run_id: str | None = None) 
     return result
 
 
+def report_location(run: Run) -> str:
+    """Where the run's HTML evaluation report is: its file in the store's current upload of the
+    eval folder, else the local file."""
+    if run.store is not None and (upload := artifacts.pushed(run.store, f"{run.paths.key}/{EVALUATION}")):
+        return run.store.url(run.paths.key, EVALUATION, upload.upload_id, EVALUATION_HTML)
+    return (run.paths.evaluation / EVALUATION_HTML).resolve().as_uri()
+
+
+def publish_blocker(settings: Settings, run: Run) -> str | None:
+    """Why this run's publish will be skipped (the live version holds fresher data), or None.
+    A backfill says so at its start: it still evaluates, for the quality history."""
+    from recsys.pipeline.publish.versions import live_data_end
+
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    live_end = live_data_end(client, keys)  # the test publish itself applies (_refuse_if_stale)
+    if live_end is None or live_end <= run.window.end.timestamp():
+        return None
+    return (
+        f"the live version {client.hget(keys.live('meta'), 'version')} holds data up to "
+        f"{datetime.fromtimestamp(live_end, UTC).isoformat()}, after this run's window end "
+        f"{run.window.end.isoformat()}: this run evaluates (for the quality history) but will not publish"
+    )
+
+
 def _extract_counts(run: Run) -> dict | None:
     """Rows read / kept / dropped by reason, from the run's extract report (local, else the
     store's copy read alone: the extract's Parquet files stay where they are)."""
