@@ -109,6 +109,8 @@ def test_tune_dag_then_daily_dag_uses_its_params(airflow_db, recsys_env, demo_lo
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     tune_dag, daily_dag = bag.dags["recsys_tune"], bag.dags["recsys_daily"]
+    # triggered only: a trigger that unpauses a scheduled DAG would also start its latest interval
+    assert tune_dag.schedule is None and tune_dag.timetable.can_be_scheduled is False
     for task in [*tune_dag.tasks, *daily_dag.tasks]:
         task.retries = 0
 
