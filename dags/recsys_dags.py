@@ -312,6 +312,7 @@ def recsys_daily():
     def evaluate(run: dict, run_id=None) -> dict:
         """Holdout metrics for model and popularity, recorded in recsys_runs with the HTML report;
         fails the run if the quality gate refuses."""
+        from recsys.core.layout import EVALUATION_HTML
         from recsys.pipeline.stages import evaluate_stage, report_location
 
         settings = recsys_settings()
@@ -319,7 +320,8 @@ def recsys_daily():
         try:
             result = evaluate_stage(settings, planned_run, dag_run_id=run_id)
         finally:  # a refused run's report matters most
-            log.info("evaluation report: %s", report_location(planned_run))
+            if (planned_run.paths.evaluation / EVALUATION_HTML).exists():
+                log.info("evaluation report: %s", report_location(planned_run))
         return {**run, "model_map": result.model.map, "popularity_map": result.popularity.map,
                 "report": report_location(planned_run)}
 

@@ -292,7 +292,7 @@ def publish_blocker(settings: Settings, run: Run) -> str | None:
     from recsys.pipeline.publish.versions import live_data_end
 
     client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    live_end = live_data_end(client, keys)  # the test publish itself applies (_refuse_if_stale)
+    live_end = live_data_end(client, keys)  # the same test publish applies before its work
     if live_end is None or live_end <= run.window.end.timestamp():
         return None
     return (
@@ -316,7 +316,9 @@ def _extract_counts(run: Run) -> dict | None:
     return {name: values[name] for name in ("rows_read", "rows_kept", "rows_dropped", "rows_invalid", "dropped")}
 
 
-def _run_record(run: Run, result: EvaluationResult, extract_counts: dict | None, dag_run_id: str | None):
+def _run_record(
+    run: Run, result: EvaluationResult, extract_counts: dict | None, dag_run_id: str | None
+) -> history.RunRecord:
     model = json.loads((run.paths.model / MANIFEST).read_text())
     counts = model["counts"]
     return history.RunRecord(
