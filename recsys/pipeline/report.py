@@ -1,6 +1,6 @@
 """The run's evaluation report as one self-contained HTML page (``eval/report.html``).
 
-Plots are inline SVG from matplotlib's Agg-free SVG backend, styles inline: the page opens from a
+Plots are inline SVG from matplotlib's SVG backend, styles inline: the page opens from a
 file, an object store or an Airflow link without any network. It shows this run's holdout metrics
 against popularity, the last runs of the quality history (``recsys_runs``) with the gate's
 threshold, how recommendations spread over the catalogue (coverage, popularity bias, categories),
@@ -26,8 +26,9 @@ MODEL_COLOUR, POPULARITY_COLOUR, GATE_COLOUR = "#1f77b4", "#999999", "#d62728"
 
 def _svg(figure) -> str:
     buffer = io.StringIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="svg", bbox_inches="tight")  # keeps legends placed below an axes
+    # "tight" crops to what is drawn, legends placed below an axes included (tight_layout would
+    # warn about long category names instead)
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
     plt.close(figure)
     text = buffer.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
