@@ -11,10 +11,15 @@ exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``. The shared arti
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
 from datetime import timedelta
 
 import pendulum
 from airflow.sdk import (
+    Asset,
+    BaseNotifier,
     Connection,
     CronDataIntervalTimetable,
     ExceptionRetryPolicy,
@@ -30,6 +35,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipExceptio
 
 from recsys.core.params import PipelineParams
 
+log = logging.getLogger(__name__)
 DEFAULTS = PipelineParams()
 
 # Bad data or a refused model fails at once; only lost connections are worth a retry.
@@ -60,7 +66,72 @@ RETRY_POLICY = ExceptionRetryPolicy(
 )
 
 
-DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(minutes=5), "retry_policy": RETRY_POLICY}
+# What the DAGs produce, for DAGs scheduled on them (dags/examples/after_publish.py): the live
+# recommendations (an event per publish, extra: version, data window, metrics, run folder) and the
+# tuned params (an event per tune, extra: result id, whether it became active and why).
+REDIS_PREFIX = os.environ.get("RECSYS_REDIS_PREFIX", "recsys")
+LIVE_ASSET = Asset(f"recsys://{REDIS_PREFIX}/live", group="recsys")
+TUNED_ASSET = Asset(f"recsys://{REDIS_PREFIX}/tuned", group="recsys")
+
+alerts_log = logging.getLogger("recsys.alerts")
+
+
+class RunAlert(BaseNotifier):
+    """The default alert: one WARNING line on the ``recsys.alerts`` logger naming the run, the task
+    and what happened (a refused gate, a failure, a skipped publish) and what to do."""
+
+    def __init__(self, skipped: bool = False):
+        super().__init__()
+        self.skipped = skipped
+
+    def notify(self, context) -> None:
+        alerts_log.warning("recsys alert: %s", alert_text(context, self.skipped))
+
+
+def alert_text(context, skipped: bool) -> str:
+    from recsys.core.errors import QualityGateError
+
+    ti, error = context["ti"], context.get("exception")
+    where = f"{ti.dag_id} run {context['run_id']} task {ti.task_id}"
+    if skipped:
+        return (f"{where}: publish skipped, the live version holds fresher data (a backfill?); the run was "
+                "evaluated and recorded in recsys_runs")
+    if isinstance(error, QualityGateError):
+        return (f"{where}: the quality gate refused the model, nothing was published, the live version stays. "
+                f"{error}. See the run's evaluation report (the evaluate task's log names it) and `recsys history`.")
+    return f"{where} failed: {type(error).__name__}: {error}. The task's log has the details."
+
+
+def alert_notifiers(skipped: bool = False) -> list:
+    """The default log line, plus the notifier(s) ``RECSYS_ALERT_NOTIFIER=package.module:factory``
+    returns (e.g. a Slack or SMTP notifier of an Airflow provider); the factory gets ``skipped``."""
+    configured = os.environ.get("RECSYS_ALERT_NOTIFIER")
+    if not configured:
+        return [RunAlert(skipped)]
+    module, _, name = configured.partition(":")
+    extra = getattr(importlib.import_module(module), name)(skipped=skipped)
+    return [RunAlert(skipped), *(extra if isinstance(extra, list) else [extra])]
+
+
+ALERTS, SKIP_ALERTS = alert_notifiers(), alert_notifiers(skipped=True)
+
+
+def record_failed_publish(context) -> None:
+    """A publish task failed after evaluate recorded the run: its history row says failed."""
+    from recsys.pipeline import history
+
+    run = context["ti"].xcom_pull(task_ids="evaluate")
+    if run is not None:
+        settings = recsys_settings()
+        history.record_publish(settings, planned(run, settings).paths.key, history.FAILED)
+
+
+DEFAULT_ARGS = {
+    "retries": 2,
+    "retry_delay": timedelta(minutes=5),
+    "retry_policy": RETRY_POLICY,
+    "on_failure_callback": ALERTS,
+}
 # what both DAGs share: one run at a time, no catch-up of missed days on unpause
 DAG_SETTINGS = {
     "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
@@ -106,28 +177,61 @@ def planned(run: dict, settings):
 DAILY_DOC = """Daily shop recommendations: extract -> build_matrix -> train -> evaluate ->
 prepare_publish -> publish_shard (mapped over ``publish_shards`` user shards) -> publish.
 
-Wiring only: every task is a thin call into ``recsys.pipeline``; the run (effective params, data
-window, hence its artifact folder) is fixed once by ``extract`` and travels through XCom as a small
-dict, never arrays. With ``RECSYS_ARTIFACTS_URL`` set, each task pulls the folders it reads from
-that shared store and pushes the one it writes, so tasks and shards can run on any worker.
+**What a run does.** It reads the interactions of ``[data_interval_end - lookback_days,
+data_interval_end)`` from the shop's PostgreSQL (``extract``; rows it drops are counted by reason),
+builds the user x product matrices, trains ALS twice (before the holdout cutoff, to evaluate; on
+everything, to publish), compares the holdout model with a popularity baseline (``evaluate``: the
+quality gate), and writes the recommendations to Redis under a new version that goes live
+atomically (``publish``). A run (scheduled, manual or backfilled) for date D never sees data from
+after D.
 
-The window is ``[data_interval_end - lookback_days, data_interval_end)``, so a run (scheduled,
-manual or backfilled) for date D never sees data from after D, and publish refuses to replace a
-live version whose data is fresher (the task is skipped, saying why).
+**What it leaves for you.** ``evaluate`` records the run in the ``recsys_runs`` table
+(``recsys history``) and writes ``eval/report.html`` with the run's artifacts: metrics vs
+popularity, the last runs against the gate, popularity bias, categories, data quality, training
+time. The evaluate task's log and its XCom name the report's location. A publish updates the run's
+history row (published / skipped_stale / failed) and emits the ``recsys://<prefix>/live`` asset
+(extra: version, window, metrics), which other DAGs can be scheduled on.
 
-Params left at their defaults take the values the ``recsys_tune`` DAG chose, unless
-``use_tuned_params`` is off. Database and Redis come from the Airflow connections ``recsys_db`` /
-``recsys_redis`` when they exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``.
+**Params.** ``lookback_days`` / ``holdout_days``: the data window and the days held out to evaluate;
+``factors``, ``regularization``, ``alpha``, ``iterations``, ``confidence_scaling``: ALS (left at
+their defaults they take the tuned values unless ``use_tuned_params`` is off); ``event_weights``:
+weight per event type (others dropped); ``half_life_days``: time decay; ``top_n``: list length;
+``k``: K of the metrics; ``min_lift`` / ``max_map_drop``: the gate; ``publish_shards``: parallel
+publish tasks.
+
+**When the gate refuses** (evaluate fails with "quality gate refused", nothing is published, the
+live version keeps serving): open the run's report. A one-off dip while popularity looks normal
+is usually the data: compare the extract's counts with earlier runs in the report or in
+``recsys history``. A steady slide over several runs wants new params: trigger ``recsys_tune``.
+If the model is good but the live one was unusually strong, a rerun with a larger
+``max_map_drop`` publishes it. Each refusal, failure and skipped publish also raises an alert
+(a ``recsys.alerts`` WARNING line; more notifiers with ``RECSYS_ALERT_NOTIFIER``).
+
+**Backfills.** A run whose window ends before the live version's data says so in its first task's
+log ("will not publish"), evaluates for the history, and its publish is skipped.
+
+Database and Redis come from the Airflow connections ``recsys_db`` / ``recsys_redis`` when they
+exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``.
 """
 
 TUNE_DOC = """Tune ALS on the shop's recent data: extract -> build_matrix -> tune.
 
-Fits on the window before the holdout cutoff and validates on what happened after it (MAP@K,
-the daily quality gate's metric). The chosen factors / regularization / alpha / iterations /
-confidence scaling are stored with their validation metrics and data window in
-``tuned/latest.json`` of the artifacts (of the shared store when ``RECSYS_ARTIFACTS_URL`` is set);
-``recsys_daily`` uses them for every param left at its default. Weekly on Sunday (unpause to
-enable) or triggered with a trial budget.
+**What it does.** Fits on the window before the holdout cutoff and validates on what happened
+after it (MAP@K, the daily quality gate's metric), starting the search from the active tuned
+params. Every result is kept as ``tuned/result-<time>-<id>.json`` of the artifacts (of the shared
+store when ``RECSYS_ARTIFACTS_URL`` is set); it becomes active (``tuned/latest.json``, what
+``recsys_daily`` uses for every param left at its default) only if it beats the active params on
+a comparable validation window, or if those are older than ``RECSYS_TUNED_MAX_AGE_DAYS``
+(default 28). Concurrent tunes take turns for that step under a Redis lock. The tune task's log
+and ``recsys show`` say which result is active and why.
+
+**When it runs.** Only when triggered (``schedule=None``): a scheduled DAG that is paused and
+then triggered is unpaused by the trigger and at once gets its latest scheduled run too, i.e.
+two tunes. Trigger it with a budget after a catalogue or traffic change, or from your own
+scheduler (``airflow dags trigger recsys_tune``).
+
+**Params.** ``n_trials``: the search budget (ALS fits; about 1-2 s each on the demo shop);
+``lookback_days`` / ``holdout_days``: the data window and the validation days at its end.
 """
 
 
@@ -177,18 +281,24 @@ def build_matrix(run: dict) -> dict:
     **DAG_SETTINGS,
 )
 def recsys_daily():
-    @task
-    def extract(params=None, data_interval_end=None) -> dict:
+    @task(inlets=[TUNED_ASSET])
+    def extract(params=None, data_interval_end=None, inlet_events=None) -> dict:
         """Fix the run (effective params, window, folder) and extract its interactions."""
-        from recsys.pipeline.stages import extract_stage, plan_run
+        from recsys.pipeline.stages import extract_stage, plan_run, publish_blocker
 
         values = dict(params)
         steering = {name: values.pop(name) for name in RUN_PARAMS}
         settings = recsys_settings()
         run = plan_run(settings, data_interval_end, PipelineParams.from_dict(values), steering["use_tuned_params"])
+        tune_events = inlet_events[TUNED_ASSET]
+        if tune_events:  # recorded with the run: which tune last reported, and what it decided
+            log.info("last tune: %s", tune_events[-1].extra)
+        blocker = publish_blocker(settings, run)
+        if blocker:
+            log.warning("backfill: %s", blocker)
         result = extract_stage(settings, run)
         return {**run.to_dict(), "shards": steering["publish_shards"], "rows_read": result.rows_read,
-                "rows_kept": result.rows_kept}
+                "rows_kept": result.rows_kept, "will_not_publish": blocker}
 
     @task
     def train(run: dict) -> dict:
@@ -199,15 +309,23 @@ def recsys_daily():
         return run
 
     @task
-    def evaluate(run: dict) -> dict:
-        """Holdout metrics for model and popularity; fails the run if the quality gate refuses."""
-        from recsys.pipeline.stages import evaluate_stage
+    def evaluate(run: dict, run_id=None) -> dict:
+        """Holdout metrics for model and popularity, recorded in recsys_runs with the HTML report;
+        fails the run if the quality gate refuses."""
+        from recsys.core.layout import EVALUATION_HTML
+        from recsys.pipeline.stages import evaluate_stage, report_location
 
         settings = recsys_settings()
-        result = evaluate_stage(settings, planned(run, settings))
-        return {**run, "model_map": result.model.map, "popularity_map": result.popularity.map}
+        planned_run = planned(run, settings)
+        try:
+            result = evaluate_stage(settings, planned_run, dag_run_id=run_id)
+        finally:  # a refused run's report matters most
+            if (planned_run.paths.evaluation / EVALUATION_HTML).exists():
+                log.info("evaluation report: %s", report_location(planned_run))
+        return {**run, "model_map": result.model.map, "popularity_map": result.popularity.map,
+                "report": report_location(planned_run)}
 
-    @task
+    @task(on_failure_callback=[*ALERTS, record_failed_publish], on_skipped_callback=SKIP_ALERTS)
     def prepare_publish(run: dict) -> list[dict]:
         """Start a publish attempt: stage products' lists; one job per user shard. A run older than
         the live version is skipped here."""
@@ -221,7 +339,7 @@ def recsys_daily():
             raise AirflowSkipException(str(stale)) from stale
         return [{"run": run, "attempt": attempt, "shard": shard} for shard in range(run["shards"])]
 
-    @task(map_index_template="{{ shard_label }}")
+    @task(map_index_template="{{ shard_label }}", on_failure_callback=[*ALERTS, record_failed_publish])
     def publish_shard(job: dict) -> dict:
         from dataclasses import asdict
 
@@ -233,20 +351,26 @@ def recsys_daily():
         result = publish_shard_stage(settings, planned(run, settings), job["attempt"], job["shard"], run["shards"])
         return asdict(result)
 
-    @task
-    def publish(run: dict, shard_results: list[dict]) -> dict:
+    @task(outlets=[LIVE_ASSET], on_failure_callback=[*ALERTS, record_failed_publish], on_skipped_callback=SKIP_ALERTS)
+    def publish(run: dict, shard_results: list[dict], outlet_events=None) -> dict:
         """Check every shard (staging again what a Redis restart lost), then switch the new version
-        live atomically."""
+        live atomically; the live asset's event carries the version and its metrics."""
         from recsys.core.errors import StaleVersionError
         from recsys.pipeline.publish.stage import ShardResult
         from recsys.pipeline.stages import finish_publish_stage
 
-        results = [ShardResult(**result) for result in shard_results]
+        # by index up to its length: iterating the lazy sequence probes one past the end, which the
+        # API client logs as an error ("XCom not found ... publish_shard")
+        results = [ShardResult(**shard_results[index]) for index in range(len(shard_results))]
         settings = recsys_settings()
         try:
             result = finish_publish_stage(settings, planned(run, settings), results[0].attempt, results, run["shards"])
         except StaleVersionError as stale:
             raise AirflowSkipException(str(stale)) from stale
+        outlet_events[LIVE_ASSET].extra = {
+            "version": result.version, "window": run["window"], "run_key": planned(run, settings).paths.key,
+            "metrics": {"model_map": run["model_map"], "popularity_map": run["popularity_map"]}, "users": result.users,
+        }
         return {"version": result.version, "users": result.users}
 
     evaluated = evaluate(train(build_matrix(extract())))
@@ -259,7 +383,7 @@ recsys_daily()
 
 @dag(
     dag_id="recsys_tune",
-    schedule=CronDataIntervalTimetable("0 4 * * 0", timezone="UTC"),
+    schedule=None,  # triggered only: see TUNE_DOC ("When it runs")
     params={
         "n_trials": Param(40, type="integer", minimum=1, maximum=1000, title="Trials (the search budget)"),
         "lookback_days": Param(DEFAULTS.lookback_days, type="integer", minimum=2, title="Lookback (days)"),
@@ -270,25 +394,28 @@ recsys_daily()
 )
 def recsys_tune():
     @task
-    def extract(params=None, data_interval_end=None) -> dict:
+    def extract(params=None, data_interval_end=None, dag_run=None) -> dict:
         from recsys.pipeline.stages import extract_stage, plan_run
 
+        # an unscheduled DAG's manual run may have no data interval: its window ends when it was triggered
+        end = data_interval_end or dag_run.run_after
         # raw weights: the search itself chooses the confidence scaling
         search_params = PipelineParams(
             lookback_days=params["lookback_days"], holdout_days=params["holdout_days"], confidence_scaling="none"
         )
         settings = recsys_settings()
-        run = plan_run(settings, data_interval_end, search_params, use_tuned=False)
+        run = plan_run(settings, end, search_params, use_tuned=False)
         extract_stage(settings, run)
         return run.to_dict()
 
-    @task(execution_timeout=timedelta(hours=6))
-    def tune(run: dict, params=None) -> dict:
+    @task(execution_timeout=timedelta(hours=6), outlets=[TUNED_ASSET])
+    def tune(run: dict, params=None, outlet_events=None) -> dict:
         from recsys.pipeline.stages import tune_stage
 
         settings = recsys_settings()
         tuned = tune_stage(settings, planned(run, settings), params["n_trials"])
-        return {"params": tuned.params, "validation": tuned.validation}
+        outlet_events[TUNED_ASSET].extra = {"result_id": tuned.result_id, "map": tuned.map, "decision": tuned.decision}
+        return {"result_id": tuned.result_id, "params": tuned.params, "map": tuned.map, "decision": tuned.decision}
 
     tune(build_matrix(extract()))
 

@@ -115,7 +115,8 @@ def services_stop() -> None:
 
 @app.command("init-db")
 def init_db() -> None:
-    """Create the shop tables (interactions, products) in the configured schema."""
+    """Create the shop tables (interactions, products) and the quality history (recsys_runs) in
+    the configured schema."""
     settings = Settings()
     db.create_schema(settings)
     console.print(f"tables ready in schema {settings.db_schema}")
@@ -227,6 +228,7 @@ def tune_command(
         raise _fail(error) from error
     where = tuned_path(settings) if run.store is None else run.store.url(stages.TUNED)
     console.print(f"chosen {tuned.params} in {tuned.seconds:.1f} s ({tuned.trials} trials) -> {where}")
+    console.print(f"result {tuned.result_id} {tuned.decision}")
     console.print(f"validation MAP@{search.k}: chosen {tuned.validation['chosen']['map']:.4f}, "
                   f"starting params {tuned.validation['starting_params']['map']:.4f}")
 
@@ -254,6 +256,51 @@ def show(
         found = redis_keys.user_recommendations(client, keys, user_id)
         console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}", soft_wrap=True)
     console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(redis_keys.top_buys(client, keys))}", soft_wrap=True)
+    _show_tuned(settings)
+
+
+def _show_tuned(settings: Settings) -> None:
+    """The active tuned params and where they come from (runs use them for params left at defaults)."""
+    from recsys.core.layout import configured_store
+
+    tuned = stages.tuned_params(settings, configured_store(settings))
+    if tuned is None:
+        console.print("tuned params: none active (runs use the defaults; `recsys tune` or the recsys_tune DAG makes some)")
+        return
+    console.print(f"tuned params (active): {json.dumps(tuned.params)}", soft_wrap=True)
+    console.print(
+        f"  result {tuned.result_id or '(unnamed)'} tuned at {tuned.tuned_at} on {tuned.window['start']} .. "
+        f"{tuned.window['end']} ({tuned.trials} trials, started from {tuned.started_from}); validation MAP@K "
+        f"{tuned.map:.4f}; {tuned.decision or 'activated'}", soft_wrap=True,
+    )
+
+
+@app.command("history")
+def history_command(
+    limit: Annotated[int, typer.Option(min=1, help="How many runs, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, every column.")] = False,
+) -> None:
+    """The quality history: every evaluated run, its metrics, the gate's decision and what publish did."""
+    from recsys.pipeline import history
+
+    rows = history.recent_runs(Settings(), limit)
+    if as_json:
+        for row in rows:
+            typer.echo(history.as_json(row))
+        return
+    table = Table("recorded at", "window end", "status", "model MAP@K", "popularity MAP@K", "version",
+                  "interactions", "train s", "run")
+    for row in rows:
+        model, popularity = row["metrics"]["model"], row["metrics"]["popularity"]
+        table.add_row(
+            f"{row['recorded_at']:%Y-%m-%d %H:%M:%S}", f"{row['window_end']:%Y-%m-%d %H:%M}", row["status"],
+            f"{model['map']:.4f} @{model['k']}", f"{popularity['map']:.4f}", row["published_version"] or "",
+            f"{row['interactions']:,}" if row["interactions"] is not None else "",
+            f"{row['train_seconds']:.1f}" if row["train_seconds"] is not None else "", row["run_key"],
+        )
+    console.print(table)
+    if not rows:
+        console.print("no run recorded yet: `recsys run` or the recsys_daily DAG records one at its evaluate stage")
 
 
 @app.command("serve")

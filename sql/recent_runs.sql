@@ -1,3 +1,5 @@
--- The latest pipeline runs for the look-up page's quality history, newest first, each row as one
--- JSON object (columns added to recsys_runs later come along). The pipeline writes the table.
-SELECT to_jsonb(runs) FROM recsys_runs AS runs ORDER BY recorded_at DESC LIMIT %(limit)s
+SELECT run_key, dag_run_id, window_start, window_end, params, metrics, gate_passed, gate_reason,
+       published_version, status, extract_counts, train_seconds, interactions, users, items, recorded_at
+FROM recsys_runs
+ORDER BY recorded_at DESC
+LIMIT %(limit)s

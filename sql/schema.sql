@@ -33,3 +33,26 @@ CREATE TABLE IF NOT EXISTS pending_list_refreshes (
     user_id       TEXT PRIMARY KEY,
     requested_at  TIMESTAMPTZ NOT NULL
 );
+
+-- Quality history: one row per evaluated run (the evaluate stage inserts it; publish updates its
+-- status). Operators and the look-up page read it; `recsys history` prints it.
+CREATE TABLE IF NOT EXISTS recsys_runs (
+    run_key            TEXT NOT NULL,             -- runs/<window end>/<params fingerprint>
+    dag_run_id         TEXT,
+    window_start       TIMESTAMPTZ NOT NULL,
+    window_end         TIMESTAMPTZ NOT NULL,
+    params             JSONB NOT NULL,
+    metrics            JSONB NOT NULL,            -- {"model": {...}, "popularity": {...}}
+    gate_passed        BOOLEAN NOT NULL,
+    gate_reason        TEXT NOT NULL,
+    published_version  TEXT,
+    status             TEXT NOT NULL CHECK (status IN ('evaluated', 'refused', 'published', 'skipped_stale', 'failed')),
+    extract_counts     JSONB,                     -- rows read / kept / dropped by reason
+    train_seconds      DOUBLE PRECISION,
+    interactions       BIGINT,
+    users              BIGINT,
+    items              BIGINT,
+    recorded_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_key, recorded_at)
+);
+CREATE INDEX IF NOT EXISTS recsys_runs_recorded_at_idx ON recsys_runs (recorded_at);

@@ -73,3 +73,16 @@ def stage(settings, window_end, params):
     paths.evaluation.mkdir(parents=True)
     (paths.evaluation / EVALUATION_REPORT).write_text(json.dumps({"model": {}, "popularity": {}}))
     return paths
+
+
+def file_alerts(skipped: bool = False):
+    """A notifier factory for RECSYS_ALERT_NOTIFIER: appends each alert to RECSYS_TEST_ALERTS_FILE."""
+    from airflow.sdk import BaseNotifier
+
+    class FileAlert(BaseNotifier):
+        def notify(self, context) -> None:
+            kind = "skipped" if skipped else "failed"
+            with open(os.environ["RECSYS_TEST_ALERTS_FILE"], "a") as out:
+                out.write(f"{kind} {context['ti'].task_id} {context.get('exception')}\n")
+
+    return FileAlert()

@@ -5,9 +5,9 @@
         matrix/     manifest.json users.parquet items.parquet
                     full.npz train.npz exclude.npz train_exclude.npz holdout.npz
         model/      manifest.json factors_full.npz factors_holdout.npz
-        eval/       report.json
+        eval/       report.json report.html (the operators' page: plots, self-contained)
         published/  published.json (the run went live)
-    <artifacts>/tuned/latest.json, <window end>.json
+    <artifacts>/tuned/latest.json (the active result), result-<tuned at>-<id>.json (every result)
 
 The same names hold locally and in the shared artifact store (``recsys.core.artifacts``).
 """
@@ -34,9 +34,9 @@ USERS, ITEMS = "users.parquet", "items.parquet"
 FULL, TRAIN, EXCLUDE, TRAIN_EXCLUDE, HOLDOUT = "full.npz", "train.npz", "exclude.npz", "train_exclude.npz", "holdout.npz"
 FACTORS_FULL, FACTORS_HOLDOUT = "factors_full.npz", "factors_holdout.npz"
 # eval/ and published/
-EVALUATION_REPORT, PUBLISHED_MARKER = "report.json", "published.json"
+EVALUATION_REPORT, EVALUATION_HTML, PUBLISHED_MARKER = "report.json", "report.html", "published.json"
 # tuned/
-TUNED_LATEST = "latest.json"
+TUNED_LATEST, TUNED_RESULT_PREFIX = "latest.json", "result-"
 
 
 @dataclass(frozen=True)

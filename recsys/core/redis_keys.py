@@ -75,6 +75,10 @@ class KeyLayout:
     def history(self) -> str:
         return f"{self.tag}:history"
 
+    def tune_lock(self) -> str:
+        """Held by the tune that is keeping its result and maybe replacing the active params."""
+        return f"{self.tag}:lock:tune"
+
     def pattern(self) -> str:
         """Every key of this layout (for SCAN-based cleanup)."""
         return f"{self.tag}:*"

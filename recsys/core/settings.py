@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     run_lock_wait_seconds: float = Field(
         default=3600.0, ge=0, description="How long a stage waits for another process working on the same run folder"
     )
+    tuned_max_age_days: float = Field(
+        default=28.0, gt=0,
+        description="Tuned params older than this are replaced by the next tune's result even when it is not "
+        "better; younger ones only by a result better on a comparable validation window",
+    )
     max_clock_skew_seconds: float = Field(
         default=300.0, ge=0, description="Clock drift allowed: a run's window, or an API event's timestamp, may be this far after now"
     )

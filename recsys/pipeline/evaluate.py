@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from recsys.core.errors import InputError, QualityGateError
-from recsys.core.layout import EVALUATION_REPORT, FACTORS_HOLDOUT
+from recsys.core.layout import EVALUATION_REPORT, FACTORS_HOLDOUT, ITEMS
 from recsys.core.params import PipelineParams
 from recsys.ml.als import load_factors
 from recsys.ml.metrics import RankingMetrics, ranking_metrics
@@ -22,6 +23,10 @@ from recsys.ml.ranking import als_model, popularity_model, recommend_top_n
 from recsys.pipeline.matrix import holdout_split
 
 log = logging.getLogger(__name__)
+
+# the popularity-bias curve: share of recommendations among the top x % most popular products
+TOP_SHARES_PERCENT = (1, 2, 5, 10, 20, 50, 100)
+CATEGORIES_LISTED = 12  # the rest of the categories are summed as "other"
 
 
 @dataclass(frozen=True)
@@ -96,10 +101,46 @@ def evaluate(
             "max_map_drop": params.max_map_drop,
             "live_model_map": live_model.get("map"),
         },
+        "distribution": {
+            "model": recommendation_distribution(model_recs, item_popularity, matrix_dir),
+            "popularity": recommendation_distribution(popular_recs, item_popularity, matrix_dir),
+        },
     }
     report_path.write_text(json.dumps(report, indent=2))
     log.info("quality gate %s", reason)
     return EvaluationResult(report_path, model_metrics, popularity_metrics, passed, reason)
+
+
+def recommendation_distribution(recs: np.ndarray, item_popularity: np.ndarray, matrix_dir: Path) -> dict:
+    """How a top-K list set spreads over the catalogue: the popularity-bias curve (share of
+    recommendations in the top x % most popular products), the share per category, and the mean
+    number of distinct categories in one user's list."""
+    valid = recs >= 0
+    shown = recs[valid]
+    n_items = len(item_popularity)
+    rank = np.empty(n_items, dtype=np.int64)
+    rank[np.argsort(-item_popularity, kind="stable")] = np.arange(n_items)
+    curve = {
+        str(percent): float((rank[shown] < max(1, round(n_items * percent / 100))).mean()) if shown.size else 0.0
+        for percent in TOP_SHARES_PERCENT
+    }
+    categories = pq.read_table(matrix_dir / ITEMS, columns=["category"])["category"].to_pylist()
+    codes = {name: code for code, name in enumerate(sorted({c or "(none)" for c in categories}))}
+    item_category = np.array([codes[c or "(none)"] for c in categories], dtype=np.int64)
+    counts = np.bincount(item_category[shown], minlength=len(codes))
+    ordered = sorted(zip(codes, counts.tolist(), strict=True), key=lambda pair: -pair[1])
+    shares = {name: count / max(1, shown.size) for name, count in ordered[:CATEGORIES_LISTED]}
+    if len(ordered) > CATEGORIES_LISTED:
+        shares["other"] = sum(count for _, count in ordered[CATEGORIES_LISTED:]) / max(1, shown.size)
+    # distinct categories per list, vectorised: sort each row, count the changes (-1 is padding)
+    user_categories = np.sort(np.where(valid, item_category[np.where(valid, recs, 0)], -1), axis=1)
+    starts = np.diff(user_categories, axis=1, prepend=-1) != 0
+    distinct = (starts & (user_categories >= 0)).sum(axis=1)
+    return {
+        "top_popular_share": curve,
+        "category_share": shares,
+        "mean_distinct_categories": float(distinct.mean()) if distinct.size else 0.0,
+    }
 
 
 def enforce_quality_gate(result: EvaluationResult) -> None:

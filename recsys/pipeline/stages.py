@@ -25,11 +25,13 @@ from datetime import UTC, datetime, timedelta
 
 from recsys.core import artifacts, redis_keys
 from recsys.core.artifacts import ArtifactStore
-from recsys.core.errors import FutureWindowError, RecsysError
+from recsys.core.errors import FutureWindowError, RecsysError, StaleVersionError
 from recsys.core.layout import (
     EVALUATION,
+    EVALUATION_HTML,
     EVALUATION_REPORT,
     EXTRACT,
+    EXTRACT_REPORT,
     INTERACTIONS,
     MANIFEST,
     MATRIX,
@@ -48,6 +50,7 @@ from recsys.core.layout import (
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.core.window import Window, stamp, window_ending
+from recsys.pipeline import history, report
 from recsys.pipeline.evaluate import EvaluationResult, enforce_quality_gate, evaluate
 from recsys.pipeline.extract import ExtractResult, extract, extracted_id_types
 from recsys.pipeline.matrix import MatrixResult, build_matrix
@@ -64,8 +67,8 @@ from recsys.pipeline.publish.stage import (
 from recsys.pipeline.train import TrainResult, checked_model_build, train
 from recsys.pipeline.tune import (
     TunedParams,
+    keep_result,
     load_tuned,
-    save_tuned,
     tune_on_matrix,
     tuned_path,
     with_tuned,
@@ -207,6 +210,16 @@ def live_metrics(settings: Settings) -> dict | None:
 # pushes the one it writes (no-ops without a store).
 
 
+@contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS held to one thread while implicit scores with its own threads (evaluate, publish): a
+    multi-threaded BLAS under it oversubscribes the cores, and implicit warns about it."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def _writing(settings: Settings, run: Run):
     return run_lock(run.paths, settings.run_lock_wait_seconds)
 
@@ -243,16 +256,97 @@ def train_stage(settings: Settings, run: Run, progress: bool = False) -> TrainRe
     return result
 
 
-def evaluate_stage(settings: Settings, run: Run) -> EvaluationResult:
-    """Evaluate and apply the quality gate (raises QualityGateError when it refuses)."""
-    with _writing(settings, run):
+# how many runs of the quality history the evaluation report plots
+REPORT_HISTORY_RUNS = 30
+
+
+def evaluate_stage(settings: Settings, run: Run, dag_run_id: str | None = None) -> EvaluationResult:
+    """Evaluate, record the run in the quality history, write the HTML report, then apply the
+    quality gate (raises QualityGateError when it refuses: after recording, so refusals show)."""
+    with _writing(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         paths = run.paths
         checked_model_build(paths.matrix, paths.model)
         result = evaluate(paths.matrix, paths.model, paths.evaluation, run.params, live_metrics(settings))
+        extract_counts = _extract_counts(run)
+        history.record_evaluation(settings, _run_record(run, result, extract_counts, dag_run_id))
+        evaluation = json.loads(result.report_path.read_text())
+        recent = history.recent_runs(settings, REPORT_HISTORY_RUNS)[::-1]
+        page = report.render(evaluation, recent, paths.key, extract_counts)
+        (paths.evaluation / EVALUATION_HTML).write_text(page)
         run.push(EVALUATION)  # a refused report too: it says why
     enforce_quality_gate(result)
     return result
+
+
+def report_location(run: Run) -> str:
+    """Where the run's HTML evaluation report is: its file in the store's current upload of the
+    eval folder, else the local file."""
+    if run.store is not None and (upload := artifacts.pushed(run.store, f"{run.paths.key}/{EVALUATION}")):
+        return run.store.url(run.paths.key, EVALUATION, upload.upload_id, EVALUATION_HTML)
+    return (run.paths.evaluation / EVALUATION_HTML).resolve().as_uri()
+
+
+def publish_blocker(settings: Settings, run: Run) -> str | None:
+    """Why this run's publish will be skipped (the live version holds fresher data), or None.
+    A backfill says so at its start: it still evaluates, for the quality history."""
+    from recsys.pipeline.publish.versions import live_data_end
+
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    live_end = live_data_end(client, keys)  # the same test publish applies before its work
+    if live_end is None or live_end <= run.window.end.timestamp():
+        return None
+    return (
+        f"the live version {client.hget(keys.live('meta'), 'version')} holds data up to "
+        f"{datetime.fromtimestamp(live_end, UTC).isoformat()}, after this run's window end "
+        f"{run.window.end.isoformat()}: this run evaluates (for the quality history) but will not publish"
+    )
+
+
+def _extract_counts(run: Run) -> dict | None:
+    """Rows read / kept / dropped by reason, from the run's extract report (local, else the
+    store's copy read alone: the extract's Parquet files stay where they are)."""
+    local = run.paths.extract / EXTRACT_REPORT
+    if local.exists():
+        text = local.read_text()
+    elif run.store is not None and (upload := artifacts.pushed(run.store, f"{run.paths.key}/{EXTRACT}")):
+        text = run.store.fs.cat_file(run.store.path(run.paths.key, EXTRACT, upload.upload_id, EXTRACT_REPORT))
+    else:
+        return None
+    values = json.loads(text)["interactions"]
+    return {name: values[name] for name in ("rows_read", "rows_kept", "rows_dropped", "rows_invalid", "dropped")}
+
+
+def _run_record(
+    run: Run, result: EvaluationResult, extract_counts: dict | None, dag_run_id: str | None
+) -> history.RunRecord:
+    model = json.loads((run.paths.model / MANIFEST).read_text())
+    counts = model["counts"]
+    return history.RunRecord(
+        run_key=run.paths.key,
+        dag_run_id=dag_run_id,
+        window_start=run.window.start,
+        window_end=run.window.end,
+        params=run.params.to_dict(),
+        metrics={"model": result.model.to_dict(), "popularity": result.popularity.to_dict()},
+        gate_passed=result.passed,
+        gate_reason=result.reason,
+        extract_counts=extract_counts,
+        train_seconds=model.get("seconds"),
+        interactions=counts.get("interactions"),
+        users=counts.get("users"),
+        items=counts.get("items"),
+    )
+
+
+@contextmanager
+def _recording_stale(settings: Settings, run: Run) -> Iterator[None]:
+    """A publish refused as stale is recorded as skipped_stale before the error goes on."""
+    try:
+        yield
+    except StaleVersionError:
+        history.record_publish(settings, run.paths.key, history.SKIPPED_STALE)
+        raise
 
 
 def _mark_published(run: Run, result: PublishResult) -> None:
@@ -268,27 +362,29 @@ def publish_stage(
     settings: Settings, run: Run, progress: bool = False, timings: PhaseTimings | None = None
 ) -> PublishResult:
     """The whole publish as one attempt, in this process (``timings``: seconds per phase, if given)."""
-    with _reading(settings, run):
+    with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
-        result = publish(
-            settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, progress=progress,
-            artifacts_key=paths.key if run.store else None, timings=timings,
-        )
+        with _recording_stale(settings, run):
+            result = publish(
+                settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params,
+                progress=progress, artifacts_key=paths.key if run.store else None, timings=timings,
+            )
         _mark_published(run, result)
+    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
     return result
 
 
 def prepare_publish_stage(settings: Settings, run: Run) -> tuple[str, str]:
     """Start a publish attempt (the DAG's first publish task); returns (version, attempt)."""
     attempt = new_attempt()
-    with _reading(settings, run):
+    with _reading(settings, run), _recording_stale(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         return prepare_publish(settings, run.paths.matrix, run.paths.model, run.params, attempt), attempt
 
 
 def publish_shard_stage(settings: Settings, run: Run, attempt: str, shard: int, shards: int) -> ShardResult:
-    with _reading(settings, run):
+    with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         return publish_shard(settings, run.paths.matrix, run.paths.model, run.params, attempt, shard, shards)
 
@@ -296,29 +392,52 @@ def publish_shard_stage(settings: Settings, run: Run, attempt: str, shard: int, 
 def finish_publish_stage(
     settings: Settings, run: Run, attempt: str, results: list[ShardResult], shards: int
 ) -> PublishResult:
-    with _reading(settings, run):
+    with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
-        result = finish_publish(
-            settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, attempt, results,
-            shards, artifacts_key=paths.key if run.store else None,
-        )
+        with _recording_stale(settings, run):
+            result = finish_publish(
+                settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, attempt,
+                results, shards, artifacts_key=paths.key if run.store else None,
+            )
         _mark_published(run, result)
+    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
     return result
 
 
 def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:
-    """Tune on the run's matrix and store the choice where every later run's planning finds it."""
+    """Tune on the run's matrix, starting from the active tuned params; keep the result and make it
+    active only if it does not regress (``tune.promotion``). Concurrent tunes, on any worker, take
+    turns for the keep-and-activate step under one Redis lock."""
     with _reading(settings, run):
         run.pull(MATRIX)
-        tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials)
-    if run.store is None:
-        save_tuned(settings, tuned)
-        return tuned
-    pull_tuned(settings, run.store)  # the dated history so far: the push below replaces the folder
-    save_tuned(settings, tuned)
-    artifacts.push(run.store, tuned_path(settings).parent, TUNED)
+        active = tuned_params(settings, run.store)
+        tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials, start_from=active)
+    with tune_lock(settings):
+        if run.store is not None:
+            pull_tuned(settings, run.store)  # the results so far: the push below replaces the folder
+        tuned = keep_result(settings, tuned)
+        if run.store is not None:
+            artifacts.push(run.store, tuned_path(settings).parent, TUNED)
     return tuned
+
+
+# the keep-and-activate step is short; a holder that died frees the lock after this long
+TUNE_LOCK_SECONDS = 300
+
+
+@contextmanager
+def tune_lock(settings: Settings) -> Iterator[None]:
+    """One tune at a time reads the active params and replaces them (a Redis lock: shared by
+    every worker, unlike a file lock)."""
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    lock = client.lock(keys.tune_lock(), timeout=TUNE_LOCK_SECONDS, blocking_timeout=settings.run_lock_wait_seconds)
+    if not lock.acquire():
+        raise RunBusyError(f"another tune kept the tune lock for over {settings.run_lock_wait_seconds:g} s")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def run_pipeline(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: b
         seed=params.seed,
     )
     outputs = {}
+    started = time.monotonic()
     for name, matrix_file, factors_file in (("holdout", TRAIN, FACTORS_HOLDOUT), ("full", FULL, FACTORS_FULL)):
         user_items = sp.load_npz(matrix_dir / matrix_file).tocsr()
         log.info("training %s model on %s users x %s items, %s nnz", name, *user_items.shape, user_items.nnz)
@@ -53,6 +55,7 @@ def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: b
         "window": matrix_manifest["window"],
         "counts": matrix_manifest["counts"],
         "files": {name: path.name for name, path in outputs.items()},
+        "seconds": round(time.monotonic() - started, 3),  # both fits with their loading and saving
         "library_versions": library_versions(),
     }
     (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))

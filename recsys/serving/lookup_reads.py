@@ -34,4 +34,4 @@ def recent_runs(settings: Settings, limit: int) -> list[dict] | None:
         [exists] = conn.execute(db.sql_text(settings, "runs_table_exists")).fetchone()
         if not exists:
             return None
-        return [row for (row,) in conn.execute(db.sql_text(settings, "recent_runs"), {"limit": limit}).fetchall()]
+        return [row for (row,) in conn.execute(db.sql_text(settings, "recent_runs_json"), {"limit": limit}).fetchall()]

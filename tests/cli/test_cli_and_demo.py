@@ -12,6 +12,7 @@ import redis
 from helpers import services_dir
 from typer.testing import CliRunner
 
+from recsys import cli
 from recsys.cli import app
 from recsys.local import services
 from recsys.local.demo import DemoShop, generate_interactions
@@ -19,7 +20,7 @@ from recsys.local.demo import DemoShop, generate_interactions
 runner = CliRunner()
 
 
-def test_stage_commands_then_show(recsys_env, window_end):
+def test_stage_commands_then_show(recsys_env, window_end, monkeypatch):
     end = ["--end", window_end.isoformat()]
     loaded = runner.invoke(app, ["demo-data", "--users", "400", "--products", "120", "--days", "60", *end])
     assert loaded.exit_code == 0, loaded.output
@@ -30,6 +31,16 @@ def test_stage_commands_then_show(recsys_env, window_end):
     assert shown.exit_code == 0, shown.output
     assert shown.output.count("recommended_products") == 2
     assert "top_buys" in shown.output
+    assert "tuned params: none active" in shown.output
+
+    history = runner.invoke(app, ["history", "--json"])
+    assert history.exit_code == 0, history.output
+    (row,) = [json.loads(line) for line in history.output.splitlines()]
+    assert row["status"] == "published" and row["published_version"] in shown.output
+    assert row["params"]["factors"] == 16 and row["window_end"] == window_end.isoformat()
+    monkeypatch.setattr(cli.console, "width", 250)  # the table's columns unabridged
+    table = runner.invoke(app, ["history"])
+    assert table.exit_code == 0 and "published" in table.output and row["run_key"] in table.output
 
 
 def test_run_command_reports_gate_refusal_and_bad_params(recsys_env, window_end):

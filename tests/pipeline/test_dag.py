@@ -14,6 +14,7 @@ from recsys.core.layout import EVALUATION, EXTRACT, MATRIX, MODEL, run_paths
 from recsys.core.params import PipelineParams
 from recsys.core.redis_keys import layout, live_meta, redis_client
 from recsys.core.window import window_ending
+from recsys.pipeline import history
 from recsys.pipeline.stages import run_pipeline
 
 TASK_ORDER = ["extract", "build_matrix", "train", "evaluate", "prepare_publish", "publish_shard", "publish"]
@@ -94,25 +95,50 @@ def test_full_run_publishes_live_recommendations(dag, airflow_db, recsys_env, de
     assert len(client.hget(keys.live("user_recs"), user)) > 20
 
 
-def test_gate_refusal_fails_the_run_and_publishes_nothing(dag, airflow_db, recsys_env, demo_loaded, window_end):
+@pytest.fixture
+def alerting_dag(airflow_db, tmp_path, monkeypatch):
+    """recsys_daily parsed with RECSYS_ALERT_NOTIFIER set: alerts also go to a file."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    alerts = tmp_path / "alerts.txt"
+    monkeypatch.setenv("RECSYS_ALERT_NOTIFIER", "helpers:file_alerts")
+    monkeypatch.setenv("RECSYS_TEST_ALERTS_FILE", str(alerts))
+    loaded = DagBag(dag_folder=str(REPO / "dags")).dags["recsys_daily"]
+    for task in loaded.tasks:
+        task.retries = 0
+    return loaded, alerts
+
+
+def test_gate_refusal_fails_the_run_and_publishes_nothing(alerting_dag, recsys_env, demo_loaded, window_end):
     from airflow.utils.state import DagRunState
 
+    dag, alerts = alerting_dag
     dag_run = dag.test(logical_date=window_end, run_conf={"min_lift": 50.0})
     assert dag_run.state == DagRunState.FAILED
     states = task_states(dag_run)
     assert states["evaluate"] == "failed" and states["publish"] == "upstream_failed"
     assert live_meta(redis_client(recsys_env), layout(recsys_env)) is None
+    assert alerts.read_text().startswith("failed evaluate quality gate refused: model MAP@10")
+    (row,) = history.recent_runs(recsys_env)
+    assert row["status"] == "refused" and row["dag_run_id"] == dag_run.run_id
 
 
-def test_backfill_of_an_older_date_skips_publish(dag, airflow_db, recsys_env, demo_loaded, window_end):
+def test_backfill_of_an_older_date_skips_publish(alerting_dag, recsys_env, demo_loaded, window_end):
     from airflow.utils.state import DagRunState
 
+    dag, alerts = alerting_dag
     fresh = run_pipeline(recsys_env, window_end, PipelineParams())
     dag_run = dag.test(logical_date=window_end - timedelta(days=3))
     assert dag_run.state == DagRunState.SUCCESS
     states = task_states(dag_run)
     assert states["prepare_publish"] == states["publish"] == "skipped"
     assert live_meta(redis_client(recsys_env), layout(recsys_env))["version"] == fresh.publish.version
+    extracted = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "extract").xcom_pull()
+    assert "will not publish" in extracted["will_not_publish"]  # said at its start
+    assert alerts.read_text().splitlines() == ["skipped prepare_publish None"]
+    backfill, published = history.recent_runs(recsys_env)
+    assert backfill["status"] == "skipped_stale" and backfill["dag_run_id"] == dag_run.run_id
+    assert published["status"] == "published"
 
 
 def test_sharded_publish_through_a_shared_store_switches_one_complete_version(
@@ -143,3 +169,43 @@ def test_sharded_publish_through_a_shared_store_switches_one_complete_version(
     single = run_pipeline(recsys_env, window_end, PipelineParams())  # same version, one shard, no store
     assert single.publish.version == meta["version"]
     assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"]
+
+
+def test_a_publish_emits_the_live_asset_and_queues_the_dags_scheduled_on_it(
+    airflow_db, recsys_env, demo_loaded, window_end
+):
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from airflow.models.asset import AssetDagRunQueue, AssetEvent, AssetModel
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+    from sqlalchemy import select, update
+
+    # what the DAG processor and an operator do: register the example DAG, unpause it
+    downstream_bag = DagBag(dag_folder=str(REPO / "tests" / "dags"))
+    assert downstream_bag.import_errors == {}
+    DagBundlesManager().sync_bundles_to_db()
+    sync_bag_to_db(downstream_bag, "dags-folder", None)
+    with create_session() as session:
+        session.execute(update(DagModel).where(DagModel.dag_id == "recsys_after_publish").values(is_paused=False))
+    uri = f"recsys://{recsys_env.redis_prefix}/live"  # parsed after recsys_env set the prefix
+
+    dag_run = DagBag(dag_folder=str(REPO / "dags")).dags["recsys_daily"].test(logical_date=window_end)
+    assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
+    meta = live_meta(redis_client(recsys_env), layout(recsys_env))
+    with create_session() as session:
+        asset_id = session.scalars(select(AssetModel.id).where(AssetModel.uri == uri)).one()
+        (event,) = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset_id)).all()
+        queued = session.scalars(
+            select(AssetDagRunQueue.target_dag_id).where(AssetDagRunQueue.asset_id == asset_id)
+        ).all()
+    assert event.extra["version"] == meta["version"]
+    assert event.extra["metrics"]["model_map"] == pytest.approx(meta["metrics"]["model"]["map"])
+    assert queued == ["recsys_after_publish"]  # the scheduler's next loop starts its run
+
+    downstream = downstream_bag.dags["recsys_after_publish"]
+    after = downstream.test()
+    assert after.state == DagRunState.SUCCESS
+    announced = after.get_task_instances()[0].xcom_pull()
+    assert announced["version"] == meta["version"]

@@ -22,8 +22,9 @@ from recsys.pipeline.stages import (
 from recsys.pipeline.tune import (
     TUNED_FIELDS,
     TunedParams,
+    keep_result,
     load_tuned,
-    save_tuned,
+    result_path,
     tune_on_matrix,
     with_tuned,
 )
@@ -64,9 +65,10 @@ def test_tuning_on_a_time_split_stores_what_the_next_run_uses(settings, demo_loa
     assert chosen["map"] >= start["map"] > 0  # the starting params are trial 0: never worse
     assert tuned.window["end"] == window_end.isoformat()
 
-    path = save_tuned(settings, tuned)
-    assert load_tuned(settings) == tuned
-    assert (path.parent / "20261128T030000Z.json").exists()
+    kept = keep_result(settings, tuned)
+    assert kept.decision == "activated: no tuned params were active"
+    assert load_tuned(settings) == kept
+    assert json.loads(result_path(settings, kept).read_text()) == kept.to_dict()
 
     next_run = plan_run(settings, window_end, PipelineParams())
     for name in TUNED_FIELDS:
@@ -107,6 +109,8 @@ def test_tune_dag_then_daily_dag_uses_its_params(airflow_db, recsys_env, demo_lo
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     tune_dag, daily_dag = bag.dags["recsys_tune"], bag.dags["recsys_daily"]
+    # triggered only: a trigger that unpauses a scheduled DAG would also start its latest interval
+    assert tune_dag.schedule is None and tune_dag.timetable.can_be_scheduled is False
     for task in [*tune_dag.tasks, *daily_dag.tasks]:
         task.retries = 0
 
@@ -123,7 +127,52 @@ def test_tune_dag_then_daily_dag_uses_its_params(airflow_db, recsys_env, demo_lo
 
 
 def test_cli_pipeline_ignores_tuned_params_when_asked(settings, demo_loaded, window_end):
-    save_tuned(settings, tuned_example(factors=8))
+    keep_result(settings, tuned_example(factors=8))
     result = run_pipeline(settings, window_end, PipelineParams(), use_tuned=False)
     assert result.run.params.factors == PipelineParams().factors
     assert json.loads((result.run.paths.model / "manifest.json").read_text())["als"]["factors"] == 64
+
+
+def scored(map_value: float, tuned_at: str = "2026-11-28T04:00:00+00:00", **fields) -> TunedParams:
+    return replace(tuned_example(), validation={"chosen": {"map": map_value}, "starting_params": {"map": 0.1}},
+                   tuned_at=tuned_at, **fields)
+
+
+def test_promotion_never_regresses_unless_the_active_params_are_too_old():
+    from datetime import UTC, datetime
+
+    from recsys.pipeline.tune import promotion
+
+    now = datetime(2026, 11, 29, tzinfo=UTC)
+    active = scored(0.30, result_id="a")
+    assert promotion(active, scored(0.31), 28, now)[0] is True  # same window, better
+    worse, reason = promotion(active, scored(0.29), 28, now)
+    assert worse is False and "not better than the active params' 0.3000 on the same validation window" in reason
+    later_window = {"start": "2026-09-06T03:00:00+00:00", "end": "2026-12-05T03:00:00+00:00"}
+    assert promotion(active, scored(0.9, window=later_window), 28, now)[0] is False  # not comparable
+    # started from the active params: compared with them re-measured on the new window (0.1)
+    assert promotion(active, scored(0.2, window=later_window, started_from="a"), 28, now)[0] is True
+    old = scored(0.99, tuned_at="2026-10-01T00:00:00+00:00", result_id="old")
+    stale, reason = promotion(old, scored(0.01), 28, now)
+    assert stale is True and "59.0 days old, over 28" in reason
+
+
+def test_concurrent_tunes_leave_the_better_result_active_and_keep_both(settings, demo_loaded, window_end):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recsys.core.layout import TUNED_RESULT_PREFIX
+    from recsys.pipeline.stages import tune_stage
+    from recsys.pipeline.tune import tuned_path
+
+    # a poor start (heavy regularization, few factors): a larger budget finds better params
+    poor_start = replace(SEARCH, factors=8, regularization=500.0, iterations=8)
+    run = plan_run(settings, window_end, poor_start, use_tuned=False)
+    extract_stage(settings, run)
+    matrix_stage(settings, run)
+    with ThreadPoolExecutor(2) as pool:
+        small, large = pool.map(lambda trials: tune_stage(settings, run, trials), (1, 6))
+    assert large.map > small.map, "the larger budget must find better params for this test to mean anything"
+    assert load_tuned(settings).result_id == large.result_id
+    kept = sorted(tuned_path(settings).parent.glob(f"{TUNED_RESULT_PREFIX}*.json"))
+    assert {json.loads(path.read_text())["result_id"] for path in kept} == {small.result_id, large.result_id}
+    assert [small.decision.startswith("activated"), large.decision.startswith("activated")].count(True) >= 1

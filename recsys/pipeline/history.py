@@ -1,0 +1,76 @@
+"""Quality history: one ``recsys_runs`` row per evaluated run, in the shop's PostgreSQL.
+
+The evaluate stage inserts the row (status ``evaluated`` or ``refused``); publish sets
+``published`` or ``skipped_stale`` on the run's latest row. Operators read it with
+``recsys history``, the evaluation report plots its last runs, the look-up page shows it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from recsys.core import db
+from recsys.core.settings import Settings
+
+EVALUATED, REFUSED, PUBLISHED, SKIPPED_STALE, FAILED = "evaluated", "refused", "published", "skipped_stale", "failed"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What the evaluate stage knows about a run when it records it."""
+
+    run_key: str
+    dag_run_id: str | None
+    window_start: datetime
+    window_end: datetime
+    params: dict
+    metrics: dict  # {"model": {...}, "popularity": {...}}
+    gate_passed: bool
+    gate_reason: str
+    extract_counts: dict | None
+    train_seconds: float | None
+    interactions: int | None
+    users: int | None
+    items: int | None
+
+    @property
+    def status(self) -> str:
+        return EVALUATED if self.gate_passed else REFUSED
+
+
+def record_evaluation(settings: Settings, record: RunRecord) -> datetime:
+    """Insert the run's row; returns its recorded_at."""
+    values: dict[str, Any] = {**record.__dict__, "status": record.status}
+    for name in ("params", "metrics", "extract_counts"):
+        if values[name] is not None:
+            values[name] = Jsonb(values[name])
+    with db.connect(settings) as conn:
+        return conn.execute(db.sql_text(settings, "insert_run"), values).fetchone()[0]
+
+
+def record_publish(settings: Settings, run_key: str, status: str, version: str | None = None) -> bool:
+    """Set the publish outcome on the run's latest row; False when the run has no row (it was
+    evaluated before the history existed)."""
+    with db.connect(settings) as conn:
+        updated = conn.execute(
+            db.sql_text(settings, "update_run_status"),
+            {"run_key": run_key, "status": status, "published_version": version},
+        ).rowcount
+    return updated > 0
+
+
+def recent_runs(settings: Settings, limit: int = 20) -> list[dict]:
+    """The last ``limit`` rows, newest first, as dicts (JSON columns decoded)."""
+    with db.connect(settings) as conn, conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(db.sql_text(settings, "recent_runs"), {"limit": limit}).fetchall()
+
+
+def as_json(row: dict) -> str:
+    """One history row as a JSON line (timestamps in ISO 8601)."""
+    return json.dumps({key: value.isoformat() if isinstance(value, datetime) else value for key, value in row.items()})

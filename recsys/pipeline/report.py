@@ -1,0 +1,220 @@
+"""The run's evaluation report as one self-contained HTML page (``eval/report.html``).
+
+Plots are inline SVG from matplotlib's SVG backend, styles inline: the page opens from a
+file, an object store or an Airflow link without any network. It shows this run's holdout metrics
+against popularity, the last runs of the quality history (``recsys_runs``) with the gate's
+threshold, how recommendations spread over the catalogue (coverage, popularity bias, categories),
+the extract's data-quality counts and the training time and data size over time.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+from datetime import datetime
+
+import matplotlib
+
+matplotlib.use("svg")  # static SVG, no display, no GUI toolkit
+
+import matplotlib.dates as mdates  # noqa: E402 - after the backend is chosen
+import matplotlib.pyplot as plt  # noqa: E402
+
+METRICS = (("map", "MAP"), ("ndcg", "nDCG"), ("precision", "precision"), ("recall", "recall"))
+MODEL_COLOUR, POPULARITY_COLOUR, GATE_COLOUR = "#1f77b4", "#999999", "#d62728"
+
+
+def _svg(figure) -> str:
+    buffer = io.StringIO()
+    # "tight" crops to what is drawn, legends placed below an axes included (tight_layout would
+    # warn about long category names instead)
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(figure)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and doctype: inline in HTML
+
+
+def metrics_plot(report: dict) -> str:
+    k = report["k"]
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    positions = range(len(METRICS))
+    for offset, (name, colour) in ((-0.2, ("model", MODEL_COLOUR)), (0.2, ("popularity", POPULARITY_COLOUR))):
+        values = [report[name][key] for key, _ in METRICS]
+        bars = axes.bar([p + offset for p in positions], values, width=0.4, color=colour, label=name)
+        axes.bar_label(bars, fmt="%.3f", fontsize=8)
+    axes.set_xticks(list(positions), [f"{label}@{k}" for _, label in METRICS])
+    axes.set_title(f"This run on the holdout: model vs popularity (K={k})")
+    axes.legend(frameon=False)
+    axes.spines[["top", "right"]].set_visible(False)
+    return _svg(figure)
+
+
+def _times(history: list[dict]) -> list[datetime]:
+    return [row["window_end"] for row in history]
+
+
+def _date_axis(axes, times: list[datetime]) -> None:
+    if len(set(times)) < 2:
+        return  # one date: the locator has no interval to pick, matplotlib's default ticks do
+    locator = mdates.AutoDateLocator(maxticks=8)
+    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+
+
+def history_plot(history: list[dict], min_lift: float) -> str:
+    """MAP@K of model and popularity over the last runs, with the gate's threshold."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    times = _times(history)
+    model = [row["metrics"]["model"]["map"] for row in history]
+    popularity = [row["metrics"]["popularity"]["map"] for row in history]
+    axes.plot(times, model, "o-", color=MODEL_COLOUR, label="model MAP@K")
+    axes.plot(times, popularity, "s--", color=POPULARITY_COLOUR, label="popularity MAP@K")
+    axes.plot(times, [p * (1 + min_lift) for p in popularity], ":", color=GATE_COLOUR,
+              label=f"gate: popularity x {1 + min_lift:g}")
+    refused = [(t, m) for t, m, row in zip(times, model, history, strict=True) if not row["gate_passed"]]
+    if refused:
+        axes.scatter(*zip(*refused, strict=True), marker="x", s=80, color=GATE_COLOUR, zorder=3, label="refused")
+    axes.set_title(f"Quality history: the last {len(history)} runs (by window end)")
+    axes.legend(frameon=False, fontsize=8)
+    axes.spines[["top", "right"]].set_visible(False)
+    _date_axis(axes, times)
+    return _svg(figure)
+
+
+def popularity_bias_plot(distribution: dict) -> str:
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    for name, colour in (("model", MODEL_COLOUR), ("popularity", POPULARITY_COLOUR)):
+        curve = distribution[name]["top_popular_share"]
+        axes.plot([float(x) for x in curve], list(curve.values()), "o-", color=colour, label=name)
+    axes.plot([0, 100], [0, 1], ":", color="#555555", label="no bias")
+    axes.set_xscale("symlog", linthresh=1)
+    axes.set_xticks([1, 2, 5, 10, 20, 50, 100], ["1", "2", "5", "10", "20", "50", "100"])
+    axes.set_xlabel("top x % most popular products")
+    axes.set_ylabel("share of recommendations")
+    axes.set_title("Popularity bias")
+    axes.legend(frameon=False, fontsize=8)
+    axes.spines[["top", "right"]].set_visible(False)
+    return _svg(figure)
+
+
+def category_plot(distribution: dict) -> str:
+    shares = distribution["model"]["category_share"]
+    figure, axes = plt.subplots(figsize=(6.4, 0.6 + 0.28 * max(1, len(shares))))
+    names = list(shares)[::-1]
+    axes.barh(names, [shares[name] for name in names], color=MODEL_COLOUR)
+    axes.set_xlabel("share of the model's recommendations")
+    axes.set_title("Recommendations by category (model)")
+    axes.spines[["top", "right"]].set_visible(False)
+    return _svg(figure)
+
+
+def data_quality_plot(history: list[dict]) -> str:
+    """Rows the extract read and kept (left axis), rows it dropped by reason (right axis), per run."""
+    figure, rows_axis = plt.subplots(figsize=(6.4, 3.2))
+    rows = [row for row in history if row.get("extract_counts")]
+    times = _times(rows)
+    for name, style in (("rows_read", "k.-"), ("rows_kept", "o-")):
+        rows_axis.plot(times, [row["extract_counts"][name] for row in rows], style, label=name.replace("_", " "))
+    rows_axis.set_ylim(bottom=0)
+    rows_axis.set_ylabel("rows")
+    dropped_axis = rows_axis.twinx()
+    reasons = sorted({reason for row in rows for reason in row["extract_counts"].get("dropped", {})})
+    for reason in reasons:
+        counts = [row["extract_counts"]["dropped"].get(reason, 0) for row in rows]
+        dropped_axis.plot(times, counts, "x--", label=f"dropped: {reason}")
+    dropped_axis.set_ylim(bottom=0, top=max(1, dropped_axis.get_ylim()[1]))
+    dropped_axis.set_ylabel("rows dropped")
+    rows_axis.set_title("Extract data quality" + ("" if reasons else ": no rows dropped"))
+    _legend_below(rows_axis, dropped_axis)
+    _date_axis(rows_axis, times)
+    return _svg(figure)
+
+
+def _legend_below(*axes_list) -> None:
+    handles, labels = [], []
+    for axes in axes_list:
+        more = axes.get_legend_handles_labels()
+        handles += more[0]
+        labels += more[1]
+    axes_list[0].legend(handles, labels, frameon=False, fontsize=8, ncol=4, loc="upper center",
+                        bbox_to_anchor=(0.5, -0.15))
+
+
+def size_plot(history: list[dict]) -> str:
+    """Training time (left axis) and data size (right axis) per run."""
+    figure, seconds_axis = plt.subplots(figsize=(6.4, 3.2))
+    times = _times(history)
+    seconds_axis.plot(times, [row["train_seconds"] for row in history], "o-", color=GATE_COLOUR,
+                      label="training seconds")
+    seconds_axis.set_ylim(bottom=0)
+    seconds_axis.set_ylabel("training (s)")
+    size_axis = seconds_axis.twinx()
+    for name, style in (("interactions", "s--"), ("users", "^--"), ("items", "v--")):
+        size_axis.plot(times, [row[name] for row in history], style, label=name)
+    size_axis.set_yscale("log")
+    size_axis.set_ylabel("rows (log)")
+    seconds_axis.set_title("Training time and data size")
+    _legend_below(seconds_axis, size_axis)
+    _date_axis(seconds_axis, times)
+    return _svg(figure)
+
+
+def _table(report: dict) -> str:
+    k = report["k"]
+    head = "".join(f"<th>{label}@{k}</th>" for _, label in METRICS) + "<th>coverage</th>"
+    body = "".join(
+        f"<tr><th>{name}</th>"
+        + "".join(f"<td>{report[name][key]:.4f}</td>" for key, _ in METRICS)
+        + f"<td>{report[name]['coverage']:.1%}</td></tr>"
+        for name in ("model", "popularity")
+    )
+    return f"<table><tr><th></th>{head}</tr>{body}</table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}
+h1{font-size:22px;margin:0 0 4px}.sub{color:#555;margin:0 0 16px}
+.gate{padding:10px 14px;border-radius:6px;margin:12px 0;font-weight:600}
+.passed{background:#e6f4ea;border:1px solid #34a853}.refused{background:#fce8e6;border:1px solid #d62728}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:12px}
+.card{border:1px solid #ddd;border-radius:6px;padding:8px}.card svg{width:100%;height:auto}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}
+.note{color:#555;font-size:13px}"""
+
+
+def render(report: dict, history: list[dict], run_key: str, extract_counts: dict | None) -> str:
+    """The page: ``report`` is the run's eval/report.json, ``history`` its recsys_runs rows
+    oldest first (this run included)."""
+    gate = report["gate"]
+    distribution = report["distribution"]
+    window = report["window"]
+    cards = [metrics_plot(report), popularity_bias_plot(distribution), category_plot(distribution)]
+    if history:
+        cards[1:1] = [history_plot(history, gate["min_lift"])]
+        if any(row.get("extract_counts") for row in history):
+            cards.append(data_quality_plot(history))
+        if all(row.get("train_seconds") is not None and row.get("interactions") for row in history):
+            cards.append(size_plot(history))
+    dropped = ""
+    if extract_counts:
+        reasons = ", ".join(f"{reason}: {count:,}" for reason, count in extract_counts.get("dropped", {}).items())
+        dropped = (f"<p>Extract: {extract_counts['rows_read']:,} rows read, {extract_counts['rows_kept']:,} kept"
+                   + (f"; dropped {reasons}" if reasons else "") + ".</p>")
+    diversity = distribution["model"]["mean_distinct_categories"]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>recsys run {html.escape(run_key)}</title>
+<style>{STYLE}</style></head><body>
+<h1>recsys evaluation: {html.escape(run_key)}</h1>
+<p class="sub">data window {html.escape(window['start'])} .. {html.escape(window['end'])};
+holdout after {html.escape(report['holdout_cutoff'])}; {report['model']['users']:,} holdout users</p>
+<div class="gate {'passed' if gate['passed'] else 'refused'}">quality gate {html.escape(gate['reason'])}</div>
+{_table(report)}
+<p>Catalogue coverage in the top {report['k']}: model {report['model']['coverage']:.1%},
+popularity {report['popularity']['coverage']:.1%}. Mean distinct categories in one user's list:
+model {diversity:.2f}, popularity {distribution['popularity']['mean_distinct_categories']:.2f}.</p>
+{dropped}
+<div class="grid">{''.join(f'<div class="card">{card}</div>' for card in cards)}</div>
+<p class="note">When the gate refuses, nothing is published and the live version stays. Look at the history
+plot: a one-off dip next to a normal popularity line is usually data (see the extract counts); a steady
+slide needs new parameters (<code>recsys tune</code> or the recsys_tune DAG).</p>
+</body></html>
+"""
