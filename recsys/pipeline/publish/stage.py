@@ -48,7 +48,8 @@ from recsys.core.redis_keys import (
 from recsys.core.settings import Settings
 from recsys.core.window import Window
 from recsys.ml.als import load_factors
-from recsys.ml.ranking import als_model, recommend_top_n, similar_items, top_buys_order
+from recsys.ml.diversity import recommend_diverse_top_n
+from recsys.ml.ranking import als_model, similar_items, top_buys_order
 from recsys.pipeline.matrix import inactive_items, matrix_id_types
 from recsys.pipeline.publish.versions import (
     VersionOwner,
@@ -295,11 +296,12 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     matrix_dir, params = staging.matrix_dir, staging.params
     user_ids = _ids(matrix_dir / USERS)
     users = shard_users(len(user_ids), shard, shards)
-    recs, _ = recommend_top_n(
+    recs = recommend_diverse_top_n(
         als_model(*load_factors(staging.model_dir / FACTORS_FULL)),
         users,
         sp.load_npz(matrix_dir / EXCLUDE).tocsr(),
         params.top_n,
+        params.diversity_lambda,
         inactive_items(matrix_dir),
         progress=f"recommend {shard + 1}/{shards}" if progress else None,
     )
