@@ -45,12 +45,21 @@ def category_vectors(categories) -> np.ndarray:
 
 
 def mmr_rerank(
-    candidates: np.ndarray, scores: np.ndarray, n: int, diversity_lambda: float, item_vectors: np.ndarray
+    candidates: np.ndarray,
+    scores: np.ndarray,
+    n: int,
+    diversity_lambda: float,
+    item_vectors: np.ndarray,
+    chosen: np.ndarray | None = None,
+    top_scores: np.ndarray | None = None,
 ) -> np.ndarray:
     """The first ``n`` picks of MMR per row of ``candidates`` (item indices, best first, -1 padded).
 
     ``item_vectors``: one row per item, unit length (``unit_rows``). Rows with fewer than ``n``
     valid candidates are padded with -1. ``diversity_lambda`` 0 returns the first ``n`` candidates.
+    To continue a list: ``chosen`` (rows × m, -1 padded) are its picks so far, penalising from the
+    first slot on, and ``top_scores`` (one per row) the top score relevance is relative to
+    (default: each row's first candidate).
     """
     if not 0 <= diversity_lambda <= 1:
         raise ValueError(f"diversity_lambda must be in [0, 1], got {diversity_lambda!r}")
@@ -60,8 +69,11 @@ def mmr_rerank(
     result = np.full((len(candidates), n), -1, dtype=candidates.dtype)
     for start in range(0, len(candidates), _BATCH_USERS):
         part = slice(start, start + _BATCH_USERS)
-        result[part] = _mmr_batch(candidates[part], np.asarray(scores[part], dtype=np.float64), n,
-                                  diversity_lambda, item_vectors)
+        result[part] = _mmr_batch(
+            candidates[part], np.asarray(scores[part], dtype=np.float64), n, diversity_lambda, item_vectors,
+            None if chosen is None else np.asarray(chosen)[part],
+            None if top_scores is None else np.asarray(top_scores, dtype=np.float64)[part, None],
+        )
     return result
 
 
@@ -89,17 +101,29 @@ def _padded(lists: np.ndarray, n: int) -> np.ndarray:
 
 
 def _mmr_batch(
-    candidates: np.ndarray, scores: np.ndarray, n: int, diversity_lambda: float, item_vectors: np.ndarray
+    candidates: np.ndarray,
+    scores: np.ndarray,
+    n: int,
+    diversity_lambda: float,
+    item_vectors: np.ndarray,
+    chosen: np.ndarray | None,
+    top: np.ndarray | None,
 ) -> np.ndarray:
     users, width = candidates.shape
     valid = candidates >= 0
-    top = scores[:, :1]
+    top = scores[:, :1] if top is None else top
     # relative to the top score; a non-positive top (nothing the model likes) keeps raw scores
     relevance = np.where(top > 0, scores / np.where(top > 0, top, 1.0), scores)
     relevance = np.where(valid, relevance, 0.0)
     vectors = item_vectors[np.where(valid, candidates, 0)]  # (users, width, dims)
     rows = np.arange(users)
     max_similarity = np.zeros((users, width))
+    has_chosen = np.zeros(users, dtype=bool)
+    if chosen is not None and chosen.size:
+        chosen_similarity = np.einsum("uwd,umd->uwm", vectors, item_vectors[np.where(chosen >= 0, chosen, 0)])
+        chosen_similarity[np.broadcast_to((chosen < 0)[:, None, :], chosen_similarity.shape)] = -np.inf
+        has_chosen = (chosen >= 0).any(axis=1)
+        max_similarity[has_chosen] = chosen_similarity[has_chosen].max(axis=2)
     open_slot = valid.copy()
     picks = np.full((users, n), -1, dtype=candidates.dtype)
     for slot in range(min(n, width)):
@@ -110,8 +134,9 @@ def _mmr_batch(
         picks[chosen, slot] = candidates[rows[chosen], best[chosen]]
         open_slot[rows, best] = False
         similarity = np.einsum("uwd,ud->uw", vectors, vectors[rows, best])
-        # the first pick has no predecessor: before it the penalty is 0, after it the max so far
-        max_similarity = similarity if slot == 0 else np.maximum(max_similarity, similarity)
+        # a row's first pick has no predecessor: before it the penalty is 0, after it the max so far
+        first = ~has_chosen if slot == 0 else np.zeros(users, dtype=bool)
+        max_similarity = np.where(first[:, None], similarity, np.maximum(max_similarity, similarity))
     return picks
 
 

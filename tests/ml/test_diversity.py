@@ -124,3 +124,14 @@ def test_category_vectors_make_cosine_one_within_a_category_and_zero_across():
 def test_novelty_by_hand():
     # 8 users; item 0 is had by 4 (p = 1/2), item 1 by 2 (1/4), item 2 by 1 (1/8): 1, 2, 3 bits
     assert novelty(np.array([[0, 1], [2, -1]]), np.array([4, 2, 1, 0]), 8) == pytest.approx(2.0)
+
+
+def test_a_continued_list_is_penalised_by_its_earlier_picks():
+    # item 0 (already chosen) and item 1 point the same way; item 2 is orthogonal to both
+    vectors = unit_rows(np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))
+    candidates, scores = np.array([[1, 2]]), np.array([[0.9, 0.5]])
+    # relative to the list's top score 1.0: item 1 = 0.5 * 0.9 - 0.5 * 1 < item 2 = 0.5 * 0.5 - 0
+    continued = mmr_rerank(candidates, scores, 2, 0.5, vectors, chosen=np.array([[0, -1]]), top_scores=np.array([1.0]))
+    assert continued.tolist() == [[2, 1]]
+    # without the earlier pick, the better-scored item 1 comes first
+    assert mmr_rerank(candidates, scores, 2, 0.5, vectors).tolist() == [[1, 2]]
