@@ -13,6 +13,7 @@ from datetime import datetime
 import numpy as np
 import scipy.sparse as sp
 
+from recsys.ml.diversity import CANDIDATES_PER_SLOT, mmr_rerank
 from recsys.ml.ranking import similar_items
 from recsys.ml.weighting import BM25_FLOOR, BM25_K1, interaction_weights, scale_confidence
 from recsys.serving.live_model import LiveModel
@@ -77,19 +78,41 @@ def fold_in_vector(live: LiveModel, events: UserEvents) -> np.ndarray:
 
 
 def rank_items(
-    live: LiveModel, vector: np.ndarray, blocked: Iterable[int], category: str | None, count: int
+    live: LiveModel,
+    vector: np.ndarray,
+    blocked: Iterable[int],
+    category: str | None,
+    count: int,
+    diversity_lambda: float = 0.0,
 ) -> list[int]:
-    """Top ``count`` active items by score, never a blocked one, optionally within a category."""
+    """Top ``count`` active items by score, never a blocked one, optionally within a category.
+
+    With ``diversity_lambda`` > 0, MMR re-ranks as publish does: the first ``top_n`` picks from
+    the top ``CANDIDATES_PER_SLOT`` × ``top_n``, so an unfiltered list starts as the published one;
+    further picks continue MMR from the top ``CANDIDATES_PER_SLOT`` × ``count``.
+    """
     allowed = _allowed(live, blocked, category)
     candidates = np.flatnonzero(allowed)
     if len(candidates) == 0:
         return []
     scores = live.model.item_factors[candidates] @ vector
-    count = min(count, len(candidates))
-    best = np.argpartition(-scores, count - 1)[:count]
+    pool = min(count * (CANDIDATES_PER_SLOT if diversity_lambda > 0 else 1), len(candidates))
+    best = np.argpartition(-scores, pool - 1)[:pool]
     # stable on ties so the order matches between calls
     best = best[np.lexsort((candidates[best], -scores[best]))]
-    return candidates[best].tolist()
+    ranked, ranked_scores = candidates[best], scores[best]
+    if diversity_lambda == 0:
+        return ranked.tolist()
+    head = min(count, live.params.top_n)
+    vectors = live.unit_item_factors
+    picks = mmr_rerank(ranked[None, : CANDIDATES_PER_SLOT * head], ranked_scores[None, : CANDIDATES_PER_SLOT * head],
+                       head, diversity_lambda, vectors)
+    if count > head:
+        rest = ~np.isin(ranked, picks)
+        more = mmr_rerank(ranked[rest][None, :], ranked_scores[rest][None, :], count - head, diversity_lambda, vectors,
+                          chosen=picks, top_scores=ranked_scores[:1])
+        picks = np.concatenate([picks, more], axis=1)
+    return [int(i) for i in picks[0] if i >= 0]
 
 
 def rank_popular(live: LiveModel, blocked: Iterable[int], category: str | None, count: int) -> list[int]:
