@@ -84,17 +84,22 @@ def rank_items(
     category: str | None,
     count: int,
     diversity_lambda: float = 0.0,
+    head: list[int] | None = None,
 ) -> list[int]:
     """Top ``count`` active items by score, never a blocked one, optionally within a category.
 
-    With ``diversity_lambda`` > 0, MMR re-ranks as publish does: the first ``top_n`` picks from
-    the top ``CANDIDATES_PER_SLOT`` × ``top_n``, so an unfiltered list starts as the published one;
-    further picks continue MMR from the top ``CANDIDATES_PER_SLOT`` × ``count``.
+    With ``diversity_lambda`` > 0, MMR re-ranks as publish does. A list that starts with ``head``
+    (the published list, filtered) continues it: further picks from the best
+    ``CANDIDATES_PER_SLOT`` × ``count``, penalised by their similarity to the head too. Without a
+    head, the first ``top_n`` picks come from the best ``CANDIDATES_PER_SLOT`` × ``top_n``, as
+    publish picks them, and later ones continue from the larger pool.
     """
-    allowed = _allowed(live, blocked, category)
+    head = list(head or []) if diversity_lambda > 0 else []
+    allowed = _allowed(live, [*blocked, *head], category)
     candidates = np.flatnonzero(allowed)
-    if len(candidates) == 0:
-        return []
+    needed = count - len(head)
+    if len(candidates) == 0 or needed <= 0:
+        return head[:count]
     scores = live.model.item_factors[candidates] @ vector
     pool = min(count * (CANDIDATES_PER_SLOT if diversity_lambda > 0 else 1), len(candidates))
     best = np.argpartition(-scores, pool - 1)[:pool]
@@ -103,13 +108,18 @@ def rank_items(
     ranked, ranked_scores = candidates[best], scores[best]
     if diversity_lambda == 0:
         return ranked.tolist()
-    head = min(count, live.params.top_n)
     vectors = live.unit_item_factors
-    picks = mmr_rerank(ranked[None, : CANDIDATES_PER_SLOT * head], ranked_scores[None, : CANDIDATES_PER_SLOT * head],
-                       head, diversity_lambda, vectors)
-    if count > head:
+    if head:
+        top = max(float(ranked_scores[0]), float(np.max(live.model.item_factors[head] @ vector)))
+        more = mmr_rerank(ranked[None, :], ranked_scores[None, :], needed, diversity_lambda, vectors,
+                          chosen=np.asarray([head]), top_scores=np.asarray([top]))
+        return head + [int(i) for i in more[0] if i >= 0]
+    first = min(count, live.params.top_n)
+    picks = mmr_rerank(ranked[None, : CANDIDATES_PER_SLOT * first], ranked_scores[None, : CANDIDATES_PER_SLOT * first],
+                       first, diversity_lambda, vectors)
+    if count > first:
         rest = ~np.isin(ranked, picks)
-        more = mmr_rerank(ranked[rest][None, :], ranked_scores[rest][None, :], count - head, diversity_lambda, vectors,
+        more = mmr_rerank(ranked[rest][None, :], ranked_scores[rest][None, :], count - first, diversity_lambda, vectors,
                           chosen=picks, top_scores=ranked_scores[:1])
         picks = np.concatenate([picks, more], axis=1)
     return [int(i) for i in picks[0] if i >= 0]

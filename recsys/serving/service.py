@@ -224,16 +224,21 @@ def _check_category(live: LiveModel, category: str | None) -> None:
         raise HTTPException(status_code=404, detail=f"Unknown category {category!r}; known: {known}")
 
 
-def _page(
-    live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None, offset: int, n: int
-) -> list[ProductId] | None:
-    """The page cut from a published list, or None if that list cannot fill it after filtering."""
-    kept = [
+def _kept(live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None) -> list[ProductId]:
+    """A published list after the request's filters."""
+    return [
         product
         for product in stored
         if str(product) not in excluded
         and (category is None or live.category[live.item_index[str(product)]] == category)
     ]
+
+
+def _page(
+    live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None, offset: int, n: int
+) -> list[ProductId] | None:
+    """The page cut from a published list, or None if that list cannot fill it after filtering."""
+    kept = _kept(live, stored, excluded, category)
     return kept[offset : offset + n] if len(kept) >= offset + n else None
 
 
@@ -247,20 +252,25 @@ def _outputs(live: LiveModel, indices: list[int], offset: int, n: int) -> list[P
 
 async def _rank_for_user(
     svc: RecsysService, live: LiveModel, user_id: str, source: Source, blocked: list[int], category: str | None,
-    count: int, diversity_lambda: float,
+    count: int, diversity_lambda: float, head: list[int],
 ) -> tuple[Source, list[int]]:
     """Rank from factors: the model's own user factors, else a fold-in of the recorded events,
-    else popularity (top buys, never re-ranked). Returns the source actually used."""
+    else popularity (top buys, never re-ranked). ``head``: the published list after filtering,
+    which a diverse list continues. Returns the source actually used."""
     if source == "model" and user_id in live.user_index:
         index = live.user_index[user_id]
         owned = live.exclude[index].indices.tolist()
         vector = live.model.user_factors[index]
-        return "model", await svc.run(rank_items, live, vector, blocked + owned, category, count, diversity_lambda)
+        return "model", await svc.run(
+            rank_items, live, vector, blocked + owned, category, count, diversity_lambda, head
+        )
     events = await _user_events(svc, live, user_id)
     if events.row.nnz:
         vector = await svc.run(fold_in_vector, live, events)
         owned = events.owned.tolist()
-        return "fold_in", await svc.run(rank_items, live, vector, blocked + owned, category, count, diversity_lambda)
+        return "fold_in", await svc.run(
+            rank_items, live, vector, blocked + owned, category, count, diversity_lambda, head
+        )
     return "popular", await svc.run(rank_popular, live, blocked, category, count)
 
 
@@ -328,11 +338,15 @@ async def user_recommendations(
     else:
         source = "fold_in"
     blocked = _indices(live, excluded)
+    head: list[int] = []
     if diversity_lambda is None:
         diversity_lambda = live.params.diversity_lambda
+        if entry is not None:
+            # a deeper page continues the published list rather than re-ranking what it showed
+            head = _indices(live, (str(p) for p in _kept(live, entry["recommended_products"], excluded, category)))
     try:
         source, ranked = await _rank_for_user(
-            svc, live, user_id, source, blocked, category, offset + n, diversity_lambda
+            svc, live, user_id, source, blocked, category, offset + n, diversity_lambda, head
         )
     except psycopg.OperationalError:
         if entry is not None or user_id in live.user_index:

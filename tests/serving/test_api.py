@@ -678,14 +678,18 @@ def test_diversity_lambda_on_request(published: dict, settings: Settings, client
     stored = _stored(settings, user_id)["recommended_products"]
     live = load_live_model(published, settings)
 
-    same = client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": 0}).json()
-    diverse = client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": 0.8}).json()
+    def ranked(diversity_lambda: float) -> dict:
+        return client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": diversity_lambda}).json()
 
+    same, plain, diverse = ranked(live.params.diversity_lambda), ranked(0), ranked(0.8)
+
+    assert live.params.diversity_lambda == PipelineParams().diversity_lambda > 0  # published with the default
     assert same["ranked_on_request"] and same["recommended_products"] == stored
     products = diverse["recommended_products"]
     assert diverse["ranked_on_request"] and len(products) == len(set(products)) == 10
-    assert products[0] == stored[0] and products != stored
-    assert _mean_factor_cosine(live, products) < _mean_factor_cosine(live, stored)
+    assert products[0] == plain["recommended_products"][0] == stored[0]
+    assert products != plain["recommended_products"]
+    assert _mean_factor_cosine(live, products) < _mean_factor_cosine(live, plain["recommended_products"])
     assert not set(products) & (_bought(settings, user_id) | _inactive(settings))
     refused = client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": 1.5})
     assert refused.status_code == 422 and "diversity_lambda" in refused.json()["detail"]
