@@ -16,6 +16,7 @@ from rich.table import Table
 
 from recsys.bench import frequency_scaled
 from recsys.bench import movielens as quality
+from recsys.core.params import PipelineParams
 from recsys.ml import evaluation
 from recsys.ml import search as tuning
 from recsys.ml.diversity import unit_rows
@@ -137,8 +138,14 @@ def plot_tradeoff(result: dict, path: Path) -> None:
         if any(value is None for value in values):
             continue
         axis.plot(values, ndcg, marker="o")
-        for value, score, diversity_lambda in zip(values, ndcg, lambdas, strict=True):
-            axis.annotate(f"λ={diversity_lambda:g}", (value, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for position, (value, score, diversity_lambda) in enumerate(zip(values, ndcg, lambdas, strict=True)):
+            default = diversity_lambda == PipelineParams().diversity_lambda
+            if default:
+                axis.plot([value], [score], marker="o", markersize=12, fillstyle="none", color="black")
+            # alternately above right and below left: the first points lie close together
+            axis.annotate(f"λ={diversity_lambda:g}" + (" (default)" if default else ""), (value, score),
+                          textcoords="offset points", xytext=(6, 6) if position % 2 == 0 else (-8, -14),
+                          ha="left" if position % 2 == 0 else "right", fontsize=8)
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("nDCG@10 (test)")
@@ -147,8 +154,8 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     # no timestamp and fixed SVG ids: the same numbers give the same file
-    plt.rcParams["svg.hashsalt"] = "recsys"
-    figure.savefig(path, metadata={"Date": None} if path.suffix == ".svg" else None)
+    with plt.rc_context({"svg.hashsalt": "recsys"}):
+        figure.savefig(path, metadata={"Date": None} if path.suffix == ".svg" else None)
     plt.close(figure)
 
 
