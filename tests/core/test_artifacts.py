@@ -144,7 +144,7 @@ def test_a_second_worker_with_an_empty_cache_runs_the_later_stages(settings, dem
         assert pushed(run.store, f"{run.paths.key}/{folder}") is not None
 
     # the HTTP API on a third host loads the live model from the store, not from worker-b's disk
-    from recsys.serving.api import load_live_model
+    from recsys.serving.live_model import load_live_model
 
     assert meta["artifacts_key"] == run.paths.key
     api_host = worker(settings, tmp_path / "store", tmp_path / "api-host")
