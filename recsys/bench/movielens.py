@@ -18,12 +18,29 @@ import scipy.sparse as sp
 from recsys.ml.evaluation import Evaluation
 
 COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+GENRE_COUNT = 19  # u.item's last 19 columns: one 0/1 flag per genre ("unknown" is one of them)
 
 
 def load_ratings(data: Path) -> pd.DataFrame:
     """``u.data`` (tab separated user, item, rating, unix time); ``data`` is the file or its folder."""
     path = data / "u.data" if data.is_dir() else data
     return pd.read_csv(path, sep="\t", names=COLUMNS, dtype="int64")
+
+
+def load_genres(data: Path, item_ids: np.ndarray) -> np.ndarray | None:
+    """(items, 19) genre flags from ``u.item`` (pipe separated, Latin-1) in ``item_ids`` order, or
+    None without a ``u.item`` beside ``u.data``. An item missing from it has no genre (zero row)."""
+    path = (data if data.is_dir() else data.parent) / "u.item"
+    if not path.exists():
+        return None
+    table = pd.read_csv(path, sep="|", header=None, encoding="latin-1")
+    flags = table.iloc[:, -GENRE_COUNT:].to_numpy(dtype=np.float32)
+    row = {int(item): position for position, item in enumerate(table.iloc[:, 0])}
+    genres = np.zeros((len(item_ids), GENRE_COUNT), dtype=np.float32)
+    for index, item in enumerate(item_ids):
+        if int(item) in row:
+            genres[index] = flags[row[int(item)]]
+    return genres
 
 
 def stratified_split(

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from recsys.ml.diversity import intra_list_diversity, novelty, recommend_diverse_top_n
 from recsys.ml.metrics import RankingMetrics, ranking_metrics
 from recsys.ml.ranking import als_model, popularity_model, recommend_top_n
 
@@ -61,3 +62,36 @@ def metric_summary(metrics: RankingMetrics) -> dict[str, float]:
         f"precision_at_{k}": metrics.precision,
         f"recall_at_{k}": metrics.recall,
     }
+
+
+def diversity_tradeoff(
+    model,
+    exclude: sp.csr_matrix,
+    relevant: sp.csr_matrix,
+    lambdas: list[float],
+    genre_vectors: np.ndarray | None = None,
+    k: int = 10,
+    blocked_items: np.ndarray | None = None,
+) -> list[dict[str, float | None]]:
+    """Accuracy and beyond-accuracy metrics of the top-k lists publish would make at each λ
+    (``recommend_diverse_top_n``: MMR on the cosine of the model's item factors), one row per λ.
+
+    Coverage: share of the catalogue in some list; intra-list diversity: on ``genre_vectors``
+    (unit rows; None: not measured); novelty: mean −log2 of the share of ``exclude``'s users who
+    have each recommended item.
+    """
+    relevant, exclude = relevant.tocsr(), exclude.tocsr()
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    item_users = np.diff(exclude.tocsc().indptr)
+    rows = []
+    for diversity_lambda in lambdas:
+        lists = recommend_diverse_top_n(model, users, exclude, k, diversity_lambda, blocked_items)
+        metrics = ranking_metrics(lists, relevant[users], k, map_denominator="all")
+        rows.append({
+            "lambda": diversity_lambda,
+            **metric_summary(metrics),
+            "coverage": metrics.coverage,
+            "intra_list_diversity": None if genre_vectors is None else intra_list_diversity(lists, genre_vectors),
+            "novelty": novelty(lists, item_users, exclude.shape[0]),
+        })
+    return rows

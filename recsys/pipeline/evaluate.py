@@ -18,6 +18,7 @@ from recsys.core.errors import InputError, QualityGateError
 from recsys.core.layout import EVALUATION_REPORT, FACTORS_HOLDOUT, ITEMS
 from recsys.core.params import PipelineParams
 from recsys.ml.als import load_factors
+from recsys.ml.diversity import recommend_diverse_top_n
 from recsys.ml.metrics import RankingMetrics, ranking_metrics
 from recsys.ml.ranking import als_model, popularity_model, recommend_top_n
 from recsys.pipeline.matrix import holdout_split
@@ -59,7 +60,10 @@ def evaluate(
     relevant = split.validation[users]
 
     user_factors, item_factors = load_factors(model_dir / FACTORS_HOLDOUT)
-    model_recs, _ = recommend_top_n(als_model(user_factors, item_factors), users, train_exclude, params.k, blocked)
+    # the gate judges the lists publish makes: re-ranked for diversity as they will be
+    model_recs = recommend_diverse_top_n(
+        als_model(user_factors, item_factors), users, train_exclude, params.k, params.diversity_lambda, blocked
+    )
     item_popularity = np.asarray((train > 0).sum(axis=0)).ravel()
     popular_recs, _ = recommend_top_n(
         popularity_model(item_popularity, train.shape[0]), users, train_exclude, params.k, blocked

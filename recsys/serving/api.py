@@ -42,9 +42,9 @@ from recsys.serving.schemas import (
     EventPending,
     Health,
     ModelInfo,
-    Recommendations,
     SimilarProducts,
     TopBuys,
+    UserRecommendations,
 )
 from recsys.serving.security import (
     NEW_KEY_COMMAND,
@@ -54,7 +54,9 @@ from recsys.serving.security import (
 )
 from recsys.serving.service import (
     Category,
+    DiversityLambda,
     Exclude,
+    Explain,
     IdempotencyKey,
     NothingLive,
     Offset,
@@ -176,19 +178,23 @@ def create_api(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _invalid_request)
 
     @app.get(
-        "/users/{user_id}/recommendations", response_model=Recommendations, dependencies=read_access,
+        "/users/{user_id}/recommendations", response_model=UserRecommendations, dependencies=read_access,
         responses={**read_errors, 404: ERRORS[404], 422: ERRORS[422]},
     )
     async def get_recommendations(
-        user_id: UserId, svc: Service, n: PageSize = 10, offset: Offset = 0, exclude: Exclude = None, category: Category = None
+        user_id: UserId, svc: Service, n: PageSize = 10, offset: Offset = 0, exclude: Exclude = None,
+        category: Category = None, diversity_lambda: DiversityLambda = None, explain: Explain = False,
     ) -> Response:
         """The user's list; never excluded, already bought or inactive products.
 
         Known users get the published list (`model`), unknown users a fold-in of their recorded
         interactions (`fold_in`) or top buys (`popular`). A page the published list cannot fill
-        after filtering is ranked on request from the live factors.
+        after filtering, or any page asked with `diversity_lambda`, is ranked on request from the
+        live factors. `explain=true` adds, per product, the past products that weigh most in its score.
         """
-        return await user_recommendations(svc, user_id, n, offset, _parse_exclude(exclude), category)
+        return await user_recommendations(
+            svc, user_id, n, offset, _parse_exclude(exclude), category, diversity_lambda, explain
+        )
 
     @app.post(
         "/users/{user_id}/events", response_model=EventAccepted, status_code=201,

@@ -13,6 +13,7 @@ from datetime import datetime
 import numpy as np
 import scipy.sparse as sp
 
+from recsys.ml.diversity import CANDIDATES_PER_SLOT, mmr_rerank
 from recsys.ml.ranking import similar_items
 from recsys.ml.weighting import BM25_FLOOR, BM25_K1, interaction_weights, scale_confidence
 from recsys.serving.live_model import LiveModel
@@ -77,19 +78,51 @@ def fold_in_vector(live: LiveModel, events: UserEvents) -> np.ndarray:
 
 
 def rank_items(
-    live: LiveModel, vector: np.ndarray, blocked: Iterable[int], category: str | None, count: int
+    live: LiveModel,
+    vector: np.ndarray,
+    blocked: Iterable[int],
+    category: str | None,
+    count: int,
+    diversity_lambda: float = 0.0,
+    head: list[int] | None = None,
 ) -> list[int]:
-    """Top ``count`` active items by score, never a blocked one, optionally within a category."""
-    allowed = _allowed(live, blocked, category)
+    """Top ``count`` active items by score, never a blocked one, optionally within a category.
+
+    With ``diversity_lambda`` > 0, MMR re-ranks as publish does. A list that starts with ``head``
+    (the published list, filtered) continues it: further picks from the best
+    ``CANDIDATES_PER_SLOT`` × ``count``, penalised by their similarity to the head too. Without a
+    head, the first ``top_n`` picks come from the best ``CANDIDATES_PER_SLOT`` × ``top_n``, as
+    publish picks them, and later ones continue from the larger pool.
+    """
+    head = list(head or []) if diversity_lambda > 0 else []
+    allowed = _allowed(live, [*blocked, *head], category)
     candidates = np.flatnonzero(allowed)
-    if len(candidates) == 0:
-        return []
+    needed = count - len(head)
+    if len(candidates) == 0 or needed <= 0:
+        return head[:count]
     scores = live.model.item_factors[candidates] @ vector
-    count = min(count, len(candidates))
-    best = np.argpartition(-scores, count - 1)[:count]
+    pool = min(count * (CANDIDATES_PER_SLOT if diversity_lambda > 0 else 1), len(candidates))
+    best = np.argpartition(-scores, pool - 1)[:pool]
     # stable on ties so the order matches between calls
     best = best[np.lexsort((candidates[best], -scores[best]))]
-    return candidates[best].tolist()
+    ranked, ranked_scores = candidates[best], scores[best]
+    if diversity_lambda == 0:
+        return ranked.tolist()
+    vectors = live.unit_item_factors
+    if head:
+        top = max(float(ranked_scores[0]), float(np.max(live.model.item_factors[head] @ vector)))
+        more = mmr_rerank(ranked[None, :], ranked_scores[None, :], needed, diversity_lambda, vectors,
+                          chosen=np.asarray([head]), top_scores=np.asarray([top]))
+        return head + [int(i) for i in more[0] if i >= 0]
+    first = min(count, live.params.top_n)
+    picks = mmr_rerank(ranked[None, : CANDIDATES_PER_SLOT * first], ranked_scores[None, : CANDIDATES_PER_SLOT * first],
+                       first, diversity_lambda, vectors)
+    if count > first:
+        rest = ~np.isin(ranked, picks)
+        more = mmr_rerank(ranked[rest][None, :], ranked_scores[rest][None, :], count - first, diversity_lambda, vectors,
+                          chosen=picks, top_scores=ranked_scores[:1])
+        picks = np.concatenate([picks, more], axis=1)
+    return [int(i) for i in picks[0] if i >= 0]
 
 
 def rank_popular(live: LiveModel, blocked: Iterable[int], category: str | None, count: int) -> list[int]:

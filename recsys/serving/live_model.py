@@ -19,6 +19,7 @@ from recsys.core.layout import EXCLUDE, FULL, ITEMS, USERS, published_artifacts
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.ml.als import load_factors
+from recsys.ml.diversity import unit_rows
 from recsys.ml.ranking import als_model, top_buys_order
 from recsys.serving.schemas import ProductId
 
@@ -44,6 +45,8 @@ class LiveModel:
     popular: np.ndarray  # active item indices in top-buys order
     exclude: sp.csr_matrix  # who already has what in the window
     document_frequency: np.ndarray  # users per item in the window, for bm25 fold-ins
+    confidence: sp.csr_matrix  # the weights the model was fitted on: what explanations decompose
+    unit_item_factors: np.ndarray  # item factors scaled to length 1: cosines for diversity re-ranking
 
     def product_out(self, index: int) -> ProductId:
         return id_out(self.id_types.product)(self.item_ids[index])
@@ -86,4 +89,6 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         popular=ranked.index.to_numpy(dtype=np.int64),
         exclude=exclude,
         document_frequency=np.bincount(full.indices, minlength=full.shape[1]),
+        confidence=full,
+        unit_item_factors=unit_rows(model.item_factors),
     )

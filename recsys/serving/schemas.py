@@ -16,6 +16,7 @@ MAX_N = 100
 MAX_OFFSET = 1_000
 MAX_EXCLUDE = 500
 MAX_ID_LENGTH = 128
+EXPLAIN_N = 3  # past products named per recommended product with explain=true
 # printable ids without commas (``exclude`` is a comma-separated list of them)
 ID_PATTERN = r"^[^\x00-\x1f\x7f,]+$"
 
@@ -54,6 +55,43 @@ class Recommendations(BaseModel):
         description="false: a page of the published list; true: ranked from the live factors for this request"
     )
     recommended_products: list[ProductId] = Field(description="Best first")
+
+
+class Contribution(BaseModel):
+    product_id: ProductId = Field(description="A product of the user's own history")
+    contribution: float = Field(description="Its part of the recommended product's score")
+
+
+class ProductExplanation(BaseModel):
+    product_id: ProductId = Field(description="A recommended product")
+    score: float = Field(description="Its score for this user's history: the sum of every past product's contribution")
+    because: list[Contribution] = Field(
+        description=f"The {EXPLAIN_N} past products that contribute most, largest first"
+    )
+
+
+class UserRecommendations(Recommendations):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": 101, "version": "20261128T030000Z-888fd592bf", "source": "model", "category": None,
+                    "offset": 0, "n": 2, "ranked_on_request": False, "recommended_products": [45, 78],
+                    "explanations": [
+                        {"product_id": 45, "score": 0.82, "because": [{"product_id": 3, "contribution": 0.51},
+                                                                     {"product_id": 17, "contribution": 0.22}]},
+                        {"product_id": 78, "score": 0.64, "because": [{"product_id": 17, "contribution": 0.40}]},
+                    ],
+                }
+            ]
+        }
+    )
+
+    explanations: list[ProductExplanation] | None = Field(
+        default=None,
+        description="Only with explain=true: per recommended product, in list order, the user's past products "
+        "that weigh most in its ALS score; empty for source popular (top buys have no score to decompose)",
+    )
 
 
 class SimilarProducts(BaseModel):

@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from recsys.core import ids, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
+from recsys.ml.explain import explain_items
 from recsys.serving.events import (
     Stored,
     clear_pending_refresh,
@@ -36,6 +37,7 @@ from recsys.serving.events import (
 from recsys.serving.fold_in import UserEvents, fold_in_vector, rank_items, rank_popular, weigh_events
 from recsys.serving.live_model import LiveModel, load_live_model
 from recsys.serving.schemas import (
+    EXPLAIN_N,
     ID_PATTERN,
     MAX_EXCLUDE,
     MAX_ID_LENGTH,
@@ -179,6 +181,14 @@ Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Skip this many (
 Category = Annotated[
     str | None, Query(min_length=1, max_length=MAX_ID_LENGTH, description="Only products of this category")
 ]
+DiversityLambda = Annotated[
+    float | None,
+    Query(ge=0, le=1, description="MMR diversity of a list ranked on request (0 = score order); given, the list is "
+          "always ranked on request. Absent: the live version's diversity_lambda, with which its lists were published"),
+]
+Explain = Annotated[
+    bool, Query(description="Add, per product, the user's past products that weigh most in its score")
+]
 Exclude = Annotated[
     str | None,
     Query(max_length=MAX_EXCLUDE * (MAX_ID_LENGTH + 1), description="Comma-separated product ids never to return"),
@@ -214,16 +224,21 @@ def _check_category(live: LiveModel, category: str | None) -> None:
         raise HTTPException(status_code=404, detail=f"Unknown category {category!r}; known: {known}")
 
 
-def _page(
-    live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None, offset: int, n: int
-) -> list[ProductId] | None:
-    """The page cut from a published list, or None if that list cannot fill it after filtering."""
-    kept = [
+def _kept(live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None) -> list[ProductId]:
+    """A published list after the request's filters."""
+    return [
         product
         for product in stored
         if str(product) not in excluded
         and (category is None or live.category[live.item_index[str(product)]] == category)
     ]
+
+
+def _page(
+    live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None, offset: int, n: int
+) -> list[ProductId] | None:
+    """The page cut from a published list, or None if that list cannot fill it after filtering."""
+    kept = _kept(live, stored, excluded, category)
     return kept[offset : offset + n] if len(kept) >= offset + n else None
 
 
@@ -236,21 +251,53 @@ def _outputs(live: LiveModel, indices: list[int], offset: int, n: int) -> list[P
 
 
 async def _rank_for_user(
-    svc: RecsysService, live: LiveModel, user_id: str, source: Source, blocked: list[int], category: str | None, count: int
+    svc: RecsysService, live: LiveModel, user_id: str, source: Source, blocked: list[int], category: str | None,
+    count: int, diversity_lambda: float, head: list[int],
 ) -> tuple[Source, list[int]]:
     """Rank from factors: the model's own user factors, else a fold-in of the recorded events,
-    else popularity. Returns the source actually used."""
+    else popularity (top buys, never re-ranked). ``head``: the published list after filtering,
+    which a diverse list continues. Returns the source actually used."""
     if source == "model" and user_id in live.user_index:
         index = live.user_index[user_id]
         owned = live.exclude[index].indices.tolist()
         vector = live.model.user_factors[index]
-        return "model", await svc.run(rank_items, live, vector, blocked + owned, category, count)
+        return "model", await svc.run(
+            rank_items, live, vector, blocked + owned, category, count, diversity_lambda, head
+        )
     events = await _user_events(svc, live, user_id)
     if events.row.nnz:
         vector = await svc.run(fold_in_vector, live, events)
         owned = events.owned.tolist()
-        return "fold_in", await svc.run(rank_items, live, vector, blocked + owned, category, count)
+        return "fold_in", await svc.run(
+            rank_items, live, vector, blocked + owned, category, count, diversity_lambda, head
+        )
     return "popular", await svc.run(rank_popular, live, blocked, category, count)
+
+
+async def _explanations(
+    svc: RecsysService, live: LiveModel, user_id: str, source: Source, products: list[ProductId]
+) -> list[dict]:
+    """Per product, the user's past products that weigh most in its score: from the row the model
+    was fitted on (``model``) or the recorded events a fold-in solves from (``fold_in``); top buys
+    have no score to decompose."""
+    if source == "model" and user_id in live.user_index:
+        row = live.confidence[live.user_index[user_id]]
+    elif source == "fold_in":
+        row = (await _user_events(svc, live, user_id)).row
+    else:
+        return []
+    items = [live.item_index[str(product)] for product in products]
+    params = live.params
+    explained = await svc.run(
+        explain_items, live.model.item_factors, row, items, params.regularization, params.alpha, EXPLAIN_N
+    )
+    return [
+        {
+            "product_id": live.product_out(entry.item), "score": entry.score,
+            "because": [{"product_id": live.product_out(past), "contribution": part} for past, part in entry.contributions],
+        }
+        for entry in explained
+    ]
 
 
 async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> UserEvents:
@@ -259,34 +306,48 @@ async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> Use
 
 
 async def user_recommendations(
-    svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None
+    svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None,
+    diversity_lambda: float | None = None, explain: bool = False,
 ) -> Response:
     version, entry = await svc.version_and_entry(redis_keys.user_recs_slot(svc.keys, user_id))
     live = await svc.model_for(version)
     _check_user_id(live, user_id)
     _check_category(live, category)
 
-    def answer(source: Source, products: list[ProductId], ranked: bool) -> Response:
+    async def answer(source: Source, products: list[ProductId], ranked: bool) -> Response:
         # built as JSON directly: this is the hot path, and FastAPI validating a response model
         # again costs more than the Redis round trip (the schema stays documented on the route)
         body = {
             "user_id": live.user_id_out(user_id), "version": live.version, "source": source, "category": category,
             "offset": offset, "n": n, "ranked_on_request": ranked, "recommended_products": products,
         }
+        if explain:
+            body["explanations"] = await _explanations(svc, live, user_id, source, products)
         return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
-    if entry is not None:
+    # a requested diversity is never the one a published list may have been made with
+    if entry is not None and diversity_lambda is None:
         source: Source = entry.get("source", "model")
         page = _page(live, entry["recommended_products"], excluded, category, offset, n)
         if page is not None:
-            return answer(source, page, False)
+            return await answer(source, page, False)
+    elif entry is not None:
+        source = entry.get("source", "model")
     elif user_id in live.user_index:
         source = "model"
     else:
         source = "fold_in"
     blocked = _indices(live, excluded)
+    head: list[int] = []
+    if diversity_lambda is None:
+        diversity_lambda = live.params.diversity_lambda
+        if entry is not None:
+            # a deeper page continues the published list rather than re-ranking what it showed
+            head = _indices(live, (str(p) for p in _kept(live, entry["recommended_products"], excluded, category)))
     try:
-        source, ranked = await _rank_for_user(svc, live, user_id, source, blocked, category, offset + n)
+        source, ranked = await _rank_for_user(
+            svc, live, user_id, source, blocked, category, offset + n, diversity_lambda, head
+        )
     except psycopg.OperationalError:
         if entry is not None or user_id in live.user_index:
             raise
@@ -297,8 +358,8 @@ async def user_recommendations(
         stored = await redis_keys.read_entry(svc.redis, redis_keys.top_buys_slot(svc.keys, category))
         page = None if stored is None else _page(live, stored["top_buys"], excluded, None, offset, n)
         if page is not None:
-            return answer("popular", page, False)
-    return answer(source, _outputs(live, ranked, offset, n), True)
+            return await answer("popular", page, False)
+    return await answer(source, _outputs(live, ranked, offset, n), True)
 
 
 @dataclass(frozen=True)
@@ -321,7 +382,9 @@ async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList |
             # nothing the live model knows (e.g. a product newer than the model): lists stay
             return RefreshedList(live, "popular", await svc.run(rank_popular, live, [], None, top_n))
         vector = await svc.run(fold_in_vector, live, events)
-        products = await svc.run(rank_items, live, vector, events.owned.tolist(), None, top_n)
+        products = await svc.run(
+            rank_items, live, vector, events.owned.tolist(), None, top_n, live.params.diversity_lambda
+        )
         entry = {
             "user_id": live.user_id_out(user_id),
             "recommended_products": [live.product_out(i) for i in products],

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from recsys.bench import movielens as quality
 from recsys.bench.frequency_scaled import fit_frequency_scaled
-from recsys.bench.quality import bench_app
+from recsys.bench.quality import DIVERSITY_LAMBDAS, bench_app
 from recsys.ml import search as tuning
 
 
@@ -140,12 +140,25 @@ def test_tune_tries_the_start_params_first_and_returns_the_best_trial(ratings):
     assert result.params in [t.params for t in result.trials]
 
 
+def write_u_item(n_items: int, directory: Path, seed: int = 0) -> None:
+    """Synthetic u.item: id, title, dates, url, then 19 genre flags (at least one per item)."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for item in range(1, n_items + 1):
+        flags = rng.random(quality.GENRE_COUNT) < 0.15
+        flags[rng.integers(quality.GENRE_COUNT)] = True
+        lines.append("|".join([str(item), f"Item {item} (1995)", "01-Jan-1995", "", "http://x"] + [str(int(f)) for f in flags]))
+    (directory / "u.item").write_text("\n".join(lines) + "\n", encoding="latin-1")
+
+
 def test_bench_quality_prints_json_last_and_dumps_checkable_files(ratings, tmp_path):
     data = write_u_data(ratings, tmp_path / "ml")
+    write_u_item(int(ratings["item_id"].max()), data)
     dump = tmp_path / "dump"
 
     result = CliRunner().invoke(
-        bench_app, ["quality", "--data", str(data), "--json", "--trials", "3", "--dump", str(dump)]
+        bench_app, ["quality", "--data", str(data), "--json", "--trials", "3", "--dump", str(dump),
+                    "--plot", str(tmp_path / "tradeoff.svg")]
     )
 
     assert result.exit_code == 0, result.output
@@ -165,3 +178,28 @@ def test_bench_quality_prints_json_last_and_dumps_checkable_files(ratings, tmp_p
     independent = recompute(dump, k=10)
     for name in metric_keys:
         assert independent[name] == pytest.approx(last["model"][name], abs=1e-12)
+
+    assert set(last["diversity"]) == {"model", "popularity"}
+    for rows in last["diversity"].values():
+        assert [row["lambda"] for row in rows] == list(DIVERSITY_LAMBDAS)
+        for row in rows:
+            assert 0 < row["coverage"] <= 1 and 0 <= row["intra_list_diversity"] <= 1 and row["novelty"] > 0
+    plain = last["diversity"]["model"][0]
+    # lambda 0 is the benchmark's own top 10
+    assert {name: plain[name] for name in metric_keys} == last["model"]
+    assert plain["coverage"] == last["coverage"]
+    assert "novelty" in result.stdout  # the trade-off table
+    assert "<svg" in (tmp_path / "tradeoff.svg").read_text()
+
+
+def test_genres_follow_the_item_index_and_missing_items_have_none(tmp_path):
+    (tmp_path / "u.item").write_text(
+        "1|A|||x|" + "|".join(["1"] + ["0"] * 18) + "\n" + "3|C|||x|" + "|".join(["0"] * 18 + ["1"]) + "\n",
+        encoding="latin-1",
+    )
+    genres = quality.load_genres(tmp_path, np.array([3, 1, 2]))
+    assert genres[0, 18] == 1 and genres[0].sum() == 1
+    assert genres[1, 0] == 1 and genres[1].sum() == 1
+    assert genres[2].sum() == 0
+    (tmp_path / "no-item-file").mkdir()
+    assert quality.load_genres(tmp_path / "no-item-file", np.array([1])) is None

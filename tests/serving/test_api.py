@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 import httpx
+import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -33,6 +34,7 @@ from recsys.pipeline.stages import run_pipeline
 from recsys.serving import security as api_security
 from recsys.serving import service
 from recsys.serving.api import create_api
+from recsys.serving.live_model import load_live_model
 from recsys.serving.lookup import create_app as create_lookup_app
 
 
@@ -623,3 +625,97 @@ def test_a_user_id_the_shops_id_type_cannot_hold_is_refused(published: dict, cli
         assert response.status_code == 422
         assert "not an integer" in response.json()["detail"]
     assert client.get("/model").json()["id_types"]["user"] == "int"
+
+
+# --- diversity and explanations -----------------------------------------------------------------
+
+
+def _mean_factor_cosine(live, products: list) -> float:
+    vectors = live.unit_item_factors[[live.item_index[str(p)] for p in products]]
+    similarity = vectors @ vectors.T
+    return float(similarity[np.triu_indices(len(products), k=1)].mean())
+
+
+def test_explanations_are_implicits_for_the_rows_the_model_was_fitted_on(
+    published: dict, settings: Settings, client: TestClient
+):
+    user_id = _live_user(settings)
+    plain = client.get(f"/users/{user_id}/recommendations", params={"n": 5}).json()
+    body = client.get(f"/users/{user_id}/recommendations", params={"n": 5, "explain": "true"}).json()
+    live = load_live_model(published, settings)
+    row = live.confidence[live.user_index[user_id]]
+
+    assert "explanations" not in plain  # the hot path's answer is unchanged without explain
+    assert body["recommended_products"] == plain["recommended_products"] and not body["ranked_on_request"]
+    assert [e["product_id"] for e in body["explanations"]] == body["recommended_products"]
+    history = {live.product_out(i) for i in row.indices}
+    for explanation in body["explanations"]:
+        total, top, _ = live.model.explain(0, row, live.item_index[str(explanation["product_id"])], N=3)
+        assert explanation["score"] == pytest.approx(total, rel=1e-4)
+        assert [c["product_id"] for c in explanation["because"]] == [live.product_out(i) for i, _ in top]
+        assert {c["product_id"] for c in explanation["because"]} <= history
+        parts = [c["contribution"] for c in explanation["because"]]
+        assert parts == sorted(parts, reverse=True) and parts == pytest.approx([s for _, s in top], rel=1e-4)
+
+
+def test_explanations_of_fold_ins_and_top_buys(
+    published: dict, settings: Settings, client: TestClient, window_end: datetime
+):
+    bought = _stored(settings, _live_user(settings))["recommended_products"][:3]
+    insert_interactions(settings, [("900002", str(p), "purchase", 1.0, days_before(window_end, 2)) for p in bought])
+
+    folded = client.get("/users/900002/recommendations", params={"n": 4, "explain": "true"}).json()
+    popular = client.get("/users/424243/recommendations", params={"n": 4, "explain": "true"}).json()
+
+    assert folded["source"] == "fold_in" and len(folded["explanations"]) == 4
+    for explanation in folded["explanations"]:
+        assert explanation["because"] and {c["product_id"] for c in explanation["because"]} <= set(bought)
+    assert popular["source"] == "popular" and popular["explanations"] == []
+
+
+def test_diversity_lambda_on_request(published: dict, settings: Settings, client: TestClient):
+    user_id = _live_user(settings)
+    stored = _stored(settings, user_id)["recommended_products"]
+    live = load_live_model(published, settings)
+
+    def ranked(diversity_lambda: float) -> dict:
+        return client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": diversity_lambda}).json()
+
+    same, plain, diverse = ranked(live.params.diversity_lambda), ranked(0), ranked(0.8)
+
+    assert live.params.diversity_lambda == PipelineParams().diversity_lambda > 0  # published with the default
+    assert same["ranked_on_request"] and same["recommended_products"] == stored
+    products = diverse["recommended_products"]
+    assert diverse["ranked_on_request"] and len(products) == len(set(products)) == 10
+    assert products[0] == plain["recommended_products"][0] == stored[0]
+    assert products != plain["recommended_products"]
+    assert _mean_factor_cosine(live, products) < _mean_factor_cosine(live, plain["recommended_products"])
+    assert not set(products) & (_bought(settings, user_id) | _inactive(settings))
+    refused = client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": 1.5})
+    assert refused.status_code == 422 and "diversity_lambda" in refused.json()["detail"]
+
+
+def test_published_diverse_lists_are_what_ranking_on_request_gives(
+    settings: Settings, demo_loaded, window_end: datetime, client: TestClient
+):
+    run_pipeline(settings, window_end, PipelineParams(diversity_lambda=0.5))
+    meta = redis_keys.live_meta(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    assert meta["params"]["diversity_lambda"] == 0.5
+    live = load_live_model(meta, settings)
+    users = redis_keys.redis_client(settings).hrandfield(redis_keys.layout(settings).live("user_recs"), 5)
+
+    plain_differs, stored_similarity, plain_similarity = False, [], []
+    for user_id in users:
+        stored = _stored(settings, user_id)["recommended_products"]
+        on_request = client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": 0.5}).json()
+        plain = client.get(f"/users/{user_id}/recommendations", params={"diversity_lambda": 0}).json()
+        assert on_request["recommended_products"] == stored
+        assert plain["recommended_products"][0] == stored[0]
+        plain_differs |= plain["recommended_products"] != stored
+        stored_similarity.append(_mean_factor_cosine(live, stored))
+        plain_similarity.append(_mean_factor_cosine(live, plain["recommended_products"]))
+    assert plain_differs and np.mean(stored_similarity) < np.mean(plain_similarity)
+    # deeper pages (ranked on request with the version's lambda) continue the published list
+    deep = client.get(f"/users/{users[0]}/recommendations", params={"n": 25}).json()
+    assert deep["ranked_on_request"] and len(set(deep["recommended_products"])) == 25
+    assert deep["recommended_products"][:10] == _stored(settings, users[0])["recommended_products"]

@@ -48,7 +48,8 @@ from recsys.core.redis_keys import (
 from recsys.core.settings import Settings
 from recsys.core.window import Window
 from recsys.ml.als import load_factors
-from recsys.ml.ranking import als_model, recommend_top_n, similar_items, top_buys_order
+from recsys.ml.diversity import recommend_diverse_top_n
+from recsys.ml.ranking import als_model, similar_items, top_buys_order
 from recsys.pipeline.matrix import inactive_items, matrix_id_types
 from recsys.pipeline.publish.versions import (
     VersionOwner,
@@ -319,8 +320,8 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
         inactive_items(matrix_dir),
     )
     with staging.timings.phase("scoring"):
-        recs, _ = recommend_top_n(
-            model, users, exclude, params.top_n, blocked,
+        recs = recommend_diverse_top_n(
+            model, users, exclude, params.top_n, params.diversity_lambda, blocked,
             progress=f"recommend {shard + 1}/{shards}" if progress else None,
         )
     has_recs = recs[:, 0] >= 0
