@@ -104,3 +104,21 @@ def published_artifacts(settings: Settings, meta: dict) -> tuple[Path, Path]:
     paths = RunPaths(settings.artifacts_dir, key)
     pull_folders(run_store, paths, (MATRIX, MODEL))
     return paths.matrix, paths.model / FACTORS_FULL
+
+
+def published_report(settings: Settings, meta: dict) -> Path | None:
+    """The evaluation report (``eval/report.html``) of a published version on this host, pulled from
+    the shared store when the version was published through one; None if it has none."""
+    run_store, key = configured_store(settings), meta.get("artifacts_key")
+    if run_store is not None and key is not None:
+        paths = RunPaths(settings.artifacts_dir, key)
+        try:
+            pull_folders(run_store, paths, (EVALUATION,))
+        except FileNotFoundError:
+            return None
+        report = paths.evaluation / EVALUATION_HTML
+    elif "matrix_dir" in meta:
+        report = Path(meta["matrix_dir"]).parent / EVALUATION / EVALUATION_HTML
+    else:
+        return None
+    return report if report.is_file() else None

@@ -15,16 +15,18 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
 import redis
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from recsys.core import redis_keys
+from recsys.core.layout import published_report
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.serving import lookup_reads
@@ -152,13 +154,29 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
             raise await _not_found(live, f"User {user_id!r} has no live recommendations and no top buys are live.")
         return {"user_id": user_id, "source": POPULAR_SOURCE, "recommended_products": popular["top_buys"]}
 
+    async def _live_report(request: Request, live: LiveStore) -> Path | None:
+        meta = await redis_keys.read_meta(live.client, live.keys)
+        if meta is None:
+            return None
+        settings = _resolve_settings(request.app.state.settings_factory)
+        return await run_in_threadpool(published_report, settings, meta)
+
     @app.get("/api/model")
-    async def model(live: Live) -> dict:
+    async def model(request: Request, live: Live) -> dict:
         meta = await redis_keys.read_meta(live.client, live.keys)
         if meta is None:
             raise _nothing_live(live.keys)
-        # report: a link the pipeline may add to the meta; absent, the page shows none
-        return {**redis_keys.public_meta(meta), "report": meta.get("report"), "params_compared": compare_params(meta.get("params"))}
+        # report: the live version's evaluation report, served below; else a link the meta names
+        report = str(request.url_for("live_report")) if await _live_report(request, live) else meta.get("report")
+        return {**redis_keys.public_meta(meta), "report": report, "params_compared": compare_params(meta.get("params"))}
+
+    @app.get("/report", response_class=HTMLResponse, name="live_report", include_in_schema=False)
+    async def live_report(request: Request, live: Live) -> FileResponse:
+        """The live version's evaluation report (self-contained HTML with its plots)."""
+        report = await _live_report(request, live)
+        if report is None:
+            raise HTTPException(status_code=404, detail="The live version has no evaluation report on this host.")
+        return FileResponse(report, media_type="text/html")
 
     @app.get("/api/top-buys/categories")
     async def top_buys_categories(live: Live) -> dict:

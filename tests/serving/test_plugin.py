@@ -1,4 +1,4 @@
-"""The lookup app (``recsys.lookup_app``) on a really published version, and the Airflow plugin
+"""The lookup app (``recsys.serving.lookup``) on a really published version, and the Airflow plugin
 that mounts it in the api-server (``plugins/recsys_plugin.py``)."""
 
 from __future__ import annotations
@@ -274,3 +274,11 @@ def test_plugin_app_is_mounted_under_recsys_in_the_api_server():
 
     assert not any("/recsys".startswith(prefix) for prefix in RESERVED_URL_PREFIXES)
     assert "/recsys" in [getattr(route, "path", None) for route in app.routes]
+
+
+def test_the_page_links_and_serves_the_live_versions_evaluation_report(published: PipelineResult, client: TestClient):
+    link = client.get("/api/model").json()["report"]
+    assert link is not None and link.endswith("/report")
+    report = client.get("/report")
+    assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
+    assert "<svg" in report.text and published.publish.version.split("-")[0][:8] in report.text
