@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import io
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import matplotlib
 
@@ -55,7 +55,8 @@ def _times(history: list[dict]) -> list[datetime]:
 
 def _date_axis(axes, times: list[datetime]) -> None:
     if len(set(times)) < 2:
-        return  # one date: the locator has no interval to pick, matplotlib's default ticks do
+        # one date: matplotlib would spread its default ticks over years; a day either side instead
+        axes.set_xlim(times[0] - timedelta(days=1), times[0] + timedelta(days=1))
     locator = mdates.AutoDateLocator(maxticks=8)
     axes.xaxis.set_major_locator(locator)
     axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
