@@ -8,14 +8,18 @@ The evaluate stage inserts the row (status ``evaluated`` or ``refused``); publis
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from recsys.core import db
+from recsys.core.errors import InputError
 from recsys.core.settings import Settings
 
 EVALUATED, REFUSED, PUBLISHED, SKIPPED_STALE, FAILED = "evaluated", "refused", "published", "skipped_stale", "failed"
@@ -44,20 +48,34 @@ class RunRecord:
         return EVALUATED if self.gate_passed else REFUSED
 
 
+@contextmanager
+def _history_table(settings: Settings) -> Iterator[psycopg.Connection]:
+    """A connection for the history; a database from before the table says how to add it."""
+    try:
+        with db.connect(settings) as conn:
+            yield conn
+    except psycopg.errors.UndefinedTable as missing:
+        raise InputError(
+            f"schema {settings.db_schema} has no recsys_runs table (the quality history, added in this version): "
+            "run `recsys init-db` once (it only adds what is missing; on a large interactions table see "
+            "docs/security.md for building its event_id index concurrently first)"
+        ) from missing
+
+
 def record_evaluation(settings: Settings, record: RunRecord) -> datetime:
     """Insert the run's row; returns its recorded_at."""
     values: dict[str, Any] = {**record.__dict__, "status": record.status}
     for name in ("params", "metrics", "extract_counts"):
         if values[name] is not None:
             values[name] = Jsonb(values[name])
-    with db.connect(settings) as conn:
+    with _history_table(settings) as conn:
         return conn.execute(db.sql_text(settings, "insert_run"), values).fetchone()[0]
 
 
 def record_publish(settings: Settings, run_key: str, status: str, version: str | None = None) -> bool:
     """Set the publish outcome on the run's latest row; False when the run has no row (it was
     evaluated before the history existed)."""
-    with db.connect(settings) as conn:
+    with _history_table(settings) as conn:
         updated = conn.execute(
             db.sql_text(settings, "update_run_status"),
             {"run_key": run_key, "status": status, "published_version": version},
@@ -67,7 +85,7 @@ def record_publish(settings: Settings, run_key: str, status: str, version: str |
 
 def recent_runs(settings: Settings, limit: int = 20) -> list[dict]:
     """The last ``limit`` rows, newest first, as dicts (JSON columns decoded)."""
-    with db.connect(settings) as conn, conn.cursor(row_factory=dict_row) as cur:
+    with _history_table(settings) as conn, conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(db.sql_text(settings, "recent_runs"), {"limit": limit}).fetchall()
 
 

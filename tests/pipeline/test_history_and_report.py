@@ -9,7 +9,8 @@ from datetime import timedelta
 
 import pytest
 
-from recsys.core.errors import QualityGateError, StaleVersionError
+from recsys.core import db
+from recsys.core.errors import InputError, QualityGateError, StaleVersionError
 from recsys.core.layout import EVALUATION_HTML
 from recsys.core.params import PipelineParams
 from recsys.pipeline import history
@@ -84,3 +85,13 @@ def test_evaluate_and_publish_hold_blas_to_one_thread(settings, demo_loaded, win
         monkeypatch.setattr(implicit.utils, "_checked_blas_config", False)
         stages.publish_stage(settings, run)
     assert [str(w.message) for w in caught if "threads" in str(w.message)] == []
+
+
+def test_a_database_from_before_the_history_says_to_run_init_db(settings, demo_loaded, window_end):
+    """An upgraded deployment whose schema predates recsys_runs: a clear error, not a SQL one."""
+    with db.connect(settings) as conn:
+        conn.execute("DROP TABLE recsys_runs")
+    with pytest.raises(InputError, match=r"no recsys_runs table .* run `recsys init-db`"):
+        run_pipeline(settings, window_end, PipelineParams())
+    db.create_schema(settings)  # what init-db does: the table is back, the run goes through
+    assert run_pipeline(settings, window_end, PipelineParams()).publish.users > 0
