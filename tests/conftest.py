@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 # Airflow reads its configuration at import time: set it before anything imports airflow.
-from helpers import REPO, services_dir  # noqa: E402 - only plain modules: nothing reads settings yet
+from helpers import REPO, isolated_settings, services_dir  # noqa: E402 - only plain modules: nothing reads settings yet
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="recsys-airflow-"))
 os.environ.update(
@@ -58,15 +58,7 @@ def service_urls() -> Iterator[services.LocalServices]:
 @pytest.fixture
 def settings(service_urls: services.LocalServices, tmp_path: Path) -> Iterator[Settings]:
     """Settings pointing at an own schema and own Redis prefix; both removed after the test."""
-    tag = uuid.uuid4().hex[:10]
-    test_settings = Settings(
-        _env_file=None,
-        database_url=service_urls.database_url,
-        redis_url=service_urls.redis_url,
-        db_schema=f"test_{tag}",
-        redis_prefix=f"test-{tag}",
-        artifacts_dir=tmp_path / "artifacts",
-    )
+    test_settings = isolated_settings(service_urls, tmp_path / "artifacts", f"test_{uuid.uuid4().hex[:10]}")
     db.create_schema(test_settings)
     try:
         yield test_settings

@@ -86,3 +86,16 @@ def file_alerts(skipped: bool = False):
                 out.write(f"{kind} {context['ti'].task_id} {context.get('exception')}\n")
 
     return FileAlert()
+
+
+def isolated_settings(servers: services.LocalServices, artifacts_dir: Path, db_schema: str) -> Settings:
+    """Settings of one test: its own schema, Redis prefix and artifacts folder on the test servers."""
+    tag = db_schema.rsplit("_", 1)[-1]
+    return Settings(
+        _env_file=None,
+        database_url=servers.database_url,
+        redis_url=servers.redis_url,
+        db_schema=db_schema,
+        redis_prefix=f"test-{tag}",
+        artifacts_dir=artifacts_dir,
+    )

@@ -349,13 +349,15 @@ def _recording_stale(settings: Settings, run: Run) -> Iterator[None]:
         raise
 
 
-def _mark_published(run: Run, result: PublishResult) -> None:
-    """Record in the run's artifacts that it went live: `recsys republish` finds it there."""
+def _mark_published(settings: Settings, run: Run, result: PublishResult) -> None:
+    """Record that the run went live: in its artifacts (`recsys republish` finds it there) and in
+    the quality history."""
     folder = run.paths.root / PUBLISHED
     folder.mkdir(parents=True, exist_ok=True)
     marker = {"version": result.version, "published_at": datetime.now(UTC).isoformat(), "window": run.window.to_dict()}
     (folder / PUBLISHED_MARKER).write_text(json.dumps(marker, indent=2))
     run.push(PUBLISHED)
+    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
 
 
 def publish_stage(
@@ -370,8 +372,7 @@ def publish_stage(
                 settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params,
                 progress=progress, artifacts_key=paths.key if run.store else None, timings=timings,
             )
-        _mark_published(run, result)
-    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
+        _mark_published(settings, run, result)
     return result
 
 
@@ -400,8 +401,7 @@ def finish_publish_stage(
                 settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, attempt,
                 results, shards, artifacts_key=paths.key if run.store else None,
             )
-        _mark_published(run, result)
-    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
+        _mark_published(settings, run, result)
     return result
 
 

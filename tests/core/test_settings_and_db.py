@@ -7,6 +7,7 @@ import uuid
 
 import psycopg
 import pytest
+from helpers import isolated_settings
 from typer.testing import CliRunner
 
 from recsys.cli import app
@@ -64,15 +65,7 @@ def test_search_path_holds_the_schema_as_one_quoted_identifier_whatever_it_is(se
 
 @pytest.fixture
 def mixed_case_settings(service_urls, tmp_path):
-    tag = uuid.uuid4().hex[:10]
-    settings = Settings(
-        _env_file=None,
-        database_url=service_urls.database_url,
-        redis_url=service_urls.redis_url,
-        db_schema=f"Test_MixedCase_{tag}",
-        redis_prefix=f"test-{tag}",
-        artifacts_dir=tmp_path / "artifacts",
-    )
+    settings = isolated_settings(service_urls, tmp_path / "artifacts", f"Test_MixedCase_{uuid.uuid4().hex[:10]}")
     try:
         yield settings
     finally:
