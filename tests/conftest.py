@@ -24,7 +24,12 @@ from pathlib import Path
 import pytest
 
 # Airflow reads its configuration at import time: set it before anything imports airflow.
-from helpers import REPO, isolated_settings, services_dir  # noqa: E402 - only plain modules: nothing reads settings yet
+from helpers import (  # noqa: E402 - only plain modules: nothing reads settings yet
+    REPO,
+    expose_as_env,
+    isolated_settings,
+    services_dir,
+)
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="recsys-airflow-"))
 os.environ.update(
@@ -70,14 +75,7 @@ def settings(service_urls: services.LocalServices, tmp_path: Path) -> Iterator[S
 @pytest.fixture
 def recsys_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Expose ``settings`` as RECSYS_* variables, for code that builds its own Settings (DAG, CLI)."""
-    for name, value in {
-        "RECSYS_DATABASE_URL": settings.database_url,
-        "RECSYS_REDIS_URL": settings.redis_url,
-        "RECSYS_DB_SCHEMA": settings.db_schema,
-        "RECSYS_REDIS_PREFIX": settings.redis_prefix,
-        "RECSYS_ARTIFACTS_DIR": str(settings.artifacts_dir),
-    }.items():
-        monkeypatch.setenv(name, value)
+    expose_as_env(settings, monkeypatch)
     return settings
 
 

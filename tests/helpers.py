@@ -99,3 +99,15 @@ def isolated_settings(servers: services.LocalServices, artifacts_dir: Path, db_s
         redis_prefix=f"test-{tag}",
         artifacts_dir=artifacts_dir,
     )
+
+
+def expose_as_env(settings: Settings, monkeypatch) -> None:
+    """``settings`` as RECSYS_* variables, for code that builds its own Settings (DAG, CLI)."""
+    for name, value in {
+        "RECSYS_DATABASE_URL": settings.database_url,
+        "RECSYS_REDIS_URL": settings.redis_url,
+        "RECSYS_DB_SCHEMA": settings.db_schema,
+        "RECSYS_REDIS_PREFIX": settings.redis_prefix,
+        "RECSYS_ARTIFACTS_DIR": str(settings.artifacts_dir),
+    }.items():
+        monkeypatch.setenv(name, value)

@@ -7,7 +7,7 @@ import uuid
 
 import psycopg
 import pytest
-from helpers import isolated_settings
+from helpers import expose_as_env, isolated_settings
 from typer.testing import CliRunner
 
 from recsys.cli import app
@@ -81,14 +81,7 @@ def _schemas_named(settings: Settings, name: str) -> list[str]:
 
 def test_mixed_case_schema_through_demo_data_and_the_whole_pipeline(mixed_case_settings, window_end, monkeypatch):
     settings = mixed_case_settings
-    for name, value in {
-        "RECSYS_DATABASE_URL": settings.database_url,
-        "RECSYS_REDIS_URL": settings.redis_url,
-        "RECSYS_DB_SCHEMA": settings.db_schema,
-        "RECSYS_REDIS_PREFIX": settings.redis_prefix,
-        "RECSYS_ARTIFACTS_DIR": str(settings.artifacts_dir),
-    }.items():
-        monkeypatch.setenv(name, value)
+    expose_as_env(settings, monkeypatch)
     loaded = runner.invoke(app, ["demo-data", "--users", "400", "--products", "120", "--days", "60",
                                  "--end", window_end.isoformat()])
     assert loaded.exit_code == 0, loaded.output
