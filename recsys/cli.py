@@ -31,6 +31,10 @@ app = typer.Typer(
 )
 services_app = typer.Typer(help="Embedded local PostgreSQL and Redis (for machines without them).")
 app.add_typer(services_app, name="services")
+rules_app = typer.Typer(
+    help="Merchandising rules (pin, boost, bury, exclude) on top of the model; docs/rules.md.", no_args_is_help=True
+)
+app.add_typer(rules_app, name="rules")
 app.add_typer(bench_app, name="bench")
 app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
@@ -378,3 +382,69 @@ def republish_command(
     except RecsysError as error:
         raise _fail(error) from error
     console.print(f"published version {result.version} for {result.users:,} users")
+
+
+
+
+@rules_app.command("add")
+def rules_add(
+    kind: Annotated[str, typer.Argument(help="pin | boost | bury | exclude")],
+    product: Annotated[str | None, typer.Option(help="Target: one product id.")] = None,
+    category: Annotated[str | None, typer.Option(help="Target: every product of this category.")] = None,
+    attribute: Annotated[
+        str | None, typer.Option(help="Target (exclude only): products whose attributes hold NAME=VALUE, e.g. in_stock=false.")
+    ] = None,
+    rank: Annotated[int | None, typer.Option(help="pin: the 1-based rank.")] = None,
+    factor: Annotated[float | None, typer.Option(help="boost: > 1, bury: in (0, 1); multiplies the score.")] = None,
+    in_category: Annotated[
+        str | None, typer.Option("--in-category", help="pin: in this category's lists (?category=) instead of the main list.")
+    ] = None,
+    segment: Annotated[str | None, typer.Option(help="Only for users in this segment (user_segments table).")] = None,
+    valid_from: Annotated[datetime | None, typer.Option("--from", help="In force from (ISO 8601; UTC if no offset).")] = None,
+    valid_until: Annotated[datetime | None, typer.Option("--until", help="In force until, exclusive.")] = None,
+    note: Annotated[str | None, typer.Option(help="Why, for whoever reads the rule later.")] = None,
+) -> None:
+    """Add a rule; it is checked against the catalogue and in served lists within
+    RECSYS_RULES_REFRESH_SECONDS (30 s), in published lists from the next publish."""
+    from recsys.core import rules
+
+    name, value = rules.parse_attribute(attribute) if attribute is not None else (None, None)
+    rule = rules.Rule(
+        kind=kind, product_id=product, category=category, attribute=name, attribute_value=value,  # type: ignore[arg-type]
+        scope_category=in_category, segment=segment, rank=rank, factor=factor, valid_from=valid_from,
+        valid_until=valid_until, note=note,
+    )
+    added = rules.add_rule(Settings(), rule)
+    console.print(f"rule {added.rule_id} added: {added.describe()}", highlight=False)
+
+
+@rules_app.command("list")
+def rules_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
+    """Every rule, with whether it is in force, scheduled or expired now."""
+    from recsys.core import rules
+
+    found, now = rules.list_rules(Settings()), datetime.now(UTC)
+    if as_json:
+        for rule in found:
+            typer.echo(json.dumps({**rule.to_dict(), "status": rules.rule_status(rule, now)}))
+        return
+    table = Table("id", "rule", "status", "from", "until", "note")
+    for rule in found:
+        table.add_row(
+            str(rule.rule_id), rule.describe(), rules.rule_status(rule, now),
+            "" if rule.valid_from is None else f"{rule.valid_from:%Y-%m-%d %H:%M}",
+            "" if rule.valid_until is None else f"{rule.valid_until:%Y-%m-%d %H:%M}", rule.note or "",
+        )
+    console.print(table)
+    if not found:
+        console.print("no rule yet: `recsys rules add --help`")
+
+
+@rules_app.command("remove")
+def rules_remove(rule_id: Annotated[int, typer.Argument(help="The rule's id (recsys rules list).")]) -> None:
+    """Remove a rule; served lists drop it within RECSYS_RULES_REFRESH_SECONDS."""
+    from recsys.core import rules
+
+    if not rules.remove_rule(Settings(), rule_id):
+        raise _fail(RecsysError(f"no rule with id {rule_id}"))
+    console.print(f"rule {rule_id} removed")

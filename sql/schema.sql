@@ -56,3 +56,39 @@ CREATE TABLE IF NOT EXISTS recsys_runs (
     PRIMARY KEY (run_key, recorded_at)
 );
 CREATE INDEX IF NOT EXISTS recsys_runs_recorded_at_idx ON recsys_runs (recorded_at);
+
+-- Product attributes a rule can exclude by (e.g. {"in_stock": false, "age_restricted": true}).
+ALTER TABLE products ADD COLUMN IF NOT EXISTS attributes JSONB NOT NULL DEFAULT '{}'::jsonb;
+
+-- Users' segments (e.g. vip, minors): a rule with a segment applies to its members only.
+CREATE TABLE IF NOT EXISTS user_segments (
+    user_id  TEXT NOT NULL,
+    segment  TEXT NOT NULL,
+    PRIMARY KEY (segment, user_id)
+);
+
+-- Merchandising rules on top of the model (`recsys rules add|list|remove`, docs/rules.md).
+-- A rule targets one product, one category or one product attribute; publish applies the rules
+-- in force, and the API re-applies them within RECSYS_RULES_REFRESH_SECONDS of any change.
+CREATE TABLE IF NOT EXISTS recommendation_rules (
+    rule_id          BIGSERIAL PRIMARY KEY,
+    kind             TEXT NOT NULL CHECK (kind IN ('pin', 'boost', 'bury', 'exclude')),
+    product_id       TEXT,              -- target: one product
+    category         TEXT,              -- target: every product of a category
+    attribute        TEXT,              -- target: products whose attributes hold attribute_value
+    attribute_value  JSONB,
+    scope_category   TEXT,              -- pin only: the category's lists (?category=) instead of the main list
+    segment          TEXT,              -- only users in this segment (user_segments)
+    rank             INTEGER CHECK (rank BETWEEN 1 AND 100),
+    factor           DOUBLE PRECISION CHECK (factor > 0),
+    valid_from       TIMESTAMPTZ,
+    valid_until      TIMESTAMPTZ,
+    note             TEXT,
+    created_at       TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CHECK (num_nonnulls(product_id, category, attribute) = 1),
+    CHECK ((attribute IS NULL) = (attribute_value IS NULL)),
+    CHECK ((kind = 'pin') = (rank IS NOT NULL)),
+    CHECK ((kind IN ('boost', 'bury')) = (factor IS NOT NULL)),
+    CHECK (kind = 'pin' OR scope_category IS NULL),
+    CHECK (valid_from IS NULL OR valid_until IS NULL OR valid_until > valid_from)
+);

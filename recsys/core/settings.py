@@ -137,3 +137,8 @@ class Settings(BaseSettings):
     api_refresh_retry_seconds: float = Field(
         default=5, gt=0, description="How often lists left stale while Redis was down are retried"
     )
+    rules_refresh_seconds: float = Field(
+        default=30, gt=0, le=60,
+        description="How often the API re-reads the merchandising rules and the catalogue's inactive products "
+        "(a rule change shows in served lists within this time)",
+    )

@@ -54,6 +54,7 @@ from recsys.serving.security import (
 )
 from recsys.serving.service import (
     Category,
+    Debug,
     DiversityLambda,
     Exclude,
     Explain,
@@ -67,11 +68,13 @@ from recsys.serving.service import (
     UserId,
     WriteKey,
     _check_category,
+    _filtered,
     _outputs,
     _parse_exclude,
     _unprocessable,
     post_event,
     refresh_pending_lists_when_due,
+    refresh_rules_periodically,
     user_recommendations,
 )
 
@@ -146,12 +149,15 @@ def create_api(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # events need the shop database: without one there is nothing to refresh
-        refresher = asyncio.create_task(refresh_pending_lists_when_due(svc)) if settings.database_url else None
+        background = (
+            [asyncio.create_task(refresh_pending_lists_when_due(svc)), asyncio.create_task(refresh_rules_periodically(svc))]
+            if settings.database_url else []
+        )
         yield
-        if refresher is not None:
-            refresher.cancel()
+        for task in background:
+            task.cancel()
             with suppress(asyncio.CancelledError):
-                await refresher
+                await task
         await svc.aclose()
 
     app = FastAPI(
@@ -184,6 +190,7 @@ def create_api(settings: Settings) -> FastAPI:
     async def get_recommendations(
         user_id: UserId, svc: Service, n: PageSize = 10, offset: Offset = 0, exclude: Exclude = None,
         category: Category = None, diversity_lambda: DiversityLambda = None, explain: Explain = False,
+        debug: Debug = None,
     ) -> Response:
         """The user's list; never excluded, already bought or inactive products.
 
@@ -191,9 +198,11 @@ def create_api(settings: Settings) -> FastAPI:
         interactions (`fold_in`) or top buys (`popular`). A page the published list cannot fill
         after filtering, or any page asked with `diversity_lambda`, is ranked on request from the
         live factors. `explain=true` adds, per product, the past products that weigh most in its score.
+        Merchandising rules in force (`recsys rules`) apply within RECSYS_RULES_REFRESH_SECONDS of
+        a change; `debug=rules` adds which rule moved which product.
         """
         return await user_recommendations(
-            svc, user_id, n, offset, _parse_exclude(exclude), category, diversity_lambda, explain
+            svc, user_id, n, offset, _parse_exclude(exclude), category, diversity_lambda, explain, debug == "rules"
         )
 
     @app.post(
@@ -228,15 +237,20 @@ def create_api(settings: Settings) -> FastAPI:
         responses={**read_errors, 404: ERRORS[404], 422: ERRORS[422]},
     )
     async def get_similar(product_id: ProductPathId, svc: Service, n: PageSize = 10) -> SimilarProducts:
-        """Products most similar to this one (active only); beyond the published list, ranked on request."""
+        """Products most similar to this one (active, not excluded by a rule); beyond the published
+        list, ranked on request."""
         version, entry = await svc.version_and_entry(redis_keys.similar_slot(svc.keys, product_id))
         live = await svc.model_for(version)
         if product_id not in live.item_index or not live.active[live.item_index[product_id]]:
             raise HTTPException(status_code=404, detail=f"Product {product_id!r} is not an active product of the live version")
-        if entry is not None and len(entry["similar_products"]) >= n:
-            return SimilarProducts(product_id=live.product_out(live.item_index[product_id]), version=live.version,
-                                   ranked_on_request=False, similar_products=entry["similar_products"][:n])
-        similar = await svc.run(similar_to, live, live.item_index[product_id], n)
+        kept_out = svc.kept_out_for_everyone(live)
+        if entry is not None:
+            kept = _filtered(live, entry["similar_products"], set(), None, kept_out)
+            if len(kept) >= n:
+                return SimilarProducts(product_id=live.product_out(live.item_index[product_id]), version=live.version,
+                                       ranked_on_request=False, similar_products=_outputs(live, kept, 0, n))
+        blocked = None if kept_out is None else kept_out.blocked
+        similar = await svc.run(similar_to, live, live.item_index[product_id], n, blocked)
         return SimilarProducts(product_id=live.product_out(live.item_index[product_id]), version=live.version,
                                ranked_on_request=True, similar_products=[live.product_out(i) for i in similar])
 
@@ -245,13 +259,17 @@ def create_api(settings: Settings) -> FastAPI:
         responses={**read_errors, 404: ERRORS[404], 422: ERRORS[422]},
     )
     async def get_top_buys(svc: Service, n: PageSize = 10, category: Category = None) -> TopBuys:
-        """Most bought active products, overall or within a category."""
+        """Most bought active products (not excluded by a rule), overall or within a category."""
         version, entry = await svc.version_and_entry(redis_keys.top_buys_slot(svc.keys, category))
         live = await svc.model_for(version)
         _check_category(live, category)
-        if entry is not None and len(entry["top_buys"]) >= n:
-            return TopBuys(category=category, version=live.version, ranked_on_request=False, top_buys=entry["top_buys"][:n])
-        ranked = await svc.run(rank_popular, live, [], category, n)
+        kept_out = svc.kept_out_for_everyone(live)
+        if entry is not None:
+            kept = _filtered(live, entry["top_buys"], set(), None, kept_out)
+            if len(kept) >= n:
+                return TopBuys(category=category, version=live.version, ranked_on_request=False, top_buys=_outputs(live, kept, 0, n))
+        blocked = [] if kept_out is None else kept_out.blocked_items.tolist()
+        ranked = await svc.run(rank_popular, live, blocked, category, n)
         return TopBuys(category=category, version=live.version, ranked_on_request=True, top_buys=_outputs(live, ranked, 0, n))
 
     @app.get("/model", response_model=ModelInfo, dependencies=read_access, responses=read_errors)

@@ -85,8 +85,10 @@ def rank_items(
     count: int,
     diversity_lambda: float = 0.0,
     head: list[int] | None = None,
+    factors: np.ndarray | None = None,
 ) -> list[int]:
     """Top ``count`` active items by score, never a blocked one, optionally within a category.
+    ``factors``: per item, what boost and bury rules multiply its score by.
 
     With ``diversity_lambda`` > 0, MMR re-ranks as publish does. A list that starts with ``head``
     (the published list, filtered) continues it: further picks from the best
@@ -101,6 +103,8 @@ def rank_items(
     if len(candidates) == 0 or needed <= 0:
         return head[:count]
     scores = live.model.item_factors[candidates] @ vector
+    if factors is not None:
+        scores = scores * factors[candidates]
     pool = min(count * (CANDIDATES_PER_SLOT if diversity_lambda > 0 else 1), len(candidates))
     best = np.argpartition(-scores, pool - 1)[:pool]
     # stable on ties so the order matches between calls
@@ -110,7 +114,10 @@ def rank_items(
         return ranked.tolist()
     vectors = live.unit_item_factors
     if head:
-        top = max(float(ranked_scores[0]), float(np.max(live.model.item_factors[head] @ vector)))
+        head_scores = live.model.item_factors[head] @ vector
+        if factors is not None:
+            head_scores = head_scores * factors[head]
+        top = max(float(ranked_scores[0]), float(np.max(head_scores)))
         more = mmr_rerank(ranked[None, :], ranked_scores[None, :], needed, diversity_lambda, vectors,
                           chosen=np.asarray([head]), top_scores=np.asarray([top]))
         return head + [int(i) for i in more[0] if i >= 0]
@@ -139,7 +146,8 @@ def _allowed(live: LiveModel, blocked: Iterable[int], category: str | None) -> n
     return allowed
 
 
-def similar_to(live: LiveModel, item: int, count: int) -> list[int]:
-    blocked = np.flatnonzero(~live.active).astype(np.int32)
+def similar_to(live: LiveModel, item: int, count: int, kept_out: np.ndarray | None = None) -> list[int]:
+    """``kept_out``: per item, excluded by a rule (besides the version's inactive products)."""
+    blocked = np.flatnonzero(~live.active if kept_out is None else ~live.active | kept_out).astype(np.int32)
     row = similar_items(live.model, np.asarray([item]), count, blocked)[0]
     return [int(i) for i in row[row >= 0]]

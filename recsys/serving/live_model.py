@@ -17,6 +17,7 @@ from recsys.core import ids
 from recsys.core.ids import IdTypes, id_out
 from recsys.core.layout import EXCLUDE, FULL, ITEMS, USERS, published_artifacts
 from recsys.core.params import PipelineParams
+from recsys.core.rules import NO_RULES_FINGERPRINT
 from recsys.core.settings import Settings
 from recsys.ml.als import load_factors
 from recsys.ml.diversity import unit_rows
@@ -47,6 +48,7 @@ class LiveModel:
     document_frequency: np.ndarray  # users per item in the window, for bm25 fold-ins
     confidence: sp.csr_matrix  # the weights the model was fitted on: what explanations decompose
     unit_item_factors: np.ndarray  # item factors scaled to length 1: cosines for diversity re-ranking
+    rules_fingerprint: str  # the ordering rules its published lists were made with
 
     def product_out(self, index: int) -> ProductId:
         return id_out(self.id_types.product)(self.item_ids[index])
@@ -91,4 +93,6 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         document_frequency=np.bincount(full.indices, minlength=full.shape[1]),
         confidence=full,
         unit_item_factors=unit_rows(model.item_factors),
+        # versions from before rules were published with none
+        rules_fingerprint=meta.get("rules_fingerprint", NO_RULES_FINGERPRINT),
     )

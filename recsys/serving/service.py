@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 import psycopg
 import redis.asyncio as aioredis
 from fastapi import Depends, Header, HTTPException, Query, Request, Security
@@ -23,9 +24,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recsys.core import ids, redis_keys
+from recsys.core.errors import InputError
 from recsys.core.params import PipelineParams
+from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
 from recsys.ml.explain import explain_items
+from recsys.ml.merchandising import Merchandising, UserRules, place_pins_in_list, trace
 from recsys.serving.events import (
     Stored,
     clear_pending_refresh,
@@ -98,6 +102,10 @@ class RecsysService:
         )
         self._write_if_live = self.redis.register_script(WRITE_IF_LIVE)
         self._loading = asyncio.Lock()
+        # the merchandising rules in force, re-read every RECSYS_RULES_REFRESH_SECONDS; None until
+        # first read (the published lists carry the rules of their publish meanwhile)
+        self.rule_snapshot: RuleSnapshot | None = None
+        self._merchandising: tuple[str, RuleSnapshot, Merchandising] | None = None
         # set while users may wait for a list refresh (at start: a previous process may have left some)
         self.refreshes_due = asyncio.Event()
         self.refreshes_due.set()
@@ -106,8 +114,10 @@ class RecsysService:
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
     async def aclose(self) -> None:
+        # queued work is dropped; running work (a fold-in, a rules read) ends before the process
+        # does, so no database session outlives it
+        await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
         await self.redis.aclose()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def live_version(self) -> str | None:
         return await self.redis.hget(self.keys.live("meta"), "version")
@@ -127,6 +137,21 @@ class RecsysService:
                 log.info("loading live version %s", meta["version"])
                 self._live = await self.run(load_live_model, meta, self.settings)
             return self._live
+
+    def merchandising(self, live: LiveModel) -> Merchandising | None:
+        """The rules in force compiled for the live catalogue (once per version and rule read)."""
+        snapshot, cached = self.rule_snapshot, self._merchandising
+        if snapshot is None:
+            return None
+        if cached is None or cached[0] != live.version or cached[1] is not snapshot:
+            cached = (live.version, snapshot, Merchandising(snapshot, live.item_ids, live.category))
+            self._merchandising = cached
+        return cached[2]
+
+    def kept_out_for_everyone(self, live: LiveModel) -> UserRules | None:
+        """The rules of users in no segment: what product pages (similar, top buys) keep out."""
+        merchandising = self.merchandising(live)
+        return None if merchandising is None else merchandising.for_segments(frozenset())
 
     async def current(self) -> LiveModel:
         return await self.model_for(await self.live_version())
@@ -189,6 +214,10 @@ DiversityLambda = Annotated[
 Explain = Annotated[
     bool, Query(description="Add, per product, the user's past products that weigh most in its score")
 ]
+Debug = Annotated[
+    Literal["rules"] | None,
+    Query(description="rules: add which merchandising rules are in force for the user and which product each moved"),
+]
 Exclude = Annotated[
     str | None,
     Query(max_length=MAX_EXCLUDE * (MAX_ID_LENGTH + 1), description="Comma-separated product ids never to return"),
@@ -224,22 +253,12 @@ def _check_category(live: LiveModel, category: str | None) -> None:
         raise HTTPException(status_code=404, detail=f"Unknown category {category!r}; known: {known}")
 
 
-def _kept(live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None) -> list[ProductId]:
-    """A published list after the request's filters."""
-    return [
-        product
-        for product in stored
-        if str(product) not in excluded
-        and (category is None or live.category[live.item_index[str(product)]] == category)
-    ]
-
-
-def _page(
-    live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None, offset: int, n: int
-) -> list[ProductId] | None:
-    """The page cut from a published list, or None if that list cannot fill it after filtering."""
-    kept = _kept(live, stored, excluded, category)
-    return kept[offset : offset + n] if len(kept) >= offset + n else None
+def _filtered(
+    live: LiveModel, stored: list[ProductId], excluded: set[str], category: str | None, rules: UserRules | None,
+) -> list[int]:
+    """A stored list's item indices after the request's filters and the rules' exclusions."""
+    items = [live.item_index[str(p)] for p in stored if str(p) not in excluded and str(p) in live.item_index]
+    return [i for i in items if (category is None or live.category[i] == category) and (rules is None or not rules.blocked[i])]
 
 
 def _indices(live: LiveModel, products: Iterable[str]) -> list[int]:
@@ -250,28 +269,45 @@ def _outputs(live: LiveModel, indices: list[int], offset: int, n: int) -> list[P
     return [live.product_out(i) for i in indices[offset : offset + n]]
 
 
-async def _rank_for_user(
-    svc: RecsysService, live: LiveModel, user_id: str, source: Source, blocked: list[int], category: str | None,
-    count: int, diversity_lambda: float, head: list[int],
-) -> tuple[Source, list[int]]:
-    """Rank from factors: the model's own user factors, else a fold-in of the recorded events,
-    else popularity (top buys, never re-ranked). ``head``: the published list after filtering,
-    which a diverse list continues. Returns the source actually used."""
+@dataclass(frozen=True)
+class Scoring:
+    """What ranking one user's list on request starts from."""
+
+    source: Source
+    vector: np.ndarray | None  # None: popularity (no factors for the user)
+    owned: list[int]  # items the user already has: never listed, never pinned
+
+
+async def _scoring(svc: RecsysService, live: LiveModel, user_id: str, source: Source) -> Scoring:
+    """The model's own user factors, else a fold-in of the recorded events, else popularity."""
     if source == "model" and user_id in live.user_index:
         index = live.user_index[user_id]
-        owned = live.exclude[index].indices.tolist()
-        vector = live.model.user_factors[index]
-        return "model", await svc.run(
-            rank_items, live, vector, blocked + owned, category, count, diversity_lambda, head
-        )
+        return Scoring("model", live.model.user_factors[index], live.exclude[index].indices.tolist())
     events = await _user_events(svc, live, user_id)
     if events.row.nnz:
-        vector = await svc.run(fold_in_vector, live, events)
-        owned = events.owned.tolist()
-        return "fold_in", await svc.run(
-            rank_items, live, vector, blocked + owned, category, count, diversity_lambda, head
+        return Scoring("fold_in", await svc.run(fold_in_vector, live, events), events.owned.tolist())
+    return Scoring("popular", None, [])
+
+
+async def _ranked(
+    svc: RecsysService, live: LiveModel, scoring: Scoring, blocked: list[int], category: str | None, count: int,
+    diversity_lambda: float, head: list[int], rules: UserRules | None,
+) -> list[int]:
+    """The user's first ``count`` items ranked on request, with the rules (if given) applied:
+    excluded items blocked, scores multiplied by boosts and buries, pins placed last. Popularity
+    (top buys) is never re-ranked by diversity nor by boosts. ``head``: the published list after
+    filtering, which a diverse list continues."""
+    pins = () if rules is None else rules.pins_for(category)
+    kept_out = blocked if rules is None else [*blocked, *rules.blocked_items.tolist()]
+    wanted = count + len(pins)  # a pin may push one out
+    if scoring.vector is None:
+        ranked = await svc.run(rank_popular, live, kept_out, category, wanted)
+    else:
+        factors = None if rules is None else rules.factors
+        ranked = await svc.run(
+            rank_items, live, scoring.vector, kept_out + scoring.owned, category, wanted, diversity_lambda, head, factors
         )
-    return "popular", await svc.run(rank_popular, live, blocked, category, count)
+    return place_pins_in_list(ranked, pins, count, unavailable=[*blocked, *scoring.owned])
 
 
 async def _explanations(
@@ -305,61 +341,98 @@ async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> Use
     return await svc.run(weigh_events, live, rows, datetime.now(UTC))
 
 
+async def _rules_trace(
+    svc: RecsysService, live: LiveModel, user_id: str, merchandising: Merchandising | None, rules: UserRules | None,
+    scoring: Scoring, blocked: list[int], category: str | None, diversity_lambda: float, answered: list[int],
+) -> dict:
+    """``debug=rules``: the rules in force for this user and, per product a rule touched, its rank
+    in the list ranked without rules and in the answered one."""
+    if merchandising is None or rules is None:
+        return {"rules_read": False, "published_with": live.rules_fingerprint, "in_force": [], "applied": []}
+    before = await _ranked(svc, live, scoring, blocked, category, len(answered), diversity_lambda, [], None)
+    applied = trace(merchandising, rules, before, answered, category)
+    return {
+        "rules_read": True,
+        "published_with": live.rules_fingerprint,
+        "in_force_fingerprint": merchandising.fingerprint,
+        "segments": sorted(merchandising.segments_of(user_id)),
+        "in_force": [{"rule_id": rule.rule_id, "rule": rule.describe()} for rule in rules.rules],
+        "applied": [
+            {**{k: v for k, v in entry.items() if k != "item"}, "product_id": live.product_out(entry["item"])}
+            for entry in applied
+        ],
+    }
+
+
 async def user_recommendations(
     svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None,
-    diversity_lambda: float | None = None, explain: bool = False,
+    diversity_lambda: float | None = None, explain: bool = False, debug_rules: bool = False,
 ) -> Response:
     version, entry = await svc.version_and_entry(redis_keys.user_recs_slot(svc.keys, user_id))
     live = await svc.model_for(version)
     _check_user_id(live, user_id)
     _check_category(live, category)
+    merchandising = svc.merchandising(live)
+    rules = None if merchandising is None else merchandising.for_user(user_id)
+    count = offset + n
 
-    async def answer(source: Source, products: list[ProductId], ranked: bool) -> Response:
+    async def answer(source: Source, listed: list[int], ranked: bool, scoring: Scoring | None = None) -> Response:
         # built as JSON directly: this is the hot path, and FastAPI validating a response model
         # again costs more than the Redis round trip (the schema stays documented on the route)
+        products = _outputs(live, listed, offset, n)
         body = {
             "user_id": live.user_id_out(user_id), "version": live.version, "source": source, "category": category,
             "offset": offset, "n": n, "ranked_on_request": ranked, "recommended_products": products,
         }
         if explain:
             body["explanations"] = await _explanations(svc, live, user_id, source, products)
+        if debug_rules:
+            scoring = scoring or await _scoring(svc, live, user_id, source)
+            body["rules"] = await _rules_trace(
+                svc, live, user_id, merchandising, rules, scoring, _indices(live, excluded), category,
+                live.params.diversity_lambda if diversity_lambda is None else diversity_lambda, listed[:count],
+            )
         return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
-    # a requested diversity is never the one a published list may have been made with
-    if entry is not None and diversity_lambda is None:
-        source: Source = entry.get("source", "model")
-        page = _page(live, entry["recommended_products"], excluded, category, offset, n)
-        if page is not None:
-            return await answer(source, page, False)
-    elif entry is not None:
-        source = entry.get("source", "model")
-    elif user_id in live.user_index:
-        source = "model"
-    else:
-        source = "fold_in"
-    blocked = _indices(live, excluded)
+    # a published list is right under the rules in force if they order as the ones it was made
+    # with: then only exclusions (new rules, products gone inactive) are filtered out when read
+    same_order = merchandising is None or merchandising.fingerprint == live.rules_fingerprint
+    category_pins = rules is not None and category is not None and bool(rules.pins_for(category))
     head: list[int] = []
+    if entry is not None and same_order and not category_pins:
+        kept = _filtered(live, entry["recommended_products"], excluded, category, rules)
+        if rules is not None:
+            # a pin keeps its rank when products before it were filtered out
+            kept = place_pins_in_list(kept, [p for p in rules.pins_for(category) if p.item in kept], len(kept))
+        if diversity_lambda is None and len(kept) >= count:
+            return await answer(entry.get("source", "model"), kept, False)
+        # a deeper page continues the published list rather than re-ranking what it showed
+        head = kept if diversity_lambda is None else []
+    if entry is not None:
+        source: Source = entry.get("source", "model")
+    else:
+        source = "model" if user_id in live.user_index else "fold_in"
     if diversity_lambda is None:
         diversity_lambda = live.params.diversity_lambda
-        if entry is not None:
-            # a deeper page continues the published list rather than re-ranking what it showed
-            head = _indices(live, (str(p) for p in _kept(live, entry["recommended_products"], excluded, category)))
+    blocked = _indices(live, excluded)
     try:
-        source, ranked = await _rank_for_user(
-            svc, live, user_id, source, blocked, category, offset + n, diversity_lambda, head
-        )
+        scoring = await _scoring(svc, live, user_id, source)
     except psycopg.OperationalError:
         if entry is not None or user_id in live.user_index:
             raise
         # a cold-start user still gets a useful list while the shop database is away
         log.warning("database unavailable; user %r gets top buys", user_id, exc_info=True)
-        source, ranked = "popular", await svc.run(rank_popular, live, blocked, category, offset + n)
-    if source == "popular":
+        scoring = Scoring("popular", None, [])
+    if scoring.source == "popular":
         stored = await redis_keys.read_entry(svc.redis, redis_keys.top_buys_slot(svc.keys, category))
-        page = None if stored is None else _page(live, stored["top_buys"], excluded, None, offset, n)
-        if page is not None:
-            return await answer("popular", page, False)
-    return await answer(source, _outputs(live, ranked, offset, n), True)
+        if stored is not None:
+            pins = () if rules is None else rules.pins_for(category)
+            kept = _filtered(live, stored["top_buys"], excluded, None, rules)
+            kept = place_pins_in_list(kept, pins, len(kept) + len(pins), unavailable=blocked)
+            if len(kept) >= count:
+                return await answer("popular", kept, False, scoring)
+    ranked = await _ranked(svc, live, scoring, blocked, category, count, diversity_lambda, head, rules)
+    return await answer(scoring.source, ranked, True, scoring)
 
 
 @dataclass(frozen=True)
@@ -378,13 +451,15 @@ async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList |
         live = await svc.current()
         events = await _user_events(svc, live, user_id)
         top_n = live.params.top_n
+        merchandising = svc.merchandising(live)
+        rules = None if merchandising is None else merchandising.for_user(user_id)
         if not events.row.nnz:
             # nothing the live model knows (e.g. a product newer than the model): lists stay
-            return RefreshedList(live, "popular", await svc.run(rank_popular, live, [], None, top_n))
+            popular = await _ranked(svc, live, Scoring("popular", None, []), [], None, top_n, 0.0, [], rules)
+            return RefreshedList(live, "popular", popular)
         vector = await svc.run(fold_in_vector, live, events)
-        products = await svc.run(
-            rank_items, live, vector, events.owned.tolist(), None, top_n, live.params.diversity_lambda
-        )
+        scoring = Scoring("fold_in", vector, events.owned.tolist())
+        products = await _ranked(svc, live, scoring, [], None, top_n, live.params.diversity_lambda, [], rules)
         entry = {
             "user_id": live.user_id_out(user_id),
             "recommended_products": [live.product_out(i) for i in products],
@@ -494,3 +569,22 @@ async def refresh_pending_lists_when_due(svc: RecsysService) -> None:
             drained = False
         if not drained:
             svc.refreshes_due.set()
+
+
+async def refresh_rules_periodically(svc: RecsysService) -> None:
+    """Background task of each API process: re-read the rules in force, the inactive products and
+    the segments every RECSYS_RULES_REFRESH_SECONDS. While the database is away the last read stays."""
+    reported = False
+    while True:
+        try:
+            svc.rule_snapshot = await svc.run(take_snapshot, svc.settings)
+            reported = False
+        except InputError as error:  # no rules table yet: the published lists' rules stand
+            if not reported:
+                log.error("%s; served lists keep the rules they were published with", error)
+                reported = True
+        except psycopg.OperationalError as error:
+            log.warning("rules not re-read (database unavailable): %s", type(error).__name__)
+        except Exception:
+            log.exception("rules not re-read; retrying")
+        await asyncio.sleep(svc.settings.rules_refresh_seconds)

@@ -45,10 +45,12 @@ from recsys.core.redis_keys import (
     redis_client,
     top_buys_field,
 )
+from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
 from recsys.core.window import Window
 from recsys.ml.als import load_factors
 from recsys.ml.diversity import recommend_diverse_top_n
+from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import als_model, similar_items, top_buys_order
 from recsys.pipeline.matrix import inactive_items, matrix_id_types
 from recsys.pipeline.publish.versions import (
@@ -242,6 +244,7 @@ def _ids(path: Path) -> pa.Array:
 class _Staging:
     """One attempt's staging keys and where they come from."""
 
+    settings: Settings
     client: redis.Redis
     keys: KeyLayout
     version: str
@@ -255,6 +258,21 @@ class _Staging:
 
     def key(self, structure: str) -> str:
         return self.keys.staging(self.version, self.attempt, structure)
+
+    def rules(self) -> RuleSnapshot:
+        """The rules this attempt applies: taken once, when it stages the product structures, so
+        every shard applies the same ones (taken again only if Redis lost the manifest)."""
+        recorded = self.client.hget(self.key("manifest"), "rules")
+        if recorded is not None:
+            return RuleSnapshot.from_dict(json.loads(recorded))
+        snapshot = take_snapshot(self.settings)
+        _record(self.client, self.key("manifest"), {"rules": _dumps(snapshot.to_dict())})
+        return snapshot
+
+    def merchandising(self, items_table: pa.Table) -> Merchandising:
+        return Merchandising(
+            self.rules(), items_table["id"].to_pylist(), items_table["category"].to_numpy(zero_copy_only=False)
+        )
 
     def manifest(self) -> dict[str, str]:
         """What the attempt has staged, after checking it staged it from this step's model build."""
@@ -272,10 +290,13 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     matrix_dir, params = staging.matrix_dir, staging.params
     items_table = pq.read_table(matrix_dir / ITEMS)
     items = items_table.to_pandas()
-    top_lists = _top_buys(items, params.top_buys_n, id_out(staging.id_types.product))
+    # exclude rules without a segment hold for every page; segment ones only for users' lists
+    kept_out = staging.merchandising(items_table).for_segments(frozenset()).blocked
+    top_lists = _top_buys(items[~kept_out], params.top_buys_n, id_out(staging.id_types.product))
     if not top_lists[TOP_BUYS_KEY_ALL]["top_buys"]:
-        raise EmptyResultError("no active product for the top buys list; nothing published")
-    blocked = inactive_items(matrix_dir)
+        raise EmptyResultError("no active product the rules allow for the top buys list; nothing published")
+    blocked = np.union1d(inactive_items(matrix_dir), np.flatnonzero(kept_out)).astype(np.int32)
+    # an out-of-stock product's page still shows alternatives: owners are the catalogue's active ones
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
     model = als_model(*load_factors(staging.model_dir / FACTORS_FULL))
     with staging.timings.phase("similar"):
@@ -315,14 +336,12 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     matrix_dir, params = staging.matrix_dir, staging.params
     user_ids = _ids(matrix_dir / USERS)
     users = shard_users(len(user_ids), shard, shards)
-    model, exclude, blocked = (
-        als_model(*load_factors(staging.model_dir / FACTORS_FULL)), sp.load_npz(matrix_dir / EXCLUDE).tocsr(),
-        inactive_items(matrix_dir),
-    )
+    factors, exclude = load_factors(staging.model_dir / FACTORS_FULL), sp.load_npz(matrix_dir / EXCLUDE).tocsr()
+    merchandising = staging.merchandising(pq.read_table(matrix_dir / ITEMS, columns=["id", "category"]))
     with staging.timings.phase("scoring"):
-        recs = recommend_diverse_top_n(
-            model, users, exclude, params.top_n, params.diversity_lambda, blocked,
-            progress=f"recommend {shard + 1}/{shards}" if progress else None,
+        recs = _ruled_top_n(
+            merchandising, factors, pc.take(user_ids, pa.array(users)).to_pylist(), users, exclude,
+            inactive_items(matrix_dir), params, progress=f"recommend {shard + 1}/{shards}" if progress else None,
         )
     has_recs = recs[:, 0] >= 0
     owners, lists = users[has_recs], recs[has_recs]
@@ -342,6 +361,33 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     return ShardResult(shard=shard, users=written, users_without_recommendations=without, attempt=staging.attempt)
 
 
+def _ruled_top_n(
+    merchandising: Merchandising, factors: tuple[np.ndarray, np.ndarray], user_ids: list[str], users: np.ndarray,
+    exclude: sp.csr_matrix, inactive: np.ndarray, params: PipelineParams, progress: str | None,
+) -> np.ndarray:
+    """Each user's top-N with the rules of their segments: excluded products blocked, scores
+    multiplied by boosts and buries (as scaled item factors), pins placed last."""
+    groups: dict[frozenset[str], list[int]] = {}
+    if merchandising.segment_names:
+        for row, user_id in enumerate(user_ids):
+            groups.setdefault(merchandising.segments_of(user_id), []).append(row)
+    else:
+        groups[frozenset()] = list(range(len(users)))
+    recs = np.full((len(users), params.top_n), -1, dtype=np.int32)
+    user_factors, item_factors = factors
+    for segments, rows in groups.items():
+        rules = merchandising.for_segments(segments)
+        scaled = item_factors if rules.factors is None else item_factors * rules.factors[:, None]
+        group = users[rows]
+        lists = recommend_diverse_top_n(
+            als_model(user_factors, scaled), group, exclude, params.top_n + len(rules.pins), params.diversity_lambda,
+            np.union1d(inactive, rules.blocked_items).astype(np.int32), progress=progress,
+        )
+        owned = exclude[group][:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
+        recs[rows] = place_pins(lists, rules.pins, params.top_n, owned)
+    return recs
+
+
 def _staging(
     settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str,
     timings: PhaseTimings | None = None,
@@ -349,7 +395,7 @@ def _staging(
     window, version = _window_and_version(matrix_dir, params)
     model_build = checked_model_build(matrix_dir, model_dir) or ""
     staging = _Staging(
-        redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build,
+        settings, redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build,
         matrix_id_types(matrix_dir), timings or PhaseTimings(),
     )
     return staging, window
@@ -472,6 +518,7 @@ def finish_publish(
                 "params": _dumps(params.to_dict()),
                 "counts": _dumps(counts),
                 "id_types": _dumps(staging.id_types.to_dict()),
+                "rules_fingerprint": staging.rules().ordering_fingerprint(),
             }
             if artifacts_key is not None:
                 meta["artifacts_key"] = artifacts_key

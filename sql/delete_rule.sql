@@ -1,0 +1,1 @@
+DELETE FROM recommendation_rules WHERE rule_id = %(rule_id)s RETURNING rule_id

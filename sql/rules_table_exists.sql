@@ -1,0 +1,1 @@
+SELECT to_regclass('recommendation_rules') IS NOT NULL
