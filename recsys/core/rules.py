@@ -113,12 +113,12 @@ class Rule:
 
     def describe(self) -> str:
         """One line, e.g. ``pin product 45 at rank 1 in category shoes for segment vip``."""
-        what = {
-            "pin": f"pin {self.target} at rank {self.rank}",
-            "boost": f"boost {self.target} ×{self.factor:g}",
-            "bury": f"bury {self.target} ×{self.factor:g}",
-            "exclude": f"exclude {self.target}",
-        }[self.kind]
+        if self.kind == "pin":
+            what = f"pin {self.target} at rank {self.rank}"
+        elif self.kind == "exclude":
+            what = f"exclude {self.target}"
+        else:
+            what = f"{self.kind} {self.target} ×{self.factor:g}"
         if self.scope_category is not None:
             what += f" in category {self.scope_category}"
         if self.segment is not None:

@@ -195,23 +195,30 @@ def trace(
     rank_after = {item: r + 1 for r, item in enumerate(after)}
     pinned = {pin.item: pin for pin in user_rules.pins_for(category)}
     for item in after:
-        was = rank_before.get(item)
-        moved = {"item": item, "rank_before": was, "rank_after": rank_after[item]}
+        moved = {"item": item, "rank_before": rank_before.get(item), "rank_after": rank_after[item]}
         if item in pinned:
             entries.append({**moved, "rule_id": pinned[item].rule_id, "kind": "pin", "effect": f"pinned at rank {rank_after[item]}"})
-            continue
-        for rule in user_rules.rules:
-            if rule.kind in ("boost", "bury") and item in merchandising.targets(rule):
-                entries.append({**moved, "rule_id": rule.rule_id, "kind": rule.kind, "effect": f"score ×{rule.factor:g}"})
+        else:
+            entries += _scored(merchandising, user_rules, item, moved)
     for item in before:
         if item in rank_after:
             continue
+        gone = {"item": item, "rank_before": rank_before[item], "rank_after": None}
         reason = merchandising.exclusion_reason(user_rules, item)
         if reason is not None:
             kind = "inactive" if reason == INACTIVE else "exclude"
-            entries.append({"item": item, "rank_before": rank_before[item], "rank_after": None,
-                            "rule_id": None if reason == INACTIVE else reason, "kind": kind, "effect": "removed"})
+            entries.append({**gone, "rule_id": None if reason == INACTIVE else reason, "kind": kind, "effect": "removed"})
         else:
-            entries.append({"item": item, "rank_before": rank_before[item], "rank_after": None, "rule_id": None,
-                            "kind": "displaced", "effect": "pushed below the list by pinned or boosted products"})
+            entries += _scored(merchandising, user_rules, item, gone) or [
+                {**gone, "rule_id": None, "kind": "displaced", "effect": "pushed below the list by pinned or boosted products"}
+            ]
     return entries
+
+
+def _scored(merchandising: Merchandising, user_rules: UserRules, item: int, moved: dict) -> list[dict]:
+    """Trace entries of the boosts and buries that multiplied ``item``'s score."""
+    return [
+        {**moved, "rule_id": rule.rule_id, "kind": rule.kind, "effect": f"score ×{rule.factor:g}"}
+        for rule in user_rules.rules
+        if rule.kind in ("boost", "bury") and item in merchandising.targets(rule)
+    ]

@@ -1,0 +1,193 @@
+"""Merchandising rules end to end on real servers: added with ``recsys rules``, re-applied by the
+API within its refresh interval without a new run, and in the next published version."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from helpers import REPO
+from typer.testing import CliRunner
+
+from recsys.cli import app
+from recsys.core import db, redis_keys
+from recsys.core.params import PipelineParams
+from recsys.core.rules import Rule, add_rule, list_rules
+from recsys.core.settings import Settings
+from recsys.pipeline.stages import run_pipeline
+from recsys.serving.api import create_api
+
+runner = CliRunner()
+KEY = "rules-test-key-0123456789abcdef0123456789"
+REFRESH_SECONDS = 0.2
+WITHIN_A_MINUTE = 60.0
+
+
+@pytest.fixture
+def published(recsys_env: Settings, demo_loaded, window_end: datetime) -> Settings:
+    run_pipeline(recsys_env, window_end, PipelineParams())
+    return recsys_env
+
+
+@pytest.fixture
+def client(published: Settings) -> Iterator[TestClient]:
+    settings = published.model_copy(update={"api_keys": f"write:{KEY}", "rules_refresh_seconds": REFRESH_SECONDS})
+    with TestClient(create_api(settings), headers={"X-API-Key": KEY}) as test_client:
+        yield test_client
+
+
+def _recs(client: TestClient, user_id: str, **params) -> dict:
+    answer = client.get(f"/users/{user_id}/recommendations", params=params)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _until(check: Callable[[], bool], seconds: float = WITHIN_A_MINUTE) -> float:
+    """Seconds until ``check`` held; fails if it did not within ``seconds``."""
+    start = time.monotonic()
+    while not check():
+        assert time.monotonic() - start < seconds, "not within the time allowed"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def _owned(settings: Settings, user_id: str) -> set[str]:
+    with db.connect(settings) as conn:
+        return {p for (p,) in conn.execute(
+            "SELECT DISTINCT product_id FROM interactions WHERE user_id = %s AND event_type IN ('purchase', 'rating')",
+            (user_id,),
+        )}
+
+
+def _published_lists(settings: Settings) -> dict[str, list]:
+    client = redis_keys.redis_client(settings)
+    raw = client.hgetall(redis_keys.layout(settings).live("user_recs"))
+    return {user: redis_keys.decode_entry(entry)["recommended_products"] for user, entry in raw.items()}
+
+
+def _a_user_and_an_unlisted_product(settings: Settings) -> tuple[str, list, str]:
+    lists = _published_lists(settings)
+    user_id = sorted(lists)[0]
+    with db.connect(settings) as conn:
+        active = [p for (p,) in conn.execute("SELECT product_id FROM products WHERE active ORDER BY product_id")]
+    listed = {str(p) for p in lists[user_id]}
+    unlisted = next(p for p in active if p not in listed and p not in _owned(settings, user_id))
+    return user_id, lists[user_id], unlisted
+
+
+def test_a_pin_and_an_exclude_from_the_cli_show_at_once_and_in_the_next_version(
+    client: TestClient, published: Settings, window_end: datetime,
+):
+    settings = published
+    user_id, stored, pinned = _a_user_and_an_unlisted_product(settings)
+    excluded = stored[0]
+    assert _recs(client, user_id)["recommended_products"] == stored
+
+    for args in (["pin", "--product", pinned, "--rank", "2", "--note", "launch"], ["exclude", "--product", str(excluded)]):
+        added = runner.invoke(app, ["rules", "add", *args])
+        assert added.exit_code == 0, added.output
+    listed = runner.invoke(app, ["rules", "list", "--json"])
+    assert listed.exit_code == 0 and listed.output.count('"status": "in force"') == 2
+
+    def served() -> list:
+        return _recs(client, user_id)["recommended_products"]
+
+    waited = _until(lambda: served()[1:2] == [int(pinned)] and excluded not in served())
+    answer = _recs(client, user_id)
+    # the pin changes the order the list was published with: ranked on request, same model otherwise
+    assert answer["ranked_on_request"] and len(answer["recommended_products"]) == 10
+    assert answer["recommended_products"][0] == stored[1]
+    traced = _recs(client, user_id, debug="rules")["rules"]
+    effects = {(e["kind"], e["product_id"]): e for e in traced["applied"]}
+    assert effects[("pin", int(pinned))]["rank_after"] == 2 and effects[("pin", int(pinned))]["rank_before"] is None
+    assert effects[("exclude", excluded)]["effect"] == "removed" and effects[("exclude", excluded)]["rank_before"] == 1
+    assert traced["in_force_fingerprint"] != traced["published_with"]
+    print(f"rules served after {waited:.2f} s (refresh every {REFRESH_SECONDS} s)")
+
+    run_pipeline(settings, window_end + timedelta(days=1), PipelineParams())
+    lists = _published_lists(settings)
+    assert all(excluded not in products for products in lists.values())
+    pinned_everywhere = [u for u, products in lists.items() if pinned not in _owned(settings, u)]
+    assert pinned_everywhere and all(lists[u][1] == int(pinned) for u in pinned_everywhere)
+    # the new version was made with the rules in force: its lists are served as published
+    _until(lambda: _recs(client, user_id)["version"] != traced["published_with"] and not _recs(client, user_id)["ranked_on_request"])
+    assert _recs(client, user_id)["recommended_products"] == lists[user_id]
+
+
+def test_inactive_and_out_of_stock_products_leave_every_list_without_a_run(client: TestClient, published: Settings):
+    settings = published
+    user_id, stored, _ = _a_user_and_an_unlisted_product(settings)
+    gone_inactive, out_of_stock = str(stored[1]), str(stored[2])
+    similar_of = str(stored[0])
+    similar = client.get(f"/products/{similar_of}/similar").json()["similar_products"]
+    top = client.get("/top-buys", params={"n": 20}).json()["top_buys"]
+    with db.connect(settings) as conn:
+        conn.execute("UPDATE products SET active = false WHERE product_id = %s", (gone_inactive,))
+        conn.execute("UPDATE products SET attributes = '{\"in_stock\": false}' WHERE product_id = %s", (out_of_stock,))
+        conn.execute("UPDATE products SET attributes = '{\"in_stock\": false}' WHERE product_id = %s", (str(similar[0]),))
+        conn.execute("UPDATE products SET attributes = '{\"in_stock\": false}' WHERE product_id = %s", (str(top[0]),))
+    rule = add_rule(settings, Rule("exclude", attribute="in_stock", attribute_value=False, note="out of stock"))
+
+    hidden = {int(gone_inactive), int(out_of_stock), similar[0], top[0]}
+    _until(lambda: not hidden & set(_recs(client, user_id)["recommended_products"]))
+    answer = _recs(client, user_id)
+    # exclusions do not change the order: the published list, filtered, topped up on request
+    assert answer["recommended_products"][:7] == [p for p in stored if p not in hidden][:7]
+    assert len(answer["recommended_products"]) == 10
+    assert similar[0] not in client.get(f"/products/{similar_of}/similar").json()["similar_products"]
+    assert top[0] not in client.get("/top-buys", params={"n": 20}).json()["top_buys"]
+    # the out-of-stock product's own page still offers alternatives
+    assert client.get(f"/products/{out_of_stock}/similar").status_code == 200
+
+    assert runner.invoke(app, ["rules", "remove", str(rule.rule_id)]).exit_code == 0
+    _until(lambda: int(out_of_stock) in _recs(client, user_id)["recommended_products"])
+    assert int(gone_inactive) not in _recs(client, user_id)["recommended_products"]
+
+
+def test_rule_windows_segments_and_boosts(client: TestClient, published: Settings):
+    settings = published
+    lists = _published_lists(settings)
+    vip, other = sorted(lists)[:2]
+    now = datetime.now(UTC)
+    with db.connect(settings) as conn:
+        conn.execute("INSERT INTO user_segments (user_id, segment) VALUES (%s, 'vip')", (vip,))
+    buried = lists[vip][0]
+    add_rule(settings, Rule("bury", product_id=str(buried), factor=0.01, segment="vip"))
+    later = add_rule(settings, Rule("exclude", product_id=str(lists[other][0]), valid_from=now + timedelta(hours=1)))
+    expired = add_rule(settings, Rule("exclude", product_id=str(lists[other][1]), valid_from=now - timedelta(hours=2),
+                                      valid_until=now - timedelta(hours=1)))
+
+    _until(lambda: _recs(client, vip)["recommended_products"][0] != buried)
+    traced = _recs(client, vip, debug="rules")["rules"]
+    assert traced["segments"] == ["vip"]
+    moved = [e for e in traced["applied"] if e["product_id"] == buried]
+    assert moved and moved[0]["kind"] == "bury" and moved[0]["rank_before"] == 1
+    assert (moved[0]["rank_after"] or 11) > 1
+    # not in the segment, out of its window, or not yet in force: nothing changes for the other user
+    assert _recs(client, other)["recommended_products"][:2] == lists[other][:2]
+    status = {r.rule_id: r for r in list_rules(settings)}
+    shown = runner.invoke(app, ["rules", "list"])
+    assert shown.exit_code == 0 and "scheduled" in shown.output and "expired" in shown.output
+    assert status[later.rule_id].valid_from > now and status[expired.rule_id].valid_until < now
+
+
+def test_bad_rules_get_one_line_naming_the_problem(published: Settings):
+    env = {**os.environ}
+    command = [sys.executable, "-m", "recsys", "rules"]
+
+    def refused(*args: str) -> str:
+        done = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        return done.stderr.strip()
+
+    assert "product 'no-such' is not in the catalogue" in refused("add", "pin", "--product", "no-such", "--rank", "1")
+    assert "a boost needs a factor > 1" in refused("add", "boost", "--category", "x", "--factor", "0.5")
+    assert "no product of the catalogue has category 'no-such'" in refused("add", "exclude", "--category", "no-such")
+    assert "no rule with id 999999" in refused("remove", "999999")
+    assert len(refused("add", "pin", "--product", "no-such", "--rank", "1").splitlines()) == 1
