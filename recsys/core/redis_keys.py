@@ -8,7 +8,8 @@ Live keys (what shop pages read):
 - ``{recsys}:user_recs``        HASH user_id -> ``{"user_id": 101, "recommended_products": [45, 78]}``
 - ``{recsys}:similar_products`` HASH product_id -> ``{"product_id": 45, "similar_products": [78, 12]}``
 - ``{recsys}:top_buys``         HASH ``all`` or ``category:<name>`` -> ``{"category": null, "top_buys": [..]}``
-- ``{recsys}:meta``             HASH version, data window, published_at, metrics, params, counts
+- ``{recsys}:meta``             HASH version, data window, published_at, metrics, params, counts,
+  the merchandising rules' fingerprint
 
 Everything else under the prefix carries a TTL (docs/reliability.md, invariant I3):
 
@@ -120,7 +121,9 @@ def decode_entry(raw: str | None) -> Any:
 
 META_JSON_FIELDS = ("metrics", "params", "counts", "id_types")
 # What readers outside the pipeline see of the meta hash; artifact paths on workers are internal.
-PUBLIC_META_FIELDS = ("version", "data_start", "data_end", "published_at", "metrics", "params", "counts", "id_types")
+PUBLIC_META_FIELDS = (
+    "version", "data_start", "data_end", "published_at", "metrics", "params", "counts", "id_types", "rules_fingerprint",
+)
 
 
 def decode_meta(meta: dict[str, str]) -> dict | None:

@@ -70,6 +70,29 @@ class ProductExplanation(BaseModel):
     )
 
 
+class RuleInForce(BaseModel):
+    rule_id: int
+    rule: str = Field(description='e.g. "pin product 45 at rank 1 for segment vip"')
+
+
+class RuleEffect(BaseModel):
+    product_id: ProductId
+    rank_before: int | None = Field(description="Rank in the list ranked without rules (null: not in it)")
+    rank_after: int | None = Field(description="Rank in the answered list (null: not in it)")
+    rule_id: int | None = Field(description="The rule behind it (null: inactive in the catalogue, or displaced)")
+    kind: Literal["pin", "boost", "bury", "exclude", "inactive", "displaced"]
+    effect: str
+
+
+class RulesTrace(BaseModel):
+    rules_read: bool = Field(description="false until the API process has read the rules once (or without a database)")
+    published_with: str = Field(description="Fingerprint of the ordering rules the live version's lists were made with")
+    in_force_fingerprint: str | None = None
+    segments: list[str] = Field(default_factory=list, description="The user's segments that rules name")
+    in_force: list[RuleInForce]
+    applied: list[RuleEffect] = Field(description="Per product a rule moved, added or removed")
+
+
 class UserRecommendations(Recommendations):
     model_config = ConfigDict(
         json_schema_extra={
@@ -91,6 +114,9 @@ class UserRecommendations(Recommendations):
         default=None,
         description="Only with explain=true: per recommended product, in list order, the user's past products "
         "that weigh most in its ALS score; empty for source popular (top buys have no score to decompose)",
+    )
+    rules: RulesTrace | None = Field(
+        default=None, description="Only with debug=rules: the merchandising rules in force and what each did"
     )
 
 
@@ -155,6 +181,11 @@ class ModelInfo(BaseModel):
         default=None,
         description='How ids are published: {"user": "int" | "str", "product": ..., "source": {...}} '
         "(null for a version published before they were recorded)",
+    )
+    rules_fingerprint: str | None = Field(
+        default=None,
+        description="Digest of the merchandising ordering rules (pins, boosts, buries) the version's lists were "
+        "made with (docs/rules.md); null for a version published before rules existed",
     )
     fold_in_users: int = Field(
         description="Users the API added to the live user_recs hash after the publish (events of users the "

@@ -22,6 +22,7 @@ from recsys.core.rules import Rule, add_rule, list_rules
 from recsys.core.settings import Settings
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving.api import create_api
+from recsys.serving.schemas import UserRecommendations
 
 runner = CliRunner()
 KEY = "rules-test-key-0123456789abcdef0123456789"
@@ -103,7 +104,11 @@ def test_a_pin_and_an_exclude_from_the_cli_show_at_once_and_in_the_next_version(
     # the pin changes the order the list was published with: ranked on request, same model otherwise
     assert answer["ranked_on_request"] and len(answer["recommended_products"]) == 10
     assert answer["recommended_products"][0] == stored[1]
-    traced = _recs(client, user_id, debug="rules")["rules"]
+    debugged = _recs(client, user_id, debug="rules")
+    UserRecommendations.model_validate(debugged)  # the documented schema
+    parameters = client.get("/openapi.json").json()["paths"]["/users/{user_id}/recommendations"]["get"]["parameters"]
+    assert "debug" in {p["name"] for p in parameters}
+    traced = debugged["rules"]
     effects = {(e["kind"], e["product_id"]): e for e in traced["applied"]}
     assert effects[("pin", int(pinned))]["rank_after"] == 2 and effects[("pin", int(pinned))]["rank_before"] is None
     assert effects[("exclude", excluded)]["effect"] == "removed" and effects[("exclude", excluded)]["rank_before"] == 1
