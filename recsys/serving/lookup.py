@@ -12,6 +12,7 @@ show the same thing.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -26,10 +27,13 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from recsys.core import redis_keys
+from recsys.core.errors import InputError
 from recsys.core.layout import published_report
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.serving import lookup_reads
+from recsys.serving.explanations import explained_products
+from recsys.serving.live_model import LiveModel, load_live_model
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +116,8 @@ async def _read_shop_db(request: Request, read: Callable[[Settings], Any]) -> An
     except psycopg.Error as error:
         log.warning("shop database unavailable for %s: %s", request.url.path, error)
         raise HTTPException(status_code=503, detail=SHOP_DB_UNAVAILABLE) from error
+    except InputError as error:  # a table of a newer release is missing: says to run recsys init-db
+        raise HTTPException(status_code=503, detail=str(error)) from error
 
 
 def compare_params(live: dict | None) -> list[dict]:
@@ -136,6 +142,8 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
     app.add_exception_handler(redis.ConnectionError, _redis_unavailable)
     app.add_exception_handler(redis.TimeoutError, _redis_unavailable)
     app.state.settings_factory = settings_factory
+    app.state.live_model = None  # loaded on the first explanation asked for, once per version
+    app.state.live_model_lock = threading.Lock()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -160,6 +168,39 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
             return None
         settings = _resolve_settings(request.app.state.settings_factory)
         return await run_in_threadpool(published_report, settings, meta)
+
+    @app.get("/api/explain/{user_id:path}")
+    async def explain(request: Request, user_id: str, live: Live) -> dict:
+        """Why the user's live list holds each product: the past products weighing most in its
+        score (users the model knows) and the merchandising rules in force that target it."""
+        entry = await redis_keys.read_entry(live.client, redis_keys.user_recs_slot(live.keys, user_id))
+        meta = await redis_keys.read_meta(live.client, live.keys)
+        if entry is None or meta is None:
+            return {"explanations": [], "note": "No list of the user's own: top buys have nothing to explain.", "rules": {}}
+        products = entry["recommended_products"]
+        settings = _resolve_settings(request.app.state.settings_factory)
+        explanations, note = [], None
+        try:
+            model = await run_in_threadpool(_live_model, request.app, meta, settings)
+        except Exception:  # the artifacts may live on another host: the page still shows the list
+            log.warning("live model not loadable on this host", exc_info=True)
+            note = "The live model's artifacts are not readable on this host: no explanations."
+        else:
+            if user_id in model.user_index:
+                row = model.confidence[model.user_index[user_id]]
+                explanations = await run_in_threadpool(explained_products, model, row, products)
+            else:
+                note = "The user joined after the live version was trained (a fold-in): the API explains such lists."
+        try:
+            rules = await _read_shop_db(request, lambda s: lookup_reads.rules_touching(s, user_id, products))
+        except HTTPException:
+            rules = {}
+        return {"explanations": explanations, "note": note, "rules": rules}
+
+    @app.get("/api/rules")
+    async def rules(request: Request) -> dict:
+        """Every merchandising rule with its status now (in force, scheduled, expired)."""
+        return {"rules": await _read_shop_db(request, lookup_reads.rules_table)}
 
     @app.get("/api/model")
     async def model(request: Request, live: Live) -> dict:
@@ -205,6 +246,13 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
         return {"available": found is not None, "runs": list(reversed(found or []))}
 
     return app
+
+
+def _live_model(app: FastAPI, meta: dict, settings: Settings) -> LiveModel:
+    with app.state.live_model_lock:
+        if app.state.live_model is None or app.state.live_model.version != meta["version"]:
+            app.state.live_model = load_live_model(meta, settings)
+        return app.state.live_model
 
 
 # Self-contained (no external assets). Every value from the user or from Redis reaches the DOM

@@ -1,4 +1,5 @@
-"""Blocking PostgreSQL reads of the look-up page: product names and the pipeline's run history.
+"""Blocking PostgreSQL reads of the look-up page: product names, the pipeline's run history and
+the merchandising rules.
 
 Both only decorate what Redis says, so callers treat any failure as "not available" and the page
 shows ids only, or no chart. A short connect timeout keeps an unreachable database from holding
@@ -8,8 +9,10 @@ the page.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from recsys.core import db
+from recsys.core.rules import list_rules, rule_status, take_snapshot
 from recsys.core.settings import Settings
 
 CONNECT_TIMEOUT_SECONDS = 3
@@ -35,3 +38,31 @@ def recent_runs(settings: Settings, limit: int) -> list[dict] | None:
         if not exists:
             return None
         return [row for (row,) in conn.execute(db.sql_text(settings, "recent_runs_json"), {"limit": limit}).fetchall()]
+
+
+def rules_touching(settings: Settings, user_id: str, product_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Per product, the merchandising rules in force for this user that target it (by product,
+    category or attribute), as ``#id description`` lines."""
+    snapshot = take_snapshot(settings)
+    wanted = [str(product_id) for product_id in product_ids]
+    labels = product_labels(settings, wanted)
+    segments = {name for name, users in snapshot.segments.items() if user_id in users}
+    applying = [rule for rule in snapshot.rules if rule.segment is None or rule.segment in segments]
+    return {
+        product: [
+            f"#{rule.rule_id} {rule.describe()}"
+            for rule in applying
+            if rule.scope_category is None and (
+                rule.product_id == product
+                or (rule.category is not None and rule.category == labels.get(product, {}).get("category"))
+                or product in snapshot.attribute_matches.get(rule.rule_id, ())
+            )
+        ]
+        for product in wanted
+    }
+
+
+def rules_table(settings: Settings) -> list[dict]:
+    """Every rule with its status now, oldest first."""
+    now = datetime.now(UTC)
+    return [{**rule.to_dict(), "description": rule.describe(), "status": rule_status(rule, now)} for rule in list_rules(settings)]

@@ -28,7 +28,6 @@ from recsys.core.errors import InputError
 from recsys.core.params import PipelineParams
 from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
-from recsys.ml.explain import explain_items
 from recsys.ml.merchandising import Merchandising, UserRules, place_pins_in_list, trace
 from recsys.serving.events import (
     Stored,
@@ -38,10 +37,10 @@ from recsys.serving.events import (
     mark_refresh_pending,
     record_event,
 )
+from recsys.serving.explanations import explained_products
 from recsys.serving.fold_in import UserEvents, fold_in_vector, rank_items, rank_popular, weigh_events
 from recsys.serving.live_model import LiveModel, load_live_model
 from recsys.serving.schemas import (
-    EXPLAIN_N,
     ID_PATTERN,
     MAX_EXCLUDE,
     MAX_ID_LENGTH,
@@ -322,18 +321,7 @@ async def _explanations(
         row = (await _user_events(svc, live, user_id)).row
     else:
         return []
-    items = [live.item_index[str(product)] for product in products]
-    params = live.params
-    explained = await svc.run(
-        explain_items, live.model.item_factors, row, items, params.regularization, params.alpha, EXPLAIN_N
-    )
-    return [
-        {
-            "product_id": live.product_out(entry.item), "score": entry.score,
-            "because": [{"product_id": live.product_out(past), "contribution": part} for past, part in entry.contributions],
-        }
-        for entry in explained
-    ]
+    return await svc.run(explained_products, live, row, products)
 
 
 async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> UserEvents:

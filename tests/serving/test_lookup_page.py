@@ -22,6 +22,7 @@ from run_history import daily_runs, write_runs
 from recsys.core import db, redis_keys
 from recsys.core.layout import published_report
 from recsys.core.params import PipelineParams
+from recsys.core.rules import Rule, add_rule
 from recsys.core.settings import Settings
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving.lookup import create_app
@@ -113,15 +114,22 @@ def test_page_shows_names_fallback_params_and_chart(
     page.wait_for_selector("#quality-chart polyline.model")
     page.wait_for_selector("#model table")
 
-    # a known user: their list, best first, with names from the catalogue
+    # a known user: their list, best first, with names from the catalogue, why, and the rules
+    boosted = add_rule(settings, Rule("boost", product_id=str(recommended[0]), factor=2.0, note="promo"))
     _look_up(page, user_id)
     assert "source: model" in page.inner_text("#user-source")
     rows = page.locator("#user-result tbody tr")
     assert rows.count() == len(recommended)
     names = _names(settings, recommended)
+    page.wait_for_function("() => document.querySelectorAll('#user-result thead th').length === 6")
     for rank, product_id in enumerate(recommended):
         cells = rows.nth(rank).locator("td").all_inner_texts()
         assert cells[:3] == [str(rank + 1), str(product_id), names[str(product_id)]]
+        assert cells[4].startswith("because you bought "), cells
+    assert rows.nth(0).locator("td").nth(5).inner_text() == f"#{boosted.rule_id} boost product {recommended[0]} ×2"
+    page.reload()
+    page.wait_for_selector("#rules tbody tr")
+    assert "boost product" in page.inner_text("#rules") and "in force" in page.inner_text("#rules")
     page.screenshot(path=tmp_path / f"lookup-known-{color_scheme}.png", full_page=True)
 
     # an unknown user: the top buys overall, labelled as the popular fallback

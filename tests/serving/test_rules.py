@@ -22,6 +22,7 @@ from recsys.core.rules import Rule, add_rule, list_rules
 from recsys.core.settings import Settings
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving.api import create_api
+from recsys.serving.lookup import create_app as create_lookup_app
 from recsys.serving.schemas import UserRecommendations
 
 runner = CliRunner()
@@ -196,3 +197,23 @@ def test_bad_rules_get_one_line_naming_the_problem(published: Settings):
     assert "no product of the catalogue has category 'no-such'" in refused("add", "exclude", "--category", "no-such")
     assert "no rule with id 999999" in refused("remove", "999999")
     assert len(refused("add", "pin", "--product", "no-such", "--rank", "1").splitlines()) == 1
+
+
+def test_the_look_up_page_explains_a_list_as_the_api_does_and_names_the_rules(client: TestClient, published: Settings):
+    settings = published
+    user_id, stored, _ = _a_user_and_an_unlisted_product(settings)
+    rule = add_rule(settings, Rule("boost", product_id=str(stored[0]), factor=1.5))
+    with TestClient(create_lookup_app(lambda: settings)) as lookup:
+        why = lookup.get(f"/api/explain/{user_id}").json()
+        rules = lookup.get("/api/rules").json()["rules"]
+        nobody = lookup.get("/api/explain/no-such-user").json()
+    api = _recs(client, user_id, explain="true")
+    assert api["recommended_products"] == stored
+    # the same decomposition as the API's explain=true, for the same published list
+    assert why["explanations"] == api["explanations"] and why["note"] is None
+    assert why["rules"][str(stored[0])] == [f"#{rule.rule_id} boost product {stored[0]} ×1.5"]
+    assert why["rules"][str(stored[1])] == []
+    assert [(r["rule_id"], r["status"], r["description"]) for r in rules] == [
+        (rule.rule_id, "in force", f"boost product {stored[0]} ×1.5")
+    ]
+    assert nobody["explanations"] == [] and "top buys" in nobody["note"]

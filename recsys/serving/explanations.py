@@ -1,0 +1,26 @@
+"""Why a product is in a user's list: the user's past products that weigh most in its ALS score
+(``recsys.ml.explain``), in the shape the API and the look-up page show."""
+
+from __future__ import annotations
+
+import scipy.sparse as sp
+
+from recsys.ml.explain import explain_items
+from recsys.serving.live_model import LiveModel
+from recsys.serving.schemas import EXPLAIN_N, ProductId
+
+
+def explained_products(live: LiveModel, row: sp.csr_matrix, products: list[ProductId]) -> list[dict]:
+    """Per product (of the live catalogue), its score for the history ``row`` (1 × items, the
+    weights the model was fitted on or a fold-in's) and the ``EXPLAIN_N`` past products that
+    contribute most to it."""
+    items = [live.item_index[str(product)] for product in products]
+    params = live.params
+    explained = explain_items(live.model.item_factors, row, items, params.regularization, params.alpha, EXPLAIN_N)
+    return [
+        {
+            "product_id": live.product_out(entry.item), "score": entry.score,
+            "because": [{"product_id": live.product_out(past), "contribution": part} for past, part in entry.contributions],
+        }
+        for entry in explained
+    ]
