@@ -217,3 +217,25 @@ def test_the_look_up_page_explains_a_list_as_the_api_does_and_names_the_rules(cl
         (rule.rule_id, "in force", f"boost product {stored[0]} ×1.5")
     ]
     assert nobody["explanations"] == [] and "top buys" in nobody["note"]
+
+
+def test_publish_applies_a_segment_rule_to_its_members_only(published: Settings, window_end: datetime):
+    settings = published
+    lists = _published_lists(settings)
+    counts: dict = {}
+    for products in lists.values():
+        for product in products:
+            counts[product] = counts.get(product, 0) + 1
+    restricted = max(counts, key=counts.get)
+    holders = sorted(u for u, products in lists.items() if restricted in products)
+    minors, others = holders[::2], holders[1::2]
+    with db.connect(settings) as conn, conn.cursor() as cur:
+        cur.executemany("INSERT INTO user_segments (user_id, segment) VALUES (%s, 'minors')", [(u,) for u in minors])
+        cur.execute("UPDATE products SET attributes = '{\"age_restricted\": true}' WHERE product_id = %s", (str(restricted),))
+    add_rule(settings, Rule("exclude", attribute="age_restricted", attribute_value=True, segment="minors"))
+
+    run_pipeline(settings, window_end + timedelta(days=1), PipelineParams())
+    after = _published_lists(settings)
+    assert all(restricted not in after[u] for u in minors)
+    # the same model still lists it for those outside the segment
+    assert sum(restricted in after[u] for u in others) >= len(others) // 2

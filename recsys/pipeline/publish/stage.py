@@ -340,7 +340,7 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     merchandising = staging.merchandising(pq.read_table(matrix_dir / ITEMS, columns=["id", "category"]))
     with staging.timings.phase("scoring"):
         recs = _ruled_top_n(
-            merchandising, factors, pc.take(user_ids, pa.array(users)).to_pylist(), users, exclude,
+            merchandising, factors, pc.take(user_ids, pa.array(users)), users, exclude,
             inactive_items(matrix_dir), params, progress=f"recommend {shard + 1}/{shards}" if progress else None,
         )
     has_recs = recs[:, 0] >= 0
@@ -362,14 +362,14 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
 
 
 def _ruled_top_n(
-    merchandising: Merchandising, factors: tuple[np.ndarray, np.ndarray], user_ids: list[str], users: np.ndarray,
+    merchandising: Merchandising, factors: tuple[np.ndarray, np.ndarray], user_ids: pa.Array, users: np.ndarray,
     exclude: sp.csr_matrix, inactive: np.ndarray, params: PipelineParams, progress: str | None,
 ) -> np.ndarray:
     """Each user's top-N with the rules of their segments: excluded products blocked, scores
     multiplied by boosts and buries (as scaled item factors), pins placed last."""
     groups: dict[frozenset[str], list[int]] = {}
     if merchandising.segment_names:
-        for row, user_id in enumerate(user_ids):
+        for row, user_id in enumerate(user_ids.to_pylist()):
             groups.setdefault(merchandising.segments_of(user_id), []).append(row)
     else:
         groups[frozenset()] = list(range(len(users)))
