@@ -137,3 +137,8 @@ class Settings(BaseSettings):
     api_refresh_retry_seconds: float = Field(
         default=5, gt=0, description="How often lists left stale while Redis was down are retried"
     )
+    negative_feedback_ttl_seconds: int = Field(
+        default=30 * 86400, ge=1,
+        description="How long the API keeps a user's negative feedback in Redis, filtering every list served, "
+        "after the user's last event: the versions published meanwhile exclude it themselves",
+    )
