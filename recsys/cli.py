@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys.bench.chaos import chaos_command
+from recsys.bench.negative import negative_command
 from recsys.bench.quality import bench_app
 from recsys.bench.serve import serve_bench_command
 from recsys.bench.speed import speed_bench_command
@@ -39,6 +40,7 @@ app.add_typer(bench_app, name="bench")
 app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
 bench_app.command("speed")(speed_bench_command)
+bench_app.command("negative")(negative_command)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -92,3 +92,9 @@ CREATE TABLE IF NOT EXISTS recommendation_rules (
     CHECK (kind = 'pin' OR scope_category IS NULL),
     CHECK (valid_from IS NULL OR valid_until IS NULL OR valid_until > valid_from)
 );
+
+-- Negative feedback older than the window is read every run (sql/extract_older_negatives.sql): a
+-- small index over the default negative event types instead of a scan of the whole history. A shop
+-- that configures other negative_event_types adds an index like it for its own.
+CREATE INDEX IF NOT EXISTS interactions_negative_feedback_idx ON interactions (occurred_at)
+    WHERE event_type IN ('dislike', 'return', 'not_interested');

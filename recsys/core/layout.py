@@ -1,7 +1,7 @@
 """The run-folder contract: every folder and file a run's stages write and read, named here once.
 
     <artifacts>/runs/<window end>/<params fingerprint>/      one run (RunPaths)
-        extract/    interactions.parquet products.parquet report.json
+        extract/    interactions.parquet products.parquet older_negatives.parquet report.json
         matrix/     manifest.json users.parquet items.parquet
                     full.npz train.npz exclude.npz train_exclude.npz holdout.npz
         model/      manifest.json factors_full.npz factors_holdout.npz
@@ -28,6 +28,8 @@ EXTRACT, MATRIX, MODEL, EVALUATION, PUBLISHED = "extract", "matrix", "model", "e
 
 # extract/
 INTERACTIONS, PRODUCTS, EXTRACT_REPORT = "interactions.parquet", "products.parquet", "report.json"
+# (user, product) pairs with negative feedback from before the window: excluded for good
+OLDER_NEGATIVES = "older_negatives.parquet"
 # matrix/ (CSR matrices user x item) and model/ (factors)
 MANIFEST = "manifest.json"
 USERS, ITEMS = "users.parquet", "items.parquet"

@@ -16,6 +16,9 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "rating": 1.0,
 }
 
+# fields held as tuples (lists in JSON and the Params form)
+TUPLE_FIELDS = ("exclude_event_types", "relevant_event_types", "negative_event_types")
+
 
 @dataclass(frozen=True)
 class PipelineParams:
@@ -29,6 +32,10 @@ class PipelineParams:
     max_value: float = 1000.0  # a quantity/rating above this is treated as a data error
     max_invalid_fraction: float = 0.2  # more bad rows than this fails the extract
     exclude_event_types: tuple[str, ...] = ("purchase", "rating")  # never recommend these again
+    # Negative feedback: the product is never recommended to that user again (extract reads these
+    # types over the shop's whole history), and the (user, product) pair counts not at all in
+    # training, so a return cancels the purchase it returns (measured: docs/quality.md#negative-feedback)
+    negative_event_types: tuple[str, ...] = ("dislike", "return", "not_interested")
     relevant_event_types: tuple[str, ...] = ("purchase", "add_to_cart", "rating")  # hits in eval
     # ALS; defaults chosen on validation splits of three data sets (`recsys bench defaults`,
     # docs/quality.md): strong regularization and log-damped confidence beat implicit's own defaults
@@ -75,6 +82,11 @@ class PipelineParams:
         for event_type, weight in self.event_weights.items():
             if not isinstance(weight, int | float) or weight <= 0:
                 problems.append(f"event_weights[{event_type!r}] must be a number > 0, got {weight!r}")
+        overlap = sorted(set(self.negative_event_types) & set(self.event_weights))
+        if overlap:
+            problems.append(
+                f"negative_event_types and event_weights must not share an event type, both name: {', '.join(overlap)}"
+            )
         if problems:
             raise InputError("invalid parameters: " + "; ".join(problems))
 
@@ -86,7 +98,7 @@ class PipelineParams:
         if unknown:
             raise InputError(f"unknown parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         coerced = dict(values)
-        for name in ("exclude_event_types", "relevant_event_types"):
+        for name in TUPLE_FIELDS:
             if name in coerced:
                 coerced[name] = tuple(coerced[name])
         if "event_weights" in coerced:
@@ -95,7 +107,7 @@ class PipelineParams:
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        for name in ("exclude_event_types", "relevant_event_types"):
+        for name in TUPLE_FIELDS:
             values[name] = list(values[name])
         return values
 

@@ -19,6 +19,9 @@ Everything else under the prefix carries a TTL (docs/reliability.md, invariant I
 - ``{recsys}:owner:<version>``                         the attempt that owns publishing ``version``
 - ``{recsys}:v:<version>:<structure>``                 a replaced version, kept for rollback
 - ``{recsys}:history``                                 LIST of kept versions, newest first
+- ``{recsys}:negative:<user_id>``                      SET of products the user gave negative feedback
+  on through the API: filtered out of every list served, across publish switches (TTL
+  ``RECSYS_NEGATIVE_FEEDBACK_TTL_SECONDS``, renewed on each of the user's events)
 """
 
 from __future__ import annotations
@@ -75,6 +78,10 @@ class KeyLayout:
 
     def history(self) -> str:
         return f"{self.tag}:history"
+
+    def negative(self, user_id: str) -> str:
+        """The products ``user_id`` gave negative feedback on, as the API recorded them."""
+        return f"{self.tag}:negative:{user_id}"
 
     def tune_lock(self) -> str:
         """Held by the tune that is keeping its result and maybe replacing the active params."""

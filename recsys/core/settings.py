@@ -142,3 +142,8 @@ class Settings(BaseSettings):
         description="How often the API re-reads the merchandising rules and the catalogue's inactive products "
         "(a rule change shows in served lists within this time)",
     )
+    negative_feedback_ttl_seconds: int = Field(
+        default=30 * 86400, ge=1,
+        description="How long the API keeps a user's negative feedback in Redis, filtering every list served, "
+        "after the user's last event: the versions published meanwhile exclude it themselves",
+    )

@@ -10,6 +10,10 @@ Everything left out is counted and reported with examples in ``report.json`` and
 line: invalid rows (dropped), exact duplicates (collapsed into the first), and interactions on
 products missing from the catalogue (kept, listed by product). The stage fails when nothing, or
 too little, is valid.
+
+Negative feedback (``negative_event_types``) is valid in the window like any weighted type; the
+(user, product) pairs with negative feedback from before the window are extracted too
+(``older_negatives.parquet``), so the matrix stage keeps excluding them for good.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from tqdm.auto import tqdm
 from recsys.core import db, ids
 from recsys.core.errors import EmptyWindowError, NoValidDataError
 from recsys.core.ids import IdTypes
-from recsys.core.layout import EXTRACT_REPORT, INTERACTIONS, PRODUCTS
+from recsys.core.layout import EXTRACT_REPORT, INTERACTIONS, OLDER_NEGATIVES, PRODUCTS
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.core.window import Window
@@ -67,6 +71,7 @@ INTERACTION_CSV_COLUMNS = {
     "value": pa.float64(),
     "occurred_at_us": pa.int64(),
 }
+PAIR_CSV_COLUMNS = {"user_id": pa.string(), "product_id": pa.string()}
 PRODUCT_CSV_COLUMNS = {
     "product_id": pa.string(),
     "name": pa.string(),
@@ -456,6 +461,7 @@ class ExtractResult:
     extract_dir: Path
     interactions: Path
     products: Path
+    older_negatives: Path
     report: Path
     rows_read: int
     rows_kept: int
@@ -473,13 +479,17 @@ def extract(
     ``live_id_types``: the live version's id types, which ids keep unless configured otherwise."""
     extract_dir.mkdir(parents=True, exist_ok=True)
     interactions_path, products_path = extract_dir / INTERACTIONS, extract_dir / PRODUCTS
-    # both appear under their names only once the whole extract has succeeded
-    tmp_path, products_tmp_path = (path.with_suffix(".parquet.part") for path in (interactions_path, products_path))
+    older_negatives_path = extract_dir / OLDER_NEGATIVES
+    # all appear under their names only once the whole extract has succeeded
+    tmp_path, products_tmp_path, older_negatives_tmp_path = (
+        path.with_suffix(".parquet.part") for path in (interactions_path, products_path, older_negatives_path)
+    )
     window_text = f"[{window.start.isoformat()}, {window.end.isoformat()})"
     query_params = {"start": window.start, "end": window.end}
     latest = min(window.end - timedelta(microseconds=1), datetime.now(UTC))
     id_types = resolve_id_types(settings, window, live_id_types)
-    rules = _validation_rules(params, pa.array(sorted(params.event_weights), pa.string()), latest, id_types)
+    known_event_types = pa.array(sorted({*params.event_weights, *params.negative_event_types}), pa.string())
+    rules = _validation_rules(params, known_event_types, latest, id_types)
     report = ValidationReport()
     try:
         with tempfile.TemporaryDirectory(prefix=".slices-", dir=extract_dir) as slices_dir:
@@ -492,22 +502,32 @@ def extract(
             catalogue = _extract_products(settings, products_tmp_path)["product_id"]
             _write_deduplicated(slices, catalogue, tmp_path, report)
         _check_enough_valid(report, params, window_text)
+        older_negatives = _extract_older_negatives(settings, window, params, older_negatives_tmp_path)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        products_tmp_path.unlink(missing_ok=True)
+        for path in (tmp_path, products_tmp_path, older_negatives_tmp_path):
+            path.unlink(missing_ok=True)
         raise
     tmp_path.replace(interactions_path)
     products_tmp_path.replace(products_path)
+    older_negatives_tmp_path.replace(older_negatives_path)
 
     report_path = extract_dir / EXTRACT_REPORT
     report_path.write_text(
-        json.dumps({"window": window.to_dict(), "id_types": id_types.to_dict(), "interactions": report.to_dict()}, indent=2)
+        json.dumps(
+            {"window": window.to_dict(), "id_types": id_types.to_dict(), "interactions": report.to_dict(),
+             "older_negative_pairs": older_negatives},
+            indent=2,
+        )
     )
-    log.info("extract %s: kept %d of %d rows", window_text, report.rows_kept, report.rows_read)
+    log.info(
+        "extract %s: kept %d of %d rows; %d negative feedback pairs from before the window",
+        window_text, report.rows_kept, report.rows_read, older_negatives,
+    )
     return ExtractResult(
         extract_dir=extract_dir,
         interactions=interactions_path,
         products=products_path,
+        older_negatives=older_negatives_path,
         report=report_path,
         rows_read=report.rows_read,
         rows_kept=report.rows_kept,
@@ -567,3 +587,14 @@ def _extract_products(settings: Settings, path: Path) -> pa.Table:
     products = pa.Table.from_batches(batches, schema=pa.schema(PRODUCT_CSV_COLUMNS.items()))
     pq.write_table(products, path)
     return products
+
+
+def _extract_older_negatives(settings: Settings, window: Window, params: PipelineParams, path: Path) -> int:
+    """The distinct (user, product) pairs with negative feedback before the window into ``path``;
+    returns how many."""
+    query_params = {"start": window.start, "event_types": list(params.negative_event_types)}
+    with _copy_stream(settings, db.sql_text(settings, "extract_older_negatives"), query_params) as source:
+        batches = list(_csv_batches(source, PAIR_CSV_COLUMNS))
+    pairs = pa.Table.from_batches(batches, schema=pa.schema(PAIR_CSV_COLUMNS.items()))
+    pq.write_table(pairs, path)
+    return pairs.num_rows

@@ -6,10 +6,18 @@ Outputs (all npz / Parquet / JSON, no pickle), in one folder:
   same data always gives the same maps); items also carry ``active``, ``category``, ``buyers``
   (distinct purchasers) and ``popularity`` (distinct users with any interaction).
 - ``full.npz``: weights over the whole window (what the published model trains on).
-- ``exclude.npz``: who already has what (``exclude_event_types``): never recommended again.
+- ``exclude.npz``: who already has what (``exclude_event_types``) or gave negative feedback on it
+  (``negative_event_types``, in the window or before it): never recommended again.
 - ``train.npz``, ``train_exclude.npz``, ``holdout.npz``: the same split at the holdout cutoff;
   ``holdout.npz`` marks relevant items (``relevant_event_types``) after the cutoff that the user
   did not already have before it.
+
+Negative feedback counts not at all in training (measured against counting it negatively:
+docs/quality.md#negative-feedback): a (user, product) pair with a negative event has no weight
+in ``full`` / ``train``, whatever else the user did with the product, so a return cancels the
+purchase it returns. Nor is such a pair a hit of the holdout, or a buyer of top buys. A user left
+with no weight at all (only negative feedback, or only returned purchases) is not in the model:
+the API serves them as a cold start, with their negative feedback read from the shop database.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ class MatrixResult:
 BATCH_ROWS = 1 << 20
 
 # bits of the per-interaction flags column
-BEFORE_CUTOFF, EXCLUDED, RELEVANT, PURCHASE = 1, 2, 4, 8
+BEFORE_CUTOFF, EXCLUDED, RELEVANT, PURCHASE, NEGATIVE = 1, 2, 4, 8, 16
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -94,22 +102,34 @@ class _Interactions:
     users: np.ndarray  # int32 row index
     items: np.ndarray  # int32 column index
     weights: np.ndarray  # float32, before confidence scaling
-    flags: np.ndarray  # uint8, BEFORE_CUTOFF | EXCLUDED | RELEVANT | PURCHASE
+    flags: np.ndarray  # uint8, BEFORE_CUTOFF | EXCLUDED | RELEVANT | PURCHASE | NEGATIVE
 
     def where(self, flag: int) -> np.ndarray:
         return (self.flags & flag) != 0
 
+    def keep_users(self, kept: np.ndarray, n_users: int) -> None:
+        """Only the rows of user indices ``kept`` (sorted), renumbered 0 .. len(kept) - 1."""
+        renumbered = np.full(n_users, -1, np.int32)
+        renumbered[kept] = np.arange(len(kept), dtype=np.int32)
+        users = renumbered[self.users]
+        rows = users >= 0
+        self.users, self.items, self.weights, self.flags = users[rows], self.items[rows], self.weights[rows], self.flags[rows]
+
 
 def _event_type_tables(params: PipelineParams) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Event type vocabulary with each type's weight and flags; the extra last slot is for a type
-    the params do not know (weight 0, no flags)."""
-    names = sorted({*params.event_weights, *params.exclude_event_types, *params.relevant_event_types, "purchase"})
+    the params do not know (weight 0, no flags). Negative types weigh 0: they count by their flag."""
+    names = sorted(
+        {*params.event_weights, *params.exclude_event_types, *params.relevant_event_types,
+         *params.negative_event_types, "purchase"}
+    )
     weights = np.array([params.event_weights.get(name, 0.0) for name in names] + [0.0])
     flags = np.array(
         [
             EXCLUDED * (name in params.exclude_event_types)
             | RELEVANT * (name in params.relevant_event_types)
             | PURCHASE * (name == "purchase")
+            | NEGATIVE * (name in params.negative_event_types)
             for name in names
         ]
         + [0],
@@ -161,7 +181,10 @@ def build_matrix(
     matrix_dir: Path,
     params: PipelineParams,
     id_types: IdTypes,
+    older_negatives_path: Path | None = None,
 ) -> MatrixResult:
+    """``older_negatives_path``: the extract's (user, product) pairs with negative feedback from
+    before the window (absent: none), excluded like the window's own."""
     matrix_dir.mkdir(parents=True, exist_ok=True)
     interactions = pq.ParquetFile(interactions_path, pre_buffer=False)
     user_ids, item_ids = _distinct_ids(interactions)
@@ -171,33 +194,49 @@ def build_matrix(
     # Arrow's allocator keeps freed batch memory for reuse; the CSR builds below are numpy's
     pa.default_memory_pool().release_unused()
 
-    def weighted(mask: np.ndarray | None) -> sp.csr_matrix:
-        chosen = slice(None) if mask is None else mask
-        summed = _csr(rows.users[chosen], rows.items[chosen], rows.weights[chosen], shape)
-        return scale_confidence(summed, params.confidence_scaling)
-
     def marked(mask: np.ndarray) -> sp.csr_matrix:
         return _binarize(_csr(rows.users[mask], rows.items[mask], np.ones(int(mask.sum()), np.float32), shape))
 
+    def without(matrix: sp.csr_matrix, pairs: sp.csr_matrix) -> sp.csr_matrix:
+        """``matrix`` minus its entries at the (binary) ``pairs``."""
+        kept = (matrix - matrix.multiply(pairs)).tocsr()
+        kept.eliminate_zeros()
+        return kept
+
+    def weighted(mask: np.ndarray) -> sp.csr_matrix:
+        summed = _csr(rows.users[mask], rows.items[mask], rows.weights[mask], shape)
+        # a pair with negative feedback in the same span counts not at all (a return cancels its purchase)
+        return scale_confidence(without(summed, marked(mask & rows.where(NEGATIVE))), params.confidence_scaling)
+
+    everything = np.ones(len(rows.users), dtype=bool)
+    full = weighted(everything)
+    # a user with no weight left would get a list from untrained factors: out of the model
+    trained_users = np.flatnonzero(np.diff(full.indptr) > 0)
+    users_without_weight = shape[0] - len(trained_users)
+    if users_without_weight:
+        rows.keep_users(trained_users, shape[0])
+        user_ids, full = user_ids.take(pa.array(trained_users)), full[trained_users]
+        shape = (len(trained_users), shape[1])
     # each matrix is written as soon as it is built, so only the ones still needed stay in memory
-    full = weighted(None)
     _write_npz(matrix_dir / FULL, full)
     nnz, popularity = int(full.nnz), _distinct_users(full)
     del full
-    before_cutoff, excluded = rows.where(BEFORE_CUTOFF), rows.where(EXCLUDED)
+    before_cutoff, excluded, negative = rows.where(BEFORE_CUTOFF), rows.where(EXCLUDED), rows.where(NEGATIVE)
     train = weighted(before_cutoff)
     _write_npz(matrix_dir / TRAIN, train)
     train_nnz = int(train.nnz)
     del train
-    _write_npz(matrix_dir / EXCLUDE, marked(excluded))
-    train_exclude = marked(excluded & before_cutoff)
+    older_negatives = _older_negatives(older_negatives_path, user_ids, item_ids, shape)
+    negative_pairs = marked(negative)
+    _write_npz(matrix_dir / EXCLUDE, _binarize(marked(excluded) + negative_pairs + older_negatives))
+    train_exclude = _binarize(marked((excluded | negative) & before_cutoff) + older_negatives)
     _write_npz(matrix_dir / TRAIN_EXCLUDE, train_exclude)
     # relevant after the cutoff, minus what the user already had before it (never recommendable)
+    # and minus what the user gave negative feedback on (a returned purchase is no hit)
     holdout = marked(rows.where(RELEVANT) & ~before_cutoff)
-    holdout = _binarize((holdout - holdout.multiply(train_exclude)).tocsr())
-    holdout.eliminate_zeros()
+    holdout = _binarize(without(without(holdout, train_exclude), negative_pairs))
     _write_npz(matrix_dir / HOLDOUT, holdout)
-    buyers = _distinct_users(marked(rows.where(PURCHASE)))
+    buyers = _distinct_users(without(marked(rows.where(PURCHASE)), negative_pairs))
 
     pq.write_table(pa.table({"id": user_ids}), matrix_dir / USERS)
     items_meta, unknown_products = _items_with_catalogue(item_ids, products_path)
@@ -216,6 +255,9 @@ def build_matrix(
         "holdout_pairs": int(holdout.nnz),
         "active_items": int(pc.sum(items_meta["active"]).as_py() or 0),
         "items_missing_from_catalogue": unknown_products,
+        "negative_pairs": int(negative_pairs.nnz),
+        "older_negative_pairs": int(older_negatives.nnz),
+        "users_without_weight": users_without_weight,
     }
     manifest = {
         "build_id": uuid.uuid4().hex,  # the stages after this one record which build they used
@@ -230,6 +272,21 @@ def build_matrix(
         log.warning("%d interacted products are not in the catalogue; they will not be recommended", unknown_products)
     log.info("matrix: %s", counts)
     return MatrixResult(matrix_dir=matrix_dir, n_users=shape[0], n_items=shape[1], nnz=nnz)
+
+
+def _older_negatives(
+    path: Path | None, user_ids: pa.Array, item_ids: pa.Array, shape: tuple[int, int]
+) -> sp.csr_matrix:
+    """The extract's negative pairs from before the window, for users and products of this matrix
+    (binary; a pair of anyone else has no row or column to mark)."""
+    if path is None or not path.exists():
+        return sp.csr_matrix(shape, dtype=np.float32)
+    pairs = pq.read_table(path, columns=["user_id", "product_id"])
+    users = pc.index_in(pairs["user_id"].cast(pa.string()), value_set=user_ids)
+    items = pc.index_in(pairs["product_id"].cast(pa.string()), value_set=item_ids)
+    known = pc.and_(pc.is_valid(users), pc.is_valid(items))
+    users, items = (pc.filter(column, known).to_numpy(zero_copy_only=False) for column in (users, items))
+    return _binarize(_csr(users, items, np.ones(len(users), np.float32), shape))
 
 
 def _distinct_users(matrix: sp.csr_matrix) -> np.ndarray:

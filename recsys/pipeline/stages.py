@@ -36,6 +36,7 @@ from recsys.core.layout import (
     MANIFEST,
     MATRIX,
     MODEL,
+    OLDER_NEGATIVES,
     PRODUCTS,
     PUBLISHED,
     PUBLISHED_MARKER,
@@ -242,7 +243,7 @@ def matrix_stage(settings: Settings, run: Run) -> MatrixResult:
         extracted = run.paths.extract
         result = build_matrix(
             extracted / INTERACTIONS, extracted / PRODUCTS, run.window, run.paths.matrix,
-            run.params, extracted_id_types(extracted),
+            run.params, extracted_id_types(extracted), extracted / OLDER_NEGATIVES,
         )
         run.push(MATRIX)
     return result

@@ -192,7 +192,7 @@ def create_api(settings: Settings) -> FastAPI:
         category: Category = None, diversity_lambda: DiversityLambda = None, explain: Explain = False,
         debug: Debug = None,
     ) -> Response:
-        """The user's list; never excluded, already bought or inactive products.
+        """The user's list; never excluded, already bought, disliked (negative feedback) or inactive products.
 
         Known users get the published list (`model`), unknown users a fold-in of their recorded
         interactions (`fold_in`) or top buys (`popular`). A page the published list cannot fill
@@ -217,6 +217,9 @@ def create_api(settings: Settings) -> FastAPI:
         user_id: UserId, event: EventIn, svc: Service, key: WriteKey, idempotency_key: IdempotencyKey = None
     ) -> JSONResponse:
         """Store an interaction in the shop database, then refresh the user's live list.
+
+        Negative feedback (`dislike`, `return`, `not_interested` by default) removes the product from
+        every list served to this user, at once and across new versions.
 
         Needs a write key. 201: stored and the list refreshed; 200: a retry of a stored
         `event_id` (stored once); 202: stored, but Redis is unavailable, so the list is refreshed

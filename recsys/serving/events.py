@@ -18,11 +18,14 @@ FOLD_IN_MAX_EVENTS = 5_000  # a user's most recent events a fold-in reads
 
 
 
-def fetch_user_events(settings: Settings, user_id: str, since: datetime) -> list[tuple[str, str, float | None, float]]:
+def fetch_user_events(
+    settings: Settings, user_id: str, since: datetime, negative_types: tuple[str, ...]
+) -> list[tuple[str, str, float | None, float]]:
+    """The user's events since ``since``, and those of ``negative_types`` of any age."""
     with db.connect(settings) as conn:
         rows = conn.execute(
             db.sql_text(settings, "user_interactions"),
-            {"user_id": user_id, "start": since, "limit": FOLD_IN_MAX_EVENTS},
+            {"user_id": user_id, "start": since, "negative_types": list(negative_types), "limit": FOLD_IN_MAX_EVENTS},
         ).fetchall()
     return [tuple(row) for row in rows]
 

@@ -29,7 +29,8 @@ class UserEvents:
     """A user's recorded interactions as the matrix stage would weigh them."""
 
     row: sp.csr_matrix  # 1 x items, summed and scaled weights
-    owned: np.ndarray  # item indices of exclude_event_types: never recommended again
+    owned: np.ndarray  # item indices of exclude_event_types and negative feedback: never recommended again
+    negative_products: frozenset[str] = frozenset()  # product ids of negative feedback, known to the model or not
 
 
 def _bm25_row(live: LiveModel, row: sp.csr_matrix) -> sp.csr_matrix:
@@ -45,19 +46,23 @@ def weigh_events(live: LiveModel, events: list[tuple[str, str, float | None, flo
     """(product_id, event_type, value, epoch seconds) rows -> the user's weighted row.
 
     The same rules as extract + matrix: unknown products and event types count for nothing, a
-    negative, non-finite or absurd (> max_value) value is a data error and is dropped.
+    negative, non-finite or absurd (> max_value) value is a data error and is dropped. Negative
+    feedback blocks its product and cancels every other event of the user on it.
     """
     params = live.params
+    negative_products = frozenset(product for product, event_type, _, _ in events if event_type in params.negative_event_types)
+    blocked = np.array(sorted(live.item_index[p] for p in negative_products if p in live.item_index), dtype=np.int64)
     kept = [
         (live.item_index[product], event_type, math.nan if value is None else value, at)
         for product, event_type, value, at in events
         if product in live.item_index
+        and product not in negative_products
         and event_type in params.event_weights
         and (value is None or (math.isfinite(value) and 0 <= value <= params.max_value))
     ]
     shape = (1, len(live.item_ids))
     if not kept:
-        return UserEvents(sp.csr_matrix(shape, dtype=np.float32), np.empty(0, dtype=np.int64))
+        return UserEvents(sp.csr_matrix(shape, dtype=np.float32), blocked, negative_products)
     items, types, values, at = (np.asarray(column) for column in zip(*kept, strict=True))
     ages_days = (now.timestamp() - at.astype(np.float64)) / SECONDS_PER_DAY
     weights = interaction_weights(types.astype(str), values.astype(np.float64), ages_days, params.event_weights, params.half_life_days)
@@ -68,8 +73,8 @@ def weigh_events(live: LiveModel, events: list[tuple[str, str, float | None, flo
         row = _bm25_row(live, row)
     else:
         row = scale_confidence(row, params.confidence_scaling)
-    owned = np.unique(items[np.isin(types, list(params.exclude_event_types))]).astype(np.int64)
-    return UserEvents(row.astype(np.float32), owned)
+    owned = np.union1d(items[np.isin(types, list(params.exclude_event_types))], blocked).astype(np.int64)
+    return UserEvents(row.astype(np.float32), owned, negative_products)
 
 
 def fold_in_vector(live: LiveModel, events: UserEvents) -> np.ndarray:

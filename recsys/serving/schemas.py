@@ -247,7 +247,11 @@ class EventIn(BaseModel):
     )
 
     product_id: ProductIdIn
-    event_type: str = Field(min_length=1, max_length=64, description="One of the live version's event_weights")
+    event_type: str = Field(
+        min_length=1, max_length=64,
+        description="One of the live version's event_weights, or of its negative_event_types (default dislike, "
+        "return, not_interested): negative feedback, which removes the product from the user's lists for good",
+    )
     value: float | None = Field(
         default=None, ge=0, allow_inf_nan=False, description="Quantity or rating; null counts as 1"
     )

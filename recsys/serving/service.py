@@ -80,6 +80,14 @@ local added = redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 if added == 1 then redis.call('HINCRBY', KEYS[1], 'fold_in_users', 1) end
 return added
 """
+# KEYS: live meta, a hash, optionally the user's negative feedback set; ARGV: the hash's field.
+# One atomic script, so the entry and the version come from the same side of a switch, and the
+# negative feedback posted since (which no version may hold yet) comes with them.
+VERSION_AND_FIELD = """
+local found = {redis.call('HGET', KEYS[1], 'version'), redis.call('HGET', KEYS[2], ARGV[1])}
+if KEYS[3] then found[3] = redis.call('SMEMBERS', KEYS[3]) end
+return found
+"""
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
@@ -96,9 +104,7 @@ class RecsysService:
         self.write_limiter = WriteRateLimiter(self.redis, self.keys, settings.api_write_rate)
         self._live: LiveModel | None = None
         # both keys of each script share the {prefix} hash tag, so they also run on Redis Cluster
-        self._version_and_field = self.redis.register_script(
-            "return {redis.call('HGET', KEYS[1], 'version'), redis.call('HGET', KEYS[2], ARGV[1])}"
-        )
+        self._version_and_field = self.redis.register_script(VERSION_AND_FIELD)
         self._write_if_live = self.redis.register_script(WRITE_IF_LIVE)
         self._loading = asyncio.Lock()
         # the merchandising rules in force, re-read every RECSYS_RULES_REFRESH_SECONDS; None until
@@ -170,6 +176,24 @@ class RecsysService:
         side of a switch (cheaper on the hot path than a MULTI pipeline of two HGETs)."""
         version, raw = await self._version_and_field(keys=[self.keys.live("meta"), slot[0]], args=[slot[1]])
         return version, redis_keys.decode_entry(raw)
+
+    async def version_entry_and_negatives(self, user_id: str) -> tuple[str | None, dict | None, set[str]]:
+        """``version_and_entry`` of the user's list, and the products the user gave negative
+        feedback on through the API, in the same round trip."""
+        slot = redis_keys.user_recs_slot(self.keys, user_id)
+        version, raw, negatives = await self._version_and_field(
+            keys=[self.keys.live("meta"), slot[0], self.keys.negative(user_id)], args=[slot[1]]
+        )
+        return version, redis_keys.decode_entry(raw), set(negatives)
+
+    async def remember_negatives(self, user_id: str, products: Iterable[str]) -> None:
+        """Add to the user's negative feedback set and renew its TTL, in one transaction: the key
+        never exists without a TTL (invariant I3)."""
+        key = self.keys.negative(user_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(key, *products)
+            pipe.expire(key, self.settings.negative_feedback_ttl_seconds)
+            await pipe.execute()
 
     async def write_if_live(self, version: str, user_id: str, entry: dict) -> bool:
         """HSET the user's list only while ``version`` is live (``WRITE_IF_LIVE``)."""
@@ -285,7 +309,8 @@ async def _scoring(svc: RecsysService, live: LiveModel, user_id: str, source: So
     events = await _user_events(svc, live, user_id)
     if events.row.nnz:
         return Scoring("fold_in", await svc.run(fold_in_vector, live, events), events.owned.tolist())
-    return Scoring("popular", None, [])
+    # nothing to fold in, but what the user said no to (or bought) stays out of the top buys too
+    return Scoring("popular", None, events.owned.tolist())
 
 
 async def _ranked(
@@ -300,7 +325,7 @@ async def _ranked(
     kept_out = blocked if rules is None else [*blocked, *rules.blocked_items.tolist()]
     wanted = count + len(pins)  # a pin may push one out
     if scoring.vector is None:
-        ranked = await svc.run(rank_popular, live, kept_out, category, wanted)
+        ranked = await svc.run(rank_popular, live, kept_out + scoring.owned, category, wanted)
     else:
         factors = None if rules is None else rules.factors
         ranked = await svc.run(
@@ -325,7 +350,7 @@ async def _explanations(
 
 
 async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> UserEvents:
-    rows = await svc.run(fetch_user_events, svc.settings, user_id, live.data_start)
+    rows = await svc.run(fetch_user_events, svc.settings, user_id, live.data_start, live.params.negative_event_types)
     return await svc.run(weigh_events, live, rows, datetime.now(UTC))
 
 
@@ -356,7 +381,8 @@ async def user_recommendations(
     svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None,
     diversity_lambda: float | None = None, explain: bool = False, debug_rules: bool = False,
 ) -> Response:
-    version, entry = await svc.version_and_entry(redis_keys.user_recs_slot(svc.keys, user_id))
+    version, entry, negatives = await svc.version_entry_and_negatives(user_id)
+    excluded = excluded | negatives  # negative feedback no published version may hold yet
     live = await svc.model_for(version)
     _check_user_id(live, user_id)
     _check_category(live, category)
@@ -415,8 +441,9 @@ async def user_recommendations(
         stored = await redis_keys.read_entry(svc.redis, redis_keys.top_buys_slot(svc.keys, category))
         if stored is not None:
             pins = () if rules is None else rules.pins_for(category)
-            kept = _filtered(live, stored["top_buys"], excluded, None, rules)
-            kept = place_pins_in_list(kept, pins, len(kept) + len(pins), unavailable=blocked)
+            owned = set(scoring.owned)  # e.g. negative feedback whose Redis set has expired
+            kept = [i for i in _filtered(live, stored["top_buys"], excluded, None, rules) if i not in owned]
+            kept = place_pins_in_list(kept, pins, len(kept) + len(pins), unavailable=[*blocked, *owned])
             if len(kept) >= count:
                 return await answer("popular", kept, False, scoring)
     ranked = await _ranked(svc, live, scoring, blocked, category, count, diversity_lambda, head, rules)
@@ -438,12 +465,16 @@ async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList |
     for _ in range(WRITE_ATTEMPTS):
         live = await svc.current()
         events = await _user_events(svc, live, user_id)
+        if events.negative_products:
+            # first: every list served filters them from now on, whichever version is live
+            await svc.remember_negatives(user_id, events.negative_products)
         top_n = live.params.top_n
         merchandising = svc.merchandising(live)
         rules = None if merchandising is None else merchandising.for_user(user_id)
         if not events.row.nnz:
             # nothing the live model knows (e.g. a product newer than the model): lists stay
-            popular = await _ranked(svc, live, Scoring("popular", None, []), [], None, top_n, 0.0, [], rules)
+            scoring = Scoring("popular", None, events.owned.tolist())
+            popular = await _ranked(svc, live, scoring, [], None, top_n, 0.0, [], rules)
             return RefreshedList(live, "popular", popular)
         vector = await svc.run(fold_in_vector, live, events)
         scoring = Scoring("fold_in", vector, events.owned.tolist())
@@ -483,9 +514,12 @@ async def post_event(svc: RecsysService, user_id: str, event: EventIn, event_id:
     live = await svc.current_or_last_loaded()
     params = live.params
     _check_user_id(live, user_id)
-    if event.event_type not in params.event_weights:
-        known = ", ".join(sorted(params.event_weights))
-        raise _unprocessable(f"event_type {event.event_type!r} is not weighted by the live version; use one of: {known}")
+    if event.event_type not in params.event_weights and event.event_type not in params.negative_event_types:
+        known = ", ".join(sorted({*params.event_weights, *params.negative_event_types}))
+        raise _unprocessable(
+            f"event_type {event.event_type!r} is neither weighted nor negative feedback in the live version; "
+            f"use one of: {known}"
+        )
     if event.value is not None and event.value > params.max_value:
         raise _unprocessable(f"value {event.value} is above max_value {params.max_value}: treated as a data error")
     max_skew = timedelta(seconds=svc.settings.max_clock_skew_seconds)
