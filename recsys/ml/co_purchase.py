@@ -35,10 +35,9 @@ T = TypeVar("T")
 
 
 def basket_keys(users: np.ndarray, days: np.ndarray) -> np.ndarray:
-    """One int64 key per (user index, UTC day number) pair: rows with the same key share a basket."""
-    days = np.asarray(days, dtype=np.int64)
-    first = int(days.min()) if len(days) else 0
-    return (np.asarray(users, dtype=np.int64) << 32) | (days - first)
+    """One int64 key per (user index, UTC day number since 1970) pair: rows with the same key share
+    a basket. Keys of separately computed parts agree, so they may be built batch by batch."""
+    return np.asarray(users, dtype=np.int64) * (1 << 32) + np.asarray(days, dtype=np.int64)
 
 
 def basket_matrix(keys: np.ndarray, items: np.ndarray, n_items: int) -> sp.csr_matrix:
