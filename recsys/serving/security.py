@@ -137,7 +137,8 @@ def load_api_keys(settings: Settings) -> ApiKeys:
 API_KEY_HEADER = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
-    description="A read key for GET endpoints (unless RECSYS_API_PUBLIC_READS=true), a write key for events",
+    description="A read key for GET endpoints and POST /carts/recommendations (unless RECSYS_API_PUBLIC_READS=true), "
+    "a write key for events",
 )
 
 

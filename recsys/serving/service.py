@@ -25,6 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from recsys.core import ids, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
+from recsys.ml.co_purchase import merge_ranked_lists
 from recsys.ml.explain import explain_items
 from recsys.serving.events import (
     Stored,
@@ -43,6 +44,9 @@ from recsys.serving.schemas import (
     MAX_ID_LENGTH,
     MAX_N,
     MAX_OFFSET,
+    CartIn,
+    CartRecommendations,
+    CartSource,
     EventAccepted,
     EventIn,
     EventPending,
@@ -78,6 +82,13 @@ if added == 1 then redis.call('HINCRBY', KEYS[1], 'fold_in_users', 1) end
 return added
 """
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+# KEYS: live meta, live bought_together, live similar_products; ARGV: product ids. The version and
+# both lists of every cart product in one atomic step, so all come from the same live version.
+CART_LISTS = """
+if #ARGV == 0 then return {redis.call('HGET', KEYS[1], 'version'), {}, {}} end
+return {redis.call('HGET', KEYS[1], 'version'), redis.call('HMGET', KEYS[2], unpack(ARGV)),
+        redis.call('HMGET', KEYS[3], unpack(ARGV))}
+"""
 
 
 class RecsysService:
@@ -97,6 +108,7 @@ class RecsysService:
             "return {redis.call('HGET', KEYS[1], 'version'), redis.call('HGET', KEYS[2], ARGV[1])}"
         )
         self._write_if_live = self.redis.register_script(WRITE_IF_LIVE)
+        self._cart_lists = self.redis.register_script(CART_LISTS)
         self._loading = asyncio.Lock()
         # set while users may wait for a list refresh (at start: a previous process may have left some)
         self.refreshes_due = asyncio.Event()
@@ -146,6 +158,15 @@ class RecsysService:
         side of a switch (cheaper on the hot path than a MULTI pipeline of two HGETs)."""
         version, raw = await self._version_and_field(keys=[self.keys.live("meta"), slot[0]], args=[slot[1]])
         return version, redis_keys.decode_entry(raw)
+
+    async def cart_lists(self, product_ids: list[str]) -> tuple[str | None, list[dict | None], list[dict | None]]:
+        """The live version, and each product's bought_together and similar_products entries (None
+        where it has none), in one command (``CART_LISTS``)."""
+        version, together, similar = await self._cart_lists(
+            keys=[self.keys.live("meta"), self.keys.live("bought_together"), self.keys.live("similar_products")],
+            args=product_ids,
+        )
+        return version, [redis_keys.decode_entry(raw) for raw in together], [redis_keys.decode_entry(raw) for raw in similar]
 
     async def write_if_live(self, version: str, user_id: str, entry: dict) -> bool:
         """HSET the user's list only while ``version`` is live (``WRITE_IF_LIVE``)."""
@@ -360,6 +381,56 @@ async def user_recommendations(
         if page is not None:
             return await answer("popular", page, False)
     return await answer(source, _outputs(live, ranked, offset, n), True)
+
+
+def _check_cart_ids(live: LiveModel, cart_ids: list[str]) -> None:
+    """A product id the shop's id type cannot hold is refused, as an event's would be."""
+    for product in cart_ids:
+        if not ids.fits(live.id_types.product, product):
+            raise _unprocessable(
+                f"body.product_ids: {product[:40]!r} is not an integer: this shop's product ids are (GET /model, id_types)"
+            )
+
+
+async def cart_recommendations(svc: RecsysService, cart: CartIn) -> CartRecommendations:
+    """Complements of the cart as a whole: the cart products' published bought_together lists
+    merged by reciprocal-rank votes (``merge_ranked_lists``), then, while fewer than ``n``, their
+    similar products merged the same way, then top buys. Never a product of the cart nor an
+    inactive one. One Redis command reads the version and every list."""
+    cart_ids = list(dict.fromkeys(str(product) for product in cart.product_ids))  # first occurrence of each
+    version, together, similar = await svc.cart_lists(cart_ids)
+    live = await svc.model_for(version)
+    _check_cart_ids(live, cart_ids)
+
+    def usable(product: str) -> bool:
+        return product not in cart_ids and product in live.item_index and bool(live.active[live.item_index[product]])
+
+    picked: list[str] = []
+    sources: list[CartSource] = []
+    for source, entries, field in (("bought_together", together, "bought_together"), ("similar", similar, "similar_products")):
+        lists = [[str(p) for p in entry[field] if usable(str(p))] for entry in entries if entry is not None]
+        more = merge_ranked_lists(lists, cart.n - len(picked), excluded=set(picked))
+        if more:
+            picked += more
+            sources.append(source)
+        if len(picked) >= cart.n:
+            break
+    known = [product for product in cart_ids if product in live.item_index]
+    if len(picked) < cart.n:
+        blocked = [live.item_index[p] for p in (*known, *picked)]
+        popular = await svc.run(rank_popular, live, blocked, None, cart.n - len(picked))
+        if popular:
+            picked += [live.item_ids[i] for i in popular]
+            sources.append("popular")
+    return CartRecommendations(
+        version=live.version,
+        n=cart.n,
+        product_ids=[live.product_out(live.item_index[p]) for p in known],
+        unknown_product_ids=[ids.id_out(live.id_types.product)(p) for p in cart_ids if p not in live.item_index],
+        source=sources[0] if sources else "popular",
+        sources=sources,
+        recommended_products=[live.product_out(live.item_index[p]) for p in picked],
+    )
 
 
 @dataclass(frozen=True)
