@@ -171,3 +171,21 @@ def merge_ranked_lists(lists: Iterable[Sequence[T]], n: int, excluded: set[T] | 
                 votes[entry] = votes.get(entry, 0.0) + 1.0 / position
     # sorted() is stable: dict order is the order of first appearance
     return sorted(votes, key=votes.__getitem__, reverse=True)[:n]
+
+
+def rank_cart(sources: Sequence[tuple[str, Sequence[Sequence[T]]]], n: int, cart: Iterable[T]) -> tuple[list[T], list[str]]:
+    """A cart's list: each source's lists (one per cart product) merged (``merge_ranked_lists``), the
+    sources in turn, a later one filling only what the earlier ones left of ``n``. Never an entry
+    of the cart, never one twice. Returns the list and the names of the sources that contributed."""
+    picked: list[T] = []
+    used: list[str] = []
+    excluded = set(cart)
+    for name, lists in sources:
+        if len(picked) >= n:
+            break
+        more = merge_ranked_lists(lists, n - len(picked), excluded=excluded)
+        if more:
+            picked += more
+            excluded.update(more)
+            used.append(name)
+    return picked, used

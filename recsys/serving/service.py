@@ -25,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from recsys.core import ids, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
-from recsys.ml.co_purchase import merge_ranked_lists
+from recsys.ml.co_purchase import rank_cart
 from recsys.ml.explain import explain_items
 from recsys.serving.events import (
     Stored,
@@ -46,7 +46,6 @@ from recsys.serving.schemas import (
     MAX_OFFSET,
     CartIn,
     CartRecommendations,
-    CartSource,
     EventAccepted,
     EventIn,
     EventPending,
@@ -403,18 +402,18 @@ async def cart_recommendations(svc: RecsysService, cart: CartIn) -> CartRecommen
     _check_cart_ids(live, cart_ids)
 
     def usable(product: str) -> bool:
-        return product not in cart_ids and product in live.item_index and bool(live.active[live.item_index[product]])
+        return product in live.item_index and bool(live.active[live.item_index[product]])
 
-    picked: list[str] = []
-    sources: list[CartSource] = []
-    for source, entries, field in (("bought_together", together, "bought_together"), ("similar", similar, "similar_products")):
-        lists = [[str(p) for p in entry[field] if usable(str(p))] for entry in entries if entry is not None]
-        more = merge_ranked_lists(lists, cart.n - len(picked), excluded=set(picked))
-        if more:
-            picked += more
-            sources.append(source)
-        if len(picked) >= cart.n:
-            break
+    published = {
+        "bought_together": [entry["bought_together"] for entry in together if entry is not None],
+        "similar": [entry["similar_products"] for entry in similar if entry is not None],
+    }
+    picked, used = rank_cart(
+        [(source, [[str(p) for p in ranked if usable(str(p))] for ranked in lists]) for source, lists in published.items()],
+        cart.n,
+        cart_ids,
+    )
+    sources = list(used)
     known = [product for product in cart_ids if product in live.item_index]
     if len(picked) < cart.n:
         blocked = [live.item_index[p] for p in (*known, *picked)]

@@ -15,6 +15,7 @@ from recsys.ml.co_purchase import (
     complements,
     fill_from,
     merge_ranked_lists,
+    rank_cart,
     top_per_row,
 )
 
@@ -110,3 +111,11 @@ def test_a_cart_merges_lists_by_reciprocal_rank_votes():
     assert merge_ranked_lists(lists, 5) == [12, 10, 14, 11, 13]
     assert merge_ranked_lists(lists, 2, excluded={12}) == [10, 14]
     assert merge_ranked_lists([], 3) == []
+
+
+def test_a_cart_list_takes_each_source_in_turn():
+    sources = [("bought_together", [[10, 11], [11]]), ("similar", [[12, 10, 13]]), ("never", [[14]])]
+
+    assert rank_cart(sources, 3, cart={13}) == ([11, 10, 12], ["bought_together", "similar"])
+    assert rank_cart(sources, 2, cart=set()) == ([11, 10], ["bought_together"])
+    assert rank_cart([("bought_together", [])], 2, cart=set()) == ([], [])
