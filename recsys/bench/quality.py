@@ -16,6 +16,7 @@ from rich.table import Table
 
 from recsys.bench import frequency_scaled
 from recsys.bench import movielens as quality
+from recsys.bench.cart import evaluate_cart
 from recsys.core.params import PipelineParams
 from recsys.ml import evaluation
 from recsys.ml import search as tuning
@@ -92,6 +93,7 @@ def run_quality(data: Path, seed: int, trials: int, dump: Path | None) -> dict:
         "test_users": model.metrics.users,
         "coverage": model.metrics.coverage,
         "diversity": diversity,
+        "cart": evaluate_cart(ratings, seed),
     }
 
 
@@ -118,6 +120,17 @@ def diversity_table(result: dict) -> Table:
                 "ALS" if model == "model" else model, f"{row['lambda']:g}", f"{row['map']:.4f}", f"{row['ndcg_at_10']:.4f}",
                 f"{row['coverage']:.4f}", "-" if diversity is None else f"{diversity:.4f}", f"{row['novelty']:.3f}",
             )
+    return table
+
+
+def cart_table(result: dict) -> Table:
+    cart = result["cart"]
+    table = Table(title=f"Cart: hit rate@10 of a held-out basket item given the rest, {cart['test_baskets']} test "
+                  f"baskets (temporal split; training before {cart['train_days_before']})")
+    table.add_column("method")
+    table.add_column("hit rate@10", justify="right")
+    for method, hit_rate in cart["hit_rate_at_10"].items():
+        table.add_row(method, "-" if hit_rate is None else f"{hit_rate:.4f}")
     return table
 
 
@@ -179,6 +192,7 @@ def quality_command(
     console = Console()
     console.print(results_table(result))
     console.print(diversity_table(result))
+    console.print(cart_table(result))
     if plot is not None:
         plot_tradeoff(result, plot)
     console.print(f"params: {result['params']}")

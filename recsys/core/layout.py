@@ -3,7 +3,7 @@
     <artifacts>/runs/<window end>/<params fingerprint>/      one run (RunPaths)
         extract/    interactions.parquet products.parquet older_negatives.parquet report.json
         matrix/     manifest.json users.parquet items.parquet
-                    full.npz train.npz exclude.npz train_exclude.npz holdout.npz
+                    full.npz train.npz exclude.npz train_exclude.npz holdout.npz baskets.npz
         model/      manifest.json factors_full.npz factors_holdout.npz
         eval/       report.json report.html (the operators' page: plots, self-contained)
         published/  published.json (the run went live)
@@ -34,6 +34,7 @@ OLDER_NEGATIVES = "older_negatives.parquet"
 MANIFEST = "manifest.json"
 USERS, ITEMS = "users.parquet", "items.parquet"
 FULL, TRAIN, EXCLUDE, TRAIN_EXCLUDE, HOLDOUT = "full.npz", "train.npz", "exclude.npz", "train_exclude.npz", "holdout.npz"
+BASKETS = "baskets.npz"  # baskets x items (recsys.ml.co_purchase), the whole window
 FACTORS_FULL, FACTORS_HOLDOUT = "factors_full.npz", "factors_holdout.npz"
 # eval/ and published/
 EVALUATION_REPORT, EVALUATION_HTML, PUBLISHED_MARKER = "report.json", "report.html", "published.json"

@@ -16,8 +16,8 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "rating": 1.0,
 }
 
-# fields held as tuples (lists in JSON and the Params form)
-TUPLE_FIELDS = ("exclude_event_types", "relevant_event_types", "negative_event_types")
+# params holding event type lists: tuples in the dataclass, lists in JSON
+EVENT_TYPE_LISTS = ("exclude_event_types", "relevant_event_types", "negative_event_types", "basket_event_types")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,11 @@ class PipelineParams:
     k: int = 10
     similar_n: int = 10
     top_buys_n: int = 20
+    # bought together (recsys.ml.co_purchase): a basket is one user's events of these types on one
+    # UTC day; a pair needs this many shared baskets to count as complements
+    basket_event_types: tuple[str, ...] = ("purchase",)
+    bought_together_n: int = 10
+    bought_together_min_support: int = 2
     # MMR diversity of the published user lists (recsys.ml.diversity): 0 = pure score order. 0.3
     # on MovieLens: catalogue coverage +11 % for -1.1 % MAP@10 (docs/quality.md#diversity-re-ranking)
     diversity_lambda: float = 0.3
@@ -59,7 +64,10 @@ class PipelineParams:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("lookback_days", "factors", "iterations", "top_n", "k", "similar_n", "top_buys_n"):
+        for name in (
+            "lookback_days", "factors", "iterations", "top_n", "k", "similar_n", "top_buys_n", "bought_together_n",
+            "bought_together_min_support",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not 1 <= self.holdout_days < self.lookback_days:
@@ -77,6 +85,8 @@ class PipelineParams:
             problems.append(f"diversity_lambda must be in [0, 1], got {self.diversity_lambda!r}")
         if not 0 <= self.max_invalid_fraction <= 1:
             problems.append(f"max_invalid_fraction must be in [0, 1], got {self.max_invalid_fraction!r}")
+        if not self.basket_event_types:
+            problems.append("basket_event_types must name at least one event type")
         if not self.event_weights:
             problems.append("event_weights must name at least one event type")
         for event_type, weight in self.event_weights.items():
@@ -98,7 +108,7 @@ class PipelineParams:
         if unknown:
             raise InputError(f"unknown parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         coerced = dict(values)
-        for name in TUPLE_FIELDS:
+        for name in EVENT_TYPE_LISTS:
             if name in coerced:
                 coerced[name] = tuple(coerced[name])
         if "event_weights" in coerced:
@@ -107,7 +117,7 @@ class PipelineParams:
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        for name in TUPLE_FIELDS:
+        for name in EVENT_TYPE_LISTS:
             values[name] = list(values[name])
         return values
 

@@ -7,6 +7,8 @@ Live keys (what shop pages read):
 
 - ``{recsys}:user_recs``        HASH user_id -> ``{"user_id": 101, "recommended_products": [45, 78]}``
 - ``{recsys}:similar_products`` HASH product_id -> ``{"product_id": 45, "similar_products": [78, 12]}``
+- ``{recsys}:bought_together``  HASH product_id -> ``{"product_id": 45, "bought_together": [78, 12]}``
+  (complements from co-purchases, filled with similar products; ``recsys.ml.co_purchase``)
 - ``{recsys}:top_buys``         HASH ``all`` or ``category:<name>`` -> ``{"category": null, "top_buys": [..]}``
 - ``{recsys}:meta``             HASH version, data window, published_at, metrics, params, counts,
   the merchandising rules' fingerprint
@@ -35,9 +37,17 @@ import redis.asyncio as aioredis
 
 from recsys.core.settings import Settings
 
-STRUCTURES = ("user_recs", "similar_products", "top_buys", "meta")
+STRUCTURES = ("user_recs", "similar_products", "top_buys", "bought_together", "meta")  # meta last
 # the hashes of entries and, in ``meta.counts``, the count each must hold (checked at the switch)
-COUNTED_STRUCTURES = {"user_recs": "users", "similar_products": "products_with_similar", "top_buys": "top_buys_lists"}
+COUNTED_STRUCTURES = {
+    "user_recs": "users",
+    "similar_products": "products_with_similar",
+    "top_buys": "top_buys_lists",
+    "bought_together": "products_with_bought_together",
+}
+# counted structures added to the layout later: a version published before one existed records no
+# count for it and has none of it, which is complete (it can still be rolled back to)
+LATER_COUNTED_STRUCTURES = frozenset({"bought_together"})
 # meta field: users the API added to the live ``user_recs`` after the publish (fold-ins of new users)
 FOLD_IN_USERS = "fold_in_users"
 TOP_BUYS_ALL = "all"
@@ -118,6 +128,10 @@ def similar_slot(keys: KeyLayout, product_id: str) -> Slot:
     return keys.live("similar_products"), str(product_id)
 
 
+def bought_together_slot(keys: KeyLayout, product_id: str) -> Slot:
+    return keys.live("bought_together"), str(product_id)
+
+
 def top_buys_slot(keys: KeyLayout, category: str | None) -> Slot:
     return keys.live("top_buys"), top_buys_field(category)
 
@@ -153,6 +167,10 @@ def user_recommendations(client: redis.Redis, keys: KeyLayout, user_id: str) -> 
 
 def similar_products(client: redis.Redis, keys: KeyLayout, product_id: str) -> dict | None:
     return decode_entry(client.hget(*similar_slot(keys, product_id)))
+
+
+def bought_together(client: redis.Redis, keys: KeyLayout, product_id: str) -> dict | None:
+    return decode_entry(client.hget(*bought_together_slot(keys, product_id)))
 
 
 def top_buys(client: redis.Redis, keys: KeyLayout, category: str | None = None) -> dict | None:

@@ -18,6 +18,10 @@ in ``full`` / ``train``, whatever else the user did with the product, so a retur
 purchase it returns. Nor is such a pair a hit of the holdout, or a buyer of top buys. A user left
 with no weight at all (only negative feedback, or only returned purchases) is not in the model:
 the API serves them as a cold start, with their negative feedback read from the shop database.
+
+- ``baskets.npz``: baskets x products over the whole window, 1 where the basket holds the product;
+  a basket is one user's ``basket_event_types`` events on one UTC day (what bought-together
+  lists are computed from, ``recsys.ml.co_purchase``).
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ import scipy.sparse as sp
 
 from recsys.core.errors import InputError
 from recsys.core.ids import IdTypes
-from recsys.core.layout import EXCLUDE, FULL, HOLDOUT, ITEMS, MANIFEST, TRAIN, TRAIN_EXCLUDE, USERS
+from recsys.core.layout import BASKETS, EXCLUDE, FULL, HOLDOUT, ITEMS, MANIFEST, TRAIN, TRAIN_EXCLUDE, USERS
 from recsys.core.params import PipelineParams
 from recsys.core.window import Window
+from recsys.ml.co_purchase import basket_keys, basket_matrix
 from recsys.ml.weighting import decayed_weights, scale_confidence
 
 log = logging.getLogger(__name__)
@@ -60,7 +65,7 @@ class MatrixResult:
 BATCH_ROWS = 1 << 20
 
 # bits of the per-interaction flags column
-BEFORE_CUTOFF, EXCLUDED, RELEVANT, PURCHASE, NEGATIVE = 1, 2, 4, 8, 16
+BEFORE_CUTOFF, EXCLUDED, RELEVANT, PURCHASE, NEGATIVE, BASKET = 1, 2, 4, 8, 16, 32
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, data: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -102,7 +107,10 @@ class _Interactions:
     users: np.ndarray  # int32 row index
     items: np.ndarray  # int32 column index
     weights: np.ndarray  # float32, before confidence scaling
-    flags: np.ndarray  # uint8, BEFORE_CUTOFF | EXCLUDED | RELEVANT | PURCHASE | NEGATIVE
+    flags: np.ndarray  # uint8, BEFORE_CUTOFF | EXCLUDED | RELEVANT | PURCHASE | NEGATIVE | BASKET
+    # basket key (recsys.ml.co_purchase.basket_keys) of each BASKET row, in row order: only those
+    # rows carry one, so a window of mostly views costs little more
+    basket_keys: np.ndarray
 
     def where(self, flag: int) -> np.ndarray:
         return (self.flags & flag) != 0
@@ -113,16 +121,17 @@ class _Interactions:
         renumbered[kept] = np.arange(len(kept), dtype=np.int32)
         users = renumbered[self.users]
         rows = users >= 0
+        self.basket_keys = self.basket_keys[rows[self.where(BASKET)]]  # keys stay aligned with BASKET rows
         self.users, self.items, self.weights, self.flags = users[rows], self.items[rows], self.weights[rows], self.flags[rows]
 
 
 def _event_type_tables(params: PipelineParams) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Event type vocabulary with each type's weight and flags; the extra last slot is for a type
     the params do not know (weight 0, no flags). Negative types weigh 0: they count by their flag."""
-    names = sorted(
-        {*params.event_weights, *params.exclude_event_types, *params.relevant_event_types,
-         *params.negative_event_types, "purchase"}
-    )
+    names = sorted({
+        *params.event_weights, *params.exclude_event_types, *params.relevant_event_types,
+        *params.negative_event_types, *params.basket_event_types, "purchase",
+    })
     weights = np.array([params.event_weights.get(name, 0.0) for name in names] + [0.0])
     flags = np.array(
         [
@@ -130,6 +139,7 @@ def _event_type_tables(params: PipelineParams) -> tuple[pa.Array, np.ndarray, np
             | RELEVANT * (name in params.relevant_event_types)
             | PURCHASE * (name == "purchase")
             | NEGATIVE * (name in params.negative_event_types)
+            | BASKET * (name in params.basket_event_types)
             for name in names
         ]
         + [0],
@@ -152,7 +162,9 @@ def _read_interactions(
         items=np.empty(rows, np.int32),
         weights=np.empty(rows, np.float32),
         flags=np.empty(rows, np.uint8),
+        basket_keys=np.empty(0, np.int64),
     )
+    keys_by_batch = []
     type_names, weight_by_type, flags_by_type = _event_type_tables(params)
     unknown_type = len(type_names)
     end_us = int(window.end.timestamp() * 1_000_000)
@@ -171,6 +183,9 @@ def _read_interactions(
             weight_by_type[types], values, (end_us - occurred_us) / MICROS_PER_DAY, params.half_life_days
         )
         table.flags[part] = flags_by_type[types] | np.where(occurred_us < cutoff_us, BEFORE_CUTOFF, 0)
+        in_basket = (flags_by_type[types] & BASKET) != 0
+        keys_by_batch.append(basket_keys(table.users[part][in_basket], occurred_us[in_basket] // MICROS_PER_DAY))
+    table.basket_keys = np.concatenate(keys_by_batch) if keys_by_batch else table.basket_keys
     return table
 
 
@@ -237,6 +252,11 @@ def build_matrix(
     holdout = _binarize(without(without(holdout, train_exclude), negative_pairs))
     _write_npz(matrix_dir / HOLDOUT, holdout)
     buyers = _distinct_users(without(marked(rows.where(PURCHASE)), negative_pairs))
+    # a returned purchase was not bought together with anything
+    in_basket = rows.where(BASKET)
+    returned = np.asarray(negative_pairs[rows.users[in_basket], rows.items[in_basket]]).ravel() > 0
+    baskets = basket_matrix(rows.basket_keys[~returned], rows.items[in_basket][~returned], shape[1])
+    _write_npz(matrix_dir / BASKETS, baskets)
 
     pq.write_table(pa.table({"id": user_ids}), matrix_dir / USERS)
     items_meta, unknown_products = _items_with_catalogue(item_ids, products_path)
@@ -253,6 +273,7 @@ def build_matrix(
         "train_nnz": train_nnz,
         "holdout_users": int((np.diff(holdout.indptr) > 0).sum()),
         "holdout_pairs": int(holdout.nnz),
+        "baskets": baskets.shape[0],
         "active_items": int(pc.sum(items_meta["active"]).as_py() or 0),
         "items_missing_from_catalogue": unknown_products,
         "negative_pairs": int(negative_pairs.nnz),
@@ -302,6 +323,14 @@ def _items_with_catalogue(item_ids: pa.Array, products_path: Path) -> tuple[pa.T
     category = pc.take(products["category"], position)
     unknown = len(item_ids) - int(pc.sum(in_catalogue).as_py() or 0)
     return pa.table({"id": item_ids, "active": active, "category": category}), unknown
+
+
+def load_baskets(matrix_dir: Path) -> sp.csr_matrix:
+    """The window's baskets x items (``baskets.npz``)."""
+    path = matrix_dir / BASKETS
+    if not path.exists():
+        raise InputError(f"{matrix_dir} was built by an older recsys without baskets; run its matrix stage again")
+    return sp.load_npz(path).tocsr()
 
 
 def inactive_items(matrix_dir: Path) -> np.ndarray:

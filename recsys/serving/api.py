@@ -37,6 +37,8 @@ from recsys.core.settings import Settings
 from recsys.serving.fold_in import rank_popular, similar_to
 from recsys.serving.schemas import (
     ERRORS,
+    CartIn,
+    CartRecommendations,
     EventAccepted,
     EventIn,
     EventPending,
@@ -72,6 +74,7 @@ from recsys.serving.service import (
     _outputs,
     _parse_exclude,
     _unprocessable,
+    cart_recommendations,
     post_event,
     refresh_pending_lists_when_due,
     refresh_rules_periodically,
@@ -163,7 +166,7 @@ def create_api(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="Recsys recommendations",
         version="1",
-        description="Live recommendations, similar products and top buys from the published version in "
+        description="Live recommendations, similar products, cart complements and top buys from the published version in "
         "Redis; cold-start fold-ins and real-time events. Send an API key in the X-API-Key header. "
         "See docs/serving.md and docs/security.md.",
         lifespan=lifespan,
@@ -256,6 +259,21 @@ def create_api(settings: Settings) -> FastAPI:
         similar = await svc.run(similar_to, live, live.item_index[product_id], n, blocked)
         return SimilarProducts(product_id=live.product_out(live.item_index[product_id]), version=live.version,
                                ranked_on_request=True, similar_products=[live.product_out(i) for i in similar])
+
+    @app.post(
+        "/carts/recommendations", response_model=CartRecommendations, dependencies=read_access,
+        responses={**read_errors, 422: ERRORS[422]},
+    )
+    async def post_cart(cart: CartIn, svc: Service) -> CartRecommendations:
+        """Products that complement a cart as a whole (read-only: a read key, like the GET routes).
+
+        The cart products' published bought-together lists (co-purchases beyond chance, filled with
+        similar products for rarely bought ones) merged by reciprocal-rank votes, so a product that
+        complements several of them leads; then their similar products, then top buys, while the
+        list is short. Never a product of the cart nor an inactive one; unknown products are
+        ignored and listed. `sources` says which of bought_together, similar, popular answered.
+        """
+        return await cart_recommendations(svc, cart)
 
     @app.get(
         "/top-buys", response_model=TopBuys, dependencies=read_access,

@@ -16,11 +16,13 @@ MAX_N = 100
 MAX_OFFSET = 1_000
 MAX_EXCLUDE = 500
 MAX_ID_LENGTH = 128
+MAX_CART = 100  # products in one cart request
 EXPLAIN_N = 3  # past products named per recommended product with explain=true
 # printable ids without commas (``exclude`` is a comma-separated list of them)
 ID_PATTERN = r"^[^\x00-\x1f\x7f,]+$"
 
 Source = Literal["model", "fold_in", "popular"]
+CartSource = Literal["bought_together", "similar", "popular"]
 ProductId = int | str
 
 
@@ -263,6 +265,46 @@ class EventIn(BaseModel):
     event_id: EventId | None = Field(
         default=None,
         description="The client's id of this event (or the Idempotency-Key header): a retried POST is stored once",
+    )
+
+
+class CartIn(BaseModel):
+    # strict like EventIn: "3" is not the product 3 of an integer-id shop, nor 3 the page size "3"
+    model_config = ConfigDict(
+        strict=True, extra="forbid", json_schema_extra={"examples": [{"product_ids": [45, 78], "n": 5}]}
+    )
+
+    product_ids: list[ProductIdIn] = Field(
+        min_length=1, max_length=MAX_CART,
+        description=f"The cart's products (1..{MAX_CART}); products the live version does not know are "
+        "ignored and listed in the answer's unknown_product_ids",
+    )
+    n: int = Field(default=10, ge=1, le=MAX_N, description=f"How many (1..{MAX_N})")
+
+
+class CartRecommendations(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"version": "20261128T030000Z-888fd592bf", "n": 5, "product_ids": [45, 78], "unknown_product_ids": [],
+                 "source": "bought_together", "sources": ["bought_together", "similar"],
+                 "recommended_products": [12, 90, 33, 7, 61]}
+            ]
+        }
+    )
+
+    version: str = Field(description="Live version the lists come from")
+    n: int = Field(description="How many were asked for; fewer only if no more active products qualify")
+    product_ids: list[ProductId] = Field(description="The cart's products the live version knows, as it publishes them")
+    unknown_product_ids: list[ProductId] = Field(description="The cart's products the live version does not know: ignored")
+    source: CartSource = Field(description="Where the first product comes from (see sources)")
+    sources: list[CartSource] = Field(
+        description="Every source that contributed, in list order: bought_together (the cart products' "
+        "published complements, merged), similar (their similar products, when complements run short), "
+        "popular (top buys, last)"
+    )
+    recommended_products: list[ProductId] = Field(
+        description="Best first; never a product of the cart nor an inactive one"
     )
 
 

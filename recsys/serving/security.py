@@ -3,7 +3,7 @@
 Keys come from ``RECSYS_API_KEYS`` (comma-separated ``scope:key`` pairs) and from the file named
 by ``RECSYS_API_KEYS_FILE`` (the same entries, separated by commas or newlines: a mounted secret,
 or an Airflow connection's password written to a file). Scope ``read`` may call the GET
-endpoints; ``write`` may also post events. Requests send the key in the ``X-API-Key`` header.
+endpoints and ``POST /carts/recommendations`` (read-only); ``write`` may also post events. Requests send the key in the ``X-API-Key`` header.
 
 A key is never logged or shown: reprs name a key by its id, the first 12 hex digits of its
 SHA-256, which is also all that the rate limiter's Redis keys hold. docs/security.md has the
@@ -137,7 +137,8 @@ def load_api_keys(settings: Settings) -> ApiKeys:
 API_KEY_HEADER = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
-    description="A read key for GET endpoints (unless RECSYS_API_PUBLIC_READS=true), a write key for events",
+    description="A read key for GET endpoints and POST /carts/recommendations (unless RECSYS_API_PUBLIC_READS=true), "
+    "a write key for events",
 )
 
 

@@ -28,6 +28,7 @@ from recsys.core.errors import InputError
 from recsys.core.params import PipelineParams
 from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
+from recsys.ml.co_purchase import rank_cart
 from recsys.ml.merchandising import Merchandising, UserRules, place_pins_in_list, trace
 from recsys.serving.events import (
     Stored,
@@ -46,6 +47,8 @@ from recsys.serving.schemas import (
     MAX_ID_LENGTH,
     MAX_N,
     MAX_OFFSET,
+    CartIn,
+    CartRecommendations,
     EventAccepted,
     EventIn,
     EventPending,
@@ -89,6 +92,13 @@ if KEYS[3] then found[3] = redis.call('SMEMBERS', KEYS[3]) end
 return found
 """
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+# KEYS: live meta, live bought_together, live similar_products; ARGV: product ids. The version and
+# both lists of every cart product in one atomic step, so all come from the same live version.
+CART_LISTS = """
+if #ARGV == 0 then return {redis.call('HGET', KEYS[1], 'version'), {}, {}} end
+return {redis.call('HGET', KEYS[1], 'version'), redis.call('HMGET', KEYS[2], unpack(ARGV)),
+        redis.call('HMGET', KEYS[3], unpack(ARGV))}
+"""
 
 
 class RecsysService:
@@ -106,6 +116,7 @@ class RecsysService:
         # both keys of each script share the {prefix} hash tag, so they also run on Redis Cluster
         self._version_and_field = self.redis.register_script(VERSION_AND_FIELD)
         self._write_if_live = self.redis.register_script(WRITE_IF_LIVE)
+        self._cart_lists = self.redis.register_script(CART_LISTS)
         self._loading = asyncio.Lock()
         # the merchandising rules in force, re-read every RECSYS_RULES_REFRESH_SECONDS; None until
         # first read (the published lists carry the rules of their publish meanwhile)
@@ -194,6 +205,15 @@ class RecsysService:
             pipe.sadd(key, *products)
             pipe.expire(key, self.settings.negative_feedback_ttl_seconds)
             await pipe.execute()
+
+    async def cart_lists(self, product_ids: list[str]) -> tuple[str | None, list[dict | None], list[dict | None]]:
+        """The live version, and each product's bought_together and similar_products entries (None
+        where it has none), in one command (``CART_LISTS``)."""
+        version, together, similar = await self._cart_lists(
+            keys=[self.keys.live("meta"), self.keys.live("bought_together"), self.keys.live("similar_products")],
+            args=product_ids,
+        )
+        return version, [redis_keys.decode_entry(raw) for raw in together], [redis_keys.decode_entry(raw) for raw in similar]
 
     async def write_if_live(self, version: str, user_id: str, entry: dict) -> bool:
         """HSET the user's list only while ``version`` is live (``WRITE_IF_LIVE``)."""
@@ -448,6 +468,61 @@ async def user_recommendations(
                 return await answer("popular", kept, False, scoring)
     ranked = await _ranked(svc, live, scoring, blocked, category, count, diversity_lambda, head, rules)
     return await answer(scoring.source, ranked, True, scoring)
+
+
+def _check_cart_ids(live: LiveModel, cart_ids: list[str]) -> None:
+    """A product id the shop's id type cannot hold is refused, as an event's would be."""
+    for product in cart_ids:
+        if not ids.fits(live.id_types.product, product):
+            raise _unprocessable(
+                f"body.product_ids: {product[:40]!r} is not an integer: this shop's product ids are (GET /model, id_types)"
+            )
+
+
+async def cart_recommendations(svc: RecsysService, cart: CartIn) -> CartRecommendations:
+    """Complements of the cart as a whole: the cart products' published bought_together lists
+    merged by reciprocal-rank votes (``merge_ranked_lists``), then, while fewer than ``n``, their
+    similar products merged the same way, then top buys. Never a product of the cart, an
+    inactive one, nor one an exclude rule without a segment keeps out (as on product pages). One
+    Redis command reads the version and every list."""
+    cart_ids = list(dict.fromkeys(str(product) for product in cart.product_ids))  # first occurrence of each
+    version, together, similar = await svc.cart_lists(cart_ids)
+    live = await svc.model_for(version)
+    _check_cart_ids(live, cart_ids)
+    kept_out = svc.kept_out_for_everyone(live)
+
+    def usable(product: str) -> bool:
+        index = live.item_index.get(product)
+        return index is not None and bool(live.active[index]) and (kept_out is None or not kept_out.blocked[index])
+
+    published = {
+        "bought_together": [entry["bought_together"] for entry in together if entry is not None],
+        "similar": [entry["similar_products"] for entry in similar if entry is not None],
+    }
+    picked, used = rank_cart(
+        [(source, [[str(p) for p in ranked if usable(str(p))] for ranked in lists]) for source, lists in published.items()],
+        cart.n,
+        cart_ids,
+    )
+    sources = list(used)
+    known = [product for product in cart_ids if product in live.item_index]
+    if len(picked) < cart.n:
+        blocked = [live.item_index[p] for p in (*known, *picked)]
+        if kept_out is not None:
+            blocked += kept_out.blocked_items.tolist()
+        popular = await svc.run(rank_popular, live, blocked, None, cart.n - len(picked))
+        if popular:
+            picked += [live.item_ids[i] for i in popular]
+            sources.append("popular")
+    return CartRecommendations(
+        version=live.version,
+        n=cart.n,
+        product_ids=[live.product_out(live.item_index[p]) for p in known],
+        unknown_product_ids=[ids.id_out(live.id_types.product)(p) for p in cart_ids if p not in live.item_index],
+        source=sources[0] if sources else "popular",
+        sources=sources,
+        recommended_products=[live.product_out(live.item_index[p]) for p in picked],
+    )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from recsys.core.errors import EmptyResultError, StaleVersionError
 from recsys.core.ids import id_out, integer_ids
 from recsys.core.params import PipelineParams
 from recsys.core.redis_keys import (
+    bought_together,
     layout,
     live_meta,
     redis_client,
@@ -71,6 +72,35 @@ def test_published_layout_and_exclusions(settings, demo_loaded, window_end):
     assert not inactive & set(similar["similar_products"])
     category = top_buys(client, keys, category="books")
     assert category is None or category["category"] == "books"
+
+
+def test_bought_together_leads_with_planted_co_purchases(settings, demo_loaded, window_end):
+    """Every active product gets a list (complements, filled with similar products); a pair bought
+    together in many baskets comes first for each other; inactive products never appear."""
+    params = PipelineParams(bought_together_n=5)
+    with db.connect(settings) as conn:
+        first, second = (row[0] for row in conn.execute(
+            "SELECT product_id FROM products WHERE active ORDER BY product_id DESC LIMIT 2"
+        ))
+    insert_interactions(settings, [
+        (f"{90_000 + buyer}", product, "purchase", 1, days_before(window_end, 2 + buyer % 20) - timedelta(minutes=minute))
+        for buyer in range(40) for minute, product in enumerate((first, second))
+    ])
+    run_pipeline(settings, window_end, params)
+    client, keys = redis_client(settings), layout(settings)
+
+    meta = live_meta(client, keys)
+    assert client.hlen(keys.live("bought_together")) == meta["counts"]["products_with_bought_together"]
+    assert meta["counts"]["products_with_bought_together"] >= meta["counts"]["products_with_similar"] > 0
+    assert bought_together(client, keys, str(first))["bought_together"][0] == int(second)
+    assert bought_together(client, keys, str(second))["bought_together"][0] == int(first)
+    _, inactive = purchased_and_inactive(settings, window_ending(window_end, params))
+    for product_id, raw in client.hscan_iter(keys.live("bought_together"), count=500):
+        record = json.loads(raw)
+        assert record["product_id"] == int(product_id) and int(product_id) not in inactive
+        together = record["bought_together"]
+        assert 0 < len(together) <= 5 and len(set(together)) == len(together)
+        assert record["product_id"] not in together and not inactive & set(together)
 
 
 def test_rerun_is_idempotent(settings, demo_loaded, window_end):

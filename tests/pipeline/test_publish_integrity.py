@@ -3,6 +3,7 @@ version at all times, nothing left without a TTL, kept versions bounded, rollbac
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -48,6 +49,7 @@ def assert_whole_live_version(client, keys) -> dict:
     assert meta is not None
     counts = meta["counts"]
     assert counts["users"] > 0 and counts["products_with_similar"] > 0 and counts["top_buys_lists"] > 0
+    assert counts["products_with_bought_together"] > 0
     return meta
 
 
@@ -225,6 +227,31 @@ def test_rollback_and_republish_restore_a_complete_version(settings, demo_loaded
     assert "recsys republish" in stages.recovery_hint(settings)
     result = stages.republish(settings)
     assert result.version == newer
+    assert assert_whole_live_version(client, keys)["version"] == newer
+
+
+def test_rollback_checks_bought_together_and_accepts_a_version_from_before_it(settings, demo_loaded, window_end):
+    """A kept version missing bought-together entries its meta counts is refused; one published
+    before the structure existed (no count, no key) is complete and rolls back."""
+    client, keys = redis_client(settings), layout(settings)
+    older = run_pipeline(settings, window_end - timedelta(days=1), SMALL).publish.version
+    newer = run_pipeline(settings, window_end, SMALL).publish.version
+    kept_meta, kept_together = keys.previous(older, "meta"), keys.previous(older, "bought_together")
+    client.hdel(kept_together, next(iter(client.hkeys(kept_together))))
+
+    with pytest.raises(IncompleteVersionError, match="bought_together"):
+        versions.rollback(client, keys, settings.previous_version_ttl_seconds, older)
+    assert live_meta(client, keys)["version"] == newer
+
+    counts = json.loads(client.hget(kept_meta, "counts"))
+    del counts["products_with_bought_together"]
+    client.hset(kept_meta, "counts", json.dumps(counts))
+    client.delete(kept_together)  # as a version published before bought_together existed
+    assert [info.complete for info in versions.versions(client, keys)] == [True, True]
+    assert versions.rollback(client, keys, settings.previous_version_ttl_seconds, older) == older
+    assert versions.live_problems(client, keys) == [] and versions.keys_without_ttl(client, keys) == []
+    assert not client.exists(keys.live("bought_together"))
+    assert versions.rollback(client, keys, settings.previous_version_ttl_seconds) == newer
     assert assert_whole_live_version(client, keys)["version"] == newer
 
 

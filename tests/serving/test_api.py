@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from recsys.core import db, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
+from recsys.ml.co_purchase import merge_ranked_lists
 from recsys.pipeline.publish.stage import publish
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving import security as api_security
@@ -719,3 +720,91 @@ def test_published_diverse_lists_are_what_ranking_on_request_gives(
     deep = client.get(f"/users/{users[0]}/recommendations", params={"n": 25}).json()
     assert deep["ranked_on_request"] and len(set(deep["recommended_products"])) == 25
     assert deep["recommended_products"][:10] == _stored(settings, users[0])["recommended_products"]
+
+
+# --- cart: bought together ----------------------------------------------------------------------
+
+
+def _bought_together_lists(settings: Settings) -> dict[int, list[int]]:
+    stored = redis_keys.redis_client(settings).hgetall(redis_keys.layout(settings).live("bought_together"))
+    return {int(product): entry["bought_together"] for product, entry in ((p, redis_keys.decode_entry(raw)) for p, raw in stored.items())}
+
+
+def test_a_cart_gets_its_products_merged_complements(published: dict, settings: Settings, client: TestClient):
+    lists = _bought_together_lists(settings)
+    first, second = sorted(lists)[:2]
+    cart = [first, second, first, 987_654_321]  # a repeat, and a product the live version does not know
+    expected = merge_ranked_lists([lists[first], lists[second]], 6, excluded={first, second})
+
+    response = client.post("/carts/recommendations", json={"product_ids": cart, "n": 6}, headers=READER)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version"] == published["version"] and body["n"] == 6
+    assert body["product_ids"] == [first, second] and body["unknown_product_ids"] == [987_654_321]
+    assert body["source"] == "bought_together" and body["sources"] == ["bought_together"]
+    assert body["recommended_products"] == expected
+    assert not {first, second} & set(body["recommended_products"])
+
+
+def test_a_short_cart_list_is_filled_from_similar_products_then_top_buys(
+    published: dict, settings: Settings, client: TestClient
+):
+    product = sorted(_bought_together_lists(settings))[0]
+    inactive = _inactive(settings)
+
+    long_list = client.post("/carts/recommendations", json={"product_ids": [product], "n": 100}).json()
+    unknown_only = client.post("/carts/recommendations", json={"product_ids": [987_654_321]}).json()
+
+    products = long_list["recommended_products"]
+    assert len(products) == 100 == len(set(products)) and product not in products and not inactive & set(products)
+    assert long_list["sources"][0] == "bought_together" and long_list["sources"][-1] == "popular"
+    assert unknown_only["source"] == "popular" and unknown_only["product_ids"] == []
+    assert unknown_only["recommended_products"] == client.get("/top-buys?n=10").json()["top_buys"]
+
+
+def test_a_version_without_bought_together_still_answers_carts(published: dict, settings: Settings, client: TestClient):
+    """After a rollback to a version published before bought_together existed: similar products."""
+    redis_keys.redis_client(settings).delete(redis_keys.layout(settings).live("bought_together"))
+    product = client.get("/top-buys?n=1").json()["top_buys"][0]
+
+    body = client.post("/carts/recommendations", json={"product_ids": [product], "n": 5}).json()
+
+    assert body["source"] == "similar" and len(body["recommended_products"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("cart", "names"),
+    [
+        ({"product_ids": []}, "body.product_ids"),
+        ({"product_ids": list(range(1, 102))}, "body.product_ids"),
+        ({"product_ids": ["sku-1"]}, "not an integer"),
+        ({"product_ids": [True]}, "body.product_ids.0"),
+        ({"product_ids": [1], "n": 0}, "body.n"),
+        ({"product_ids": [1], "n": "3"}, "body.n"),
+        ({"product_ids": [1], "user_id": 5}, "body.user_id"),
+        ({"product_ids": ["a\nb"]}, "body.product_ids.0"),
+    ],
+)
+def test_a_bad_cart_is_422_naming_the_field(published: dict, client: TestClient, cart: dict, names: str):
+    response = client.post("/carts/recommendations", json=cart)
+
+    assert response.status_code == 422 and names in response.json()["detail"], response.text
+
+
+def test_cart_recommendations_need_a_read_key_and_are_in_the_schema(published: dict, settings: Settings):
+    cart = {"product_ids": [1]}
+    with TestClient(create_api(with_keys(settings))) as anonymous:
+        answers = {
+            "no key": anonymous.post("/carts/recommendations", json=cart).status_code,
+            "read key": anonymous.post("/carts/recommendations", json=cart, headers=READER).status_code,
+        }
+        schema = anonymous.get("/openapi.json").json()
+    public = settings.model_copy(update={"api_keys": f"read:{READ_KEY}", "api_public_reads": True})
+    with TestClient(create_api(public)) as anonymous:
+        answers["public reads"] = anonymous.post("/carts/recommendations", json=cart).status_code
+
+    assert answers == {"no key": 401, "read key": 200, "public reads": 200}
+    route = schema["paths"]["/carts/recommendations"]["post"]
+    assert route["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/CartRecommendations")
+    assert "CartIn" in route["requestBody"]["content"]["application/json"]["schema"]["$ref"]

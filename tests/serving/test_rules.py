@@ -133,14 +133,16 @@ def test_inactive_and_out_of_stock_products_leave_every_list_without_a_run(clien
     similar_of = str(stored[0])
     similar = client.get(f"/products/{similar_of}/similar").json()["similar_products"]
     top = client.get("/top-buys", params={"n": 20}).json()["top_buys"]
+    complement = client.post("/carts/recommendations", json={"product_ids": [stored[0]]}).json()["recommended_products"][0]
     with db.connect(settings) as conn:
         conn.execute("UPDATE products SET active = false WHERE product_id = %s", (gone_inactive,))
         conn.execute("UPDATE products SET attributes = '{\"in_stock\": false}' WHERE product_id = %s", (out_of_stock,))
         conn.execute("UPDATE products SET attributes = '{\"in_stock\": false}' WHERE product_id = %s", (str(similar[0]),))
         conn.execute("UPDATE products SET attributes = '{\"in_stock\": false}' WHERE product_id = %s", (str(top[0]),))
+        conn.execute("UPDATE products SET attributes = '{\"in_stock\": false}' WHERE product_id = %s", (str(complement),))
     rule = add_rule(settings, Rule("exclude", attribute="in_stock", attribute_value=False, note="out of stock"))
 
-    hidden = {int(gone_inactive), int(out_of_stock), similar[0], top[0]}
+    hidden = {int(gone_inactive), int(out_of_stock), similar[0], top[0], complement}
     _until(lambda: not hidden & set(_recs(client, user_id)["recommended_products"]))
     answer = _recs(client, user_id)
     # exclusions do not change the order: the published list, filtered, topped up on request
@@ -148,6 +150,9 @@ def test_inactive_and_out_of_stock_products_leave_every_list_without_a_run(clien
     assert len(answer["recommended_products"]) == 10
     assert similar[0] not in client.get(f"/products/{similar_of}/similar").json()["similar_products"]
     assert top[0] not in client.get("/top-buys", params={"n": 20}).json()["top_buys"]
+    # cart complements keep them out too
+    cart = client.post("/carts/recommendations", json={"product_ids": [stored[0]], "n": 20}).json()
+    assert not hidden & set(cart["recommended_products"])
     # the out-of-stock product's own page still offers alternatives
     assert client.get(f"/products/{out_of_stock}/similar").status_code == 200
 

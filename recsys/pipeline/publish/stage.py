@@ -1,11 +1,12 @@
-"""Publish stage: top-N per user, similar products and top buys into Redis, switched live at once.
+"""Publish stage: top-N per user, similar products, bought together and top buys into Redis,
+switched live at once.
 
 Three steps of one publish *attempt*, so the per-user scoring can fan out over workers (the DAG
 maps ``publish_shard``); a failure or a kill at any point leaves the live version untouched:
 
 1. ``prepare_publish``: take the version's owner lock (``recsys.live``), remove orphaned staging
    keys, refuse early if a fresher version is already live (backfills never go back in time),
-   stage similar products and top buys;
+   stage the per-product structures (similar products, bought together, top buys);
 2. ``publish_shard`` (once per shard, any order, idempotent): score a contiguous range of users
    and write their lists into the attempt's staging hash;
 3. ``finish_publish``: stage again whatever was lost since (Redis restart, staging TTL), refuse an
@@ -49,10 +50,11 @@ from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
 from recsys.core.window import Window
 from recsys.ml.als import load_factors
+from recsys.ml.co_purchase import bought_together
 from recsys.ml.diversity import recommend_diverse_top_n
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import als_model, similar_items, top_buys_order
-from recsys.pipeline.matrix import inactive_items, matrix_id_types
+from recsys.pipeline.matrix import inactive_items, load_baskets, matrix_id_types
 from recsys.pipeline.publish.versions import (
     VersionOwner,
     live_data_end,
@@ -69,6 +71,8 @@ HSETS_PER_ROUND_TRIP = 8
 PAYLOAD_BATCH = 100_000  # users whose JSON is built at once: bounds a shard's payload memory
 # staging keys of a publish that died half-way expire by themselves; the switch removes the TTL
 STAGING_TTL_SECONDS = 6 * 3600
+# the structures prepare_publish stages (each one's entry count is in the attempt's manifest)
+PRODUCT_STRUCTURES = ("similar_products", "bought_together", "top_buys")
 # printable ASCII except '"' and '\\': JSON-quoting such an id is just adding the quotes
 _NEEDS_NO_ESCAPE = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
 TOP_BUYS_KEY_ALL = top_buys_field(None)
@@ -112,7 +116,7 @@ def version_name(window: Window, params: PipelineParams) -> str:
 @dataclass
 class PhaseTimings:
     """Seconds a publish spends per phase: ``scoring`` (users' top-N), ``similar`` (similar
-    products), ``writing`` (JSON payloads and HSETs). Pass one in to measure (the speed benchmark)."""
+    products and bought together), ``writing`` (JSON payloads and HSETs). Pass one in to measure (the speed benchmark)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -131,6 +135,7 @@ class PublishResult:
     users: int
     users_without_recommendations: int
     products_with_similar: int
+    products_with_bought_together: int
 
 
 def new_attempt() -> str:
@@ -286,7 +291,8 @@ class _Staging:
 
 
 def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = False) -> None:
-    """Similar products and top buys into the attempt's staging keys; their counts into its manifest."""
+    """Similar products, bought together and top buys into the attempt's staging keys; their
+    counts into its manifest."""
     matrix_dir, params = staging.matrix_dir, staging.params
     items_table = pq.read_table(matrix_dir / ITEMS)
     items = items_table.to_pandas()
@@ -300,35 +306,45 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
     model = als_model(*load_factors(staging.model_dir / FACTORS_FULL))
     with staging.timings.phase("similar"):
-        similar = similar_items(model, active, params.similar_n, blocked, progress="similar" if progress else None)
+        # one similarity search serves both: the similar lists and the fill of sparse bought-together lists
+        similar = similar_items(
+            model, active, max(params.similar_n, params.bought_together_n), blocked,
+            progress="similar" if progress else None,
+        )
+        together = bought_together(
+            load_baskets(matrix_dir), active, similar, params.bought_together_n,
+            params.bought_together_min_support, blocked,
+        )
+        similar = similar[:, : params.similar_n]
 
     item_ids = items_table["id"].combine_chunks()
     client = staging.client
-    client.delete(staging.key("similar_products"), staging.key("top_buys"))
+    client.delete(*(staging.key(structure) for structure in PRODUCT_STRUCTURES))
     with staging.timings.phase("writing"):
         item_tokens = json_id_tokens(item_ids, staging.id_types.product)
-        has_similar = similar[:, 0] >= 0
-        owners = pa.array(active[has_similar])
-        similar_count = _write_hash(
-            client,
-            staging.key("similar_products"),
-            pc.take(item_ids, owners),
-            json_list_objects(
-                "product_id", pc.take(item_tokens, owners), "similar_products", item_tokens, similar[has_similar]
-            ),
-            owner,
-        )
-        top_buys_count = _write_hash(
+
+        def write_lists(structure: str, lists: np.ndarray) -> int:
+            """``{"product_id": <id>, "<structure>": [...]}`` of every active product with a list."""
+            has_list = lists[:, 0] >= 0
+            owners = pa.array(active[has_list])
+            return _write_hash(
+                client,
+                staging.key(structure),
+                pc.take(item_ids, owners),
+                json_list_objects("product_id", pc.take(item_tokens, owners), structure, item_tokens, lists[has_list]),
+                owner,
+            )
+
+        counts = {"similar_products": write_lists("similar_products", similar)}
+        counts["bought_together"] = write_lists("bought_together", together)
+        counts["top_buys"] = _write_hash(
             client,
             staging.key("top_buys"),
             pa.array(list(top_lists), pa.string()),
             pa.array([_dumps(value) for value in top_lists.values()], pa.string()),
             owner,
         )
-    _record(
-        client, staging.key("manifest"),
-        {"model_build": staging.model_build, "similar_products": similar_count, "top_buys": top_buys_count},
-    )
+    _record(client, staging.key("manifest"), {"model_build": staging.model_build, **counts})
 
 
 def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int, progress: bool = False) -> ShardResult:
@@ -446,7 +462,7 @@ def _complete_staging(staging: _Staging, owner: VersionOwner, shards: int) -> di
     ``finish_publish`` succeeds without rerunning the tasks before it."""
     client, manifest = staging.client, staging.manifest()
     lost = [
-        s for s in ("similar_products", "top_buys")
+        s for s in PRODUCT_STRUCTURES
         if s not in manifest or client.hlen(staging.key(s)) != int(manifest[s])
     ]
     if lost:
@@ -501,6 +517,7 @@ def finish_publish(
                 "users": users,
                 "users_without_recommendations": sum(int(manifest[f"shard:{s}:empty"]) for s in range(shards)),
                 "products_with_similar": int(manifest["similar_products"]),
+                "products_with_bought_together": int(manifest["bought_together"]),
                 "top_buys_lists": int(manifest["top_buys"]),
                 "shards": shards,
             }
@@ -541,6 +558,7 @@ def finish_publish(
         users=counts["users"],
         users_without_recommendations=counts["users_without_recommendations"],
         products_with_similar=counts["products_with_similar"],
+        products_with_bought_together=counts["products_with_bought_together"],
     )
 
 

@@ -14,6 +14,7 @@ the invariants every state must satisfy (docs/reliability.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ from recsys.core.errors import (
 from recsys.core.redis_keys import (
     COUNTED_STRUCTURES,
     FOLD_IN_USERS,
+    LATER_COUNTED_STRUCTURES,
     STRUCTURES,
     KeyLayout,
     decode_meta,
@@ -46,6 +48,12 @@ LIVE_TTL = -1  # what TTL answers for a key without expiry
 @cache
 def _script_text(name: str) -> str:
     return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text()
+
+
+# what both scripts check, in their ARGV: the structures (meta last), their count fields, the later ones
+_LAYOUT_ARGS = [
+    json.dumps(list(STRUCTURES)), json.dumps(COUNTED_STRUCTURES), json.dumps(sorted(LATER_COUNTED_STRUCTURES)),
+]
 
 
 def run_script(client: redis.Redis, name: str, keys: list[str], args: list) -> object:
@@ -173,7 +181,10 @@ def switch_live(
         *(keys.staging(version, attempt, s) for s in STRUCTURES),
         keys.history(),
     ]
-    args = [attempt, keys.tag, version, repr(data_end_ts), repr(latest_allowed_end_ts), keep_versions, kept_ttl_seconds]
+    args = [
+        attempt, keys.tag, version, repr(data_end_ts), repr(latest_allowed_end_ts), keep_versions, kept_ttl_seconds,
+        *_LAYOUT_ARGS,
+    ]
     try:
         run_script(client, "switch", script_keys, args)
     except redis.ResponseError as error:
@@ -231,7 +242,7 @@ def rollback(client: redis.Redis, keys: KeyLayout, kept_ttl_seconds: int, versio
         version = kept[0].version
     script_keys = [*(keys.live(s) for s in STRUCTURES), keys.history()]
     try:
-        run_script(client, "rollback", script_keys, [keys.tag, version, kept_ttl_seconds])
+        run_script(client, "rollback", script_keys, [keys.tag, version, kept_ttl_seconds, *_LAYOUT_ARGS])
     except redis.ResponseError as error:
         kind, *detail = str(error).split(" ")
         if kind == "GONE":
@@ -251,7 +262,7 @@ def structure_problems(client: redis.Redis, meta: dict, structure_key) -> list[s
     problems = []
     counts = meta.get("counts") or {}
     for structure, field in COUNTED_STRUCTURES.items():
-        expected = counts.get(field)
+        expected = counts.get(field, 0 if structure in LATER_COUNTED_STRUCTURES else None)
         if structure == "user_recs" and expected is not None:
             expected += int(meta.get(FOLD_IN_USERS, 0))
         found = client.hlen(structure_key(structure))
