@@ -254,7 +254,7 @@ def build_matrix(
     buyers = _distinct_users(without(marked(rows.where(PURCHASE)), negative_pairs))
     # a returned purchase was not bought together with anything
     in_basket = rows.where(BASKET)
-    returned = np.asarray(negative_pairs[rows.users[in_basket], rows.items[in_basket]]).ravel() > 0
+    returned = _holds(negative_pairs, rows.users[in_basket], rows.items[in_basket])
     baskets = basket_matrix(rows.basket_keys[~returned], rows.items[in_basket][~returned], shape[1])
     _write_npz(matrix_dir / BASKETS, baskets)
 
@@ -308,6 +308,13 @@ def _older_negatives(
     known = pc.and_(pc.is_valid(users), pc.is_valid(items))
     users, items = (pc.filter(column, known).to_numpy(zero_copy_only=False) for column in (users, items))
     return _binarize(_csr(users, items, np.ones(len(users), np.float32), shape))
+
+
+def _holds(pairs: sp.csr_matrix, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Whether each (user, item) is a stored pair of ``pairs``."""
+    if len(users) == 0 or pairs.nnz == 0:
+        return np.zeros(len(users), dtype=bool)
+    return np.asarray(pairs[users, items]).ravel() > 0
 
 
 def _distinct_users(matrix: sp.csr_matrix) -> np.ndarray:

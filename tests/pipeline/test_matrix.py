@@ -158,3 +158,14 @@ def test_batched_reading_builds_the_same_matrices(tmp_path, monkeypatch):
         assert dense(whole, name).any(), name
     for name in ("users.parquet", "items.parquet"):
         assert pq.read_table(whole / name).equals(pq.read_table(batched / name)), name
+
+
+def test_a_returned_purchase_is_in_no_basket(tmp_path):
+    day, next_day = END - timedelta(days=5), END - timedelta(days=4)
+    rows = [
+        ("u1", "a", "purchase", 1.0, day), ("u1", "b", "purchase", 1.0, day), ("u1", "b", "return", None, next_day),
+        ("u2", "a", "purchase", 1.0, day), ("u2", "b", "purchase", 1.0, day),
+    ]
+    baskets = dense(build(tmp_path, rows, CATALOGUE), "baskets.npz")
+    # u2's basket holds both; u1 returned b, so u1's basket holds a alone
+    assert sorted(map(tuple, baskets.tolist())) == [(1, 0), (1, 1)]  # items a, b
