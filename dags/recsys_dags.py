@@ -181,9 +181,10 @@ prepare_publish -> publish_shard (mapped over ``publish_shards`` user shards) ->
 data_interval_end)`` from the shop's PostgreSQL (``extract``; rows it drops are counted by reason),
 builds the user x product matrices, trains ALS twice (before the holdout cutoff, to evaluate; on
 everything, to publish), compares the holdout model with a popularity baseline (``evaluate``: the
-quality gate), and writes the recommendations to Redis under a new version that goes live
-atomically (``publish``). A run (scheduled, manual or backfilled) for date D never sees data from
-after D.
+quality gate), and writes the recommendations, similar products, bought-together lists and top
+buys to Redis under a new version that goes live atomically (``publish``), with the merchandising
+rules in force at publish applied (``recsys rules list``; docs/rules.md). A run (scheduled, manual
+or backfilled) for date D never sees data from after D.
 
 **What it leaves for you.** ``evaluate`` records the run in the ``recsys_runs`` table
 (``recsys history``) and writes ``eval/report.html`` with the run's artifacts: metrics vs
