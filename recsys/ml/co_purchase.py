@@ -215,7 +215,7 @@ def rank_cart(sources: Sequence[tuple[str, Sequence[Sequence[T]]]], n: int, cart
 
 
 # The co-purchase source's vote weight in ``blend_cart`` (the similar lists vote with 1). 1 was
-# best of 0.25, 0.5, 1, 2, 4 on a validation split of MovieLens-100k (docs/quality.md#cart).
+# best of 0.25, 0.5, 1, 2, 4 on a validation split of MovieLens-100k (docs/quality.md#cart-bought-together).
 BOUGHT_TOGETHER_WEIGHT = 1.0
 
 

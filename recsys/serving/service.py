@@ -482,7 +482,7 @@ def _check_cart_ids(live: LiveModel, cart_ids: list[str]) -> None:
 async def cart_recommendations(svc: RecsysService, cart: CartIn) -> CartRecommendations:
     """Complements of the cart as a whole: the cart products' published bought_together lists and
     their similar products merged in one reciprocal-rank vote (``blend_cart``: on MovieLens-100k
-    this beats either list alone, docs/quality.md#cart), then, while fewer than ``n``, top buys.
+    this beats either list alone, docs/quality.md#cart-bought-together), then, while fewer than ``n``, top buys.
     Never a product of the cart, an inactive one, nor one an exclude rule without a segment keeps
     out (as on product pages). One Redis command reads the version and every list."""
     cart_ids = list(dict.fromkeys(str(product) for product in cart.product_ids))  # first occurrence of each

@@ -38,7 +38,7 @@ def test_bought_together_and_the_blend_beat_popularity_on_planted_pairs():
         assert hit_rate[method] > 2 * hit_rate["popularity"]
         assert hit_rate[method] >= 0.5
     # the blend (what the API answers) finds the planted pairs as well as co-purchases alone (measured
-    # over seeds 42..51: 0.6793 against 0.6806, 237 baskets each; docs/quality.md#cart)
+    # over seeds 42..51: 0.6793 against 0.6806, 237 baskets each; docs/quality.md#cart-bought-together)
     assert hit_rate["blend"] >= hit_rate["bought_together"] - 0.02
 
 
