@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys.bench.cart import cart_command
 from recsys.bench.chaos import chaos_command
 from recsys.bench.negative import negative_command
 from recsys.bench.quality import bench_app
@@ -41,6 +42,7 @@ app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
 bench_app.command("speed")(speed_bench_command)
 bench_app.command("negative")(negative_command)
+bench_app.command("cart")(cart_command)
 console = Console()
 err_console = Console(stderr=True)
 

@@ -158,19 +158,42 @@ def bought_together(
     return fill_from(found, similar)
 
 
+def vote_ranked_lists(
+    voters: Sequence[tuple[str, float, Sequence[Sequence[T]]]], n: int, excluded: set[T] | frozenset[T] = frozenset()
+) -> tuple[list[T], list[str]]:
+    """The ``n`` best entries of several sources' ranked lists in one vote: an entry at position
+    ``r`` (1-based) of a list of a source of weight ``w`` gets ``w / r``, and an entry's votes from
+    all lists of all sources add up. Ties keep the order of first appearance (sources in the order
+    given); entries in ``excluded`` never appear. Returns the entries and the sources that voted
+    for them, in list order: for each entry in turn, its voters largest vote first (ties: the
+    earlier source), each source named once."""
+    votes: dict[T, float] = {}
+    shares: dict[T, dict[str, float]] = {}
+    for name, weight, lists in voters:
+        for ranked in lists:
+            for position, entry in enumerate(ranked, start=1):
+                if entry not in excluded:
+                    votes[entry] = votes.get(entry, 0.0) + weight / position
+                    share = shares.setdefault(entry, {})
+                    share[name] = share.get(name, 0.0) + weight / position
+    # sorted() is stable: dict order is the order of first appearance
+    picked = sorted(votes, key=votes.__getitem__, reverse=True)[:n]
+    used: list[str] = []
+    for entry in picked:
+        share = shares[entry]
+        for name in sorted(share, key=share.__getitem__, reverse=True):
+            if name not in used:
+                used.append(name)
+    return picked, used
+
+
 def merge_ranked_lists(lists: Iterable[Sequence[T]], n: int, excluded: set[T] | frozenset[T] = frozenset()) -> list[T]:
     """The ``n`` best entries of several ranked lists (a cart's products' lists) taken as a whole:
     an entry at position ``r`` (1-based) of a list gets the vote ``1 / r``, and an entry's votes
     from all lists add up, so a product that complements several products of the cart, or one
     that comes first for one of them, leads. Ties keep the order of first appearance. Entries in
     ``excluded`` never appear."""
-    votes: dict[T, float] = {}
-    for ranked in lists:
-        for position, entry in enumerate(ranked, start=1):
-            if entry not in excluded:
-                votes[entry] = votes.get(entry, 0.0) + 1.0 / position
-    # sorted() is stable: dict order is the order of first appearance
-    return sorted(votes, key=votes.__getitem__, reverse=True)[:n]
+    return vote_ranked_lists([("", 1.0, list(lists))], n, excluded)[0]
 
 
 def rank_cart(sources: Sequence[tuple[str, Sequence[Sequence[T]]]], n: int, cart: Iterable[T]) -> tuple[list[T], list[str]]:
@@ -189,3 +212,27 @@ def rank_cart(sources: Sequence[tuple[str, Sequence[Sequence[T]]]], n: int, cart
             excluded.update(more)
             used.append(name)
     return picked, used
+
+
+# The co-purchase source's vote weight in ``blend_cart`` (the similar lists vote with 1). 1 was
+# best of 0.25, 0.5, 1, 2, 4 on a validation split of MovieLens-100k (docs/quality.md#cart-bought-together).
+BOUGHT_TOGETHER_WEIGHT = 1.0
+
+
+def blend_cart(
+    together: Sequence[Sequence[T]],
+    similar: Sequence[Sequence[T]],
+    n: int,
+    cart: Iterable[T],
+    then: Sequence[tuple[str, Sequence[Sequence[T]]]] = (),
+    weight: float = BOUGHT_TOGETHER_WEIGHT,
+) -> tuple[list[T], list[str]]:
+    """A cart's list, as ``POST /carts/recommendations`` answers: the cart products'
+    bought-together lists (votes ``weight / r``) and similar lists (votes ``1 / r``) merged in one
+    vote (``vote_ranked_lists``), then the ``then`` sources in turn (``rank_cart``) for what is
+    left of ``n``. Never an entry of the cart, never one twice. Returns the list and the sources
+    that contributed, in list order."""
+    cart = list(cart)
+    picked, used = vote_ranked_lists([("bought_together", weight, together), ("similar", 1.0, similar)], n, set(cart))
+    more, more_used = rank_cart(then, n - len(picked), [*cart, *picked])
+    return picked + more, used + [name for name in more_used if name not in used]

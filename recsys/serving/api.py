@@ -268,10 +268,11 @@ def create_api(settings: Settings) -> FastAPI:
         """Products that complement a cart as a whole (read-only: a read key, like the GET routes).
 
         The cart products' published bought-together lists (co-purchases beyond chance, filled with
-        similar products for rarely bought ones) merged by reciprocal-rank votes, so a product that
-        complements several of them leads; then their similar products, then top buys, while the
-        list is short. Never a product of the cart nor an inactive one; unknown products are
-        ignored and listed. `sources` says which of bought_together, similar, popular answered.
+        similar products for rarely bought ones) and their similar products, merged in one
+        reciprocal-rank vote, so a product that complements or resembles several of them leads;
+        then top buys, while the list is short. Never a product of the cart nor an inactive one;
+        unknown products are ignored and listed. `sources` says which of bought_together, similar,
+        popular contributed (`source`: the largest vote for the first product).
         """
         return await cart_recommendations(svc, cart)
 

@@ -297,11 +297,12 @@ class CartRecommendations(BaseModel):
     n: int = Field(description="How many were asked for; fewer only if no more active products qualify")
     product_ids: list[ProductId] = Field(description="The cart's products the live version knows, as it publishes them")
     unknown_product_ids: list[ProductId] = Field(description="The cart's products the live version does not know: ignored")
-    source: CartSource = Field(description="Where the first product comes from (see sources)")
+    source: CartSource = Field(description="Where the first product comes from: the largest vote for it (see sources)")
     sources: list[CartSource] = Field(
-        description="Every source that contributed, in list order: bought_together (the cart products' "
-        "published complements, merged), similar (their similar products, when complements run short), "
-        "popular (top buys, last)"
+        description="Every source that contributed, in list order (for each product in turn, the sources "
+        "that voted for it, largest vote first): bought_together (the cart products' published "
+        "complements) and similar (their similar products), merged in one vote, then popular (top "
+        "buys, last, while the list is short)"
     )
     recommended_products: list[ProductId] = Field(
         description="Best first; never a product of the cart nor an inactive one"

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from recsys.ml.co_purchase import (
     basket_keys,
     basket_matrix,
+    blend_cart,
     bought_together,
     co_purchase,
     complements,
@@ -17,6 +18,7 @@ from recsys.ml.co_purchase import (
     merge_ranked_lists,
     rank_cart,
     top_per_row,
+    vote_ranked_lists,
 )
 
 # five baskets over items 0..3: {0,1} {0,1,2} {0,2} {1,3} {3}
@@ -119,3 +121,28 @@ def test_a_cart_list_takes_each_source_in_turn():
     assert rank_cart(sources, 3, cart={13}) == ([11, 10, 12], ["bought_together", "similar"])
     assert rank_cart(sources, 2, cart=set()) == ([11, 10], ["bought_together"])
     assert rank_cart([("bought_together", [])], 2, cart=set()) == ([], [])
+
+
+def test_sources_vote_together_with_their_weights_and_name_their_share():
+    voters = [("bought_together", 2.0, [[10, 11]]), ("similar", 1.0, [[11, 12], [12]])]
+
+    # 10: 2, 11: 2/2 + 1 = 2 (bought_together 1, similar 1: the earlier source leads), 12: 1/2 + 1
+    assert vote_ranked_lists(voters, 3) == ([10, 11, 12], ["bought_together", "similar"])
+    # 12 alone: only similar voted for it
+    assert vote_ranked_lists(voters, 1, excluded={10, 11}) == ([12], ["similar"])
+    assert vote_ranked_lists([], 3) == ([], [])
+
+
+def test_a_blended_cart_merges_both_sources_in_one_vote_then_fills_in_turn():
+    together = [[10, 11], [11]]  # 10: 1, 11: 1/2 + 1
+    similar = [[12, 10, 13]]  # 12: 1, 10: 1/2, 13: 1/3
+
+    # 10 and 11 tie at 1.5 (10 first seen), then 12: the first product's largest vote is bought_together's
+    assert blend_cart(together, similar, 3, cart={13}) == ([10, 11, 12], ["bought_together", "similar"])
+    # the similar source leads when bought together counts less
+    assert blend_cart(together, similar, 2, cart=set(), weight=0.25) == ([12, 10], ["similar", "bought_together"])
+    # what the vote leaves of n comes from the later sources, in turn; never a cart product, never twice
+    assert blend_cart([[10]], [], 3, cart={20}, then=[("popularity", [[20, 10, 21, 22]])]) == (
+        [10, 21, 22], ["bought_together", "popularity"],
+    )
+    assert blend_cart([], [], 2, cart=set()) == ([], [])

@@ -29,7 +29,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from recsys.core import db, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
-from recsys.ml.co_purchase import merge_ranked_lists
+from recsys.ml.co_purchase import blend_cart
 from recsys.pipeline.publish.stage import publish
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving import security as api_security
@@ -725,16 +725,19 @@ def test_published_diverse_lists_are_what_ranking_on_request_gives(
 # --- cart: bought together ----------------------------------------------------------------------
 
 
-def _bought_together_lists(settings: Settings) -> dict[int, list[int]]:
-    stored = redis_keys.redis_client(settings).hgetall(redis_keys.layout(settings).live("bought_together"))
-    return {int(product): entry["bought_together"] for product, entry in ((p, redis_keys.decode_entry(raw)) for p, raw in stored.items())}
+def _product_lists(settings: Settings, structure: str = "bought_together", field: str = "bought_together") -> dict[int, list[int]]:
+    stored = redis_keys.redis_client(settings).hgetall(redis_keys.layout(settings).live(structure))
+    return {int(product): entry[field] for product, entry in ((p, redis_keys.decode_entry(raw)) for p, raw in stored.items())}
 
 
-def test_a_cart_gets_its_products_merged_complements(published: dict, settings: Settings, client: TestClient):
-    lists = _bought_together_lists(settings)
+def test_a_cart_gets_its_products_complements_and_similar_products_in_one_vote(
+    published: dict, settings: Settings, client: TestClient
+):
+    lists = _product_lists(settings)
+    similar = _product_lists(settings, "similar_products", "similar_products")
     first, second = sorted(lists)[:2]
     cart = [first, second, first, 987_654_321]  # a repeat, and a product the live version does not know
-    expected = merge_ranked_lists([lists[first], lists[second]], 6, excluded={first, second})
+    expected, sources = blend_cart([lists[first], lists[second]], [similar[first], similar[second]], 6, [first, second])
 
     response = client.post("/carts/recommendations", json={"product_ids": cart, "n": 6}, headers=READER)
 
@@ -742,15 +745,14 @@ def test_a_cart_gets_its_products_merged_complements(published: dict, settings: 
     body = response.json()
     assert body["version"] == published["version"] and body["n"] == 6
     assert body["product_ids"] == [first, second] and body["unknown_product_ids"] == [987_654_321]
-    assert body["source"] == "bought_together" and body["sources"] == ["bought_together"]
-    assert body["recommended_products"] == expected
+    assert body["recommended_products"] == expected and len(expected) == 6
+    assert body["sources"] == sources and body["source"] == sources[0]
+    assert set(sources) <= {"bought_together", "similar"}
     assert not {first, second} & set(body["recommended_products"])
 
 
-def test_a_short_cart_list_is_filled_from_similar_products_then_top_buys(
-    published: dict, settings: Settings, client: TestClient
-):
-    product = sorted(_bought_together_lists(settings))[0]
+def test_a_short_cart_list_is_filled_from_top_buys(published: dict, settings: Settings, client: TestClient):
+    product = sorted(_product_lists(settings))[0]
     inactive = _inactive(settings)
 
     long_list = client.post("/carts/recommendations", json={"product_ids": [product], "n": 100}).json()
@@ -758,7 +760,7 @@ def test_a_short_cart_list_is_filled_from_similar_products_then_top_buys(
 
     products = long_list["recommended_products"]
     assert len(products) == 100 == len(set(products)) and product not in products and not inactive & set(products)
-    assert long_list["sources"][0] == "bought_together" and long_list["sources"][-1] == "popular"
+    assert set(long_list["sources"]) == {"bought_together", "similar", "popular"} and long_list["sources"][-1] == "popular"
     assert unknown_only["source"] == "popular" and unknown_only["product_ids"] == []
     assert unknown_only["recommended_products"] == client.get("/top-buys?n=10").json()["top_buys"]
 
