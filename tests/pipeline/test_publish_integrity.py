@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from helpers import stage
 
+from recsys.core import db
 from recsys.core.errors import (
     FutureWindowError,
     IncompleteVersionError,
@@ -26,6 +27,7 @@ from recsys.core.redis_keys import (
     live_meta,
     redis_client,
 )
+from recsys.core.rules import NO_RULES_FINGERPRINT, Rule, add_rule
 from recsys.pipeline import stages
 from recsys.pipeline.publish import versions
 from recsys.pipeline.publish.stage import (
@@ -274,3 +276,31 @@ def test_cli_versions_rollback_and_a_future_end(recsys_env, demo_loaded, window_
     assert rolled.returncode == 0, rolled.stderr
     client, keys = redis_client(recsys_env), layout(recsys_env)
     assert live_meta(client, keys)["data_end"] == (window_end - timedelta(days=1)).isoformat()
+
+
+def test_every_step_of_an_attempt_applies_the_rules_its_prepare_read(settings, demo_loaded, window_end):
+    """A rule added while an attempt runs waits for the next attempt: shards and the switch apply
+    the snapshot prepare recorded, so no version mixes two rule sets."""
+    client, keys = redis_client(settings), layout(settings)
+    paths = stage(settings, window_end, SMALL)
+    attempt = new_attempt()
+    prepare_publish(settings, paths.matrix, paths.model, SMALL, attempt)
+    with db.connect(settings) as conn:
+        [(product,)] = conn.execute("SELECT product_id FROM products WHERE active ORDER BY product_id LIMIT 1").fetchall()
+    add_rule(settings, Rule("pin", product_id=product, rank=1))
+    results = [publish_shard(settings, paths.matrix, paths.model, SMALL, attempt, shard, 2) for shard in range(2)]
+    finish_publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", SMALL, attempt, results, 2)
+    meta = assert_whole_live_version(client, keys)
+    assert meta["rules_fingerprint"] == NO_RULES_FINGERPRINT
+    lists = [json.loads(entry)["recommended_products"] for entry in client.hvals(keys.live("user_recs"))]
+    assert sum(str(products[0]) == product for products in lists) < len(lists) // 2  # not pinned
+
+    publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", SMALL)  # the next attempt
+    meta = assert_whole_live_version(client, keys)
+    assert meta["rules_fingerprint"] != NO_RULES_FINGERPRINT
+    with db.connect(settings) as conn:
+        owners = {u for (u,) in conn.execute(
+            "SELECT user_id FROM interactions WHERE product_id = %s AND event_type IN ('purchase', 'rating')", (product,)
+        )}
+    lists = {user: json.loads(entry)["recommended_products"] for user, entry in client.hgetall(keys.live("user_recs")).items()}
+    assert all(str(products[0]) == product for user, products in lists.items() if user not in owners)

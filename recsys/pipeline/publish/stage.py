@@ -268,11 +268,15 @@ class _Staging:
         """The rules this attempt applies: taken once, when it stages the product structures, so
         every shard applies the same ones (taken again only if Redis lost the manifest)."""
         recorded = self.client.hget(self.key("manifest"), "rules")
-        if recorded is not None:
-            return RuleSnapshot.from_dict(json.loads(recorded))
-        snapshot = take_snapshot(self.settings)
-        _record(self.client, self.key("manifest"), {"rules": _dumps(snapshot.to_dict())})
-        return snapshot
+        if recorded is None:
+            # steps of one attempt may take it at once (parallel shards after a Redis restart):
+            # the first recorded wins, and every step applies that one
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(self.key("manifest"), "rules", _dumps(take_snapshot(self.settings).to_dict()))
+                pipe.expire(self.key("manifest"), STAGING_TTL_SECONDS)
+                pipe.hget(self.key("manifest"), "rules")
+                recorded = pipe.execute()[-1]
+        return RuleSnapshot.from_dict(json.loads(recorded))
 
     def merchandising(self, items_table: pa.Table) -> Merchandising:
         return Merchandising(
