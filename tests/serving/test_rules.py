@@ -17,9 +17,11 @@ from typer.testing import CliRunner
 
 from recsys.cli import app
 from recsys.core import db, redis_keys
+from recsys.core.errors import InputError
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule, list_rules
 from recsys.core.settings import Settings
+from recsys.pipeline.publish import versions
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving.api import create_api
 from recsys.serving.lookup import create_app as create_lookup_app
@@ -246,3 +248,13 @@ def test_publish_applies_a_segment_rule_to_its_members_only(published: Settings,
     assert all(restricted not in after[u] for u in minors)
     # the same model still lists it for those outside the segment
     assert sum(restricted in after[u] for u in others) >= len(others) // 2
+
+
+def test_a_schema_without_the_rules_table_stops_publish_with_one_line(published: Settings, window_end: datetime):
+    settings = published
+    with db.connect(settings) as conn:
+        conn.execute("DROP TABLE recommendation_rules")
+    with pytest.raises(InputError, match=r"no recommendation_rules table: run `recsys init-db`"):
+        run_pipeline(settings, window_end + timedelta(days=1), PipelineParams())
+    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    assert versions.keys_without_ttl(client, keys) == [] and versions.live_problems(client, keys) == []
