@@ -10,7 +10,9 @@ trial (its fault, then the retry of the interrupted work) it checks (docs/reliab
 - I2 the live version's data end never moves backwards;
 - I3 no key under the prefix lives without a TTL except the live set;
 - I4 rerunning the interrupted work succeeds and goes live;
-- I5 a reader polling the HTTP API only ever sees one whole version, and no 5xx but 503.
+- I5 a reader polling the HTTP API only ever sees one whole version, and no 5xx but 503;
+- I6 the live version applies the lab's merchandising rules (a pin and an exclude, added before
+  the first publish): its meta carries their fingerprint and no live list holds the excluded product.
 
 Trial ``i`` of seed ``S`` is fully determined by ``(S, i)`` (the fault kind is ``i`` modulo the
 kinds, the random points come from ``Random(f"{S}:{i}")``), so ``--seed S --first-trial i
@@ -260,10 +262,20 @@ class Lab:
         self._start_api(log)
 
     def _load_shop(self, log: Callable[[str], None]) -> None:
+        from recsys.core import db
+        from recsys.core.rules import Rule, add_rule, take_snapshot
         from recsys.local.demo import DemoShop, load_demo
 
-        log("loading a demo shop (5,000 users, 300 products, 60 days)")
+        log("loading a demo shop (5,000 users, 300 products, 60 days) and two merchandising rules")
         load_demo(self.settings, DemoShop(users=5_000, products=300, days=60, seed=11, interactions=200_000), self.end)
+        with db.connect(self.settings) as conn:
+            first, second = (p for (p,) in conn.execute(
+                "SELECT product_id FROM products WHERE active ORDER BY product_id LIMIT 2"
+            ))
+        add_rule(self.settings, Rule("exclude", product_id=first, note="chaos lab: I6"))
+        add_rule(self.settings, Rule("pin", product_id=second, rank=1, note="chaos lab: I6"))
+        self.excluded_product = first
+        self.rules_fingerprint = take_snapshot(self.settings).ordering_fingerprint()
 
     def _prepare_runs(self, log: Callable[[str], None]) -> None:
         from recsys.pipeline import stages
@@ -387,6 +399,10 @@ class Lab:
             self.versions[run] = version_name(planned.window, planned.params)
         return self.versions[run]
 
+    def check_rules(self) -> list[str]:
+        """I6: the live version was made with the lab's rules."""
+        return rules_problems(self.client, self.keys, self.rules_fingerprint, self.excluded_product)
+
     def check_end(self) -> list[str]:
         """I2, and the new high-water mark."""
         from recsys.pipeline.publish.versions import live_data_end
@@ -398,6 +414,23 @@ class Lab:
             return [f"I2: live data end {end} is before {self.highest_end}, seen live earlier"]
         self.highest_end = end
         return []
+
+
+def rules_problems(client, keys, fingerprint: str, excluded_product: str) -> list[str]:
+    """I6: the live meta carries ``fingerprint`` and no live list holds ``excluded_product``."""
+    from recsys.core.redis_keys import decode_entry
+
+    problems = []
+    published_with = client.hget(keys.live("meta"), "rules_fingerprint")
+    if published_with != fingerprint:
+        problems.append(f"I6: live rules_fingerprint {published_with} is not the lab's {fingerprint}")
+    for structure, field_name in (("user_recs", "recommended_products"), ("similar_products", "similar_products"),
+                                  ("bought_together", "bought_together"), ("top_buys", "top_buys")):
+        for owner, raw in client.hscan_iter(keys.live(structure), count=1000):
+            if excluded_product in {str(p) for p in decode_entry(raw)[field_name]}:
+                problems.append(f"I6: {structure}[{owner}] lists excluded product {excluded_product}")
+                break
+    return problems
 
 
 # --- trials ---------------------------------------------------------------------------------------
@@ -670,6 +703,7 @@ def _check_invariants(lab: Lab, outcome: Outcome) -> None:
     outcome.violations += [f"I1: {problem}" for problem in live_problems(lab.client, lab.keys)]
     outcome.violations += lab.check_end()
     outcome.violations += [f"I3: {key} has no TTL" for key in keys_without_ttl(lab.client, lab.keys)]
+    outcome.violations += lab.check_rules()
     time.sleep(0.1)  # the reader's answers to the last state
     outcome.violations += [f"I5: {problem}" for problem in lab.reader.take_problems()]
     if lab.api.poll() is not None:

@@ -45,3 +45,19 @@ def test_the_ttl_check_sees_a_key_that_would_live_forever(settings):
     assert versions.keys_without_ttl(client, keys) == []
     client.persist(f"{keys.tag}:staging:x:y:user_recs")
     assert versions.keys_without_ttl(client, keys) == [f"{keys.tag}:staging:x:y:user_recs"]
+
+
+def test_the_rules_check_sees_a_version_made_without_the_rules(settings, demo_loaded, window_end):
+    from recsys.bench.chaos import rules_problems
+    from recsys.core.params import PipelineParams
+    from recsys.core.redis_keys import top_buys
+    from recsys.core.rules import NO_RULES_FINGERPRINT
+    from recsys.pipeline.stages import run_pipeline
+
+    run_pipeline(settings, window_end, PipelineParams())  # no rule in force
+    client, keys = redis_client(settings), layout(settings)
+    listed = str(top_buys(client, keys)["top_buys"][0])
+    assert rules_problems(client, keys, NO_RULES_FINGERPRINT, "no-such-product") == []
+    problems = rules_problems(client, keys, "another-fingerprint", listed)
+    assert problems[0].startswith("I6: live rules_fingerprint")
+    assert any(f"lists excluded product {listed}" in problem for problem in problems[1:])
