@@ -17,7 +17,7 @@ def test_every_fault_kind_keeps_the_invariants():
     assert report.faults == {kind: TRIALS_PER_KIND for kind in KINDS}
     assert report.violations == 0, [(o.trial, o.kind, o.violations) for o in report.outcomes if o.violations]
     assert report.reader_answers.get(200, 0) > 100  # the reader really read throughout
-    assert sum(o.landed for o in report.outcomes) >= len(KINDS)  # most faults struck mid-work
+    assert sum(o.landed for o in report.outcomes) >= len(KINDS) * TRIALS_PER_KIND // 2  # most struck mid-work
 
 
 @pytest.mark.parametrize("damage", ["structure gone", "count off", "meta gone", "TTL on live"])
