@@ -399,6 +399,16 @@ class Lab:
             self.versions[run] = version_name(planned.window, planned.params)
         return self.versions[run]
 
+    def check_counts(self) -> list[str]:
+        """I1 for what this lab publishes: its meta records a count for every counted structure
+        (``live_problems`` reads a missing one as 0, for versions from before a structure existed)."""
+        from recsys.core.redis_keys import COUNTED_STRUCTURES, live_meta
+
+        meta = live_meta(self.client, self.keys)
+        recorded = {} if meta is None else meta["counts"]
+        return [f"I1: live meta records no {field_name} count" for field_name in COUNTED_STRUCTURES.values()
+                if field_name not in recorded]
+
     def check_rules(self) -> list[str]:
         """I6: the live version was made with the lab's rules."""
         return rules_problems(self.client, self.keys, self.rules_fingerprint, self.excluded_product)
@@ -701,6 +711,7 @@ def _check_invariants(lab: Lab, outcome: Outcome) -> None:
     from recsys.pipeline.publish.versions import keys_without_ttl, live_problems
 
     outcome.violations += [f"I1: {problem}" for problem in live_problems(lab.client, lab.keys)]
+    outcome.violations += lab.check_counts()
     outcome.violations += lab.check_end()
     outcome.violations += [f"I3: {key} has no TTL" for key in keys_without_ttl(lab.client, lab.keys)]
     outcome.violations += lab.check_rules()
