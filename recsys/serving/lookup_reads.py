@@ -11,9 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+import numpy as np
+
 from recsys.core import db
 from recsys.core.rules import list_rules, rule_status, take_snapshot
 from recsys.core.settings import Settings
+from recsys.ml.merchandising import Merchandising
 
 CONNECT_TIMEOUT_SECONDS = 3
 
@@ -46,19 +49,13 @@ def rules_touching(settings: Settings, user_id: str, product_ids: Iterable[str])
     snapshot = take_snapshot(settings)
     wanted = [str(product_id) for product_id in product_ids]
     labels = product_labels(settings, wanted)
-    segments = {name for name, users in snapshot.segments.items() if user_id in users}
-    applying = [rule for rule in snapshot.rules if rule.segment is None or rule.segment in segments]
+    # the listed products as the catalogue: targets and segments matched as publish and the API match them
+    categories = np.array([labels.get(product, {}).get("category") for product in wanted], dtype=object)
+    merchandising = Merchandising(snapshot, wanted, categories)
+    applying = [rule for rule in merchandising.for_user(user_id).rules if rule.scope_category is None]
     return {
-        product: [
-            f"#{rule.rule_id} {rule.describe()}"
-            for rule in applying
-            if rule.scope_category is None and (
-                rule.product_id == product
-                or (rule.category is not None and rule.category == labels.get(product, {}).get("category"))
-                or product in snapshot.attribute_matches.get(rule.rule_id, ())
-            )
-        ]
-        for product in wanted
+        product: [f"#{rule.rule_id} {rule.describe()}" for rule in applying if index in merchandising.targets(rule)]
+        for index, product in enumerate(wanted)
     }
 
 
