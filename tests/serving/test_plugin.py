@@ -3,7 +3,6 @@ that mounts it in the api-server (``plugins/recsys_plugin.py``)."""
 
 from __future__ import annotations
 
-import socket
 from datetime import datetime
 
 import pytest
@@ -15,6 +14,7 @@ from run_history import daily_runs, write_runs
 from recsys.core import db, redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
+from recsys.local.services import free_port
 from recsys.pipeline.stages import PipelineResult, run_pipeline
 from recsys.serving.lookup import create_app
 
@@ -31,12 +31,6 @@ def client(settings: Settings) -> TestClient:
 
 def _live_user(settings: Settings) -> str:
     return redis_keys.redis_client(settings).hrandfield(redis_keys.layout(settings).live("user_recs"))
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_user_lookup_returns_the_live_entry(published: PipelineResult, settings: Settings, client: TestClient):
@@ -124,7 +118,7 @@ def test_product_labels_come_from_the_shop_catalogue(settings: Settings, client:
 
 
 def test_product_labels_with_the_database_down_are_503_without_its_address(settings: Settings):
-    port = _closed_port()
+    port = free_port()
     # built anew, not model_copy: the copy would keep the cached require_database_url
     down = Settings(_env_file=None, database_url=f"postgresql://postgres@127.0.0.1:{port}/shop", redis_url=settings.redis_url)
     client = TestClient(create_app(lambda: down))
@@ -190,7 +184,7 @@ def test_page_is_a_self_contained_form(client: TestClient):
 
 
 def test_unreachable_redis_is_503_without_its_address(settings: Settings):
-    port = _closed_port()
+    port = free_port()
     down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0"})
     client = TestClient(create_app(lambda: down), raise_server_exceptions=False)
 
@@ -249,9 +243,9 @@ def test_plugin_app_serves_the_live_version_to_a_logged_in_user(
 
     if via_connection:
         monkeypatch.setenv("AIRFLOW_CONN_RECSYS_REDIS", recsys_env.redis_url)
-        monkeypatch.setenv("RECSYS_REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
+        monkeypatch.setenv("RECSYS_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
         monkeypatch.setenv("AIRFLOW_CONN_RECSYS_DB", recsys_env.database_url)
-        monkeypatch.setenv("RECSYS_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{_closed_port()}/shop")
+        monkeypatch.setenv("RECSYS_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{free_port()}/shop")
     token = init_auth_manager().generate_jwt(SimpleAuthManagerUser(username="viewer", role="viewer"))
     # the Airflow UI's session cookie: the page in the UI's iframe is same-origin
     client = TestClient(_recsys_plugin_app()["app"], cookies={"_token": token})
