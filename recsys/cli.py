@@ -353,12 +353,24 @@ def versions_command(as_json: Annotated[bool, typer.Option("--json", help="One J
     if not found:
         hint = stages.recovery_hint(settings)
         raise _fail(RecsysError(f"no version under prefix {settings.redis_prefix!r}" + (f"; {hint}" if hint else "")))
-    table = Table("role", "version", "data end", "published at", "users", "expires in", "complete")
-    for info in found:
-        expires = "never" if info.ttl_seconds < 0 else f"{info.ttl_seconds / 3600:.1f} h"
-        table.add_row(info.role, info.version, info.data_end, info.published_at, str(info.counts.get("users")),
-                      expires, "yes" if info.complete else "NO")
-    console.print(table)
+    headers = ("role", "version", "data end", "published at", "users", "expires in", "complete")
+    rows = [
+        (info.role, info.version, info.data_end or "?", info.published_at or "?", str(info.counts.get("users")),
+         "never" if info.ttl_seconds < 0 else f"{info.ttl_seconds / 3600:.1f} h", "yes" if info.complete else "NO")
+        for info in found
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+    if sum(widths) + 3 * len(widths) + 1 <= console.width:
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return
+    # too narrow for the table: one block per version, so no version name or date is ever cut
+    for row in rows:
+        console.print(f"{row[0]} {row[1]}", highlight=False, soft_wrap=True)
+        for name, value in zip(headers[2:], row[2:], strict=True):
+            console.print(f"  {name}: {value}", highlight=False, soft_wrap=True)
 
 
 @app.command("rollback")

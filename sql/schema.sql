@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS recommendation_rules (
     scope_category   TEXT,              -- pin only: the category's lists (?category=) instead of the main list
     segment          TEXT,              -- only users in this segment (user_segments)
     rank             INTEGER CHECK (rank BETWEEN 1 AND 100),
-    factor           DOUBLE PRECISION CHECK (factor > 0),
+    factor           DOUBLE PRECISION CHECK (factor >= 0.001 AND factor <= 1000),
     valid_from       TIMESTAMPTZ,
     valid_until      TIMESTAMPTZ,
     note             TEXT,

@@ -102,13 +102,40 @@ class KeyLayout:
         return f"{self.tag}:*"
 
 
+# A pooled connection to a Redis that restarted is stale: its first command fails with "Connection
+# closed by server". Retried once on a new connection, that is no outage; a Redis that is really
+# down fails the retry too, at once (connection refused). Connection errors only: a timed-out
+# write may have been applied, and must not be applied twice.
+RETRIED_ERRORS = [redis.ConnectionError]
+
+
 def redis_client(settings: Settings) -> redis.Redis:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     return redis.Redis.from_url(
         settings.require_redis_url,
         decode_responses=True,
         socket_timeout=30,
         socket_connect_timeout=5,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=RETRIED_ERRORS,
+    )
+
+
+def async_redis_client(settings: Settings, socket_timeout: float = 5, connect_timeout: float = 2) -> aioredis.Redis:
+    """The asyncio client of the API and the look-up page (the same retry of a stale connection)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return aioredis.Redis.from_url(
+        settings.require_redis_url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=RETRIED_ERRORS,
     )
 
 

@@ -32,6 +32,9 @@ KINDS: tuple[str, ...] = get_args(RuleKind)
 MAX_PIN_RANK = 100
 MAX_TEXT_LENGTH = 128  # ids, categories, attributes, segments: the API's id limit
 MAX_NOTE_LENGTH = 500
+# a boost or bury multiplies float32 scores: beyond this a factor stops ordering and starts
+# overflowing (inf, then NaN in the diversity re-ranking) or flushing scores to 0
+MAX_FACTOR = 1000.0
 # what a rule decides about order, as opposed to what it keeps out: a published list is still
 # right after an order-free change (it is filtered when read), not after an order change
 ORDERING_KINDS = ("pin", "boost", "bury")
@@ -83,10 +86,10 @@ class Rule:
             problems.append(f"only pins have a rank ({self.kind} got rank {self.rank})")
         if self.scope_category is not None and self.kind != "pin":
             problems.append("only pins are scoped to a category's lists")
-        if self.kind == "boost" and not (self.factor is not None and self.factor > 1):
-            problems.append(f"a boost needs a factor > 1, got {self.factor!r}")
-        if self.kind == "bury" and not (self.factor is not None and 0 < self.factor < 1):
-            problems.append(f"a bury needs a factor in (0, 1), got {self.factor!r}")
+        if self.kind == "boost" and not (self.factor is not None and 1 < self.factor <= MAX_FACTOR):
+            problems.append(f"a boost needs a factor > 1 and at most {MAX_FACTOR:g}, got {self.factor!r}")
+        if self.kind == "bury" and not (self.factor is not None and 1 / MAX_FACTOR <= self.factor < 1):
+            problems.append(f"a bury needs a factor below 1 and at least {1 / MAX_FACTOR:g}, got {self.factor!r}")
         if self.kind in ("pin", "exclude") and self.factor is not None:
             problems.append(f"a {self.kind} has no factor")
         for name in ("valid_from", "valid_until"):
@@ -169,7 +172,15 @@ _COLUMNS = ("rule_id", "kind", "product_id", "category", "attribute", "attribute
 
 
 def _rule(row: tuple) -> Rule:
-    return Rule(**dict(zip(_COLUMNS, row, strict=True)))
+    values = dict(zip(_COLUMNS, row, strict=True))
+    try:
+        return Rule(**values)
+    except InputError as error:
+        # stored before a check existed (or by hand): name it, so the operator can remove it
+        raise InputError(
+            f"stored rule {values['rule_id']} is not valid ({str(error).removeprefix('invalid rule: ')}); "
+            f"remove it with `recsys rules remove {values['rule_id']}` and add it again"
+        ) from None
 
 
 def _missing_table() -> InputError:

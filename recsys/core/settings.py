@@ -8,7 +8,6 @@ a password.
 from __future__ import annotations
 
 import re
-from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -104,7 +103,7 @@ class Settings(BaseSettings):
         default=300.0, ge=0, description="Clock drift allowed: a run's window, or an API event's timestamp, may be this far after now"
     )
 
-    @cached_property
+    @property
     def require_database_url(self) -> str:
         if not self.database_url:
             raise RuntimeError(
@@ -113,7 +112,7 @@ class Settings(BaseSettings):
             )
         return self.database_url
 
-    @cached_property
+    @property
     def require_redis_url(self) -> str:
         if not self.redis_url:
             raise RuntimeError(
@@ -134,6 +133,11 @@ class Settings(BaseSettings):
     )
     api_public_reads: bool = Field(default=False, description="Serve GET endpoints without a key")
     api_write_rate: int = Field(default=6000, ge=1, description="Events per minute each write key may POST")
+    api_max_body_bytes: int = Field(
+        default=64 * 1024, ge=4096,
+        description="Largest request body accepted; a larger one is answered 413 before it is read or parsed "
+        "(a cart of 100 ids of 128 characters is about 13 KB)",
+    )
     api_refresh_retry_seconds: float = Field(
         default=5, gt=0, description="How often lists left stale while Redis was down are retried"
     )

@@ -21,7 +21,7 @@ from functools import cached_property
 
 import numpy as np
 
-from recsys.core.rules import Rule, RuleSnapshot
+from recsys.core.rules import MAX_FACTOR, Rule, RuleSnapshot
 
 INACTIVE = "inactive"  # why a product is kept out when no rule, but the catalogue, says so
 
@@ -99,12 +99,14 @@ class Merchandising:
     def _compile(self, segments: frozenset[str]) -> UserRules:
         rules = tuple(r for r in self.snapshot.rules if r.segment is None or r.segment in segments)
         blocked = self.inactive.copy()
-        factors = np.ones(self.n_items, dtype=np.float32)
+        factors = np.ones(self.n_items, dtype=np.float64)
         for rule in rules:
             if rule.kind == "exclude":
                 blocked[self._targets[rule.rule_id]] = True
             elif rule.kind in ("boost", "bury"):
-                factors[self._targets[rule.rule_id]] *= np.float32(rule.factor)
+                factors[self._targets[rule.rule_id]] *= rule.factor
+        # each factor is bounded (MAX_FACTOR); so is their product, to stay a finite float32 score
+        factors = np.clip(factors, MAX_FACTOR**-2, MAX_FACTOR**2).astype(np.float32)
         pins: list[Pin] = []
         category_pins: dict[str, list[Pin]] = {}
         for rule in rules:
@@ -187,9 +189,13 @@ def place_pins_in_list(ranked: list[int], pins: Sequence[Pin], n: int, unavailab
 
 def trace(
     merchandising: Merchandising, user_rules: UserRules, before: list[int], after: list[int], category: str | None,
+    published: tuple[Merchandising, UserRules] | None = None,
 ) -> list[dict]:
     """Why the rules moved products: ``before`` is the list ranked without rules, ``after`` the
-    one answered (both item indices, best first). One entry per product a rule touched."""
+    one answered (both item indices, best first). One entry per product a rule touched.
+    ``published``: the rules the answered list was published with, when it is a published list
+    (a product those rules left out stays out of it until the next publish, whatever rules are in
+    force now)."""
     entries = []
     rank_before = {item: r + 1 for r, item in enumerate(before)}
     rank_after = {item: r + 1 for r, item in enumerate(after)}
@@ -205,9 +211,16 @@ def trace(
             continue
         gone = {"item": item, "rank_before": rank_before[item], "rank_after": None}
         reason = merchandising.exclusion_reason(user_rules, item)
+        at_publish = None if published is None else published[0].exclusion_reason(published[1], item)
         if reason is not None:
             kind = "inactive" if reason == INACTIVE else "exclude"
             entries.append({**gone, "rule_id": None if reason == INACTIVE else reason, "kind": kind, "effect": "removed"})
+        elif at_publish is not None:
+            why = "inactive in the catalogue then" if at_publish == INACTIVE else f"rule {at_publish}, no longer in force,"
+            entries.append({
+                **gone, "rule_id": None if at_publish == INACTIVE else at_publish, "kind": "excluded_at_publish",
+                "effect": f"left out of the published list: {why} excluded it at publish; listed again after the next publish",
+            })
         else:
             entries += _scored(merchandising, user_rules, item, gone) or [
                 {**gone, "rule_id": None, "kind": "displaced", "effect": "pushed below the list by pinned or boosted products"}

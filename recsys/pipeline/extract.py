@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from recsys.core import db, ids
 from recsys.core.errors import EmptyWindowError, NoValidDataError
 from recsys.core.ids import IdTypes
+from recsys.core.interaction_rules import NAN_VALUE, NEGATIVE_VALUE, NON_POSITIVE_PURCHASE, PURCHASE, absurd_value
 from recsys.core.layout import EXTRACT_REPORT, INTERACTIONS, OLDER_NEGATIVES, PRODUCTS
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
@@ -245,13 +246,14 @@ def _validation_rules(
             f"unknown event_type (known: {', '.join(known_event_types.to_pylist())})",
             lambda t: pc.invert(pc.is_in(t["event_type"], value_set=known_event_types)),
         ),
-        ("NaN value", lambda t: pc.is_nan(t["value"])),
-        ("negative value", lambda t: pc.less(t["value"], 0)),
+        # the same reasons, in the same order, as interaction_rules.value_problem (the events API)
+        (NAN_VALUE, lambda t: pc.is_nan(t["value"])),
+        (NEGATIVE_VALUE, lambda t: pc.less(t["value"], 0)),
         (
-            "purchase quantity <= 0",
-            lambda t: pc.and_(pc.equal(t["event_type"], "purchase"), pc.less_equal(t["value"], 0)),
+            NON_POSITIVE_PURCHASE,
+            lambda t: pc.and_(pc.equal(t["event_type"], PURCHASE), pc.less_equal(t["value"], 0)),
         ),
-        (f"absurd value (> max_value={params.max_value:g})", lambda t: pc.greater(t["value"], params.max_value)),
+        (absurd_value(params.max_value), lambda t: pc.greater(t["value"], params.max_value)),
         (
             f"occurred_at after the window end or in the future (> {latest.isoformat()})",
             lambda t: pc.greater(t["occurred_at_us"], latest_us),

@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from recsys.core import redis_keys
@@ -92,6 +93,51 @@ def _unavailable(what: str) -> Callable[[Request, Exception], JSONResponse]:
         return JSONResponse(status_code=503, content={"detail": f"{what} is unavailable; try again later"})
 
     return handler
+
+
+class BodySizeLimit:
+    """Refuses a request body over ``max_bytes`` with 413 before anything reads or parses it: by its
+    Content-Length at once, else (chunked) as soon as the bytes received pass the limit. A worker
+    never spends its time on a body it would refuse."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        received, started, refused = 0, False, False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received <= self.max_bytes:
+                return message
+            if not started and not refused:
+                refused = True
+                await self._refuse(send)
+            # to the app the client is gone: it stops reading, and what it would answer is dropped
+            return {"type": "http.disconnect"}
+
+        async def send_unless_refused(message: Message) -> None:
+            nonlocal started
+            if not refused:
+                started = True
+                await send(message)
+
+        await self.app(scope, limited_receive, send_unless_refused)
+
+    async def _refuse(self, send: Send) -> None:
+        detail = f"The request body is larger than {self.max_bytes} bytes (RECSYS_API_MAX_BODY_BYTES)"
+        await JSONResponse(status_code=413, content={"detail": detail})({"type": "http"}, _no_body, send)
+
+
+async def _no_body() -> Message:
+    return {"type": "http.request", "body": b"", "more_body": False}
 
 
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -176,6 +222,7 @@ def create_api(settings: Settings) -> FastAPI:
     )
     app.state.service = svc
     app.state.api_keys = api_keys
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     _add_local_docs(app)
     # GET endpoints need a read (or write) key unless the operator made reads public
     read_access = [] if settings.api_public_reads else [Security(require_scope("read"))]
@@ -213,7 +260,7 @@ def create_api(settings: Settings) -> FastAPI:
         responses={
             200: {"model": EventAccepted, "description": "A retry: this event_id was stored before, nothing new is"},
             202: {"model": EventPending, "description": "Stored; the list is refreshed once Redis is back"},
-            **{status: ERRORS[status] for status in (401, 403, 404, 409, 422, 429)},
+            **{status: ERRORS[status] for status in (401, 403, 404, 409, 413, 422, 429)},
         },
     )
     async def create_event(
@@ -262,7 +309,7 @@ def create_api(settings: Settings) -> FastAPI:
 
     @app.post(
         "/carts/recommendations", response_model=CartRecommendations, dependencies=read_access,
-        responses={**read_errors, 422: ERRORS[422]},
+        responses={**read_errors, 413: ERRORS[413], 422: ERRORS[422]},
     )
     async def post_cart(cart: CartIn, svc: Service) -> CartRecommendations:
         """Products that complement a cart as a whole (read-only: a read key, like the GET routes).
@@ -309,10 +356,18 @@ def create_api(settings: Settings) -> FastAPI:
 
     @app.get("/health/ready", response_model=Health)
     async def health_ready(svc: Service) -> Health:
-        """Redis answers and a version is live."""
+        """Redis answers and a version is live (503 otherwise). `degraded` while the merchandising
+        rules cannot be read from the shop database."""
         version = await svc.live_version()
         if version is None:
             raise NothingLive
+        if svc.rules_read_problem is not None:
+            live = await svc.model_for(version)
+            _, source = svc.rules_in_force(live)
+            applied = {"published": "the rules the live version was published with",
+                       "database": "the rules read last", "none": "no rules"}[source]
+            detail = f"merchandising rules not read: {svc.rules_read_problem}; applying {applied}"
+            return Health(status="degraded", version=version, detail=detail)
         return Health(status="ok", version=version)
 
     return app

@@ -59,7 +59,13 @@ def record_event(settings: Settings, user_id: str, event: EventIn, occurred_at: 
         if inserted is not None:
             return Stored.NEW
         stored = conn.execute(db.sql_text(settings, "event_by_id"), {"event_id": event_id}).fetchone()
-    return Stored.REPLAYED if tuple(stored) == (user_id, product_id, event.event_type, event.value) else Stored.ID_REUSED
+    same = tuple(stored[:3]) == (user_id, product_id, event.event_type) and _counted(stored[3]) == _counted(event.value)
+    return Stored.REPLAYED if same else Stored.ID_REUSED
+
+
+def _counted(value: float | None) -> float:
+    """A value as the pipeline counts it: null is 1, so a retry sending 1 for a stored null is the same event."""
+    return 1.0 if value is None else float(value)
 
 
 def mark_refresh_pending(settings: Settings, user_id: str) -> None:

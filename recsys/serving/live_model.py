@@ -4,6 +4,7 @@ Redis has live, loaded once per version (``load_live_model``) and shared read-on
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,7 @@ from recsys.core import ids
 from recsys.core.ids import IdTypes, id_out
 from recsys.core.layout import EXCLUDE, FULL, ITEMS, USERS, published_artifacts
 from recsys.core.params import PipelineParams
-from recsys.core.rules import NO_RULES_FINGERPRINT
+from recsys.core.rules import NO_RULES_FINGERPRINT, RuleSnapshot
 from recsys.core.settings import Settings
 from recsys.ml.als import load_factors
 from recsys.ml.diversity import unit_rows
@@ -49,6 +50,8 @@ class LiveModel:
     confidence: sp.csr_matrix  # the weights the model was fitted on: what explanations decompose
     unit_item_factors: np.ndarray  # item factors scaled to length 1: cosines for diversity re-ranking
     rules_fingerprint: str  # the ordering rules its published lists were made with
+    # the rules (and inactive products) its publish applied; None for versions from before they were recorded
+    published_rules: RuleSnapshot | None
 
     def product_out(self, index: int) -> ProductId:
         return id_out(self.id_types.product)(self.item_ids[index])
@@ -95,4 +98,5 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         unit_item_factors=unit_rows(model.item_factors),
         # versions from before rules were published with none
         rules_fingerprint=meta.get("rules_fingerprint", NO_RULES_FINGERPRINT),
+        published_rules=RuleSnapshot.from_dict(json.loads(meta["rules_snapshot"])) if "rules_snapshot" in meta else None,
     )

@@ -82,12 +82,22 @@ class RuleEffect(BaseModel):
     rank_before: int | None = Field(description="Rank in the list ranked without rules (null: not in it)")
     rank_after: int | None = Field(description="Rank in the answered list (null: not in it)")
     rule_id: int | None = Field(description="The rule behind it (null: inactive in the catalogue, or displaced)")
-    kind: Literal["pin", "boost", "bury", "exclude", "inactive", "displaced"]
+    kind: Literal["pin", "boost", "bury", "exclude", "inactive", "displaced", "excluded_at_publish"] = Field(
+        description="excluded_at_publish: missing from a published list because the rules or catalogue of its "
+        "publish left it out, though nothing in force now does; back after the next publish"
+    )
     effect: str
 
 
 class RulesTrace(BaseModel):
-    rules_read: bool = Field(description="false until the API process has read the rules once (or without a database)")
+    rules_read: bool = Field(
+        description="Whether this API process' last read of the rules from the shop database succeeded"
+    )
+    rules_source: Literal["database", "published", "none"] = Field(
+        description="Where the applied rules come from: the API's own read of the shop database, or (while that "
+        "read fails, or is older) the rules the live version was published with; none: no rules known"
+    )
+    rules_taken_at: str | None = Field(default=None, description="When the applied rules were read (ISO 8601)")
     published_with: str = Field(description="Fingerprint of the ordering rules the live version's lists were made with")
     in_force_fingerprint: str | None = None
     segments: list[str] = Field(default_factory=list, description="The user's segments that rules name")
@@ -196,8 +206,12 @@ class ModelInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded: answers are served, but the merchandising rules could not be read from the shop "
+        "database: the rules the live version was published with (or the last read, if newer) apply"
+    )
     version: str | None = None
+    detail: str | None = Field(default=None, description="What is degraded")
 
 
 class Problem(BaseModel):
@@ -341,6 +355,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     403: {"model": Problem, "description": "The API key's scope does not allow this (writes need a write key)"},
     404: {"model": Problem, "description": "Unknown user, product or category"},
     409: {"model": Problem, "description": "The event_id names another, already stored event"},
+    413: {"model": Problem, "description": "The request body is over RECSYS_API_MAX_BODY_BYTES (default 64 KiB)"},
     422: {"model": Problem, "description": "Invalid input; the message says which"},
     429: {"model": Problem, "description": "This key's writes are over RECSYS_API_WRITE_RATE a minute; see Retry-After"},
     503: {"model": Problem, "description": "Redis or the database unreachable, or no version live yet"},

@@ -16,7 +16,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import psycopg
-import redis.asyncio as aioredis
 from fastapi import Depends, Header, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
@@ -25,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from recsys.core import ids, redis_keys
 from recsys.core.errors import InputError
+from recsys.core.interaction_rules import value_problem
 from recsys.core.params import PipelineParams
 from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
@@ -92,6 +92,9 @@ if KEYS[3] then found[3] = redis.call('SMEMBERS', KEYS[3]) end
 return found
 """
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+# where the rules applied to an answer come from: this process' read of the shop database, the
+# live version's publish (the database could not be read since, or not yet), or nowhere
+RulesSource = Literal["database", "published", "none"]
 # KEYS: live meta, live bought_together, live similar_products; ARGV: product ids. The version and
 # both lists of every cart product in one atomic step, so all come from the same live version.
 CART_LISTS = """
@@ -107,9 +110,7 @@ class RecsysService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = redis_keys.layout(settings)
-        self.redis = aioredis.Redis.from_url(
-            settings.require_redis_url, decode_responses=True, socket_timeout=5, socket_connect_timeout=2
-        )
+        self.redis = redis_keys.async_redis_client(settings)
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="recsys-rank")
         self.write_limiter = WriteRateLimiter(self.redis, self.keys, settings.api_write_rate)
         self._live: LiveModel | None = None
@@ -119,8 +120,11 @@ class RecsysService:
         self._cart_lists = self.redis.register_script(CART_LISTS)
         self._loading = asyncio.Lock()
         # the merchandising rules in force, re-read every RECSYS_RULES_REFRESH_SECONDS; None until
-        # first read (the published lists carry the rules of their publish meanwhile)
+        # first read. Whenever it is missing or older, the rules the live version was published
+        # with apply instead: never fewer exclusions than the published lists were made with
         self.rule_snapshot: RuleSnapshot | None = None
+        # why the last read of the rules failed (None: it succeeded), for /health/ready
+        self.rules_read_problem: str | None = "not read yet" if settings.database_url else None
         self._merchandising: tuple[str, RuleSnapshot, Merchandising] | None = None
         # set while users may wait for a list refresh (at start: a previous process may have left some)
         self.refreshes_due = asyncio.Event()
@@ -154,9 +158,17 @@ class RecsysService:
                 self._live = await self.run(load_live_model, meta, self.settings)
             return self._live
 
+    def rules_in_force(self, live: LiveModel) -> tuple[RuleSnapshot | None, RulesSource]:
+        """The newer of the rules this process read and those the live version was published with."""
+        read, published = self.rule_snapshot, live.published_rules
+        if published is not None and (read is None or read.taken_at < published.taken_at):
+            return published, "published"
+        return read, "database" if read is not None else "none"
+
     def merchandising(self, live: LiveModel) -> Merchandising | None:
         """The rules in force compiled for the live catalogue (once per version and rule read)."""
-        snapshot, cached = self.rule_snapshot, self._merchandising
+        snapshot, _ = self.rules_in_force(live)
+        cached = self._merchandising
         if snapshot is None:
             return None
         if cached is None or cached[0] != live.version or cached[1] is not snapshot:
@@ -377,16 +389,27 @@ async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> Use
 async def _rules_trace(
     svc: RecsysService, live: LiveModel, user_id: str, merchandising: Merchandising | None, rules: UserRules | None,
     scoring: Scoring, blocked: list[int], category: str | None, diversity_lambda: float, answered: list[int],
+    ranked_on_request: bool,
 ) -> dict:
-    """``debug=rules``: the rules in force for this user and, per product a rule touched, its rank
-    in the list ranked without rules and in the answered one."""
-    if merchandising is None or rules is None:
-        return {"rules_read": False, "published_with": live.rules_fingerprint, "in_force": [], "applied": []}
-    before = await _ranked(svc, live, scoring, blocked, category, len(answered), diversity_lambda, [], None)
-    applied = trace(merchandising, rules, before, answered, category)
-    return {
-        "rules_read": True,
+    """``debug=rules``: the rules in force for this user, where they come from and, per product a
+    rule touched, its rank in the list ranked without rules and in the answered one."""
+    snapshot, source = svc.rules_in_force(live)
+    read = {
+        "rules_read": svc.settings.database_url is not None and svc.rules_read_problem is None,
+        "rules_source": source,
+        "rules_taken_at": None if snapshot is None else snapshot.taken_at.isoformat(),
         "published_with": live.rules_fingerprint,
+    }
+    if merchandising is None or rules is None:
+        return {**read, "in_force": [], "applied": []}
+    published = None
+    if not ranked_on_request and live.published_rules is not None:
+        at_publish = Merchandising(live.published_rules, live.item_ids, live.category)
+        published = (at_publish, at_publish.for_user(user_id))
+    before = await _ranked(svc, live, scoring, blocked, category, len(answered), diversity_lambda, [], None)
+    applied = trace(merchandising, rules, before, answered, category, published)
+    return {
+        **read,
         "in_force_fingerprint": merchandising.fingerprint,
         "segments": sorted(merchandising.segments_of(user_id)),
         "in_force": [{"rule_id": rule.rule_id, "rule": rule.describe()} for rule in rules.rules],
@@ -424,7 +447,7 @@ async def user_recommendations(
             scoring = scoring or await _scoring(svc, live, user_id, source)
             body["rules"] = await _rules_trace(
                 svc, live, user_id, merchandising, rules, scoring, _indices(live, excluded), category,
-                live.params.diversity_lambda if diversity_lambda is None else diversity_lambda, listed[:count],
+                live.params.diversity_lambda if diversity_lambda is None else diversity_lambda, listed[:count], ranked,
             )
         return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
@@ -590,8 +613,9 @@ async def post_event(svc: RecsysService, user_id: str, event: EventIn, event_id:
             f"event_type {event.event_type!r} is neither weighted nor negative feedback in the live version; "
             f"use one of: {known}"
         )
-    if event.value is not None and event.value > params.max_value:
-        raise _unprocessable(f"value {event.value} is above max_value {params.max_value}: treated as a data error")
+    problem = value_problem(event.event_type, event.value, params.max_value)
+    if problem is not None:
+        raise _unprocessable(f"body.value {event.value:g} of a {event.event_type!r} event: {problem} (the extract drops such rows)")
     max_skew = timedelta(seconds=svc.settings.max_clock_skew_seconds)
     occurred_at = _event_time(event, params, max_skew, datetime.now(UTC))
     stored = await svc.run(record_event, svc.settings, user_id, event, occurred_at, event_id)
@@ -663,20 +687,31 @@ async def refresh_pending_lists_when_due(svc: RecsysService) -> None:
             svc.refreshes_due.set()
 
 
+FALLBACK = "applying the newer of the last rules read and those the live version was published with"
+
+
 async def refresh_rules_periodically(svc: RecsysService) -> None:
     """Background task of each API process: re-read the rules in force, the inactive products and
-    the segments every RECSYS_RULES_REFRESH_SECONDS. While the database is away the last read stays."""
-    reported = False
+    the segments every RECSYS_RULES_REFRESH_SECONDS. While they cannot be read, answers apply the
+    newer of the last read and the live version's published rules (``rules_in_force``), and
+    /health/ready says degraded."""
+    reported: str | None = None
     while True:
         try:
             svc.rule_snapshot = await svc.run(take_snapshot, svc.settings)
-            reported = False
-        except InputError as error:  # no rules table yet: the published lists' rules stand
-            if not reported:
-                log.error("%s; served lists keep the rules they were published with", error)
-                reported = True
-        except psycopg.OperationalError as error:
-            log.warning("rules not re-read (database unavailable): %s", type(error).__name__)
-        except Exception:
-            log.exception("rules not re-read; retrying")
+            if svc.rules_read_problem is not None and reported is not None:
+                log.warning("merchandising rules read again from the shop database")
+            svc.rules_read_problem, reported = None, None
+        except Exception as error:  # noqa: BLE001 - every failure keeps the fallback; how it is told differs
+            if isinstance(error, InputError):  # e.g. no rules table yet: the operator's message
+                problem = str(error)
+            elif isinstance(error, psycopg.OperationalError):
+                problem = f"the shop database is unavailable ({type(error).__name__})"
+            else:
+                problem = f"{type(error).__name__} (see the log)"
+                log.exception("merchandising rules not read")
+            svc.rules_read_problem = problem
+            if reported != problem:  # once per kind of failure, not every refresh
+                log.warning("merchandising rules not read: %s; %s", problem, FALLBACK)
+                reported = problem
         await asyncio.sleep(svc.settings.rules_refresh_seconds)

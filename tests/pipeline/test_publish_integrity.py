@@ -4,6 +4,7 @@ version at all times, nothing left without a TTL, kept versions bounded, rollbac
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -258,14 +259,22 @@ def test_rollback_checks_bought_together_and_accepts_a_version_from_before_it(se
 
 
 def test_cli_versions_rollback_and_a_future_end(recsys_env, demo_loaded, window_end):
-    def recsys(*args):
-        return subprocess.run([sys.executable, "-m", "recsys", *args], capture_output=True, text=True, timeout=300)
+    def recsys(*args, columns: int = 200):
+        env = {**os.environ, "COLUMNS": str(columns)}
+        return subprocess.run([sys.executable, "-m", "recsys", *args], capture_output=True, text=True, timeout=300, env=env)
 
     small = ["-p", "max_map_drop=1.0"]
     assert recsys("run", "--end", (window_end - timedelta(days=1)).isoformat(), *small).returncode == 0
     assert recsys("run", "--end", window_end.isoformat(), *small).returncode == 0
     listed = recsys("versions")
     assert listed.returncode == 0 and "kept" in listed.stdout and "live" in listed.stdout
+    # in a narrow terminal no version name or date is cut
+    found = versions.versions(redis_client(recsys_env), layout(recsys_env))
+    for columns in (60, 200):
+        shown = recsys("versions", columns=columns).stdout
+        assert max(len(line) for line in shown.splitlines()) <= columns, shown
+        for info in found:
+            assert info.version in shown and info.data_end in shown and info.published_at in shown, shown
 
     future = recsys("run", "--end", (datetime.now(UTC) + timedelta(days=3)).isoformat(), *small)
     assert future.returncode == 1

@@ -223,7 +223,7 @@ def test_similar_top_buys_model_and_health(published: dict, settings: Settings, 
     model = client.get("/model").json()
     assert model["version"] == published["version"] and set(model["metrics"]) == {"model", "popularity"}
     assert "model_path" not in model
-    assert client.get("/health/live").json() == {"status": "ok", "version": None}
+    assert client.get("/health/live").json() == {"status": "ok", "version": None, "detail": None}
     assert client.get("/health/ready").json()["version"] == published["version"]
 
 
@@ -239,7 +239,11 @@ def test_similar_top_buys_model_and_health(published: dict, settings: Settings, 
         ("get", "/top-buys?category=nope", None, 404, "Unknown category 'nope'"),
         ("post", "/users/1/events", {"product_id": 1, "event_type": "wishlist"}, 422, "use one of"),
         ("post", "/users/1/events", {"product_id": 1, "event_type": "view", "value": -1}, 422, "body.value"),
-        ("post", "/users/1/events", {"product_id": 1, "event_type": "view", "value": 1e9}, 422, "max_value"),
+        ("post", "/users/1/events", {"product_id": 1, "event_type": "view", "value": 1e9}, 422,
+         "body.value 1e+09 of a 'view' event: absurd value (> max_value=1000)"),
+        # what the extract would drop as invalid, in its words: never stored
+        ("post", "/users/1/events", {"product_id": 1, "event_type": "purchase", "value": 0}, 422,
+         "body.value 0 of a 'purchase' event: purchase quantity <= 0 (the extract drops such rows)"),
         ("post", "/users/1/events", {"product_id": "no-such-product", "event_type": "view"}, 404, "not in the catalogue"),
         ("post", "/users/1/events", {"product_id": 1, "event_type": "view", "timestamp": "2999-01-01T00:00:00Z"}, 422, "future"),
         ("post", "/users/1/events", {"product_id": 1, "event_type": "view", "color": "red"}, 422, "body.color"),
@@ -358,6 +362,31 @@ def test_openapi_schema_holds_and_nothing_is_a_server_error(served: str):
     no_server_error()
 
 
+def test_a_body_over_the_limit_is_refused_before_it_is_read(served: str):
+    """413 by the declared length while most of the body is still unsent, and for a chunked body
+    once the bytes received pass the limit; a body within the limit is served as before."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(served).hostname, urlsplit(served).port
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(b"POST /carts/recommendations HTTP/1.1\r\nHost: x\r\nX-API-Key: " + READ_KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 20000000\r\n\r\n{\"product_ids\": [")
+        status_line = sock.recv(4096).split(b"\r\n", 1)[0]
+    assert status_line == b"HTTP/1.1 413 Request Entity Too Large", status_line
+
+    def chunks():
+        yield b'{"product_ids": ['
+        for _ in range(2_000):
+            yield b"1," * 5_000
+        yield b"1]}"
+
+    chunked = httpx.post(f"{served}/carts/recommendations", content=chunks(), headers=READER, timeout=30)
+    assert chunked.status_code == 413 and "RECSYS_API_MAX_BODY_BYTES" in chunked.json()["detail"]
+    small = httpx.post(f"{served}/carts/recommendations", json={"product_ids": [1]}, headers=READER, timeout=30)
+    assert small.status_code == 200, small.text
+
+
 # --- security: keys and scopes, rate limit, idempotency, durability ----------------------------
 
 
@@ -472,6 +501,10 @@ def test_a_retried_event_is_stored_once(published: dict, settings: Settings, cli
     assert (by_header.status_code, header_retry.status_code) == (201, 200)
     assert reused.status_code == 409 and "order-7-line-1" in reused.json()["detail"]
     assert disagreeing.status_code == 422 and "Idempotency-Key" in disagreeing.json()["detail"]
+    # a null value counts as 1: a retry spelling it out is the same event
+    spelled_out = client.post("/users/900007/events", json={**event, "value": 1})
+    assert (spelled_out.status_code, spelled_out.json()["replayed"]) == (200, True)
+    assert client.post("/users/900007/events", json={**event, "value": 2}).status_code == 409
     assert _events_of(settings, "900007") == [
         (str(products[0]), "purchase", "order-7-line-1"), (str(products[0]), "purchase", "order-7-line-2")
     ]
@@ -587,6 +620,29 @@ def test_event_posted_while_redis_is_down_is_stored_and_reaches_the_list(
     assert pending_while_down == [user_id]
     assert event["product_id"] not in after["recommended_products"], "just bought: out of the refreshed list"
     assert after["recommended_products"] != before["recommended_products"]
+
+
+def test_the_first_requests_after_a_redis_restart_are_answered(
+    settings: Settings, demo_loaded, window_end: datetime, own_redis: OwnRedis
+):
+    """Pooled connections to the Redis that went away are stale: each is retried on a new
+    connection, not reported as an outage (503 is only for a Redis that is down)."""
+    own = with_keys(settings, redis_url=own_redis.url)
+    run_pipeline(own, window_end, PipelineParams())
+    user_id = _live_user(own)
+    product = _stored(own, user_id)["recommended_products"][0]
+    paths = [f"/users/{user_id}/recommendations", f"/products/{product}/similar", "/top-buys", "/model", "/health/ready"]
+
+    with TestClient(create_api(own), headers=READER) as client:
+        assert [client.get(path).status_code for path in paths] == [200] * len(paths)  # every pooled connection used
+        cart = client.post("/carts/recommendations", json={"product_ids": [product]})
+        assert cart.status_code == 200
+        own_redis.stop()
+        own_redis.start()
+        after_restart = [client.get(path).status_code for path in paths]
+        cart_after = client.post("/carts/recommendations", json={"product_ids": [product]}).status_code
+
+    assert after_restart == [200] * len(paths) and cart_after == 200
 
 
 def test_rate_limit_still_counts_while_redis_is_down():

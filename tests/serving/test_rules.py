@@ -189,6 +189,72 @@ def test_rule_windows_segments_and_boosts(client: TestClient, published: Setting
     assert status[later.rule_id].valid_from > now and status[expired.rule_id].valid_until < now
 
 
+def test_an_api_that_cannot_read_the_rules_applies_those_of_the_live_version(
+    published: Settings, window_end: datetime, tmp_path
+):
+    """Started while the shop database is unreachable, the API applies the exclusions and inactive
+    products the live version was published with on every path ranked on request, and says so."""
+    settings = published
+    lists = _published_lists(settings)
+    counts: dict[str, int] = {}
+    for listed in lists.values():
+        for product in listed[:3]:
+            counts[str(product)] = counts.get(str(product), 0) + 1
+    excluded, inactive = sorted(counts, key=counts.get, reverse=True)[:2]  # the most listed products
+    rule = add_rule(settings, Rule("exclude", product_id=excluded))
+    with db.connect(settings) as conn:
+        conn.execute("UPDATE products SET active = false WHERE product_id = %s", (inactive,))
+        categories = [c for (c,) in conn.execute("SELECT DISTINCT category FROM products WHERE category IS NOT NULL")]
+    run_pipeline(settings, window_end + timedelta(hours=1), PipelineParams())
+    with db.connect(settings) as conn:  # back on sale: still out of everything the live version answers
+        conn.execute("UPDATE products SET active = true WHERE product_id = %s", (inactive,))
+    hidden = {excluded, inactive}
+
+    from recsys.local.services import free_port
+
+    unreachable = settings.model_copy(update={
+        "database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/test", "api_keys": f"write:{KEY}",
+        "rules_refresh_seconds": REFRESH_SECONDS,
+    })
+    users = sorted(_published_lists(settings))[:15]
+    with TestClient(create_api(unreachable), headers={"X-API-Key": KEY}) as client:
+        answers = []
+        for user_id in users:
+            for params in ({"n": 30, "offset": 5}, {"diversity_lambda": 0}, {"n": 100}, {}):
+                answers.append(_recs(client, user_id, **params)["recommended_products"])
+        for product in list(counts)[:15]:
+            similar = client.get(f"/products/{product}/similar", params={"n": 50})
+            if similar.status_code == 200:
+                answers.append(similar.json()["similar_products"])
+        for category in [None, *categories]:
+            answers.append(client.get("/top-buys", params={"n": 100, **({"category": category} if category else {})})
+                           .json()["top_buys"])
+        cart = client.post("/carts/recommendations", json={"product_ids": [int(p) for p in list(counts)[2:6]], "n": 100})
+        answers.append(cart.json()["recommended_products"])
+        health = client.get("/health/ready").json()
+        traced = _recs(client, users[0], debug="rules")["rules"]
+
+    assert len(answers) > 70
+    assert not [answer for answer in answers if hidden & {str(p) for p in answer}]
+    assert health["status"] == "degraded"
+    assert "the shop database is unavailable" in health["detail"]
+    assert "the rules the live version was published with" in health["detail"]
+    assert (traced["rules_read"], traced["rules_source"]) == (False, "published")
+    assert traced["in_force"] == [{"rule_id": rule.rule_id, "rule": f"exclude product {excluded}"}]
+
+    # the rule deleted since: the published list still lacks the product, and says why
+    assert runner.invoke(app, ["rules", "remove", str(rule.rule_id)]).exit_code == 0
+    ok = settings.model_copy(update={"api_keys": f"write:{KEY}", "rules_refresh_seconds": REFRESH_SECONDS})
+    with TestClient(create_api(ok), headers={"X-API-Key": KEY}) as client:
+        _until(lambda: client.get("/health/ready").json()["status"] == "ok")
+        user_id = next(u for u in users if _recs(client, u, debug="rules")["rules"]["applied"])
+        traced = _recs(client, user_id, debug="rules")["rules"]
+    assert traced["rules_source"] == "database"
+    left_out = [e for e in traced["applied"] if str(e["product_id"]) == excluded]
+    assert left_out and left_out[0]["kind"] == "excluded_at_publish" and left_out[0]["rule_id"] == rule.rule_id
+    assert "no longer in force" in left_out[0]["effect"] and "pushed below" not in left_out[0]["effect"]
+
+
 def test_bad_rules_get_one_line_naming_the_problem(published: Settings):
     def refused(*args: str) -> str:
         done = runner.invoke(app, ["rules", *args])
@@ -197,6 +263,10 @@ def test_bad_rules_get_one_line_naming_the_problem(published: Settings):
 
     assert "product 'no-such' is not in the catalogue" in refused("add", "pin", "--product", "no-such", "--rank", "1")
     assert "a boost needs a factor > 1" in refused("add", "boost", "--category", "x", "--factor", "0.5")
+    # inf and 1e39 overflow float32 scores: NaN on request, an exclusion at publish
+    for factor in ("inf", "1e39"):
+        assert "at most 1000" in refused("add", "boost", "--product", "1", "--factor", factor)
+    assert "at least 0.001" in refused("add", "bury", "--product", "1", "--factor", "1e-39")
     assert "no product of the catalogue has category 'no-such'" in refused("add", "exclude", "--category", "no-such")
     assert "no rule with id 999999" in refused("remove", "999999")
     # as a user runs it: one line on stderr, no traceback
@@ -206,6 +276,20 @@ def test_bad_rules_get_one_line_naming_the_problem(published: Settings):
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == ["error: product 'no-such' is not in the catalogue (products table)"]
+
+
+def test_a_stored_rule_the_checks_refuse_stops_publish_naming_it(published: Settings, window_end: datetime):
+    """A rule stored before its checks existed (an infinite boost) is named, not applied."""
+    settings = published
+    with db.connect(settings) as conn:
+        conn.execute("ALTER TABLE recommendation_rules DROP CONSTRAINT recommendation_rules_factor_check")
+        (rule_id,) = conn.execute(
+            "INSERT INTO recommendation_rules (kind, product_id, factor) VALUES ('boost', '1', 'Infinity') RETURNING rule_id"
+        ).fetchone()
+    live = versions.versions(redis_keys.redis_client(settings), redis_keys.layout(settings))[0].version
+    with pytest.raises(InputError, match=f"stored rule {rule_id} is not valid .*at most 1000, got inf.*recsys rules remove {rule_id}"):
+        run_pipeline(settings, window_end + timedelta(days=1), PipelineParams())
+    assert versions.versions(redis_keys.redis_client(settings), redis_keys.layout(settings))[0].version == live
 
 
 def test_the_look_up_page_explains_a_list_as_the_api_does_and_names_the_rules(client: TestClient, published: Settings):

@@ -540,6 +540,8 @@ def finish_publish(
                 "counts": _dumps(counts),
                 "id_types": _dumps(staging.id_types.to_dict()),
                 "rules_fingerprint": staging.rules().ordering_fingerprint(),
+                # what the API applies while it cannot read the rules itself: never less than this
+                "rules_snapshot": _dumps(staging.rules().to_dict()),
             }
             if artifacts_key is not None:
                 meta["artifacts_key"] = artifacts_key
