@@ -12,7 +12,11 @@ trial (its fault, then the retry of the interrupted work) it checks (docs/reliab
 - I4 rerunning the interrupted work succeeds and goes live;
 - I5 a reader polling the HTTP API only ever sees one whole version, and no 5xx but 503;
 - I6 the live version applies the lab's merchandising rules (a pin and an exclude, added before
-  the first publish): its meta carries their fingerprint and no live list holds the excluded product.
+  the first publish): its meta carries their fingerprint, no live list holds the excluded product,
+  and no answer of the API does (deeper pages, lists ranked on request, similar products, top buys
+  by category, carts), also while the API cannot reach PostgreSQL;
+- I7 a product a user gave negative feedback on through the API is never served to that user again
+  once the API acknowledged it, across the publishes that switch versions meanwhile.
 
 Trial ``i`` of seed ``S`` is fully determined by ``(S, i)`` (the fault kind is ``i`` modulo the
 kinds, the random points come from ``Random(f"{S}:{i}")``), so ``--seed S --first-trial i
@@ -25,6 +29,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -53,8 +59,11 @@ KINDS = (
     "staging_expiry",
     "redis_restart_between_tasks",
     "postgres_kill_mid_copy",
+    "postgres_unreachable_from_api",
+    "negative_feedback_during_publish",
 )
 PREFIX = "chaos"
+WRITE_KEY = "chaos-lab-write-key"
 SHARDS = 3
 LOCK_TTL_SECONDS = 2.0  # short, so a killed publisher's lock lapses within a trial
 PROCESS_TIMEOUT = 180
@@ -117,6 +126,98 @@ class RedisServer:
             with suppress(subprocess.TimeoutExpired):
                 self.process.wait(10)
         self.kill()
+
+
+class TcpProxy:
+    """Forwards a loopback port to PostgreSQL for the lab's API processes, so the lab can cut them off
+    (a network partition: open connections reset, new ones reset as they arrive) and heal them,
+    while publishers keep reaching the database directly."""
+
+    def __init__(self, target: tuple[str, int] | Path) -> None:
+        self.target = target  # a TCP address, or the path of a Unix socket
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._cut = False
+        threading.Thread(target=self._accept, daemon=True, name="chaos-proxy").start()
+
+    def url(self, database_url: str) -> str:
+        """``database_url`` (TCP or a Unix socket) as reached through the proxy."""
+        from psycopg.conninfo import conninfo_to_dict
+
+        parts = conninfo_to_dict(database_url)
+        return f"postgresql://{parts.get('user', 'postgres')}@127.0.0.1:{self.port}/{parts.get('dbname', 'postgres')}"
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            for sock in self._open:
+                _reset(sock)
+            self._open.clear()
+
+    def heal(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with self._lock:
+                cut = self._cut
+            if cut:
+                _reset(client)
+                continue
+            try:
+                if isinstance(self.target, Path):
+                    server = socket.socket(socket.AF_UNIX)
+                    server.connect(str(self.target))
+                else:
+                    server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _reset(client)
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._open |= {client, server}
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with self._lock:
+            for sock in (source, sink):
+                if sock in self._open:
+                    self._open.discard(sock)
+                    with suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _postgres_address(database_url: str) -> tuple[str, int] | Path:
+    """Where a PostgreSQL URL connects: host and port, or (embedded PostgreSQL) its Unix socket."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(database_url)
+    host = parts.get("host", "127.0.0.1")
+    if host.startswith("/"):
+        return next(path for path in Path(host).glob(".s.PGSQL.*") if path.suffix != ".lock")
+    return host, int(parts.get("port", 5432))
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a reset, as a dropped network path looks to the peer (and no FIN_WAIT is left)."""
+    with suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 # --- the runs publishers work on ----------------------------------------------------------------------
@@ -234,6 +335,7 @@ class Lab:
         log("starting redis-server and PostgreSQL of the lab")
         self.redis.start()
         database_url = services.start_postgres(self.workdir / "pg")
+        self.db_proxy = TcpProxy(_postgres_address(database_url))
         self.settings = Settings(
             _env_file=None,
             database_url=database_url,
@@ -254,8 +356,11 @@ class Lab:
             "RECSYS_PUBLISH_LOCK_TTL_SECONDS": str(LOCK_TTL_SECONDS),
             "RECSYS_PUBLISH_LOCK_WAIT_SECONDS": "120",
             "RECSYS_API_PUBLIC_READS": "true",
-            "RECSYS_API_KEYS": "write:chaos-lab-write-key",
+            "RECSYS_API_KEYS": f"write:{WRITE_KEY}",
         }
+        # the API processes reach PostgreSQL through the lab's proxy (cut by a fault kind) and
+        # re-read the rules every second
+        self.api_env = {**self.env, "RECSYS_DATABASE_URL": self.db_proxy.url(database_url), "RECSYS_RULES_REFRESH_SECONDS": "1"}
         db.create_schema(self.settings)
         self._load_shop(log)
         self._prepare_runs(log)
@@ -272,6 +377,11 @@ class Lab:
             first, second = (p for (p,) in conn.execute(
                 "SELECT product_id FROM products WHERE active ORDER BY product_id LIMIT 2"
             ))
+            self.categories = [c for (c,) in conn.execute("SELECT DISTINCT category FROM products WHERE category IS NOT NULL")]
+            # products whose pages and carts the I6 probes read: the most interacted with
+            self.probe_products = [p for (p,) in conn.execute(
+                "SELECT product_id FROM interactions GROUP BY product_id ORDER BY count(*) DESC LIMIT 6"
+            )]
         add_rule(self.settings, Rule("exclude", product_id=first, note="chaos lab: I6"))
         add_rule(self.settings, Rule("pin", product_id=second, rank=1, note="chaos lab: I6"))
         self.excluded_product = first
@@ -295,34 +405,43 @@ class Lab:
 
         return stages.plan_run(self.settings, self.runs[name].end, self.runs[name].params(), use_tuned=False)
 
-    def _start_api(self, log: Callable[[str], None]) -> None:
+    def start_api(self, label: str) -> tuple[subprocess.Popen, str]:
+        """A `recsys serve` process reaching PostgreSQL through the lab's proxy; returns it and its URL
+        once it answers."""
         import httpx
-        import pyarrow.parquet as pq
 
         from recsys.local.services import free_port
 
-        port = free_port()
-        log(f"starting `recsys serve` on port {port}")
-        self.api_log = (self.workdir / "api.log").open("w")
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "recsys", "serve", "--port", str(port)],
-            env=self.env, stdout=self.api_log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            with suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health/live", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline or self.api.poll() is not None:
-                raise RuntimeError(f"`recsys serve` did not start; see {self.workdir / 'api.log'}")
-            time.sleep(0.2)
-        # a user every prepared version has a list for
+        log_path = self.workdir / f"{label}.log"
+        for _ in range(3):  # a free port may be taken by an outgoing connection before the API binds it
+            port = free_port()
+            api = subprocess.Popen([sys.executable, "-m", "recsys", "serve", "--port", str(port)],
+                                   env=self.api_env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while api.poll() is None and time.monotonic() < deadline:
+                with suppress(httpx.HTTPError):
+                    if httpx.get(f"{url}/health/live", timeout=2).status_code == 200:
+                        return api, url
+                time.sleep(0.2)
+            api.kill()
+            api.wait()
+            if "Address already in use" not in log_path.read_text():
+                break
+        raise RuntimeError(f"`recsys serve` did not start; see {log_path}")
+
+    def _start_api(self, log: Callable[[str], None]) -> None:
+        import pyarrow.parquet as pq
+
+        log("starting `recsys serve`")
+        self.api, self.api_url = self.start_api("api")
+        # users every prepared version has a list for: the reader's, and those I6 and I7 probe
         users = None
         for name in ("initial", "a", "b"):
             ids = set(pq.read_table(self.plan(name).paths.matrix / USERS)["id"].to_pylist())
             users = ids if users is None else users & ids
-        self.reader = Reader(url, sorted(users)[0])
+        self.users = sorted(users)
+        self.reader = Reader(self.api_url, self.users[0])
         self.reader.start()
 
     def close(self) -> None:
@@ -337,6 +456,8 @@ class Lab:
                 self.api.wait(10)
             self.api.kill()
         self.redis.stop()
+        if hasattr(self, "db_proxy"):
+            self.db_proxy.close()
         with suppress(Exception):
             services.stop_postgres(self.workdir / "pg")
 
@@ -413,6 +534,11 @@ class Lab:
         """I6: the live version was made with the lab's rules."""
         return rules_problems(self.client, self.keys, self.rules_fingerprint, self.excluded_product)
 
+    def check_served_rules(self, url: str | None = None) -> list[str]:
+        """I6 as the API answers: no path serves the excluded product."""
+        return served_rule_problems(url or self.api_url, self.users[1:6], self.probe_products, self.categories,
+                                    self.excluded_product)
+
     def check_end(self) -> list[str]:
         """I2, and the new high-water mark."""
         from recsys.pipeline.publish.versions import live_data_end
@@ -440,6 +566,37 @@ def rules_problems(client, keys, fingerprint: str, excluded_product: str) -> lis
             if excluded_product in {str(p) for p in decode_entry(raw)[field_name]}:
                 problems.append(f"I6: {structure}[{owner}] lists excluded product {excluded_product}")
                 break
+    return problems
+
+
+def served_rule_problems(url: str, users: list[str], products: list[str], categories: list[str],
+                         excluded_product: str) -> list[str]:
+    """I6 as an API at ``url`` answers: ``excluded_product`` is on no path that reads a published
+    list or ranks one on request (deeper pages, score order, similar products, top buys by
+    category, a cart). A 503 is no violation (I5 allows it while Redis is down)."""
+    import httpx
+
+    requests = [("GET", f"/users/{user}/recommendations", {"params": params})
+                for user in users for params in ({"n": 30, "offset": 5}, {"diversity_lambda": 0}, {})]
+    requests += [("GET", f"/products/{product}/similar", {"params": {"n": 50}}) for product in products]
+    requests += [("GET", "/top-buys", {"params": {"n": 100, **({"category": c} if c else {})}}) for c in [None, *categories]]
+    requests += [("POST", "/carts/recommendations", {"json": {"product_ids": products[:4], "n": 100}})]
+    problems = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for method, path, options in requests:
+            try:
+                response = client.request(method, path, **options)
+            except httpx.HTTPError as error:
+                problems.append(f"I5: {method} {path} did not answer: {type(error).__name__}")
+                continue
+            if response.status_code != 200:
+                if response.status_code >= 500 and response.status_code != 503:
+                    problems.append(f"I5: {method} {path} answered {response.status_code}: {response.text[:200]}")
+                continue
+            body = response.json()
+            listed = next(body[name] for name in ("recommended_products", "similar_products", "top_buys") if name in body)
+            if excluded_product in {str(p) for p in listed}:
+                problems.append(f"I6: {method} {path} {options} served the excluded product {excluded_product}")
     return problems
 
 
@@ -695,6 +852,85 @@ def _wait_for_postgres(lab: Lab) -> None:
         time.sleep(0.2)
 
 
+def trial_postgres_unreachable_from_api(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    """The API processes lose PostgreSQL (their refresh of the rules fails; a new API starts
+    without ever reading them) while a publish, which still reaches it, switches versions. Every
+    answer of both must keep the excluded product out, before and after the switch."""
+    import httpx
+
+    run = _other(lab)
+    lab.db_proxy.cut()
+    fresh = None
+    try:
+        publisher = lab.publisher(run)
+        fresh, url = lab.start_api("api-without-db")
+        time.sleep(rng.uniform(0, 1.5))  # the running API's refresh (every second) fails meanwhile
+        outcome.violations += lab.check_served_rules(url) + lab.check_served_rules()
+        code, _, stderr = lab.finish(publisher)
+        outcome.violations += _clean_failure(code, stderr)
+        outcome.landed = code == 0  # a version switched while the APIs were cut off
+        if code != 0:
+            outcome.violations.append(f"I4: the publish of run {run} failed (exit {code}): {stderr.strip()[-300:]}")
+        # the switched version, applied by APIs that still cannot read the rules
+        outcome.violations += lab.check_served_rules(url) + lab.check_served_rules()
+        health = httpx.get(f"{url}/health/ready", timeout=10).json()
+        if health.get("status") != "degraded" or "published with" not in (health.get("detail") or ""):
+            outcome.violations.append(f"I6: an API that never read the rules says {health}")
+        outcome.notes.append(f"database cut off from the APIs; publisher exit {code}; new API: {health.get('status')}")
+    finally:
+        lab.db_proxy.heal()
+        if fresh is not None:
+            fresh.kill()
+            fresh.wait()
+
+
+def trial_negative_feedback_during_publish(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    """Users dislike a product of their list (through the API) while a publish switches versions:
+    once acknowledged, it is never served to them again (I7)."""
+    import httpx
+
+    run = _other(lab)
+    publisher = lab.publisher(run)
+    disliked: dict[str, set[str]] = {}
+
+    def served(client: httpx.Client, user: str) -> list[tuple[dict, list]]:
+        answers = []
+        for params in ({}, {"n": 30}, {"diversity_lambda": 0}):
+            response = client.get(f"/users/{user}/recommendations", params=params)
+            if response.status_code == 200:
+                answers.append((params, [str(p) for p in response.json()["recommended_products"]]))
+        return answers
+
+    def check(client: httpx.Client, when: str) -> None:
+        for user, products in disliked.items():
+            for params, listed in served(client, user):
+                if products & set(listed):
+                    outcome.violations.append(f"I7: {when}, user {user} was served {sorted(products & set(listed))} "
+                                              f"({params}) after disliking it")
+
+    with httpx.Client(base_url=lab.api_url, timeout=30, headers={"X-API-Key": WRITE_KEY}) as client:
+        for user in rng.sample(lab.users[6:], 6):
+            time.sleep(rng.uniform(0, 0.3))
+            answers = served(client, user)
+            if not answers:
+                continue
+            product = answers[0][1][0]
+            posted = client.post(f"/users/{user}/events", json={"product_id": int(product) if product.isdigit() else product,
+                                                                 "event_type": "dislike"})
+            if posted.status_code not in (200, 201, 202):
+                outcome.violations.append(f"I7: the dislike of user {user} was refused: {posted.status_code} {posted.text[:200]}")
+                continue
+            disliked.setdefault(user, set()).add(product)
+            check(client, "during the publish")
+        outcome.landed = publisher.poll() is None
+        code, _, stderr = lab.finish(publisher)
+        outcome.violations += _clean_failure(code, stderr)
+        if code != 0:
+            outcome.violations.append(f"I4: the publish of run {run} failed (exit {code}): {stderr.strip()[-300:]}")
+        check(client, "after the switch")
+    outcome.notes.append(f"{sum(map(len, disliked.values()))} dislikes posted; publisher exit {code}")
+
+
 TRIALS: dict[str, Callable[[Lab, Random, Outcome], None]] = {
     "redis_kill_mid_publish": trial_redis_kill_mid_publish,
     "publisher_kill": trial_publisher_kill,
@@ -704,6 +940,8 @@ TRIALS: dict[str, Callable[[Lab, Random, Outcome], None]] = {
     "staging_expiry": trial_staging_expiry,
     "redis_restart_between_tasks": trial_redis_restart_between_tasks,
     "postgres_kill_mid_copy": trial_postgres_kill_mid_copy,
+    "postgres_unreachable_from_api": trial_postgres_unreachable_from_api,
+    "negative_feedback_during_publish": trial_negative_feedback_during_publish,
 }
 
 
@@ -715,6 +953,7 @@ def _check_invariants(lab: Lab, outcome: Outcome) -> None:
     outcome.violations += lab.check_end()
     outcome.violations += [f"I3: {key} has no TTL" for key in keys_without_ttl(lab.client, lab.keys)]
     outcome.violations += lab.check_rules()
+    outcome.violations += lab.check_served_rules()
     time.sleep(0.1)  # the reader's answers to the last state
     outcome.violations += [f"I5: {problem}" for problem in lab.reader.take_problems()]
     if lab.api.poll() is not None:
@@ -794,7 +1033,8 @@ def chaos_command(
     """Inject faults into real servers of its own and check the publish invariants after each trial.
 
     Faults: SIGKILLed Redis, publishers and shard workers, racing publishers, expired staging keys,
-    an emptied Redis, a killed PostgreSQL COPY. Exit 1 on any violation.
+    an emptied Redis, a killed PostgreSQL COPY, PostgreSQL cut off from the API, negative feedback
+    posted during publishes. Exit 1 on any violation.
     """
 
     def log(line: str) -> None:
