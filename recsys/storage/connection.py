@@ -1,0 +1,131 @@
+"""The one way to reach the cache Redis: a URL, a single node or a cluster, sync or asyncio.
+
+- ``redis://[user:password@]host:port/db`` (``rediss://`` with TLS, ``unix://``): one node.
+- ``redis+cluster://[user:password@]host:port[,host:port…]`` (``rediss+cluster://`` with TLS), or
+  Gorse's spelling ``redis+cluster://host:port?addr=host2:port&addr=host3:port``: a Redis Cluster,
+  reached through redis-py's ``RedisCluster`` from these seed nodes (it discovers the rest).
+
+Both kinds retry a command once on a connection error: a pooled connection to a node that
+restarted, or a node that failed over, is stale, and its first command fails with "Connection
+closed by server" although the cache is up. A node that is really down fails the retry too, at
+once. Timeouts are not retried: a timed-out write may have been applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+
+from recsys.core.redact import mask_url
+
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+# what a caller may treat as "the cache is unavailable now" (503, retry later), never a bug
+UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.BusyLoadingError,
+)
+StorageError = redis.RedisError
+ScriptError = redis.ResponseError
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    nodes: tuple[tuple[str, int], ...]
+    tls: bool
+    options: dict[str, Any] = field(default_factory=dict)  # username, password
+
+
+def cluster_target(url: str) -> ClusterTarget | None:
+    """The seed nodes of a ``redis+cluster://`` URL; None for a single-node URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in CLUSTER_SCHEMES:
+        return None
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    addresses = [a for a in netloc.split(",") if a] + parse_qs(parts.query).get("addr", [])
+    if not addresses:
+        raise ValueError(f"the cluster URL {mask_url(url)} names no host:port")
+    nodes = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"the cluster URL {mask_url(url)} has {address!r}, not host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    options = {}
+    if "@" in parts.netloc:
+        credentials = parts.netloc.rsplit("@", 1)[0]
+        user, _, password = credentials.partition(":")
+        options = {"username": unquote(user) or None, "password": unquote(password) or None}
+    return ClusterTarget(tuple(nodes), CLUSTER_SCHEMES[parts.scheme], options)
+
+
+def _retry_options(retry_class: type) -> dict[str, Any]:
+    return {"retry": retry_class(NoBackoff(), 1), "retry_on_error": [redis.ConnectionError]}
+
+
+def sync_client(url: str, socket_timeout: float = 30, connect_timeout: float = 5) -> redis.Redis | RedisCluster:
+    """A blocking client (pipeline stages, the CLI, tests); responses decoded as text."""
+    from redis.retry import Retry
+
+    common = {"decode_responses": True, "socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
+    target = cluster_target(url)
+    if target is None:
+        return redis.Redis.from_url(url, health_check_interval=30, **common, **_retry_options(Retry))
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+        ssl=target.tls,
+        **target.options,
+        **common,
+        **_retry_options(Retry),
+    )
+
+
+def async_client(url: str, socket_timeout: float = 5, connect_timeout: float = 2) -> aioredis.Redis | AsyncRedisCluster:
+    """An asyncio client (the API, the look-up page); responses decoded as text."""
+    from redis.asyncio.retry import Retry
+
+    common = {"decode_responses": True, "socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
+    target = cluster_target(url)
+    if target is None:
+        return aioredis.Redis.from_url(url, **common, **_retry_options(Retry))
+    return AsyncRedisCluster(
+        startup_nodes=[AsyncClusterNode(host, port) for host, port in target.nodes],
+        ssl=target.tls,
+        **target.options,
+        **common,
+        **_retry_options(Retry),
+    )
+
+
+def is_cluster(client: Any) -> bool:
+    return isinstance(client, RedisCluster | AsyncRedisCluster)
+
+
+def answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether the Redis (or every seed of the cluster) at ``url`` answers PING now."""
+    try:
+        client = sync_client(url, socket_timeout=timeout, connect_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (*UNAVAILABLE, redis.exceptions.RedisClusterException):
+        return False
+
+
+def used_memory(client: redis.Redis | RedisCluster) -> int:
+    """Bytes the server (every primary, for a cluster) uses."""
+    if is_cluster(client):
+        return sum(int(info["used_memory"]) for info in client.info("memory", target_nodes=RedisCluster.PRIMARIES).values())
+    return int(client.info("memory")["used_memory"])
