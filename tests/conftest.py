@@ -118,7 +118,7 @@ def bare_path(tmp_path: Path) -> str:
 
 # fixtures that reach a real server, and test modules that start servers of their own
 SERVER_FIXTURES = {"service_urls", "settings", "recsys_env", "demo_loaded", "airflow_db"}
-SERVER_MODULES = {"test_chaos", "test_cli_and_demo", "test_bench_serve", "test_bench_speed", "test_dag"}
+SERVER_MODULES = {"test_chaos", "test_cli_and_demo", "test_bench_serve", "test_bench_speed", "test_dag", "test_cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
