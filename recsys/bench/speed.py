@@ -56,12 +56,15 @@ import scipy.sparse as sp
 import typer
 from rich.console import Console
 
-from recsys.core import db, redis_keys
+from recsys import storage
+from recsys.core import db
 from recsys.core.layout import EXCLUDE, FACTORS_FULL, FULL, TRAIN
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.local import services
 from recsys.local.demo import DemoShop, load_demo
+from recsys.storage import floors, reads
+from recsys.storage.connection import used_memory
 
 console = Console(stderr=True)
 SCORING_BLOCK = 4_096
@@ -280,36 +283,21 @@ def redis_py_write_floor(settings: Settings, value_bytes: int, fields: int) -> f
     values of ``value_bytes`` HSET into one scratch hash under the bench's prefix through
     redis-py + hiredis, in publish's shape (fields per HSET, HSETs per round trip), with no
     payload to build. The hash is removed afterwards."""
-    from recsys.pipeline.publish.stage import HSET_CHUNK, HSETS_PER_ROUND_TRIP
+    from recsys.storage.builds import HSET_CHUNK, HSETS_PER_ROUND_TRIP
 
-    client = redis_keys.redis_client(settings)
-    key = redis_keys.layout(settings).live("bench-write-floor")
-    names = [str(number) for number in range(fields)]
-    value = b"v" * max(1, value_bytes)
-    try:
-        start = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
-        for number, first in enumerate(range(0, fields, HSET_CHUNK), start=1):
-            chunk = names[first : first + HSET_CHUNK]
-            pairs = [value] * (2 * len(chunk))
-            pairs[0::2] = chunk
-            pipe.hset(key, items=pairs)
-            if number % HSETS_PER_ROUND_TRIP == 0:
-                pipe.execute()
-        pipe.execute()
-        return _rate(fields, time.perf_counter() - start)
-    finally:
-        client.unlink(key)
+    client, keys = storage.connect(settings)
+    seconds = floors.hset_seconds(client, f"{keys.tag}:bench-write-floor", value_bytes, fields, HSET_CHUNK, HSETS_PER_ROUND_TRIP)
+    return _rate(fields, seconds)
 
 
 def redis_benchmark_set_rps(redis_url: str, value_bytes: int, requests: int) -> float:
     """``redis-benchmark -t set -P 16`` on the same server; its one key is removed afterwards
     unless it existed before."""
-    import redis
+    from recsys.storage.connection import sync_client
 
     url = urllib.parse.urlparse(redis_url)
     database = int((url.path or "/0").strip("/") or 0)
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     existed = bool(client.exists(REDIS_BENCHMARK_KEY))
     command = ["redis-benchmark", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379),
                "--dbnum", str(database), "-t", "set", "-P", "16", "-c", "50", "-n", str(requests),
@@ -325,43 +313,25 @@ def redis_benchmark_set_rps(redis_url: str, value_bytes: int, requests: int) -> 
 
 
 def redis_payload(settings: Settings, sample: int = 20_000) -> dict:
-    """Live user hash: MEMORY USAGE (every field), fields, raw field + value bytes (sampled), and
-    what the sampled users would take as one plain key each."""
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    key = keys.live("user_recs")
-    fields = client.hlen(key)
-    usage = client.memory_usage(key, samples=0) or 0
+    """Live user lists: MEMORY USAGE (every field, every bucket), fields, raw field + value bytes
+    (sampled), and what the sampled users would take as one plain key each."""
+    client, keys = storage.connect(settings)
+    live = reads.live_build(client, keys)
+    fields = live.entry_counts()["user_recs"]
+    usage = live.memory_usage("user_recs")
     pairs = []
-    for pair in client.hscan_iter(key, count=1_000):
-        pairs.append(pair)
+    for user, entry in live.entries("user_recs"):
+        pairs.append((user, json.dumps(entry, separators=(",", ":"))))
         if len(pairs) >= sample:
             break
     mean = float(np.mean([len(f.encode()) + len(v.encode()) for f, v in pairs])) if pairs else 0.0
     return {"fields": fields, "memory_usage_bytes": usage, "raw_bytes_per_user": round(mean, 1),
             "mean_value_bytes": round(mean, 1),
-            "plain_keys_bytes_per_user": plain_keys_bytes_per_user(client, f"{key}:", pairs)}
-
-
-def plain_keys_bytes_per_user(client, key_prefix: str, pairs: list[tuple[str, str]]) -> float | None:
-    """MEMORY USAGE per user had these users been written as one plain key each
-    (``<key_prefix><user id>``), the layout the user hash is measured against; removed again."""
-    names = [key_prefix + field for field, _ in pairs]
-    pipe = client.pipeline(transaction=False)
-    try:
-        for name, (_, value) in zip(names, pairs, strict=True):
-            pipe.set(name, value)
-        pipe.execute()
-        for name in names:
-            pipe.memory_usage(name, samples=0)
-        usages = pipe.execute()
-    finally:
-        for start in range(0, len(names), 1_000):
-            client.delete(*names[start : start + 1_000])
-    return round(sum(usages) / len(usages), 1) if usages else None
+            "plain_keys_bytes_per_user": floors.plain_keys_bytes_per_entry(client, f"{keys.tag}:bench-plain:", pairs)}
 
 
 def _used_memory(settings: Settings) -> int:
-    return int(redis_keys.redis_client(settings).info("memory")["used_memory"])
+    return used_memory(storage.connect(settings)[0])
 
 
 # ------------------------------------------------------------- run in fresh processes (picklable)

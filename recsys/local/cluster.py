@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import redis
+from recsys.storage.connection import NodeDown, StorageError, node_client
 
 HASH_SLOTS = 16384
 BUS_PORT_OFFSET = 10000  # redis 6.2 has no cluster-port setting: the bus is always port + 10000
@@ -102,7 +102,7 @@ class _Node:
 
     def client(self):
         if self._client is None:
-            self._client = redis.Redis(host=_HOST, port=self.port, decode_responses=True, socket_timeout=5)
+            self._client = node_client(_HOST, self.port)
         return self._client
 
     def log_tail(self, lines: int = 3) -> str:
@@ -324,7 +324,7 @@ class LocalCluster:
                 # the target first: once the source lets go, it must already accept the slot
                 for node in [target_node, source_node, *self._live_masters_except(source_node, target_node)]:
                     node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_node.node_id)
-            except redis.RedisError as error:
+            except StorageError as error:
                 raise ClusterError(
                     f"moving slot {slot} from 127.0.0.1:{source_node.port} to 127.0.0.1:{target_node.port} failed: "
                     f"{type(error).__name__}: {error} (logs {source_node.log}, {target_node.log})"
@@ -396,7 +396,7 @@ class LocalCluster:
             try:
                 node.client().ping()
                 return
-            except redis.ConnectionError:
+            except NodeDown:
                 time.sleep(0.02)
         raise ClusterError(f"{node.describe()} did not answer within {self.timeout:g} s: {node.log_tail()}")
 
@@ -433,7 +433,7 @@ class LocalCluster:
                     raise ClusterError(f"{what}: {node.describe()} exited with code {node.process.returncode}: {node.log_tail()}")
             try:
                 last = problem()
-            except redis.RedisError as error:
+            except StorageError as error:
                 last = f"{type(error).__name__}: {error}"
             if last is None:
                 return
@@ -480,7 +480,7 @@ class LocalCluster:
             if node.alive:
                 try:
                     return _parse_nodes(node.client())
-                except redis.RedisError:
+                except StorageError:
                     continue
         raise ClusterError("no node of the cluster answers")
 

@@ -24,6 +24,7 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 
+from recsys.core.errors import CACHE_UNAVAILABLE
 from recsys.core.redact import mask_url
 
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
@@ -36,8 +37,10 @@ UNAVAILABLE = (
     redis.exceptions.MasterDownError,
     redis.BusyLoadingError,
 )
+CACHE_UNAVAILABLE.extend(UNAVAILABLE)  # so error messages name Redis and what to check
 StorageError = redis.RedisError
 ScriptError = redis.ResponseError
+NodeDown = redis.ConnectionError
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,12 @@ def async_client(url: str, socket_timeout: float = 5, connect_timeout: float = 2
         **common,
         **_retry_options(Retry),
     )
+
+
+def node_client(host: str, port: int, socket_timeout: float = 5) -> redis.Redis:
+    """A plain client of one server (administration of a local cluster's nodes, a ping)."""
+    return redis.Redis(host=host, port=port, decode_responses=True, socket_timeout=socket_timeout,
+                       socket_connect_timeout=socket_timeout)
 
 
 def is_cluster(client: Any) -> bool:

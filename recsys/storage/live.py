@@ -113,34 +113,40 @@ class LiveStore:
         pointer, found = await self._read_live(read)
         return pointer, None if found is None else decode_entry(found[0])
 
-    async def entries(self, pointer: Pointer, structure: str, item_ids: list[str]) -> list[dict | None]:
-        """Several products' entries of one build: one HMGET per bucket, sent together."""
-        by_bucket: dict[str, list[str]] = defaultdict(list)
-        for item_id in item_ids:
-            by_bucket[pointer.key(structure, item_id)].append(item_id)
+    async def entries(self, build: str, buckets: int, structures: tuple[str, ...], item_ids: list[str]) -> dict[str, list[dict | None]]:
+        """Several products' entries of each structure of one build: one HMGET per bucket and
+        structure, sent together."""
+        keys = self.keys.with_buckets(buckets)
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for structure in structures:
+            for item_id in item_ids:
+                by_key[keys.data(build, bucket_of(item_id, buckets), structure)].append(item_id)
         async with self.client.pipeline(transaction=False) as pipe:
-            for key, ids in by_bucket.items():
+            for key, ids in by_key.items():
                 pipe.hmget(key, ids)
             answers = await pipe.execute()
-        found = {item_id: raw for ids, values in zip(by_bucket.values(), answers, strict=True)
+        found = {(key, item_id): raw for (key, ids), values in zip(by_key.items(), answers, strict=True)
                  for item_id, raw in zip(ids, values, strict=True)}
-        return [decode_entry(found[item_id]) for item_id in item_ids]
+        return {
+            structure: [decode_entry(found[keys.data(build, bucket_of(i, buckets), structure), i]) for i in item_ids]
+            for structure in structures
+        }
 
-    async def top_buys(self, pointer: Pointer) -> dict[str, dict]:
+    async def top_buys(self, build: str) -> dict[str, dict]:
         """Every top-buys list of the build (``all``, ``category:<name>``), read once per build."""
         cached = self._top_buys
-        if cached is None or cached[0] != pointer.build:
-            raw = await self.client.hgetall(self.keys.top_buys(pointer.build))
-            cached = self._top_buys = (pointer.build, {field: json.loads(value) for field, value in raw.items()})
+        if cached is None or cached[0] != build:
+            raw = await self.client.hgetall(self.keys.top_buys(build))
+            cached = self._top_buys = (build, {field: json.loads(value) for field, value in raw.items()})
         return cached[1]
 
-    async def write_fold_in(self, pointer: Pointer, user_id: str, entry: dict) -> bool:
+    async def write_fold_in(self, build: str, buckets: int, user_id: str, entry: dict) -> bool:
         """The user's refreshed list into the build's bucket, counted in its info; False if the
         build is gone."""
-        bucket = bucket_of(user_id, pointer.keys.buckets)
+        keys = self.keys.with_buckets(buckets)
+        bucket = bucket_of(user_id, buckets)
         added = await scripts.run_async(
-            self.client, "fold_in",
-            [pointer.keys.data(pointer.build, bucket, "user_recs"), pointer.keys.data(pointer.build, bucket, INFO)],
+            self.client, "fold_in", [keys.data(build, bucket, "user_recs"), keys.data(build, bucket, INFO)],
             [user_id, json.dumps(entry, separators=(",", ":"))],
         )
         return added != -1
@@ -163,9 +169,9 @@ class LiveStore:
             writes, _ = await pipe.execute()
         return int(writes)
 
-    async def fold_in_users(self, pointer: Pointer) -> int:
+    async def fold_in_users(self, build: str, buckets: int) -> int:
+        keys = self.keys.with_buckets(buckets)
         async with self.client.pipeline(transaction=False) as pipe:
-            for bucket in range(pointer.keys.buckets):
-                pipe.hget(pointer.keys.data(pointer.build, bucket, INFO), "fold_ins")
+            for bucket in range(buckets):
+                pipe.hget(keys.data(build, bucket, INFO), "fold_ins")
             return sum(int(value or 0) for value in await pipe.execute())
-

@@ -17,6 +17,8 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from recsys.core.errors import PublishConflictError
@@ -122,3 +124,15 @@ class SwitchLock:
             scripts.run(self.client, "release", [self.key], [self.token])
         except UNAVAILABLE:
             pass  # it lapses after its TTL
+
+
+@contextmanager
+def tune_lock(client: Any, keys: KeyLayout, ttl_seconds: float, wait_seconds: float) -> Iterator[bool]:
+    """``{p}:lock:tune`` (redis-py's lock): yields whether it was taken within ``wait_seconds``."""
+    lock = client.lock(keys.tune_lock(), timeout=ttl_seconds, blocking_timeout=wait_seconds)
+    taken = lock.acquire()
+    try:
+        yield taken
+    finally:
+        if taken:
+            lock.release()

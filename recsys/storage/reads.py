@@ -79,6 +79,13 @@ class LiveBuild:
             pipe.hget(self.keys.data(self.name, bucket, INFO), "fold_ins")
         return sum(int(value or 0) for value in pipe.execute())
 
+    def memory_usage(self, structure: str) -> int:
+        """MEMORY USAGE (every field) of a bucketed structure, summed over its buckets."""
+        pipe = self.client.pipeline(transaction=False)
+        for bucket in range(self.keys.buckets):
+            pipe.memory_usage(self.keys.data(self.name, bucket, structure), samples=0)
+        return sum(usage or 0 for usage in pipe.execute())
+
     def entry_counts(self) -> dict[str, int]:
         """Entries per bucketed structure, summed over the buckets."""
         pipe = self.client.pipeline(transaction=False)

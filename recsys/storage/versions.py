@@ -153,6 +153,8 @@ def rollback(
             builds.set_bucket_ttls(client, target_keys, target.build, remaining if remaining > 0 else builds.READER_GRACE_SECONDS)
             raise builds.refusal(error, target.version) from error
         builds.settle(client, keys)
+    # what else lost its place (the keys of a live build whose pointer was lost) gets a TTL
+    builds.sweep(client, keys, kept_ttl_seconds, lock_ttl_seconds, lock_wait_seconds)
     log.warning("rolled back: version %s is live again", target.version)
     return target.version
 
