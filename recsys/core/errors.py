@@ -52,6 +52,11 @@ class IncompleteVersionError(RecsysError):
     """A version's staged (or kept) structures do not hold what its meta records: not switched."""
 
 
+class CorruptArtifactError(RecsysError):
+    """A file downloaded from the shared artifact store is not the one its upload recorded (size or
+    sha256 differ): the stored object was damaged or replaced outside ``recsys``."""
+
+
 class RunChangedError(RecsysError):
     """Another run of the same window rebuilt an input of this stage while it ran."""
 
