@@ -299,18 +299,24 @@ def switch(
         except ScriptError as error:
             build.set_ttl(STAGING_TTL_SECONDS)
             raise refusal(error, build.version) from error
+        if is_cluster(client):
+            wait_for_replicas(client)  # the flip replicated before the replaced build gets a TTL
         settle(client, keys)
 
 
 def settle(client: Any, keys: KeyLayout) -> None:
-    """Give the bucket keys of the builds a switch replaced the TTLs it recorded (the switch lock
-    is held). Idempotent: a process dying half-way leaves the rest to the next settle."""
-    raw = client.hget(keys.pointer(), "demote")
-    if raw is None:
+    """Give the bucket keys of the builds a switch replaced the TTLs it recorded, and make sure the
+    live build's keys have none (the switch lock is held). Idempotent: a process dying half-way
+    leaves the rest to the next settle."""
+    live = pointer(client, keys)
+    if live is None:
         return
-    for build, (ttl, buckets) in json.loads(raw).items():
+    for build, (ttl, buckets) in json.loads(live.get("demote", "{}")).items():
         if buckets:
             set_bucket_ttls(client, keys.with_buckets(int(buckets)), build, int(ttl))
+    # a failover that lost a flip's replication must not leave the live build expiring
+    set_bucket_ttls(client, keys.with_buckets(int(live["buckets"])), live["build"], -1)
+    scripts.run(client, "set_ttl", [keys.meta(live["build"]), keys.top_buys(live["build"])], [-1])
     client.hdel(keys.pointer(), "demote")
 
 

@@ -13,6 +13,9 @@ once. Timeouts are not retried: a timed-out write may have been applied.
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -77,15 +80,91 @@ def _retry_options(retry_class: type) -> dict[str, Any]:
     return {"retry": retry_class(NoBackoff(), 1), "retry_on_error": [redis.ConnectionError]}
 
 
+# what a cluster answers while a master fails over or slots move; a blocking client of a cluster
+# rides through them (``FailoverRiding``) instead of failing a publish that a retry would finish
+CLUSTER_TRANSIENT = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.ReadOnlyError,
+)
+# a failover takes about 2-3 node timeouts (15 s by default in Redis): ride through well past that
+CLUSTER_RIDE_THROUGH_SECONDS = 60.0
+
+
+def _ride_through(call: Callable[[], Any]) -> Any:
+    """``call()`` again, with a growing pause, while the cluster answers with a transient error."""
+    deadline, pause = time.monotonic() + CLUSTER_RIDE_THROUGH_SECONDS, 0.05
+    while True:
+        try:
+            return call()
+        except CLUSTER_TRANSIENT:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, 0.5)
+
+
+class FailoverRiding(RedisCluster):
+    """A blocking cluster client whose commands and pipelines ride through a failover or a slot
+    migration (retried for ``CLUSTER_RIDE_THROUGH_SECONDS``). Everything recsys sends through it
+    is idempotent (HSETs of the same values, TTLs, reads, compare-and-set scripts), so a command
+    applied before its connection broke may be applied again."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return _ride_through(lambda: super(FailoverRiding, self).execute_command(*args, **kwargs))
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ReplayedPipeline:
+        if transaction:
+            raise ValueError("a cluster pipeline here is never a transaction: use a script on one slot")
+        return ReplayedPipeline(lambda: super(FailoverRiding, self).pipeline())
+
+
+class ReplayedPipeline:
+    """Records the commands of a pipeline and sends them on ``execute``; a transient cluster
+    error sends them all again on a new pipeline (see ``FailoverRiding``)."""
+
+    def __init__(self, new_pipeline: Callable[[], Any]) -> None:
+        self._new_pipeline, self._queued = new_pipeline, []
+
+    def __getattr__(self, name: str) -> Callable[..., ReplayedPipeline]:
+        def queue(*args: Any, **kwargs: Any) -> ReplayedPipeline:
+            self._queued.append((name, args, kwargs))
+            return self
+
+        return queue
+
+    def execute(self) -> list:
+        queued, self._queued = self._queued, []
+
+        def send() -> list:
+            pipe = self._new_pipeline()
+            for name, args, kwargs in queued:
+                getattr(pipe, name)(*args, **kwargs)
+            return pipe.execute()
+
+        return _ride_through(send)
+
+    def __enter__(self) -> ReplayedPipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queued = []
+
+
 def sync_client(url: str, socket_timeout: float = 30, connect_timeout: float = 5) -> redis.Redis | RedisCluster:
-    """A blocking client (pipeline stages, the CLI, tests); responses decoded as text."""
+    """A blocking client (pipeline stages, the CLI, tests); responses decoded as text. A
+    cluster's rides through failovers (``FailoverRiding``)."""
     from redis.retry import Retry
 
     common = {"decode_responses": True, "socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout}
     target = cluster_target(url)
     if target is None:
         return redis.Redis.from_url(url, health_check_interval=30, **common, **_retry_options(Retry))
-    return RedisCluster(
+    return FailoverRiding(
         startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
         ssl=target.tls,
         **target.options,

@@ -96,7 +96,7 @@ class LiveStore:
 
         async def read(pointer: Pointer) -> tuple:
             return tuple(await scripts.run_async(
-                self.client, "user_entry", [pointer.key("user_recs", user_id), self.keys.negative(user_id)], [user_id]
+                self.client, "user_entry", [pointer.key("user_recs", user_id), pointer.keys.negative(user_id)], [user_id]
             ))
 
         pointer, found = await self._read_live(read)
@@ -153,8 +153,11 @@ class LiveStore:
 
     async def remember_negatives(self, user_id: str, products: list[str], ttl_seconds: int) -> None:
         """Add to the user's negative feedback set and renew its TTL in one step (one slot): the
-        key never exists without a TTL (invariant I3)."""
-        key = self.keys.negative(user_id)
+        key never exists without a TTL (invariant I3). The set sits in the user's bucket of the
+        live build's layout, beside the user's list (a build published with another bucket
+        count starts with empty sets: docs/scaling.md)."""
+        pointer = await self.pointer()
+        key = (self.keys if pointer is None else pointer.keys).negative(user_id)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.sadd(key, *products)
             pipe.expire(key, ttl_seconds)

@@ -110,7 +110,8 @@ class SwitchLock:
 
     def __enter__(self) -> SwitchLock:
         deadline = time.monotonic() + self.wait_seconds
-        while not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms):
+        # (a SET retried after its reply was lost finds the token it set)
+        while not self.client.set(self.key, self.token, nx=True, px=self.ttl_ms) and self.client.get(self.key) != self.token:
             if time.monotonic() >= deadline:
                 raise PublishConflictError(
                     f"another publish or rollback has been switching versions for over {self.wait_seconds:.0f} s "

@@ -36,4 +36,4 @@ async def run_async(client: Any, name: str, keys: list[str], args: list) -> Any:
 
 def queue(pipe: Any, name: str, keys: list[str], args: list) -> None:
     """Add script ``name`` to a pipeline (a single node's or a cluster's, non-transactional)."""
-    pipe.eval(text(name), len(keys), *keys, *args)
+    pipe.execute_command("EVAL", text(name), len(keys), *keys, *args)
