@@ -62,6 +62,12 @@ KINDS = (
     "postgres_unreachable_from_api",
     "negative_feedback_during_publish",
 )
+# fault kinds only a cluster has (``recsys chaos --cluster`` runs them beside every kind above)
+CLUSTER_KINDS = (
+    "master_failover_mid_publish",
+    "slot_migration_mid_publish",
+    "node_down_while_serving",
+)
 PREFIX = "chaos"
 WRITE_KEY = "chaos-lab-write-key"
 SHARDS = 3
@@ -219,6 +225,40 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+class ClusterRedis:
+    """The lab's Redis as a Redis Cluster of its own (3 masters with a replica each, AOF
+    everysec, ``recsys.local.cluster``), killed and restarted whole as ``RedisServer`` is, and
+    open to the cluster's own faults (``cluster``)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from recsys.local.cluster import LocalCluster
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster = LocalCluster(masters=3, replicas=1, appendonly=True, base_dir=data_dir)
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    def start(self) -> None:
+        if self._started:
+            self.cluster.start_all(keep_data=True)
+        else:
+            self.cluster.start()
+            self._started = True
+
+    def kill(self) -> None:
+        self.cluster.kill_all()
+
+    def restart(self, keep_data: bool) -> None:
+        self.cluster.kill_all()
+        self.cluster.start_all(keep_data=keep_data)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
 # --- the runs publishers work on ----------------------------------------------------------------------
 
 
@@ -315,9 +355,9 @@ class Outcome:
 
 
 class Lab:
-    def __init__(self, workdir: Path, end: datetime) -> None:
+    def __init__(self, workdir: Path, end: datetime, cluster: bool = False) -> None:
         self.workdir, self.end = workdir, end
-        self.redis = RedisServer(workdir / "redis")
+        self.redis = ClusterRedis(workdir / "cluster") if cluster else RedisServer(workdir / "redis")
         self.runs = _runs(end)
         self.api: subprocess.Popen | None = None
         self.reader: Reader | None = None
@@ -942,6 +982,67 @@ def trial_negative_feedback_during_publish(lab: Lab, rng: Random, outcome: Outco
     outcome.notes.append(f"{sum(map(len, disliked.values()))} dislikes posted; publisher exit {code}")
 
 
+def _publish_through(lab: Lab, rng: Random, outcome: Outcome, fault: Callable[[], str]) -> None:
+    """A publish of the other run with ``fault`` (which returns what it did) struck 0-1 s after
+    the publisher took its lock: the publisher must ride through it or fail in one line, and the
+    publish (rerun if it failed) goes live."""
+    run = _other(lab)
+    publisher = lab.publisher(run)
+    lab.wait_for_key(lab.keys.owner(lab.version_of(run)))
+    time.sleep(rng.uniform(0, 1.0))
+    outcome.landed = publisher.poll() is None
+    outcome.notes.append(fault())
+    code, _, stderr = lab.finish(publisher)
+    outcome.notes.append(f"publisher exit {code}")
+    outcome.violations += _clean_failure(code, stderr)
+    if code != 0:
+        _rerun(lab, run, outcome)
+    elif lab.live_version() != lab.version_of(run):
+        outcome.violations.append(f"I4: after the publish, {lab.live_version()} is live, not {lab.version_of(run)}")
+
+
+def trial_master_failover_mid_publish(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    cluster = lab.redis.cluster
+    victim = rng.choice(cluster.masters()).port
+    how = rng.choice(["kill", "failover"])
+
+    def fault() -> str:
+        if how == "failover":
+            promoted = cluster.failover(victim)
+            return f"CLUSTER FAILOVER of master {victim} to {promoted.port}"
+        promoted = cluster.kill_master(victim)
+        cluster.restart(victim)  # back as a replica of the promoted one
+        return f"master {victim} SIGKILLed, replica {promoted.port} promoted"
+
+    _publish_through(lab, rng, outcome, fault)
+
+
+def trial_slot_migration_mid_publish(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    cluster = lab.redis.cluster
+    source, target = rng.sample(cluster.masters(), 2)
+    count = rng.randint(4, 16)
+
+    def fault() -> str:
+        moved = cluster.migrate_slots(count, source.port, target.port)
+        return f"{len(moved.slots)} slots ({moved.keys} keys) moved from {source.port} to {target.port}"
+
+    _publish_through(lab, rng, outcome, fault)
+
+
+def trial_node_down_while_serving(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    """A master goes down while the API serves (the reader polls throughout): answers for its
+    buckets are 503 until its replica is promoted, never a 500 nor a mixed version; the API's
+    answers keep the excluded product out."""
+    cluster = lab.redis.cluster
+    victim = rng.choice(cluster.masters()).port
+    cluster.kill(victim)
+    time.sleep(rng.uniform(0, 1.5))
+    outcome.violations += lab.check_served_rules()  # while down: 503 or a right answer
+    cluster.wait_ok(f"promotion after master {victim} went down")
+    cluster.restart(victim)
+    outcome.notes.append(f"master {victim} down, replica promoted, the old master back as a replica")
+
+
 TRIALS: dict[str, Callable[[Lab, Random, Outcome], None]] = {
     "redis_kill_mid_publish": trial_redis_kill_mid_publish,
     "publisher_kill": trial_publisher_kill,
@@ -953,6 +1054,9 @@ TRIALS: dict[str, Callable[[Lab, Random, Outcome], None]] = {
     "postgres_kill_mid_copy": trial_postgres_kill_mid_copy,
     "postgres_unreachable_from_api": trial_postgres_unreachable_from_api,
     "negative_feedback_during_publish": trial_negative_feedback_during_publish,
+    "master_failover_mid_publish": trial_master_failover_mid_publish,
+    "slot_migration_mid_publish": trial_slot_migration_mid_publish,
+    "node_down_while_serving": trial_node_down_while_serving,
 }
 
 
@@ -981,20 +1085,23 @@ class ChaosReport:
     seed: int
     reader_answers: dict[int, int]
 
+    cluster: bool = False
+
     def summary(self) -> dict:
         landed = Counter(o.kind for o in self.outcomes if o.landed)
-        return {"trials": self.trials, "violations": self.violations, "faults": self.faults,
+        return {"trials": self.trials, "violations": self.violations, "redis": "cluster" if self.cluster else "single",
+                "faults": self.faults,
                 "faults_landed": {kind: landed[kind] for kind in self.faults},
                 "reader_answers": {str(status): count for status, count in sorted(self.reader_answers.items())},
                 "seconds": round(self.seconds, 1)}
 
 
 @contextmanager
-def lab_running(log: Callable[[str], None], end: datetime) -> Iterator[Lab]:
+def lab_running(log: Callable[[str], None], end: datetime, cluster: bool = False) -> Iterator[Lab]:
     workdir = Path(tempfile.mkdtemp(prefix="recsys-chaos-"))
     if os.geteuid() == 0:
         workdir.chmod(0o755)  # embedded PostgreSQL runs as its own user and must enter it
-    lab = Lab(workdir, end)
+    lab = Lab(workdir, end, cluster)
     try:
         lab.start(log)
         yield lab
@@ -1004,13 +1111,15 @@ def lab_running(log: Callable[[str], None], end: datetime) -> Iterator[Lab]:
 
 
 def run_chaos(
-    trials: int, seed: int, first_trial: int = 0, kinds: tuple[str, ...] = KINDS,
-    log: Callable[[str], None] = lambda _: None,
+    trials: int, seed: int, first_trial: int = 0, kinds: tuple[str, ...] | None = None,
+    log: Callable[[str], None] = lambda _: None, cluster: bool = False,
 ) -> ChaosReport:
+    """``kinds`` default: every kind (with ``cluster``, the cluster's own kinds too)."""
+    kinds = kinds or (KINDS + CLUSTER_KINDS if cluster else KINDS)
     started = time.monotonic()
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
     outcomes = []
-    with lab_running(log, end) as lab:
+    with lab_running(log, end, cluster) as lab:
         for trial in range(first_trial, first_trial + trials):
             kind = kinds[trial % len(kinds)]
             outcome = Outcome(trial, kind)
@@ -1032,6 +1141,7 @@ def run_chaos(
         outcomes=outcomes,
         seed=seed,
         reader_answers=answers,
+        cluster=cluster,
     )
 
 
@@ -1040,18 +1150,22 @@ def chaos_command(
     seed: Annotated[int, typer.Option(help="Seed of the random fault points.")] = 1,
     first_trial: Annotated[int, typer.Option(min=0, help="Start at this trial number (to replay one).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per trial, then the summary line.")] = False,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="Redis as a cluster of its own (3 masters, a replica each), with its faults too.")
+    ] = False,
 ) -> None:
     """Inject faults into real servers of its own and check the publish invariants after each trial.
 
     Faults: SIGKILLed Redis, publishers and shard workers, racing publishers, expired staging keys,
     an emptied Redis, a killed PostgreSQL COPY, PostgreSQL cut off from the API, negative feedback
-    posted during publishes. Exit 1 on any violation.
+    posted during publishes; with --cluster also a master killed or failed over and slots migrated
+    mid-publish, and a master down while the API serves. Exit 1 on any violation.
     """
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    report = run_chaos(trials, seed, first_trial, log=log)
+    report = run_chaos(trials, seed, first_trial, log=log, cluster=cluster)
     if as_json:
         for outcome in report.outcomes:
             print(json.dumps(outcome.__dict__))

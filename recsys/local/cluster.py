@@ -288,6 +288,32 @@ class LocalCluster:
         self._wait_answers(target)
         self.wait_ok(f"restart of {target.describe()}")
 
+    def kill_all(self) -> None:
+        """SIGKILL every node at once: the whole cluster down (``start_all`` brings it back)."""
+        for node in self._nodes:
+            if node.alive:
+                node.process.kill()
+                node.process.wait()
+            if node._client is not None:
+                node._client.close()
+                node._client = None
+
+    def start_all(self, *, keep_data: bool = True) -> None:
+        """Start every node that is down on its port and ``nodes.conf``, so the cluster comes back
+        as it was; without ``keep_data`` each one's append-only file goes first (the cluster
+        comes back empty, as one without persistence does). Waits until healthy."""
+        for node in self._nodes:
+            if node.alive:
+                continue
+            if not keep_data:
+                for name in ("appendonly.aof", "appendonlydir", "dump.rdb"):
+                    path = node.directory / name
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            self._spawn(node)
+        for node in self._nodes:
+            self._wait_answers(node)
+        self.wait_ok("restart of every node")
+
     def migrate_slots(
         self,
         count: int,

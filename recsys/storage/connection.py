@@ -95,14 +95,26 @@ CLUSTER_TRANSIENT = (
 CLUSTER_RIDE_THROUGH_SECONDS = 60.0
 
 
+def _unreachable(error: BaseException) -> bool:
+    """redis-py says "no node of the cluster answers" with its base cluster exception (not a
+    RedisError): that is the cache being down, as a ConnectionError is for one node."""
+    return isinstance(error, redis.exceptions.RedisClusterException) and "cannot be connected" in str(error)
+
+
+def _as_connection_error(error: redis.exceptions.RedisClusterException) -> redis.ConnectionError:
+    converted = redis.ConnectionError(str(error))
+    converted.__cause__ = error
+    return converted
+
+
 def _ride_through(call: Callable[[], Any]) -> Any:
     """``call()`` again, with a growing pause, while the cluster answers with a transient error."""
     deadline, pause = time.monotonic() + CLUSTER_RIDE_THROUGH_SECONDS, 0.05
     while True:
         try:
             return call()
-        except CLUSTER_TRANSIENT:
-            if time.monotonic() >= deadline:
+        except (*CLUSTER_TRANSIENT, redis.exceptions.RedisClusterException) as error:
+            if time.monotonic() >= deadline or not (isinstance(error, CLUSTER_TRANSIENT) or _unreachable(error)):
                 raise
             time.sleep(pause * random.uniform(0.5, 1.5))
             pause = min(pause * 2, 0.5)
@@ -173,6 +185,49 @@ def sync_client(url: str, socket_timeout: float = 30, connect_timeout: float = 5
     )
 
 
+class AsyncCluster(AsyncRedisCluster):
+    """An asyncio cluster client that reports a cluster none of whose nodes answers as a
+    ConnectionError (503 in the API, as for a single node that is down), not as redis-py's
+    generic cluster exception. It does not ride through failovers: a request answers 503 at once
+    rather than waiting seconds."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except redis.exceptions.RedisClusterException as error:
+            if _unreachable(error):
+                raise _as_connection_error(error) from error
+            raise
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> _AsyncPipeline:
+        return _AsyncPipeline(super().pipeline(transaction=transaction, shard_hint=shard_hint))
+
+
+class _AsyncPipeline:
+    """An asyncio cluster pipeline whose execute reports an unreachable cluster as AsyncCluster does."""
+
+    def __init__(self, pipe: Any) -> None:
+        self._pipe = pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    async def execute(self, *args: Any, **kwargs: Any) -> list:
+        try:
+            return await self._pipe.execute(*args, **kwargs)
+        except redis.exceptions.RedisClusterException as error:
+            if _unreachable(error):
+                raise _as_connection_error(error) from error
+            raise
+
+    async def __aenter__(self) -> _AsyncPipeline:
+        await self._pipe.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._pipe.__aexit__(*exc_info)
+
+
 def async_client(url: str, socket_timeout: float = 5, connect_timeout: float = 2) -> aioredis.Redis | AsyncRedisCluster:
     """An asyncio client (the API, the look-up page); responses decoded as text."""
     from redis.asyncio.retry import Retry
@@ -181,7 +236,7 @@ def async_client(url: str, socket_timeout: float = 5, connect_timeout: float = 2
     target = cluster_target(url)
     if target is None:
         return aioredis.Redis.from_url(url, **common, **_retry_options(Retry))
-    return AsyncRedisCluster(
+    return AsyncCluster(
         startup_nodes=[AsyncClusterNode(host, port) for host, port in target.nodes],
         ssl=target.tls,
         **target.options,

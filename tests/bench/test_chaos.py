@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from recsys.bench.chaos import KINDS, run_chaos
+from recsys.bench.chaos import CLUSTER_KINDS, KINDS, run_chaos
 from recsys.storage import connect, versions
 from recsys.storage.reads import live_build
 
@@ -18,6 +18,17 @@ def test_every_fault_kind_keeps_the_invariants():
     assert report.violations == 0, [(o.trial, o.kind, o.violations) for o in report.outcomes if o.violations]
     assert report.reader_answers.get(200, 0) > 100  # the reader really read throughout
     assert sum(o.landed for o in report.outcomes) >= len(KINDS) * TRIALS_PER_KIND // 2  # most struck mid-work
+
+
+def test_a_cluster_keeps_the_invariants_through_its_own_faults():
+    """On a 3-master cluster of its own: a master killed or failed over and slots migrated
+    mid-publish, a master down while the API serves, and the whole cluster killed and restarted
+    (from its AOF, and empty). Every kind once is `recsys chaos --cluster --trials 13`."""
+    kinds = ("redis_kill_mid_publish", "redis_restart_between_tasks", *CLUSTER_KINDS)
+    report = run_chaos(trials=len(kinds), seed=20261204, kinds=kinds, log=print, cluster=True)
+    assert report.faults == dict.fromkeys(kinds, 1)
+    assert report.violations == 0, [(o.trial, o.kind, o.violations) for o in report.outcomes if o.violations]
+    assert report.reader_answers.get(200, 0) > 100
 
 
 @pytest.mark.parametrize(
