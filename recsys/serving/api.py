@@ -197,6 +197,9 @@ def create_api(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # a cluster client learns the slot map once, before the first burst of requests
+        with suppress(*UNAVAILABLE):
+            await svc.store.pointer(fresh=True)
         # events need the shop database: without one there is nothing to refresh
         background = (
             [asyncio.create_task(refresh_pending_lists_when_due(svc)), asyncio.create_task(refresh_rules_periodically(svc))]

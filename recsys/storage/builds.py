@@ -148,7 +148,10 @@ class Build:
         pipe.execute()
 
     def write_meta(self, meta: dict[str, str]) -> None:
-        flat = [part for item in {**meta, "buckets": self.keys.buckets}.items() for part in item]
+        """The build's meta, with its bucket count and each bucket's hash tag (what a reader in
+        another language needs to find an id's key: the tag of CRC32(id) modulo the buckets)."""
+        layout = {"buckets": self.keys.buckets, "bucket_tags": json.dumps(list(self.keys.bucket_tags))}
+        flat = [part for item in {**meta, **layout}.items() for part in item]
         scripts.run(self.client, "hset_ttl", [self.keys.meta(self.name)], [STAGING_TTL_SECONDS, *flat])
 
     def register(self) -> None:

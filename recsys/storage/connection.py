@@ -265,10 +265,3 @@ def answers(url: str, timeout: float = 1.0) -> bool:
             client.close()
     except (*UNAVAILABLE, redis.exceptions.RedisClusterException):
         return False
-
-
-def used_memory(client: redis.Redis | RedisCluster) -> int:
-    """Bytes the server (every primary, for a cluster) uses."""
-    if is_cluster(client):
-        return sum(int(info["used_memory"]) for info in client.info("memory", target_nodes=RedisCluster.PRIMARIES).values())
-    return int(client.info("memory")["used_memory"])

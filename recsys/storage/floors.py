@@ -11,26 +11,44 @@ from typing import Any
 from recsys.storage.connection import async_client
 
 
-def hset_seconds(client: Any, key: str, value_bytes: int, fields: int, chunk: int, per_round_trip: int) -> float:
-    """Seconds to HSET ``fields`` pre-built values of ``value_bytes`` into one scratch hash, in
-    publish's shape (``chunk`` fields per HSET, ``per_round_trip`` HSETs per round trip) and with
-    no payload to build; the hash is removed afterwards."""
-    names = [str(number) for number in range(fields)]
+def hset_seconds(client: Any, keys: list[str], value_bytes: int, fields: int, chunk: int, per_round_trip: int) -> float:
+    """Seconds to HSET ``fields`` pre-built values of ``value_bytes``, spread evenly over the
+    scratch hashes ``keys`` (publish's buckets), in publish's shape (``chunk`` fields per HSET,
+    ``per_round_trip`` HSETs per pipelined round trip) and with no payload to build; the hashes
+    are removed afterwards. On a cluster the round trip goes to every node holding a key."""
     value = b"v" * max(1, value_bytes)
+    share = -(-fields // len(keys))
     try:
         start = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
-        for number, first in enumerate(range(0, fields, chunk), start=1):
-            part = names[first : first + chunk]
-            pairs: list = [value] * (2 * len(part))
-            pairs[0::2] = part
-            pipe.hset(key, items=pairs)
-            if number % per_round_trip == 0:
-                pipe.execute()
-        pipe.execute()
+        pipe, queued = client.pipeline(transaction=False), 0
+        for index, key in enumerate(keys):
+            names = [str(number) for number in range(index * share, min((index + 1) * share, fields))]
+            for first in range(0, len(names), chunk):
+                part = names[first : first + chunk]
+                pairs: list = [value] * (2 * len(part))
+                pairs[0::2] = part
+                pipe.hset(key, items=pairs)
+                queued += 1
+                if queued == per_round_trip:
+                    pipe.execute()
+                    pipe, queued = client.pipeline(transaction=False), 0
+        if queued:
+            pipe.execute()
         return time.perf_counter() - start
     finally:
-        client.unlink(key)
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.unlink(key)
+        pipe.execute()
+
+
+def memory_per_node(client: Any) -> dict[str, int]:
+    """``used_memory`` of each server (each primary of a cluster), by address."""
+    from recsys.storage.connection import is_cluster
+
+    if is_cluster(client):
+        return {node: int(info["used_memory"]) for node, info in client.info("memory", target_nodes=client.PRIMARIES).items()}
+    return {"single": int(client.info("memory")["used_memory"])}
 
 
 def hget_rate(url: str, reads: list[tuple[str, str]], connections: int, seconds: float) -> float:
@@ -51,6 +69,7 @@ def hget_rate(url: str, reads: list[tuple[str, str]], connections: int, seconds:
                 done += 1
 
         try:
+            await client.hget(*reads[0])  # a cluster client learns the slots once, before the load
             start = time.perf_counter()
             await asyncio.gather(*(loop(first) for first in range(connections)))
             return round(done / (time.perf_counter() - start), 1)

@@ -15,7 +15,7 @@ from typing import Any
 from recsys.storage import builds
 from recsys.storage.keys import BUCKETED, INFO, KeyLayout, bucket_of, top_buys_field
 
-META_JSON_FIELDS = ("metrics", "params", "counts", "id_types")
+META_JSON_FIELDS = ("metrics", "params", "counts", "id_types", "bucket_tags")
 # What readers outside the pipeline see of the meta; artifact paths on workers are internal, and
 # the rules snapshot names segment members.
 PUBLIC_META_FIELDS = (
@@ -85,6 +85,17 @@ class LiveBuild:
         for bucket in range(self.keys.buckets):
             pipe.memory_usage(self.keys.data(self.name, bucket, structure), samples=0)
         return sum(usage or 0 for usage in pipe.execute())
+
+    def entries_by_node(self, structure: str) -> dict[str, int]:
+        """Entries of a bucketed structure each server holds (each primary of a cluster, by address)."""
+        from recsys.storage.connection import is_cluster
+
+        found: dict[str, int] = {}
+        for bucket in range(self.keys.buckets):
+            key = self.keys.data(self.name, bucket, structure)
+            node = self.client.get_node_from_key(key).name if is_cluster(self.client) else "single"
+            found[node] = found.get(node, 0) + self.client.hlen(key)
+        return found
 
     def entry_counts(self) -> dict[str, int]:
         """Entries per bucketed structure, summed over the buckets."""
