@@ -156,9 +156,13 @@ def recsys_settings():
     settings = Settings(**overrides)
     if not settings.artifacts_url:
         return settings
+    store = ObjectStoragePath(settings.artifacts_url)
+    if store.conn_id is None:
+        # no connection named: fsspec opens the URL itself, with RECSYS_ARTIFACTS_STORAGE_OPTIONS and
+        # the scheme's usual credentials (AWS_*, instance role), no Airflow provider needed
+        return settings
     # fsspec rebuilds (or reuses) a filesystem from its storage options: recsys gets the one
     # Airflow made from the connection without importing Airflow
-    store = ObjectStoragePath(settings.artifacts_url)
     return settings.model_copy(
         update={
             "artifacts_url": f"{store.protocol}://{store.path}",

@@ -13,20 +13,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys import storage
 from recsys.bench.cart import cart_command
 from recsys.bench.chaos import chaos_command
 from recsys.bench.negative import negative_command
 from recsys.bench.quality import bench_app
 from recsys.bench.serve import serve_bench_command
 from recsys.bench.speed import speed_bench_command
-from recsys.core import db, redis_keys
+from recsys.core import db
 from recsys.core.errors import RecsysError, describe
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.local import services
 from recsys.pipeline import stages
-from recsys.pipeline.publish import versions
 from recsys.pipeline.stages import plan_run, run_pipeline
+from recsys.storage import reads, versions
 
 app = typer.Typer(
     help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -248,8 +249,8 @@ def show(
 ) -> None:
     """Print live recommendations, top buys and model metrics read back from Redis."""
     settings = Settings()
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    meta = redis_keys.live_meta(client, keys)
+    live = reads.live_build(*storage.connect(settings))
+    meta = None if live is None else live.meta()
     if meta is None:
         hint = stages.recovery_hint(settings) or "run the pipeline first"
         raise _fail(RecsysError(f"no live version under prefix {settings.redis_prefix!r}; {hint}"))
@@ -259,11 +260,11 @@ def show(
         m = meta["metrics"][name]
         metrics.add_row(name, *(f"{m[key]:.4f}" for key in ("map", "ndcg", "precision", "recall", "coverage")))
     console.print(metrics)
-    user_ids = user or [field for field, _ in islice(client.hscan_iter(keys.live("user_recs")), users)]
+    user_ids = user or [owner for owner, _ in islice(live.entries("user_recs"), users)]
     for user_id in user_ids:
-        found = redis_keys.user_recommendations(client, keys, user_id)
-        console.print(f"HGET {keys.live('user_recs')} {user_id} -> {json.dumps(found)}", soft_wrap=True)
-    console.print(f"HGET {keys.live('top_buys')} all -> {json.dumps(redis_keys.top_buys(client, keys))}", soft_wrap=True)
+        key = live.keys.user_recs(live.name, user_id)
+        console.print(f"HGET {key} {user_id} -> {json.dumps(live.user_recommendations(user_id))}", soft_wrap=True)
+    console.print(f"HGET {live.keys.top_buys(live.name)} all -> {json.dumps(live.top_buys())}", soft_wrap=True)
     _show_tuned(settings)
 
 
@@ -345,7 +346,7 @@ def api_key_command(
 def versions_command(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
     """List the live version and the kept (replaced) ones, newest first."""
     settings = Settings()
-    found = versions.versions(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    found = versions.versions(*storage.connect(settings))
     if as_json:
         for info in found:
             typer.echo(json.dumps(info.__dict__))
@@ -380,8 +381,10 @@ def rollback_command(
     """Make a kept version live again, atomically; the version it replaces is kept in its place."""
     settings = Settings()
     try:
-        chosen = versions.rollback(redis_keys.redis_client(settings), redis_keys.layout(settings),
-                               settings.previous_version_ttl_seconds, version)
+        chosen = versions.rollback(
+            *storage.connect(settings), settings.previous_version_ttl_seconds, version,
+            settings.publish_lock_ttl_seconds, settings.publish_lock_wait_seconds,
+        )
     except RecsysError as error:
         raise _fail(error) from error
     console.print(f"version {chosen} is live again")

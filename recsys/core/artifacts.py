@@ -25,7 +25,11 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 
+from recsys.core.errors import CorruptArtifactError, RecsysError
+
 MARKER = "pushed.json"
+# a pull starts over when a push replaced the upload it was reading; more than a few in a row is a busy loop
+PULL_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -109,22 +113,50 @@ def pull(store: ArtifactStore, key: str, local: Path) -> Upload:
     """Make ``local`` an exact copy of folder ``key``'s complete upload.
 
     Files already there with the same size and digest are kept (a worker that produced or pulled
-    them before downloads nothing); downloads go to a ``.part`` name first, so an interrupted
-    pull never leaves a file that looks whole.
+    them before downloads nothing); downloads go to a ``.part`` name first and replace the file
+    only once their size and sha256 match the upload's record, so neither an interrupted pull nor
+    a damaged object ever leaves a file that looks whole. A push that replaces the upload while
+    it is being read (and removes the old one's files) makes the pull start over on the new one.
     """
-    upload = pushed(store, key)
-    if upload is None:
-        raise FileNotFoundError(f"{store.url(key)} has no complete upload: the stage writing it has not finished")
+    for _ in range(PULL_TRIES):
+        upload = pushed(store, key)
+        if upload is None:
+            raise FileNotFoundError(f"{store.url(key)} has no complete upload: the stage writing it has not finished")
+        try:
+            _download(store, key, upload, local)
+        except FileNotFoundError:
+            if pushed(store, key) == upload:
+                raise  # still the complete upload: one of its files is really gone
+            continue
+        for path in list(local.rglob("*")):
+            if path.is_file() and path.relative_to(local).as_posix() not in upload.files and not path.name.endswith(".part"):
+                path.unlink()  # left from an older upload: the local copy mirrors the store exactly
+        return upload
+    raise RecsysError(f"{store.url(key)} was replaced {PULL_TRIES} times while being pulled; pull it again later")
+
+
+def _download(store: ArtifactStore, key: str, upload: Upload, local: Path) -> None:
     local.mkdir(parents=True, exist_ok=True)
     for name, entry in upload.files.items():
         target = local / name
-        if target.is_file() and target.stat().st_size == entry.size and sha256(target) == entry.sha256:
+        if target.is_file() and _is_recorded(target, entry):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f"{target.name}.{uuid.uuid4().hex[:8]}.part")  # never another puller's
-        store.fs.get_file(store.path(key, upload.upload_id, name), str(part))
-        part.replace(target)
-    for path in list(local.rglob("*")):
-        if path.is_file() and path.relative_to(local).as_posix() not in upload.files and not path.name.endswith(".part"):
-            path.unlink()  # left from an older upload: the local copy mirrors the store exactly
-    return upload
+        source = store.path(key, upload.upload_id, name)
+        try:
+            store.fs.get_file(source, str(part))
+            if not _is_recorded(part, entry):
+                raise CorruptArtifactError(
+                    f"{store.fs.unstrip_protocol(source)} has {part.stat().st_size} bytes with sha256 "
+                    f"{sha256(part)[:12]}…, not the {entry.size} bytes with sha256 {entry.sha256[:12]}… its "
+                    f"upload recorded; rerun the stage that writes {key.rsplit('/', 1)[-1]} to push it again"
+                )
+            part.replace(target)
+        finally:
+            part.unlink(missing_ok=True)
+
+
+def _is_recorded(path: Path, entry: StoredFile) -> bool:
+    """``path`` holds the file the upload recorded: same size, same sha256."""
+    return path.stat().st_size == entry.size and sha256(path) == entry.sha256

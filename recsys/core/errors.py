@@ -52,6 +52,11 @@ class IncompleteVersionError(RecsysError):
     """A version's staged (or kept) structures do not hold what its meta records: not switched."""
 
 
+class CorruptArtifactError(RecsysError):
+    """A file downloaded from the shared artifact store is not the one its upload recorded (size or
+    sha256 differ): the stored object was damaged or replaced outside ``recsys``."""
+
+
 class RunChangedError(RecsysError):
     """Another run of the same window rebuilt an input of this stage while it ran."""
 
@@ -67,11 +72,15 @@ def _address(url: str | None) -> str:
     return f"{parsed.host or 'localhost'}:{parsed.port}" if parsed.port else (parsed.host or "localhost")
 
 
+# exception classes meaning "the cache Redis cannot be reached now": registered by the storage
+# layer (recsys.storage.connection), the one package that talks to Redis
+CACHE_UNAVAILABLE: list[type[BaseException]] = []
+
+
 def describe(error: BaseException, database_url: str | None = None, redis_url: str | None = None) -> str:
     """One line for the user: what failed and what to check (the traceback is for ``--debug``);
     the configured URLs name the server that could not be reached."""
     import psycopg
-    import redis
 
     if isinstance(error, RecsysError):
         return str(error)
@@ -82,7 +91,7 @@ def describe(error: BaseException, database_url: str | None = None, redis_url: s
         reason = reasons[0] if reasons else (lines[-1] if lines else type(error).__name__)
         return (f"cannot reach PostgreSQL at {_address(database_url)} ({reason}); "
                 "set RECSYS_DATABASE_URL or run `recsys services start`")
-    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+    if isinstance(error, tuple(CACHE_UNAVAILABLE)):
         return (f"cannot reach Redis at {_address(redis_url)} ({error}); "
                 "set RECSYS_REDIS_URL or run `recsys services start`")
     return f"{type(error).__name__}: {error} (run with --debug for the traceback)"

@@ -53,8 +53,27 @@ class Settings(BaseSettings):
             )
         return value
 
-    redis_url: str | None = Field(default=None, description="Cache Redis, e.g. redis://host:6379/0")
+    redis_url: str | None = Field(
+        default=None,
+        description="Cache Redis: redis://host:6379/0 for one node, redis+cluster://host:port[,host:port...] for "
+        "a Redis Cluster (docs/scaling.md)",
+    )
     redis_prefix: str = Field(default="recsys", description="Prefix of every Redis key we write")
+    redis_buckets: int = Field(
+        default=64, ge=1, le=4096,
+        description="Buckets each published structure is split into (by a hash of the id): on a cluster, each "
+        "its own slot. Takes effect with the next publish; each build records its own",
+    )
+
+    @field_validator("redis_prefix")
+    @classmethod
+    def _prefix_is_plain(cls, value: str) -> str:
+        # it goes inside the {...} hash tag of every key and into SCAN patterns
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ConfigurationError(
+                f"RECSYS_REDIS_PREFIX {value!r} must be 1 to 64 letters, digits, '_', '.' or '-'"
+            )
+        return value
     artifacts_dir: Path = Field(
         default=Path("artifacts"),
         description="Local artifacts (relative to the working folder unless absolute); with artifacts_url set, "

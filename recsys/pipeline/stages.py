@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from recsys.core import artifacts, redis_keys
+from recsys import storage
+from recsys.core import artifacts
 from recsys.core.artifacts import ArtifactStore
 from recsys.core.errors import FutureWindowError, RecsysError, StaleVersionError
 from recsys.core.layout import (
@@ -74,6 +75,7 @@ from recsys.pipeline.tune import (
     tuned_path,
     with_tuned,
 )
+from recsys.storage import builds, locks, reads, versions
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +205,7 @@ class PipelineResult:
 
 
 def live_metrics(settings: Settings) -> dict | None:
-    return redis_keys.live_metrics(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    return reads.live_metrics(*storage.connect(settings))
 
 
 # One function per stage, taking the planned run: the DAG's tasks, the CLI's stage commands and
@@ -231,7 +233,7 @@ def _reading(settings: Settings, run: Run):
 
 def extract_stage(settings: Settings, run: Run, progress: bool = False) -> ExtractResult:
     with _writing(settings, run):
-        live_id_types = redis_keys.live_id_types(redis_keys.redis_client(settings), redis_keys.layout(settings))
+        live_id_types = reads.live_id_types(*storage.connect(settings))
         result = extract(settings, run.window, run.paths.extract, run.params, progress, live_id_types)
         run.push(EXTRACT)
     return result
@@ -291,14 +293,12 @@ def report_location(run: Run) -> str:
 def publish_blocker(settings: Settings, run: Run) -> str | None:
     """Why this run's publish will be skipped (the live version holds fresher data), or None.
     A backfill says so at its start: it still evaluates, for the quality history."""
-    from recsys.pipeline.publish.versions import live_data_end
-
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    live_end = live_data_end(client, keys)  # the same test publish applies before its work
+    client, keys = storage.connect(settings)
+    live_end = builds.live_data_end(client, keys)  # the same test publish applies before its work
     if live_end is None or live_end <= run.window.end.timestamp():
         return None
     return (
-        f"the live version {client.hget(keys.live('meta'), 'version')} holds data up to "
+        f"the live version {reads.live_version(client, keys)} holds data up to "
         f"{datetime.fromtimestamp(live_end, UTC).isoformat()}, after this run's window end "
         f"{run.window.end.isoformat()}: this run evaluates (for the quality history) but will not publish"
     )
@@ -431,14 +431,10 @@ TUNE_LOCK_SECONDS = 300
 def tune_lock(settings: Settings) -> Iterator[None]:
     """One tune at a time reads the active params and replaces them (a Redis lock: shared by
     every worker, unlike a file lock)."""
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    lock = client.lock(keys.tune_lock(), timeout=TUNE_LOCK_SECONDS, blocking_timeout=settings.run_lock_wait_seconds)
-    if not lock.acquire():
-        raise RunBusyError(f"another tune kept the tune lock for over {settings.run_lock_wait_seconds:g} s")
-    try:
+    with locks.tune_lock(*storage.connect(settings), TUNE_LOCK_SECONDS, settings.run_lock_wait_seconds) as taken:
+        if not taken:
+            raise RunBusyError(f"another tune kept the tune lock for over {settings.run_lock_wait_seconds:g} s")
         yield
-    finally:
-        lock.release()
 
 
 def run_pipeline(
@@ -507,10 +503,8 @@ def republish(settings: Settings, end: datetime | None = None, progress: bool = 
 
 def recovery_hint(settings: Settings) -> str | None:
     """When nothing is live: what an operator can put back, and how. None if a version is live."""
-    from recsys.pipeline.publish import versions
-
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    if client.exists(keys.live("meta")):
+    client, keys = storage.connect(settings)
+    if builds.pointer(client, keys) is not None:
         return None
     kept = [info.version for info in versions.versions(client, keys)]
     if kept:

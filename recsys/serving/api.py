@@ -1,10 +1,11 @@
 """Recommendation API: the routes, their error handlers and the server (``recsys serve``).
 
-Reads go to the live keys only (``redis_keys.KeyLayout.live``), so a publish switch is seen at once.
-The hot path is one Redis round trip: one Lua call returns the user's list and the live version
-it belongs to, both from the same side of a switch (``service.RecsysService.version_and_entry``).
-The version also tells whether the in-process copy of the live model (``live_model``) is still
-current; a new version is loaded once, off the event loop.
+Reads go to the live build the live pointer names (``recsys.storage.live``: the pointer is
+cached for at most a second, and a build's keys never change), so a publish switch is seen within
+a second, and an answer is always one whole version. The hot path is one Redis round trip: one
+Lua call on the user's bucket returns the user's list and their negative feedback. The build also
+tells whether the in-process copy of the live model (``live_model``) is still current; a new one
+is loaded once, off the event loop.
 
 Lists come from the published ones while they can fill the requested page after filtering
 (request excludes, category); deeper pages and cold-start users are ranked on request from the
@@ -28,12 +29,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
-from recsys.core import redis_keys
 from recsys.core.settings import Settings
 from recsys.serving.fold_in import rank_popular, similar_to
 from recsys.serving.schemas import (
@@ -81,6 +79,8 @@ from recsys.serving.service import (
     refresh_rules_periodically,
     user_recommendations,
 )
+from recsys.storage.connection import UNAVAILABLE
+from recsys.storage.reads import public_meta
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _shown(value: Any) -> str:
 
 
 async def _nothing_live(request: Request, error: Exception) -> JSONResponse:
-    prefix = request.app.state.service.keys.prefix
+    prefix = request.app.state.service.store.keys.prefix
     return JSONResponse(status_code=503, content={"detail": f"No version is live under Redis prefix {prefix!r} yet"})
 
 
@@ -197,6 +197,9 @@ def create_api(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # a cluster client learns the slot map once, before the first burst of requests
+        with suppress(*UNAVAILABLE):
+            await svc.store.pointer(fresh=True)
         # events need the shop database: without one there is nothing to refresh
         background = (
             [asyncio.create_task(refresh_pending_lists_when_due(svc)), asyncio.create_task(refresh_rules_periodically(svc))]
@@ -227,7 +230,7 @@ def create_api(settings: Settings) -> FastAPI:
     # GET endpoints need a read (or write) key unless the operator made reads public
     read_access = [] if settings.api_public_reads else [Security(require_scope("read"))]
     read_errors = {} if settings.api_public_reads else {401: ERRORS[401]}
-    for error in (RedisConnectionError, RedisTimeoutError):
+    for error in UNAVAILABLE:
         app.add_exception_handler(error, _unavailable("Redis"))
     app.add_exception_handler(psycopg.OperationalError, _unavailable("The shop database"))
     app.add_exception_handler(NothingLive, _nothing_live)
@@ -292,8 +295,8 @@ def create_api(settings: Settings) -> FastAPI:
     async def get_similar(product_id: ProductPathId, svc: Service, n: PageSize = 10) -> SimilarProducts:
         """Products most similar to this one (active, not excluded by a rule); beyond the published
         list, ranked on request."""
-        version, entry = await svc.version_and_entry(redis_keys.similar_slot(svc.keys, product_id))
-        live = await svc.model_for(version)
+        pointer, entry = await svc.store.entry("similar_products", product_id)
+        live = await svc.model_for(pointer)
         if product_id not in live.item_index or not live.active[live.item_index[product_id]]:
             raise HTTPException(status_code=404, detail=f"Product {product_id!r} is not an active product of the live version")
         kept_out = svc.kept_out_for_everyone(live)
@@ -329,9 +332,9 @@ def create_api(settings: Settings) -> FastAPI:
     )
     async def get_top_buys(svc: Service, n: PageSize = 10, category: Category = None) -> TopBuys:
         """Most bought active products (not excluded by a rule), overall or within a category."""
-        version, entry = await svc.version_and_entry(redis_keys.top_buys_slot(svc.keys, category))
-        live = await svc.model_for(version)
+        live = await svc.current()
         _check_category(live, category)
+        entry = await svc.top_buys(live, category)
         kept_out = svc.kept_out_for_everyone(live)
         if entry is not None:
             kept = _filtered(live, entry["top_buys"], set(), None, kept_out)
@@ -344,10 +347,11 @@ def create_api(settings: Settings) -> FastAPI:
     @app.get("/model", response_model=ModelInfo, dependencies=read_access, responses=read_errors)
     async def get_model(svc: Service) -> dict:
         """The live version: data window, holdout metrics, params, counts, publish time."""
-        meta = await redis_keys.read_meta(svc.redis, svc.keys)
+        pointer = await svc.store.pointer()
+        meta = None if pointer is None else await svc.store.meta(pointer)
         if meta is None:
             raise NothingLive
-        return {**redis_keys.public_meta(meta), redis_keys.FOLD_IN_USERS: int(meta.get(redis_keys.FOLD_IN_USERS, 0))}
+        return {**public_meta(meta), "fold_in_users": await svc.store.fold_in_users(pointer.build, meta["buckets"])}
 
     @app.get("/health/live", response_model=Health)
     async def health_live() -> Health:
@@ -358,11 +362,12 @@ def create_api(settings: Settings) -> FastAPI:
     async def health_ready(svc: Service) -> Health:
         """Redis answers and a version is live (503 otherwise). `degraded` while the merchandising
         rules cannot be read from the shop database."""
-        version = await svc.live_version()
-        if version is None:
+        pointer = await svc.store.pointer(fresh=True)  # Redis must answer now
+        if pointer is None:
             raise NothingLive
+        version = pointer.version
         if svc.rules_read_problem is not None:
-            live = await svc.model_for(version)
+            live = await svc.model_for(pointer)
             _, source = svc.rules_in_force(live)
             applied = {"published": "the rules the live version was published with",
                        "database": "the rules read last", "none": "no rules"}[source]

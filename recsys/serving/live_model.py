@@ -34,6 +34,8 @@ class LiveModel:
     """What ranking on request needs from one published version (read-only once built)."""
 
     version: str
+    build: str  # the publish attempt's copy of the version in Redis (recsys.storage.keys)
+    buckets: int  # its bucket count
     params: PipelineParams
     data_start: datetime
     model: Any  # implicit ALS around the version's factors
@@ -81,6 +83,8 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
     full = sp.load_npz(matrix_dir / FULL).tocsr()
     return LiveModel(
         version=meta["version"],
+        build=meta["build"],
+        buckets=int(meta["buckets"]),
         params=params,
         data_start=datetime.fromisoformat(meta["data_start"]),
         model=model,

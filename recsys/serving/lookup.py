@@ -14,19 +14,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
-import redis
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from recsys.core import redis_keys
 from recsys.core.errors import InputError
 from recsys.core.layout import published_report
 from recsys.core.params import PipelineParams
@@ -34,6 +30,10 @@ from recsys.core.settings import Settings
 from recsys.serving import lookup_reads
 from recsys.serving.explanations import explained_products
 from recsys.serving.live_model import LiveModel, load_live_model
+from recsys.storage.connection import UNAVAILABLE
+from recsys.storage.keys import TOP_BUYS_ALL, top_buys_field
+from recsys.storage.live import LiveStore, Pointer
+from recsys.storage.reads import public_meta
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ POPULAR_SOURCE = "popular"
 MAX_LABELLED_PRODUCTS = 200
 MAX_HISTORY_RUNS = 100
 SHOP_DB_UNAVAILABLE = "Shop database unavailable; see the API server log."
-
-
-@dataclass(frozen=True)
-class LiveStore:
-    client: aioredis.Redis
-    keys: redis_keys.KeyLayout
 
 
 def _resolve_settings(settings_factory: SettingsFactory) -> Settings:
@@ -67,8 +61,8 @@ def _resolve_settings(settings_factory: SettingsFactory) -> Settings:
 def _open_store(settings_factory: SettingsFactory) -> LiveStore:
     settings = _resolve_settings(settings_factory)
     try:
-        client = aioredis.Redis.from_url(settings.require_redis_url, decode_responses=True, socket_connect_timeout=5)
-        return LiveStore(client, redis_keys.layout(settings))
+        # the pointer read afresh on every request: the page shows what is live now
+        return LiveStore(settings, max_pointer_age=0)
     except RuntimeError as missing:
         # Settings.require_* raise RuntimeError with a message meant for the operator
         raise HTTPException(status_code=503, detail=str(missing)) from missing
@@ -80,17 +74,17 @@ def _open_store(settings_factory: SettingsFactory) -> LiveStore:
         ) from error
 
 
-def _nothing_live(keys: redis_keys.KeyLayout) -> HTTPException:
+def _nothing_live(live: LiveStore) -> HTTPException:
     return HTTPException(
-        status_code=404, detail=f"Nothing is live under Redis prefix {keys.prefix!r}: no version published yet."
+        status_code=404, detail=f"Nothing is live under Redis prefix {live.keys.prefix!r}: no version published yet."
     )
 
 
-async def _not_found(live: LiveStore, what: str) -> HTTPException:
-    """404 that tells 'nothing published yet' apart from 'not in the published version'."""
-    if not await live.client.exists(live.keys.live("meta")):
-        return _nothing_live(live.keys)
-    return HTTPException(status_code=404, detail=what)
+async def _live_pointer(live: LiveStore) -> Pointer:
+    pointer = await live.pointer()
+    if pointer is None:
+        raise _nothing_live(live)
+    return pointer
 
 
 async def live_store(request: Request) -> AsyncIterator[LiveStore]:
@@ -99,7 +93,7 @@ async def live_store(request: Request) -> AsyncIterator[LiveStore]:
     try:
         yield live
     finally:
-        await live.client.aclose()
+        await live.aclose()
 
 
 Live = Annotated[LiveStore, Depends(live_store)]
@@ -139,8 +133,8 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
     """The lookup app. ``dependencies`` guard every route (the plugin passes Airflow's auth check)."""
     # no /docs or /redoc: they load their assets from a CDN, and the page below is the UI
     app = FastAPI(title="Recsys lookup", docs_url=None, redoc_url=None, dependencies=list(dependencies))
-    app.add_exception_handler(redis.ConnectionError, _redis_unavailable)
-    app.add_exception_handler(redis.TimeoutError, _redis_unavailable)
+    for error in UNAVAILABLE:
+        app.add_exception_handler(error, _redis_unavailable)
     app.state.settings_factory = settings_factory
     app.state.live_model = None  # loaded on the first explanation asked for, once per version
     app.state.live_model_lock = threading.Lock()
@@ -154,16 +148,17 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
     async def user_recommendations(user_id: str, live: Live) -> dict:
         """The user's live list, else the overall top buys with ``source: popular`` (what a shop
         page shows a user without a list), never a bare 404 while a version is live."""
-        found = await redis_keys.read_entry(live.client, redis_keys.user_recs_slot(live.keys, user_id))
+        pointer, found, _ = await live.user_entry(user_id)
+        if pointer is None:
+            raise _nothing_live(live)
         if found is not None:
             return {"source": "model", **found}
-        popular = await redis_keys.read_entry(live.client, redis_keys.top_buys_slot(live.keys, None))
-        if popular is None:
-            raise await _not_found(live, f"User {user_id!r} has no live recommendations and no top buys are live.")
+        popular = (await live.top_buys(pointer.build))[TOP_BUYS_ALL]
         return {"user_id": user_id, "source": POPULAR_SOURCE, "recommended_products": popular["top_buys"]}
 
     async def _live_report(request: Request, live: LiveStore) -> Path | None:
-        meta = await redis_keys.read_meta(live.client, live.keys)
+        pointer = await live.pointer()
+        meta = None if pointer is None else await live.meta(pointer)
         if meta is None:
             return None
         settings = _resolve_settings(request.app.state.settings_factory)
@@ -173,8 +168,8 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
     async def explain(request: Request, user_id: str, live: Live) -> dict:
         """Why the user's live list holds each product: the past products weighing most in its
         score (users the model knows) and the merchandising rules in force that target it."""
-        entry = await redis_keys.read_entry(live.client, redis_keys.user_recs_slot(live.keys, user_id))
-        meta = await redis_keys.read_meta(live.client, live.keys)
+        pointer, entry, _ = await live.user_entry(user_id)
+        meta = None if pointer is None else await live.meta(pointer)
         if entry is None or meta is None:
             return {"explanations": [], "note": "No list of the user's own: top buys have nothing to explain.", "rules": {}}
         products = entry["recommended_products"]
@@ -204,12 +199,12 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
 
     @app.get("/api/model")
     async def model(request: Request, live: Live) -> dict:
-        meta = await redis_keys.read_meta(live.client, live.keys)
+        meta = await live.meta(await _live_pointer(live))
         if meta is None:
-            raise _nothing_live(live.keys)
+            raise _nothing_live(live)
         # report: the live version's evaluation report, served below; else a link the meta names
         report = str(request.url_for("live_report")) if await _live_report(request, live) else meta.get("report")
-        return {**redis_keys.public_meta(meta), "report": report, "params_compared": compare_params(meta.get("params"))}
+        return {**public_meta(meta), "report": report, "params_compared": compare_params(meta.get("params"))}
 
     @app.get("/report", response_class=HTMLResponse, name="live_report", include_in_schema=False)
     async def live_report(request: Request, live: Live) -> FileResponse:
@@ -221,17 +216,15 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
 
     @app.get("/api/top-buys/categories")
     async def top_buys_categories(live: Live) -> dict:
-        fields = await live.client.hkeys(live.keys.live("top_buys"))
-        if not fields:
-            raise await _not_found(live, "No live top buys.")
-        prefix = redis_keys.top_buys_field("")
+        fields = await live.top_buys((await _live_pointer(live)).build)
+        prefix = top_buys_field("")
         return {"categories": sorted(field.removeprefix(prefix) for field in fields if field.startswith(prefix))}
 
     @app.get("/api/top-buys")
     async def top_buys(live: Live, category: str | None = None) -> dict:
-        found = await redis_keys.read_entry(live.client, redis_keys.top_buys_slot(live.keys, category))
+        found = (await live.top_buys((await _live_pointer(live)).build)).get(top_buys_field(category))
         if found is None:
-            raise await _not_found(live, f"No live top buys for category {category!r}.")
+            raise HTTPException(status_code=404, detail=f"No live top buys for category {category!r}.")
         return found
 
     @app.get("/api/products")
@@ -250,7 +243,7 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
 
 def _live_model(app: FastAPI, meta: dict, settings: Settings) -> LiveModel:
     with app.state.live_model_lock:
-        if app.state.live_model is None or app.state.live_model.version != meta["version"]:
+        if app.state.live_model is None or app.state.live_model.build != meta["build"]:
             app.state.live_model = load_live_model(meta, settings)
         return app.state.live_model
 

@@ -199,9 +199,12 @@ class ModelInfo(BaseModel):
         description="Digest of the merchandising ordering rules (pins, boosts, buries) the version's lists were "
         "made with (docs/rules.md); null for a version published before rules existed",
     )
+    buckets: int | None = Field(
+        default=None, description="Buckets the version's structures are split into in Redis (docs/scaling.md)"
+    )
     fold_in_users: int = Field(
-        description="Users the API added to the live user_recs hash after the publish (events of users the "
-        "version did not know): HLEN(user_recs) == counts.users + fold_in_users"
+        description="Users the API added to the live build's user_recs after the publish (events of users the "
+        "version did not know): the user_recs entries are counts.users + fold_in_users"
     )
 
 

@@ -23,14 +23,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
-import redis.asyncio as aioredis
 from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from recsys.core.redis_keys import KeyLayout
 from recsys.core.settings import Settings
+from recsys.storage.connection import UNAVAILABLE
+from recsys.storage.live import LiveStore
 
 log = logging.getLogger(__name__)
 
@@ -166,31 +164,22 @@ class WriteRateLimiter:
     """At most ``per_minute`` writes per key in each clock minute (fixed windows).
 
     Counted in Redis, so every worker process shares the count: one ``INCR`` + ``EXPIRE`` in a
-    MULTI per write, under the layout's hash tag, each counter expiring two windows later. While
-    Redis is unreachable each process counts on its own instead (the limit is then per process)
-    so that writes, which go to Postgres, do not fail with the cache.
+    MULTI per write (``LiveStore.count_write``, in the key id's bucket), each counter expiring two
+    windows later. While Redis is unreachable each process counts on its own instead (the limit
+    is then per process) so that writes, which go to Postgres, do not fail with the cache.
     """
 
-    def __init__(
-        self, client: aioredis.Redis, keys: KeyLayout, per_minute: int, clock: Callable[[], float] = time.time
-    ) -> None:
-        self.client, self.keys, self.per_minute, self.clock = client, keys, per_minute, clock
+    def __init__(self, store: LiveStore, per_minute: int, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.per_minute, self.clock = store, per_minute, clock
         self._local: dict[str, tuple[int, int]] = {}  # key id -> (window, writes), used while Redis is down
-
-    def counter_key(self, key: ApiKey, window: int) -> str:
-        return f"{self.keys.tag}:rate:write:{key.key_id}:{window}"
 
     async def retry_after(self, key: ApiKey) -> int | None:
         """Count one write of ``key``: None if it is within the limit, else the seconds to wait."""
         now = self.clock()
         window = int(now // RATE_WINDOW_SECONDS)
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                counter = self.counter_key(key, window)
-                pipe.incr(counter)
-                pipe.expire(counter, 2 * RATE_WINDOW_SECONDS)
-                writes, _ = await pipe.execute()
-        except (RedisConnectionError, RedisTimeoutError):
+            writes = await self.store.count_write(key.key_id, window, 2 * RATE_WINDOW_SECONDS)
+        except UNAVAILABLE:
             writes = self._count_locally(key, window)
         if writes <= self.per_minute:
             return None

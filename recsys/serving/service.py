@@ -19,10 +19,8 @@ import psycopg
 from fastapi import Depends, Header, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from recsys.core import ids, redis_keys
+from recsys.core import ids
 from recsys.core.errors import InputError
 from recsys.core.interaction_rules import value_problem
 from recsys.core.params import PipelineParams
@@ -60,6 +58,9 @@ from recsys.serving.security import (
     WriteRateLimiter,
     require_scope,
 )
+from recsys.storage.connection import UNAVAILABLE
+from recsys.storage.keys import top_buys_field
+from recsys.storage.live import LiveStore, Pointer
 
 log = logging.getLogger(__name__)
 
@@ -73,51 +74,20 @@ class NothingLive(Exception):
     """No version has been published under this prefix yet."""
 
 
-# KEYS: live meta, live user_recs; ARGV: version, user id, entry. The version check and the write
-# are one atomic step, so a list computed against a replaced version never lands in the new one
-# (a publish switch renames the meta key). A user new to the hash is counted in the meta's
-# fold_in_users in the same step: HLEN(user_recs) == counts.users + fold_in_users always.
-WRITE_IF_LIVE = """
-if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return -1 end
-local added = redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-if added == 1 then redis.call('HINCRBY', KEYS[1], 'fold_in_users', 1) end
-return added
-"""
-# KEYS: live meta, a hash, optionally the user's negative feedback set; ARGV: the hash's field.
-# One atomic script, so the entry and the version come from the same side of a switch, and the
-# negative feedback posted since (which no version may hold yet) comes with them.
-VERSION_AND_FIELD = """
-local found = {redis.call('HGET', KEYS[1], 'version'), redis.call('HGET', KEYS[2], ARGV[1])}
-if KEYS[3] then found[3] = redis.call('SMEMBERS', KEYS[3]) end
-return found
-"""
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # where the rules applied to an answer come from: this process' read of the shop database, the
 # live version's publish (the database could not be read since, or not yet), or nowhere
 RulesSource = Literal["database", "published", "none"]
-# KEYS: live meta, live bought_together, live similar_products; ARGV: product ids. The version and
-# both lists of every cart product in one atomic step, so all come from the same live version.
-CART_LISTS = """
-if #ARGV == 0 then return {redis.call('HGET', KEYS[1], 'version'), {}, {}} end
-return {redis.call('HGET', KEYS[1], 'version'), redis.call('HMGET', KEYS[2], unpack(ARGV)),
-        redis.call('HMGET', KEYS[3], unpack(ARGV))}
-"""
 
 
 class RecsysService:
-    """Redis client, live-model cache, thread pool and write rate limiter of one API process."""
+    """Live store (Redis), live-model cache, thread pool and write rate limiter of one API process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keys = redis_keys.layout(settings)
-        self.redis = redis_keys.async_redis_client(settings)
+        self.store = LiveStore(settings)
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="recsys-rank")
-        self.write_limiter = WriteRateLimiter(self.redis, self.keys, settings.api_write_rate)
+        self.write_limiter = WriteRateLimiter(self.store, settings.api_write_rate)
         self._live: LiveModel | None = None
-        # both keys of each script share the {prefix} hash tag, so they also run on Redis Cluster
-        self._version_and_field = self.redis.register_script(VERSION_AND_FIELD)
-        self._write_if_live = self.redis.register_script(WRITE_IF_LIVE)
-        self._cart_lists = self.redis.register_script(CART_LISTS)
         self._loading = asyncio.Lock()
         # the merchandising rules in force, re-read every RECSYS_RULES_REFRESH_SECONDS; None until
         # first read. Whenever it is missing or older, the rules the live version was published
@@ -137,24 +107,21 @@ class RecsysService:
         # queued work is dropped; running work (a fold-in, a rules read) ends before the process
         # does, so no database session outlives it
         await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
-        await self.redis.aclose()
+        await self.store.aclose()
 
-    async def live_version(self) -> str | None:
-        return await self.redis.hget(self.keys.live("meta"), "version")
-
-    async def model_for(self, version: str | None) -> LiveModel:
-        """The in-memory model of ``version``, (re)loaded once when a new version went live."""
-        if version is None:
+    async def model_for(self, pointer: Pointer | None) -> LiveModel:
+        """The in-memory model of the build ``pointer`` names, (re)loaded once when a new build went live."""
+        if pointer is None:
             raise NothingLive
         live = self._live
-        if live is not None and live.version == version:
+        if live is not None and live.build == pointer.build:
             return live
         async with self._loading:
-            if self._live is None or self._live.version != version:
-                meta = await redis_keys.read_meta(self.redis, self.keys)
+            if self._live is None or self._live.build != pointer.build:
+                meta = await self.store.meta(pointer)
                 if meta is None:
                     raise NothingLive
-                log.info("loading live version %s", meta["version"])
+                log.info("loading live version %s (build %s)", meta["version"], pointer.build)
                 self._live = await self.run(load_live_model, meta, self.settings)
             return self._live
 
@@ -166,13 +133,13 @@ class RecsysService:
         return read, "database" if read is not None else "none"
 
     def merchandising(self, live: LiveModel) -> Merchandising | None:
-        """The rules in force compiled for the live catalogue (once per version and rule read)."""
+        """The rules in force compiled for the live catalogue (once per build and rule read)."""
         snapshot, _ = self.rules_in_force(live)
         cached = self._merchandising
         if snapshot is None:
             return None
-        if cached is None or cached[0] != live.version or cached[1] is not snapshot:
-            cached = (live.version, snapshot, Merchandising(snapshot, live.item_ids, live.category))
+        if cached is None or cached[0] != live.build or cached[1] is not snapshot:
+            cached = (live.build, snapshot, Merchandising(snapshot, live.item_ids, live.category))
             self._merchandising = cached
         return cached[2]
 
@@ -182,58 +149,21 @@ class RecsysService:
         return None if merchandising is None else merchandising.for_segments(frozenset())
 
     async def current(self) -> LiveModel:
-        return await self.model_for(await self.live_version())
+        return await self.model_for(await self.store.pointer())
 
     async def current_or_last_loaded(self) -> LiveModel:
         """The live model; while Redis is unreachable, the one this process loaded last (an event
         is still validated and stored then). Without either, Redis' error propagates."""
         try:
             return await self.current()
-        except REDIS_DOWN:
+        except UNAVAILABLE:
             if self._live is None:
                 raise
             return self._live
 
-    async def version_and_entry(self, slot: tuple[str, str]) -> tuple[str | None, dict | None]:
-        """One command: a script runs atomically, so the entry and the version come from the same
-        side of a switch (cheaper on the hot path than a MULTI pipeline of two HGETs)."""
-        version, raw = await self._version_and_field(keys=[self.keys.live("meta"), slot[0]], args=[slot[1]])
-        return version, redis_keys.decode_entry(raw)
-
-    async def version_entry_and_negatives(self, user_id: str) -> tuple[str | None, dict | None, set[str]]:
-        """``version_and_entry`` of the user's list, and the products the user gave negative
-        feedback on through the API, in the same round trip."""
-        slot = redis_keys.user_recs_slot(self.keys, user_id)
-        version, raw, negatives = await self._version_and_field(
-            keys=[self.keys.live("meta"), slot[0], self.keys.negative(user_id)], args=[slot[1]]
-        )
-        return version, redis_keys.decode_entry(raw), set(negatives)
-
-    async def remember_negatives(self, user_id: str, products: Iterable[str]) -> None:
-        """Add to the user's negative feedback set and renew its TTL, in one transaction: the key
-        never exists without a TTL (invariant I3)."""
-        key = self.keys.negative(user_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.sadd(key, *products)
-            pipe.expire(key, self.settings.negative_feedback_ttl_seconds)
-            await pipe.execute()
-
-    async def cart_lists(self, product_ids: list[str]) -> tuple[str | None, list[dict | None], list[dict | None]]:
-        """The live version, and each product's bought_together and similar_products entries (None
-        where it has none), in one command (``CART_LISTS``)."""
-        version, together, similar = await self._cart_lists(
-            keys=[self.keys.live("meta"), self.keys.live("bought_together"), self.keys.live("similar_products")],
-            args=product_ids,
-        )
-        return version, [redis_keys.decode_entry(raw) for raw in together], [redis_keys.decode_entry(raw) for raw in similar]
-
-    async def write_if_live(self, version: str, user_id: str, entry: dict) -> bool:
-        """HSET the user's list only while ``version`` is live (``WRITE_IF_LIVE``)."""
-        added = await self._write_if_live(
-            keys=[self.keys.live("meta"), self.keys.live("user_recs")],
-            args=[version, user_id, json.dumps(entry, separators=(",", ":"))],
-        )
-        return added != -1
+    async def top_buys(self, live: LiveModel, category: str | None) -> dict | None:
+        """The build's published top buys (overall, or of a category)."""
+        return (await self.store.top_buys(live.build)).get(top_buys_field(category))
 
 
 def service(request: Request) -> RecsysService:
@@ -424,9 +354,9 @@ async def user_recommendations(
     svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None,
     diversity_lambda: float | None = None, explain: bool = False, debug_rules: bool = False,
 ) -> Response:
-    version, entry, negatives = await svc.version_entry_and_negatives(user_id)
+    pointer, entry, negatives = await svc.store.user_entry(user_id)
     excluded = excluded | negatives  # negative feedback no published version may hold yet
-    live = await svc.model_for(version)
+    live = await svc.model_for(pointer)
     _check_user_id(live, user_id)
     _check_category(live, category)
     merchandising = svc.merchandising(live)
@@ -481,7 +411,7 @@ async def user_recommendations(
         log.warning("database unavailable; user %r gets top buys", user_id, exc_info=True)
         scoring = Scoring("popular", None, [])
     if scoring.source == "popular":
-        stored = await redis_keys.read_entry(svc.redis, redis_keys.top_buys_slot(svc.keys, category))
+        stored = await svc.top_buys(live, category)
         if stored is not None:
             pins = () if rules is None else rules.pins_for(category)
             owned = set(scoring.owned)  # e.g. negative feedback whose Redis set has expired
@@ -507,10 +437,12 @@ async def cart_recommendations(svc: RecsysService, cart: CartIn) -> CartRecommen
     their similar products merged in one reciprocal-rank vote (``blend_cart``: on MovieLens-100k
     this beats either list alone, docs/quality.md#cart-bought-together), then, while fewer than ``n``, top buys.
     Never a product of the cart, an inactive one, nor one an exclude rule without a segment keeps
-    out (as on product pages). One Redis command reads the version and every list."""
+    out (as on product pages). Every list comes from the one build the request resolved (one
+    pipeline: an HMGET per bucket)."""
     cart_ids = list(dict.fromkeys(str(product) for product in cart.product_ids))  # first occurrence of each
-    version, together, similar = await svc.cart_lists(cart_ids)
-    live = await svc.model_for(version)
+    live = await svc.current()
+    lists = await svc.store.entries(live.build, live.buckets, ("bought_together", "similar_products"), cart_ids)
+    together, similar = lists["bought_together"], lists["similar_products"]
     _check_cart_ids(live, cart_ids)
     kept_out = svc.kept_out_for_everyone(live)
 
@@ -560,7 +492,9 @@ async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList |
         events = await _user_events(svc, live, user_id)
         if events.negative_products:
             # first: every list served filters them from now on, whichever version is live
-            await svc.remember_negatives(user_id, events.negative_products)
+            await svc.store.remember_negatives(
+                user_id, list(events.negative_products), svc.settings.negative_feedback_ttl_seconds
+            )
         top_n = live.params.top_n
         merchandising = svc.merchandising(live)
         rules = None if merchandising is None else merchandising.for_user(user_id)
@@ -577,8 +511,11 @@ async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList |
             "recommended_products": [live.product_out(i) for i in products],
             "source": "fold_in",
         }
-        if await svc.write_if_live(live.version, user_id, entry):
-            return RefreshedList(live, "fold_in", products)
+        # into the build it was computed against; done if that build is still the live one
+        if await svc.store.write_fold_in(live.build, live.buckets, user_id, entry):
+            latest = await svc.store.pointer(fresh=True)
+            if latest is not None and latest.build == live.build:
+                return RefreshedList(live, "fold_in", products)
     return None
 
 
@@ -631,7 +568,7 @@ async def post_event(svc: RecsysService, user_id: str, event: EventIn, event_id:
     try:
         refreshed = await refresh_user_list(svc, user_id)
         why_pending = "the live version kept changing"
-    except REDIS_DOWN as error:
+    except UNAVAILABLE as error:
         log.warning("event of user %r stored; list refresh pending: %s", user_id, type(error).__name__)
         refreshed, why_pending = None, "Redis is unavailable"
     except NothingLive:  # unpublished since the event was validated
@@ -677,7 +614,7 @@ async def refresh_pending_lists_when_due(svc: RecsysService) -> None:
         except psycopg.errors.UndefinedTable:
             log.error("no pending_list_refreshes table: run `recsys init-db` to add it (idempotent)")
             return
-        except (*REDIS_DOWN, NothingLive, psycopg.OperationalError) as error:
+        except (*UNAVAILABLE, NothingLive, psycopg.OperationalError) as error:
             log.info("pending list refreshes wait: %s", type(error).__name__)
             drained = False
         except Exception:

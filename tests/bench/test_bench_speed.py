@@ -18,8 +18,8 @@ from recsys.bench.speed import (
     redis_benchmark_set_rps,
     redis_py_write_floor,
 )
-from recsys.core.redis_keys import layout, redis_client
 from recsys.local.demo import DemoShop, generate_interactions
+from recsys.storage import connect
 
 
 def _bench_keys(client, label: str) -> set:
@@ -63,8 +63,8 @@ def test_speed_bench_on_a_machine_with_only_python(service_urls, bare_path):
 def test_write_floor_counts_its_fields_and_removes_its_hash(settings):
     rate = redis_py_write_floor(settings, value_bytes=50, fields=25_000)
     assert rate > 0
-    client = redis_client(settings)
-    assert not client.exists(layout(settings).live("bench-write-floor"))
+    client, keys = connect(settings)
+    assert not any(client.exists(f"{tag}:bench-write-floor") for tag in keys.bucket_tags)
 
 
 @pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-benchmark (Debian: redis-tools) not installed")

@@ -11,7 +11,6 @@ from recsys.core import artifacts
 from recsys.core.artifacts import ArtifactStore, open_store, pull, push, pushed
 from recsys.core.layout import EVALUATION, EXTRACT, FACTORS_FULL, MATRIX, MODEL
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import layout, live_meta, redis_client
 from recsys.core.settings import Settings
 from recsys.pipeline.stages import (
     Run,
@@ -24,6 +23,8 @@ from recsys.pipeline.stages import (
     tune_stage,
 )
 from recsys.pipeline.tune import tuned_path, with_tuned
+from recsys.storage import connect
+from recsys.storage.reads import live_meta
 
 
 @pytest.fixture
@@ -136,7 +137,7 @@ def test_a_second_worker_with_an_empty_cache_runs_the_later_stages(settings, dem
     evaluate_stage(second, elsewhere)
     result = publish_stage(second, elsewhere)
 
-    meta = live_meta(redis_client(settings), layout(settings))
+    meta = live_meta(*connect(settings))
     assert meta["version"] == result.version and meta["counts"]["users"] == result.users > 100
     assert not elsewhere.paths.extract.exists()  # only the folders a stage reads are pulled
     assert elsewhere.paths.matrix.is_dir() and not run.paths.model.exists()

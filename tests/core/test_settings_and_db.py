@@ -14,15 +14,10 @@ from recsys.cli import app
 from recsys.core import db
 from recsys.core.errors import ConfigurationError
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import (
-    KeyLayout,
-    delete_all,
-    layout,
-    live_meta,
-    redis_client,
-)
 from recsys.core.settings import Settings
 from recsys.pipeline.stages import run_pipeline
+from recsys.storage import connect
+from recsys.storage.reads import delete_all, live_meta
 
 runner = CliRunner()
 
@@ -70,7 +65,7 @@ def mixed_case_settings(service_urls, tmp_path):
         yield settings
     finally:
         db.drop_schema(settings)
-        delete_all(redis_client(settings), KeyLayout(settings.redis_prefix))
+        delete_all(*connect(settings))
 
 
 def _schemas_named(settings: Settings, name: str) -> list[str]:
@@ -91,7 +86,7 @@ def test_mixed_case_schema_through_demo_data_and_the_whole_pipeline(mixed_case_s
     result = run_pipeline(settings, window_end, PipelineParams(factors=16))
     assert result.extract.rows_kept > 5_000
     assert result.publish.users > 300
-    assert live_meta(redis_client(settings), layout(settings))["version"] == result.publish.version
+    assert live_meta(*connect(settings))["version"] == result.publish.version
 
     db.drop_schema(settings)
     assert _schemas_named(settings, settings.db_schema) == []

@@ -12,10 +12,11 @@ from helpers import REPO
 from recsys.core.artifacts import open_store, pushed
 from recsys.core.layout import EVALUATION, EXTRACT, MATRIX, MODEL, run_paths
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import layout, live_meta, redis_client
 from recsys.core.window import window_ending
 from recsys.pipeline import history
 from recsys.pipeline.stages import run_pipeline
+from recsys.storage import connect
+from recsys.storage.reads import live_build, live_meta
 
 TASK_ORDER = ["extract", "build_matrix", "train", "evaluate", "prepare_publish", "publish_shard", "publish"]
 
@@ -87,12 +88,12 @@ def test_full_run_publishes_live_recommendations(dag, airflow_db, recsys_env, de
 
     dag_run = dag.test(logical_date=window_end)
     assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
-    client, keys = redis_client(recsys_env), layout(recsys_env)
-    meta = live_meta(client, keys)
+    build = live_build(*connect(recsys_env))
+    meta = build.meta()
     assert meta["data_end"] == window_end.isoformat()
-    assert meta["counts"]["users"] == client.hlen(keys.live("user_recs")) > 100
-    user = next(iter(client.hkeys(keys.live("user_recs"))))
-    assert len(client.hget(keys.live("user_recs"), user)) > 20
+    assert meta["counts"]["users"] == build.entry_counts()["user_recs"] > 100
+    _, entry = next(build.entries("user_recs"))
+    assert len(entry["recommended_products"]) > 2
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def test_gate_refusal_fails_the_run_and_publishes_nothing(alerting_dag, recsys_e
     assert dag_run.state == DagRunState.FAILED
     states = task_states(dag_run)
     assert states["evaluate"] == "failed" and states["publish"] == "upstream_failed"
-    assert live_meta(redis_client(recsys_env), layout(recsys_env)) is None
+    assert live_meta(*connect(recsys_env)) is None
     assert alerts.read_text().startswith("failed evaluate quality gate refused: model MAP@10")
     (row,) = history.recent_runs(recsys_env)
     assert row["status"] == "refused" and row["dag_run_id"] == dag_run.run_id
@@ -132,7 +133,7 @@ def test_backfill_of_an_older_date_skips_publish(alerting_dag, recsys_env, demo_
     assert dag_run.state == DagRunState.SUCCESS
     states = task_states(dag_run)
     assert states["prepare_publish"] == states["publish"] == "skipped"
-    assert live_meta(redis_client(recsys_env), layout(recsys_env))["version"] == fresh.publish.version
+    assert live_meta(*connect(recsys_env))["version"] == fresh.publish.version
     extracted = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "extract").xcom_pull()
     assert "will not publish" in extracted["will_not_publish"]  # said at its start
     assert alerts.read_text().splitlines() == ["skipped prepare_publish None"]
@@ -160,15 +161,15 @@ def test_sharded_publish_through_a_shared_store_switches_one_complete_version(
         upload = pushed(store, f"{run_key}/{folder}")
         assert upload is not None and upload.files, folder
 
-    client, keys = redis_client(recsys_env), layout(recsys_env)
-    meta = live_meta(client, keys)
+    build = live_build(*connect(recsys_env))
+    meta = build.meta()
     assert meta["counts"]["shards"] == 3
     assert meta["data_end"] == window_end.isoformat()
     users = pq.read_table(recsys_env.artifacts_dir / run_key / MATRIX / "users.parquet").num_rows
-    assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"] == users
+    assert build.entry_counts()["user_recs"] == meta["counts"]["users"] == users
     single = run_pipeline(recsys_env, window_end, PipelineParams())  # same version, one shard, no store
     assert single.publish.version == meta["version"]
-    assert client.hlen(keys.live("user_recs")) == meta["counts"]["users"]
+    assert live_build(*connect(recsys_env)).entry_counts()["user_recs"] == meta["counts"]["users"]
 
 
 def test_a_publish_emits_the_live_asset_and_queues_the_dags_scheduled_on_it(
@@ -193,7 +194,7 @@ def test_a_publish_emits_the_live_asset_and_queues_the_dags_scheduled_on_it(
 
     dag_run = DagBag(dag_folder=str(REPO / "dags")).dags["recsys_daily"].test(logical_date=window_end)
     assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
-    meta = live_meta(redis_client(recsys_env), layout(recsys_env))
+    meta = live_meta(*connect(recsys_env))
     with create_session() as session:
         asset_id = session.scalars(select(AssetModel.id).where(AssetModel.uri == uri)).one()
         (event,) = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset_id)).all()

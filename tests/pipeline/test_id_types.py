@@ -6,28 +6,27 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from helpers import days_before, insert_interactions
+from helpers import days_before, insert_interactions, live
 
 from recsys.core import db
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import layout, live_meta, redis_client
 from recsys.pipeline.stages import run_pipeline
+from recsys.storage import connect
+from recsys.storage.reads import live_meta
 
 # later windows are compared with an earlier live model of another window: let the gate pass
 PARAMS = PipelineParams(max_map_drop=1.0)
 
 
 def published_ids(settings) -> dict[str, list]:
-    client, keys = redis_client(settings), layout(settings)
+    build = live(settings)
     found = {"user": [], "product": []}
-    for raw in client.hvals(keys.live("user_recs")):
-        record = json.loads(raw)
+    for _, record in build.entries("user_recs"):
         found["user"].append(record["user_id"])
         found["product"] += record["recommended_products"]
-    for raw in client.hvals(keys.live("similar_products")):
-        record = json.loads(raw)
+    for _, record in build.entries("similar_products"):
         found["product"] += [record["product_id"], *record["similar_products"]]
-    for raw in client.hvals(keys.live("top_buys")):
+    for raw in build.client.hvals(build.keys.top_buys(build.name)):
         found["product"] += json.loads(raw)["top_buys"]
     return found
 
@@ -47,7 +46,7 @@ def test_a_junk_user_and_an_uncatalogued_product_change_no_other_id(settings, de
     published = published_ids(settings)
     assert published["user"] and all(type(i) is int for i in published["user"])
     assert published["product"] and all(type(i) is int for i in published["product"])
-    meta = live_meta(redis_client(settings), layout(settings))
+    meta = live_meta(*connect(settings))
     assert (meta["id_types"]["user"], meta["id_types"]["product"]) == ("int", "int")
 
     report = json.loads((result.run.paths.extract / "report.json").read_text())

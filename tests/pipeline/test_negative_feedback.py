@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
-from helpers import days_before, insert_interactions
+from helpers import days_before, insert_interactions, live, published_entries
 from test_matrix import CATALOGUE, END, ID_TYPES, WINDOW, build, dense, write_inputs
 
 from recsys.core.errors import InputError
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import layout, redis_client
 from recsys.core.window import Window, window_ending
 from recsys.pipeline.extract import extract
 from recsys.pipeline.matrix import build_matrix, load_ids
@@ -119,11 +118,10 @@ def test_older_negative_pairs_join_the_exclusions(tmp_path):
 def test_publish_never_lists_a_product_the_user_gave_negative_feedback_on(settings, demo_loaded, window_end):
     params = PipelineParams(top_n=10)
     window = window_ending(window_end, params)
-    client, keys = redis_client(settings), layout(settings)
     # the products each user would get first, without negative feedback
     first = run_pipeline(settings, window_end - timedelta(days=1), params).publish
     assert first is not None
-    lists = {int(u): json.loads(raw)["recommended_products"] for u, raw in client.hscan_iter(keys.live("user_recs"))}
+    lists = {int(u): entry["recommended_products"] for u, entry in published_entries(settings).items()}
     users = sorted(lists)[:40]
     # half of them say no inside the next window, half long before it (left the window since)
     rows = []
@@ -135,6 +133,6 @@ def test_publish_never_lists_a_product_the_user_gave_negative_feedback_on(settin
     result = run_pipeline(settings, window_end, params)
     assert result.publish is not None and result.publish.version != first.version
     for position, user in enumerate(users):
-        raw = client.hget(keys.live("user_recs"), str(user))
-        shown = set(json.loads(raw)["recommended_products"]) if raw else set()
+        entry = live(settings).user_recommendations(str(user))
+        shown = set(entry["recommended_products"]) if entry else set()
         assert not shown & set(lists[user][:3]), (position, user)

@@ -8,24 +8,22 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from helpers import days_before, insert_interactions, stage
+from helpers import days_before, insert_interactions, live, published_entries, stage, stray_builds
 
 from recsys.core import db
 from recsys.core.errors import EmptyResultError, StaleVersionError
 from recsys.core.ids import id_out, integer_ids
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import (
-    bought_together,
-    layout,
-    live_meta,
-    redis_client,
-    similar_products,
-    top_buys,
-    user_recommendations,
-)
 from recsys.core.window import window_ending
 from recsys.pipeline.publish.stage import json_id_tokens, json_list_objects, publish
 from recsys.pipeline.stages import run_pipeline
+from recsys.storage import connect
+from recsys.storage.builds import bucket_states
+from recsys.storage.reads import live_build, live_meta
+
+
+def build_states(build):
+    return bucket_states(build.client, build.keys, build.name)
 
 
 def purchased_and_inactive(settings, window):
@@ -42,35 +40,38 @@ def purchased_and_inactive(settings, window):
 def test_published_layout_and_exclusions(settings, demo_loaded, window_end):
     params = PipelineParams(top_n=8)
     result = run_pipeline(settings, window_end, params)
-    client, keys = redis_client(settings), layout(settings)
+    build = live(settings)
 
-    meta = live_meta(client, keys)
+    meta = build.meta()
     assert meta["version"] == result.publish.version
     assert meta["data_end"] == window_end.isoformat()
     assert meta["metrics"]["model"]["map"] > meta["metrics"]["popularity"]["map"]
-    assert client.hlen(keys.live("user_recs")) == result.publish.users == meta["counts"]["users"]
+    assert build.entry_counts()["user_recs"] == result.publish.users == meta["counts"]["users"]
+    # every bucket holds part of the users (the demo shop has hundreds)
+    assert all(state.found["user_recs"] > 0 for state in build_states(build))
 
     bought, inactive = purchased_and_inactive(settings, window_ending(window_end, params))
     assert inactive, "the demo shop has inactive products"
-    for user_id, raw in client.hscan_iter(keys.live("user_recs"), count=500):
-        record = json.loads(raw)
+    for user_id, record in build.entries("user_recs"):
         assert record["user_id"] == int(user_id)  # integer ids stay integers
         products = record["recommended_products"]
         assert 0 < len(products) <= 8 and len(set(products)) == len(products)
         assert not inactive & set(products)
         assert not {(record["user_id"], p) for p in products} & bought
 
-    some_user = next(iter(client.hkeys(keys.live("user_recs"))))
-    assert user_recommendations(client, keys, some_user) == json.loads(client.hget(keys.live("user_recs"), some_user))
+    some_user, some_entry = next(build.entries("user_recs"))
+    # the one lookup a shop page makes: HGET of the user's bucket in the live build
+    raw = build.client.hget(build.keys.user_recs(build.name, some_user), some_user)
+    assert build.user_recommendations(some_user) == some_entry == json.loads(raw)
 
-    overall = top_buys(client, keys)["top_buys"]
+    overall = build.top_buys()["top_buys"]
     assert len(overall) == params.top_buys_n and not inactive & set(overall)
     active_product = overall[0]
-    similar = similar_products(client, keys, str(active_product))
+    similar = build.similar_products(str(active_product))
     assert similar["product_id"] == active_product
     assert active_product not in similar["similar_products"]
     assert not inactive & set(similar["similar_products"])
-    category = top_buys(client, keys, category="books")
+    category = build.top_buys(category="books")
     assert category is None or category["category"] == "books"
 
 
@@ -87,16 +88,15 @@ def test_bought_together_leads_with_planted_co_purchases(settings, demo_loaded, 
         for buyer in range(40) for minute, product in enumerate((first, second))
     ])
     run_pipeline(settings, window_end, params)
-    client, keys = redis_client(settings), layout(settings)
+    build = live(settings)
 
-    meta = live_meta(client, keys)
-    assert client.hlen(keys.live("bought_together")) == meta["counts"]["products_with_bought_together"]
+    meta = build.meta()
+    assert build.entry_counts()["bought_together"] == meta["counts"]["products_with_bought_together"]
     assert meta["counts"]["products_with_bought_together"] >= meta["counts"]["products_with_similar"] > 0
-    assert bought_together(client, keys, str(first))["bought_together"][0] == int(second)
-    assert bought_together(client, keys, str(second))["bought_together"][0] == int(first)
+    assert build.bought_together(str(first))["bought_together"][0] == int(second)
+    assert build.bought_together(str(second))["bought_together"][0] == int(first)
     _, inactive = purchased_and_inactive(settings, window_ending(window_end, params))
-    for product_id, raw in client.hscan_iter(keys.live("bought_together"), count=500):
-        record = json.loads(raw)
+    for product_id, record in build.entries("bought_together"):
         assert record["product_id"] == int(product_id) and int(product_id) not in inactive
         together = record["bought_together"]
         assert 0 < len(together) <= 5 and len(set(together)) == len(together)
@@ -105,56 +105,56 @@ def test_bought_together_leads_with_planted_co_purchases(settings, demo_loaded, 
 
 def test_rerun_is_idempotent(settings, demo_loaded, window_end):
     first = run_pipeline(settings, window_end, PipelineParams())
-    client, keys = redis_client(settings), layout(settings)
-    before = client.hgetall(keys.live("user_recs"))
+    before = published_entries(settings)
     second = run_pipeline(settings, window_end, PipelineParams())
     assert second.publish.version == first.publish.version
-    assert client.hgetall(keys.live("user_recs")) == before
-    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+    assert published_entries(settings) == before
+    assert stray_builds(settings) == set()
 
 
 def test_older_run_never_replaces_a_fresher_live_version(settings, demo_loaded, window_end):
     fresh = run_pipeline(settings, window_end, PipelineParams())
     with pytest.raises(StaleVersionError, match="newer than this run's"):
         run_pipeline(settings, window_end - timedelta(days=2), PipelineParams())
-    client, keys = redis_client(settings), layout(settings)
-    assert live_meta(client, keys)["version"] == fresh.publish.version
-    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+    assert live_meta(*connect(settings))["version"] == fresh.publish.version
+    assert stray_builds(settings) == set()
 
 
 def test_replaced_version_stays_readable_then_expires(settings, demo_loaded, window_end):
     old = run_pipeline(settings, window_end, PipelineParams())
     new = run_pipeline(settings, window_end, PipelineParams(factors=16))
-    client, keys = redis_client(settings), layout(settings)
+    client, keys = connect(settings)
     assert live_meta(client, keys)["version"] == new.publish.version != old.publish.version
-    previous = keys.previous(old.publish.version, "user_recs")
-    assert client.hlen(previous) == old.publish.users
-    assert 0 < client.ttl(previous) <= settings.previous_version_ttl_seconds
-    assert client.ttl(keys.live("user_recs")) == -1  # live keys never expire
+    [kept] = client.lrange(keys.history(), 0, -1)
+    assert kept.startswith(old.publish.version + ".")
+    kept_states = bucket_states(client, keys, kept)
+    assert sum(state.found["user_recs"] for state in kept_states) == old.publish.users
+    assert all(0 < ttl <= settings.previous_version_ttl_seconds for state in kept_states for ttl in state.ttls.values()
+               if ttl != -2)
+    # live keys never expire
+    assert all(ttl in (-1, -2) for state in build_states(live(settings)) for ttl in state.ttls.values())
 
 
 def test_reader_polling_during_publish_only_sees_complete_versions(settings, demo_loaded, window_end):
     """Two versions of different sizes and list lengths; every atomic read must match one of them."""
     first = run_pipeline(settings, window_end - timedelta(days=20), PipelineParams(top_n=3))
-    client, keys = redis_client(settings), layout(settings)
-    probe_user = next(iter(client.hkeys(keys.live("user_recs"))))
+    client, keys = connect(settings)
+    probe_user = next(live(settings).entries("user_recs"))[0]
     seen, errors, stop = set(), [], threading.Event()
 
     def poll():
-        reader = redis_client(settings)
+        # as a reader does: resolve the pointer, then read that build (its keys never change)
+        reader, _ = connect(settings)
         while not stop.is_set():
-            with reader.pipeline(transaction=True) as pipe:
-                pipe.hget(keys.live("meta"), "version")
-                pipe.hget(keys.live("meta"), "counts")
-                pipe.hget(keys.live("meta"), "params")
-                pipe.hlen(keys.live("user_recs"))
-                pipe.hget(keys.live("user_recs"), probe_user)
-                version, counts, params, n_users, probe = pipe.execute()
-            seen.add(version)
-            if n_users != json.loads(counts)["users"]:
-                errors.append(f"{version}: {n_users} users live, meta says {counts}")
-            if probe and len(json.loads(probe)["recommended_products"]) > json.loads(params)["top_n"]:
-                errors.append(f"{version}: a list longer than its version's top_n")
+            build = live_build(reader, keys)
+            meta = build.meta()
+            counts, top_n = meta["counts"], meta["params"]["top_n"]
+            seen.add(build.version)
+            if build.entry_counts()["user_recs"] != counts["users"]:
+                errors.append(f"{build.version}: {build.entry_counts()} users, meta says {counts}")
+            probe = build.user_recommendations(probe_user)
+            if probe and len(probe["recommended_products"]) > top_n:
+                errors.append(f"{build.version}: a list longer than its version's top_n")
 
     reader_thread = threading.Thread(target=poll)
     reader_thread.start()
@@ -177,9 +177,8 @@ def test_empty_result_is_refused_and_live_kept(settings, demo_loaded, window_end
     paths = stage(settings, window_end, params)
     with pytest.raises(EmptyResultError, match="nothing published"):
         publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
-    client, keys = redis_client(settings), layout(settings)
-    assert live_meta(client, keys)["version"] == live.publish.version
-    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+    assert live_meta(*connect(settings))["version"] == live.publish.version
+    assert stray_builds(settings) == set()
 
 
 def test_string_ids_stay_strings(settings, window_end):
@@ -195,7 +194,7 @@ def test_string_ids_stay_strings(settings, window_end):
     params = PipelineParams(factors=4, iterations=5)
     paths = stage(settings, window_end, params)
     publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
-    record = user_recommendations(redis_client(settings), layout(settings), "user-007")
+    record = live(settings).user_recommendations("user-007")
     assert record["user_id"] == "user-007"
     assert all(isinstance(p, str) and p.startswith("SKU-") for p in record["recommended_products"])
 
@@ -260,24 +259,23 @@ def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
     done = [publish_shard(settings, paths.matrix, paths.model, params, attempt, shard, 3) for shard in (0, 2)]
     with pytest.raises(EmptyResultError, match=r"shards \[0, 2\] finished, expected 0\.\.2"):
         finish_publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, attempt, done, 3)
-    client, keys = redis_client(settings), layout(settings)
-    assert live_meta(client, keys)["version"] == live.publish.version
-    assert not list(client.scan_iter(match=f"{keys.tag}:staging:*"))
+    assert live_meta(*connect(settings))["version"] == live.publish.version
+    assert stray_builds(settings) == set()
 
 
 def test_payload_batches_do_not_change_what_is_published(settings, demo_loaded, window_end, monkeypatch):
     from recsys.pipeline.publish import stage as publish_module
+    from recsys.storage import builds as builds_module
 
     params = PipelineParams(top_n=5)
     paths = stage(settings, window_end, params)
-    client, keys = redis_client(settings), layout(settings)
     publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
-    in_one_batch = client.hgetall(keys.live("user_recs"))
+    in_one_batch = published_entries(settings)
     monkeypatch.setattr(publish_module, "PAYLOAD_BATCH", 7)
-    monkeypatch.setattr(publish_module, "HSET_CHUNK", 3)
+    monkeypatch.setattr(builds_module, "HSET_CHUNK", 3)
     publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, shards=2)
     assert len(in_one_batch) > 20
-    assert client.hgetall(keys.live("user_recs")) == in_one_batch
+    assert published_entries(settings) == in_one_batch
 
 
 def test_a_publish_reports_the_seconds_of_each_phase(settings, demo_loaded, window_end):

@@ -11,11 +11,12 @@ from helpers import stage
 from recsys.core.errors import QualityGateError
 from recsys.core.layout import FACTORS_FULL, FACTORS_HOLDOUT
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import layout, live_meta, redis_client
 from recsys.ml.als import load_factors
 from recsys.pipeline.evaluate import enforce_quality_gate, evaluate
 from recsys.pipeline.stages import run_pipeline
 from recsys.pipeline.train import train
+from recsys.storage import connect
+from recsys.storage.reads import live_meta
 
 
 @pytest.fixture
@@ -70,4 +71,4 @@ def test_gate_refuses_a_model_that_does_not_beat_popularity_enough(trained):
 def test_refused_pipeline_publishes_nothing(settings, demo_loaded, window_end):
     with pytest.raises(QualityGateError):
         run_pipeline(settings, window_end, PipelineParams(min_lift=50.0))
-    assert live_meta(redis_client(settings), layout(settings)) is None
+    assert live_meta(*connect(settings)) is None

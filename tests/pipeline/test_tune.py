@@ -10,7 +10,6 @@ from helpers import REPO
 
 from recsys.core.errors import QualityGateError
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import layout, live_meta, redis_client
 from recsys.pipeline.evaluate import enforce_quality_gate, evaluate
 from recsys.pipeline.stages import (
     extract_stage,
@@ -28,6 +27,8 @@ from recsys.pipeline.tune import (
     tune_on_matrix,
     with_tuned,
 )
+from recsys.storage import connect
+from recsys.storage.reads import live_meta
 
 SEARCH = PipelineParams(confidence_scaling="none")
 
@@ -121,7 +122,7 @@ def test_tune_dag_then_daily_dag_uses_its_params(airflow_db, recsys_env, demo_lo
 
     daily_run = daily_dag.test(logical_date=window_end)
     assert daily_run.state == DagRunState.SUCCESS
-    published = live_meta(redis_client(recsys_env), layout(recsys_env))["params"]
+    published = live_meta(*connect(recsys_env))["params"]
     for name in TUNED_FIELDS:
         assert published[name] == tuned.params[name]
 

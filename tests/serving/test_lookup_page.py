@@ -12,10 +12,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import insert_products, served_in_thread
+from helpers import insert_products, live, published_entries, served_in_thread
 from run_history import daily_runs, write_runs
 
-from recsys.core import db, redis_keys
+from recsys.core import db
 from recsys.core.layout import published_report
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule
@@ -47,8 +47,7 @@ if not CHROMIUM.exists():
 def served(settings: Settings, demo_loaded, window_end: datetime) -> Iterator[str]:
     """A tuned version live, a product name that is markup, a run history; the page under uvicorn."""
     run_pipeline(settings, window_end, PipelineParams(factors=32))
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    first_top_buy = redis_keys.top_buys(client, keys)["top_buys"][0]
+    first_top_buy = live(settings).top_buys()["top_buys"][0]
     with db.connect(settings) as conn:
         [(category,)] = conn.execute("SELECT category FROM products WHERE product_id = %s", (str(first_top_buy),))
     insert_products(settings, [(str(first_top_buy), "<img src=x onerror=alert(1)>", category, True)])
@@ -84,10 +83,10 @@ def _look_up(page, user_id: str) -> None:
 def test_page_shows_names_fallback_params_and_chart(
     color_scheme: str, served: str, settings: Settings, browser, tmp_path: Path
 ):
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
-    user_id = client.hrandfield(keys.live("user_recs"))
-    recommended = redis_keys.user_recommendations(client, keys, user_id)["recommended_products"]
-    overall = redis_keys.top_buys(client, keys)["top_buys"]
+    build = live(settings)
+    user_id = sorted(published_entries(settings))[0]
+    recommended = build.user_recommendations(user_id)["recommended_products"]
+    overall = build.top_buys()["top_buys"]
     page = browser.new_page(color_scheme=color_scheme, viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
@@ -128,7 +127,7 @@ def test_page_shows_names_fallback_params_and_chart(
     categories = page.locator("#category option").all_inner_texts()[1:]
     assert len(categories) >= 2
     page.select_option("#category", categories[-1])
-    expected = redis_keys.top_buys(client, keys, categories[-1])["top_buys"]
+    expected = build.top_buys(categories[-1])["top_buys"]
     page.wait_for_function(
         "first => document.querySelector('#top-buys tbody tr td:nth-child(2)')?.textContent === first",
         arg=str(expected[0]),
@@ -180,18 +179,19 @@ def test_page_shows_ids_only_when_the_shop_database_is_down(served: str, setting
 
 
 def test_report_named_in_the_meta_is_a_link_only_when_it_is_a_web_url(served: str, settings: Settings, browser):
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    build = live(settings)
+    meta_key = build.keys.meta(build.name)
     page = browser.new_page()
     # without a report of its own on this host, the page falls back to what the meta names
-    published_report(settings, redis_keys.live_meta(client, keys)).unlink()
+    published_report(settings, build.meta()).unlink()
 
-    client.hset(keys.live("meta"), "report", "javascript:alert(1)")
+    build.client.hset(meta_key, "report", "javascript:alert(1)")
     page.goto(served)
     page.wait_for_selector("#report span")
     assert page.locator("#report a").count() == 0
     assert page.inner_text("#report") == "Latest run report: javascript:alert(1)"
 
-    client.hset(keys.live("meta"), "report", "https://reports.example.org/runs/1")
+    build.client.hset(meta_key, "report", "https://reports.example.org/runs/1")
     page.goto(served)
     page.wait_for_selector("#report a")
     assert page.get_attribute("#report a", "href") == "https://reports.example.org/runs/1"

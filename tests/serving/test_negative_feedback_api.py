@@ -11,13 +11,14 @@ import test_api
 from fastapi.testclient import TestClient
 from test_api import _live_user, _stored
 
-from recsys.core import redis_keys
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.pipeline.publish.stage import publish
-from recsys.pipeline.publish.versions import keys_without_ttl, live_problems
 from recsys.serving.fold_in import weigh_events
 from recsys.serving.live_model import load_live_model
+from recsys.storage import connect
+from recsys.storage.reads import live_meta
+from recsys.storage.versions import keys_without_ttl, live_problems
 
 # the API suite's fixtures: a version published by the pipeline, a client with a write key
 published, client = test_api.published, test_api.client
@@ -53,7 +54,7 @@ def test_a_dislike_is_never_shown_again_on_any_path(published: dict, settings: S
     for name, products in _every_view(client, user_id).items():
         assert not {disliked, deep} & set(products), name
 
-    redis, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    redis, keys = connect(settings)
     key = keys.negative(user_id)
     assert redis.smembers(key) == {str(disliked), str(deep)}
     assert 0 < redis.ttl(key) <= settings.negative_feedback_ttl_seconds
@@ -75,9 +76,10 @@ def test_a_dislike_posted_during_a_publish_stays_filtered_after_the_switch(
     )
     assert newer.version != published["version"]
     assert disliked in _stored(settings, user_id)["recommended_products"]  # the new version lists it again ...
+    # the API sees the switch within a second (it caches the live pointer that long) ...
+    test_api._until(lambda: client.get(f"/users/{user_id}/recommendations").json()["version"] == newer.version, 5)
     for name, products in _every_view(client, user_id).items():  # ... and no page shows it
         assert disliked not in products, name
-    assert client.get(f"/users/{user_id}/recommendations").json()["version"] == newer.version
 
 
 def test_a_new_user_with_only_negative_feedback_gets_top_buys_without_it(published: dict, client: TestClient):
@@ -111,7 +113,7 @@ def test_an_event_type_neither_weighted_nor_negative_is_refused_naming_the_known
 
 
 def test_fold_in_weighs_negative_feedback_as_a_block_that_cancels_the_pair(published: dict, settings: Settings):
-    live = load_live_model(redis_keys.live_meta(redis_keys.redis_client(settings), redis_keys.layout(settings)), settings)
+    live = load_live_model(live_meta(*connect(settings)), settings)
     bought, returned, disliked = live.item_ids[:3]
     now = datetime.now(UTC).timestamp()
     events = [

@@ -8,10 +8,10 @@ from datetime import datetime
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from helpers import insert_products
+from helpers import insert_products, live, published_entries
 from run_history import daily_runs, write_runs
 
-from recsys.core import db, redis_keys
+from recsys.core import db
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.local.services import free_port
@@ -30,7 +30,7 @@ def client(settings: Settings) -> TestClient:
 
 
 def _live_user(settings: Settings) -> str:
-    return redis_keys.redis_client(settings).hrandfield(redis_keys.layout(settings).live("user_recs"))
+    return sorted(published_entries(settings))[0]
 
 
 def test_user_lookup_returns_the_live_entry(published: PipelineResult, settings: Settings, client: TestClient):
@@ -39,7 +39,7 @@ def test_user_lookup_returns_the_live_entry(published: PipelineResult, settings:
     response = client.get(f"/api/users/{user_id}")
 
     assert response.status_code == 200
-    expected = redis_keys.user_recommendations(redis_keys.redis_client(settings), redis_keys.layout(settings), user_id)
+    expected = live(settings).user_recommendations(user_id)
     assert response.json() == {"source": "model", **expected}
     assert expected["recommended_products"]
 
@@ -50,7 +50,7 @@ def test_user_without_a_list_gets_the_top_buys_labelled_popular(
     response = client.get("/api/users/no-such-user")
 
     assert response.status_code == 200
-    overall = redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    overall = live(settings).top_buys()
     assert response.json() == {
         "user_id": "no-such-user",
         "source": "popular",
@@ -75,7 +75,7 @@ def test_model_shows_version_window_and_metrics(published: PipelineResult, clien
 def test_top_buys(published: PipelineResult, settings: Settings, client: TestClient):
     everything = client.get("/api/top-buys")
     assert everything.status_code == 200
-    assert everything.json() == redis_keys.top_buys(redis_keys.redis_client(settings), redis_keys.layout(settings))
+    assert everything.json() == live(settings).top_buys()
 
     assert client.get("/api/top-buys", params={"category": "no-such-category"}).status_code == 404
 

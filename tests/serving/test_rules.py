@@ -12,20 +12,20 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import REPO
+from helpers import REPO, published_entries
 from typer.testing import CliRunner
 
 from recsys.cli import app
-from recsys.core import db, redis_keys
+from recsys.core import db
 from recsys.core.errors import InputError
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule, list_rules
 from recsys.core.settings import Settings
-from recsys.pipeline.publish import versions
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving.api import create_api
 from recsys.serving.lookup import create_app as create_lookup_app
 from recsys.serving.schemas import UserRecommendations
+from recsys.storage import connect, versions
 
 runner = CliRunner()
 KEY = "rules-test-key-0123456789abcdef0123456789"
@@ -70,9 +70,7 @@ def _owned(settings: Settings, user_id: str) -> set[str]:
 
 
 def _published_lists(settings: Settings) -> dict[str, list]:
-    client = redis_keys.redis_client(settings)
-    raw = client.hgetall(redis_keys.layout(settings).live("user_recs"))
-    return {user: redis_keys.decode_entry(entry)["recommended_products"] for user, entry in raw.items()}
+    return {user: entry["recommended_products"] for user, entry in published_entries(settings).items()}
 
 
 def _a_user_and_an_unlisted_product(settings: Settings) -> tuple[str, list, str]:
@@ -286,10 +284,10 @@ def test_a_stored_rule_the_checks_refuse_stops_publish_naming_it(published: Sett
         (rule_id,) = conn.execute(
             "INSERT INTO recommendation_rules (kind, product_id, factor) VALUES ('boost', '1', 'Infinity') RETURNING rule_id"
         ).fetchone()
-    live = versions.versions(redis_keys.redis_client(settings), redis_keys.layout(settings))[0].version
+    live = versions.versions(*connect(settings))[0].version
     with pytest.raises(InputError, match=f"stored rule {rule_id} is not valid .*at most 1000, got inf.*recsys rules remove {rule_id}"):
         run_pipeline(settings, window_end + timedelta(days=1), PipelineParams())
-    assert versions.versions(redis_keys.redis_client(settings), redis_keys.layout(settings))[0].version == live
+    assert versions.versions(*connect(settings))[0].version == live
 
 
 def test_the_look_up_page_explains_a_list_as_the_api_does_and_names_the_rules(client: TestClient, published: Settings):
@@ -343,5 +341,5 @@ def test_a_schema_without_the_rules_table_stops_publish_with_one_line(published:
         conn.execute("DROP TABLE recommendation_rules")
     with pytest.raises(InputError, match=r"no recommendation_rules table: run `recsys init-db`"):
         run_pipeline(settings, window_end + timedelta(days=1), PipelineParams())
-    client, keys = redis_keys.redis_client(settings), redis_keys.layout(settings)
+    client, keys = connect(settings)
     assert versions.keys_without_ttl(client, keys) == [] and versions.live_problems(client, keys) == []

@@ -4,16 +4,17 @@ switched live at once.
 Three steps of one publish *attempt*, so the per-user scoring can fan out over workers (the DAG
 maps ``publish_shard``); a failure or a kill at any point leaves the live version untouched:
 
-1. ``prepare_publish``: take the version's owner lock (``recsys.live``), remove orphaned staging
-   keys, refuse early if a fresher version is already live (backfills never go back in time),
-   stage the per-product structures (similar products, bought together, top buys);
+1. ``prepare_publish``: take the version's owner lock, sweep the builds of attempts that no
+   longer run, refuse early if a fresher version is already live (backfills never go back in
+   time), stage the per-product structures (similar products, bought together, top buys);
 2. ``publish_shard`` (once per shard, any order, idempotent): score a contiguous range of users
-   and write their lists into the attempt's staging hash;
+   and write their lists into the attempt's build;
 3. ``finish_publish``: stage again whatever was lost since (Redis restart, staging TTL), refuse an
-   empty result, then switch in one atomic script that checks ownership, every structure's count
-   against the meta, and freshness, keeps the replaced version and makes the new one live.
+   empty result, then switch (``recsys.storage.builds.switch``): every bucket checked against its
+   recorded counts, then one script on one slot that checks ownership and freshness and moves
+   the live pointer to the build.
 
-Every staging key carries the attempt id and gets its TTL with its first write.
+Every key of the attempt's build carries the attempt id and gets its TTL with its first write.
 """
 
 from __future__ import annotations
@@ -26,53 +27,43 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import redis
 import scipy.sparse as sp
 
 from recsys.core.errors import EmptyResultError, PublishConflictError, StaleVersionError
 from recsys.core.ids import IdType, IdTypes, id_out
 from recsys.core.layout import EXCLUDE, FACTORS_FULL, ITEMS, MANIFEST, USERS
 from recsys.core.params import PipelineParams
-from recsys.core.redis_keys import (
-    STRUCTURES,
-    KeyLayout,
-    layout,
-    redis_client,
-    top_buys_field,
-)
 from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
-from recsys.core.window import Window
+from recsys.core.window import Window, version_name
 from recsys.ml.als import load_factors
 from recsys.ml.co_purchase import bought_together
 from recsys.ml.diversity import recommend_diverse_top_n
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import als_model, similar_items, top_buys_order
 from recsys.pipeline.matrix import inactive_items, load_baskets, matrix_id_types
-from recsys.pipeline.publish.versions import (
-    VersionOwner,
-    live_data_end,
-    run_script,
-    switch_live,
-)
 from recsys.pipeline.train import checked_model_build
+from recsys.storage import builds
+from recsys.storage.builds import Build
+from recsys.storage.connection import UNAVAILABLE, sync_client
+from recsys.storage.keys import BUCKETED, KeyLayout, top_buys_field
+from recsys.storage.locks import VersionOwner
+from recsys.storage.reads import live_version
 
 log = logging.getLogger(__name__)
 
-# fields per HSET and HSETs per round trip: measured near redis-benchmark's pipelined SET rate
-HSET_CHUNK = 10_000
-HSETS_PER_ROUND_TRIP = 8
 PAYLOAD_BATCH = 100_000  # users whose JSON is built at once: bounds a shard's payload memory
-# staging keys of a publish that died half-way expire by themselves; the switch removes the TTL
-STAGING_TTL_SECONDS = 6 * 3600
-# the structures prepare_publish stages (each one's entry count is in the attempt's manifest)
-PRODUCT_STRUCTURES = ("similar_products", "bought_together", "top_buys")
+# the bucketed structures prepare_publish stages (each one's entry count per bucket is in the
+# attempt's manifest), besides the top buys
+PRODUCT_STRUCTURES = ("similar_products", "bought_together")
 # printable ASCII except '"' and '\\': JSON-quoting such an id is just adding the quotes
 _NEEDS_NO_ESCAPE = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
 TOP_BUYS_KEY_ALL = top_buys_field(None)
@@ -108,11 +99,6 @@ def json_list_objects(
     )
 
 
-def version_name(window: Window, params: PipelineParams) -> str:
-    """Same data window and params -> same version: reruns overwrite instead of duplicating."""
-    return f"{window.end.astimezone(UTC):%Y%m%dT%H%M%SZ}-{params.fingerprint()}"
-
-
 @dataclass
 class PhaseTimings:
     """Seconds a publish spends per phase: ``scoring`` (users' top-N), ``similar`` (similar
@@ -143,81 +129,32 @@ def new_attempt() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def _owner(settings: Settings, client: redis.Redis, keys: KeyLayout, version: str, attempt: str) -> VersionOwner:
+def _owner(settings: Settings, staging: _Staging) -> VersionOwner:
     return VersionOwner(
-        client, keys, version, attempt, settings.publish_lock_ttl_seconds, settings.publish_lock_wait_seconds
+        staging.client, staging.keys, staging.version, staging.attempt, settings.publish_lock_ttl_seconds,
+        settings.publish_lock_wait_seconds,
     )
-
-
-def _write_hash(client: redis.Redis, key: str, fields: pa.Array, values: pa.Array, owner: VersionOwner) -> int:
-    """HSET ``fields`` -> ``values`` into the staging hash ``key``; returns fields written.
-
-    Each round trip is one MULTI/EXEC ending in EXPIRE, so the key gets its TTL with its first
-    write and keeps one even if it expired between writes: a writer killed at any point leaves
-    nothing that lives forever.
-    """
-    per_round_trip = HSET_CHUNK * HSETS_PER_ROUND_TRIP
-    for start in range(0, len(fields), per_round_trip):
-        owner.check()
-        with client.pipeline(transaction=True) as pipe:
-            for chunk in range(start, min(start + per_round_trip, len(fields)), HSET_CHUNK):
-                pairs = [None] * (2 * min(HSET_CHUNK, len(fields) - chunk))
-                pairs[0::2] = fields.slice(chunk, HSET_CHUNK).to_pylist()
-                pairs[1::2] = values.slice(chunk, HSET_CHUNK).to_pylist()
-                pipe.hset(key, items=pairs)
-            pipe.expire(key, STAGING_TTL_SECONDS)
-            pipe.execute()
-    return len(fields)
-
-
-def _record(client: redis.Redis, key: str, mapping: dict) -> None:
-    """HSET with the staging TTL in one step (manifest, meta)."""
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hset(key, mapping=mapping)
-        pipe.expire(key, STAGING_TTL_SECONDS)
-        pipe.execute()
 
 
 def _dumps(value: dict) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _refuse_if_stale(client: redis.Redis, keys: KeyLayout, window: Window) -> None:
-    live_end = live_data_end(client, keys)
+def _refuse_if_stale(client, keys: KeyLayout, window: Window) -> None:
+    live_end = builds.live_data_end(client, keys)
     if live_end is not None and live_end > window.end.timestamp():
         raise StaleVersionError(
-            f"live version {client.hget(keys.live('meta'), 'version')} has data up to "
+            f"live version {live_version(client, keys)} has data up to "
             f"{datetime.fromtimestamp(live_end, UTC).isoformat()}, newer than this run's "
             f"{window.end.isoformat()}; not replacing it"
         )
 
 
-def _sweep_orphans(client: redis.Redis, keys: KeyLayout) -> int:
-    """Delete staging keys of attempts that do not own their version (dead, superseded, or of the
-    layout before attempts). They would expire anyway; this frees their memory now."""
-    holders: dict[str, str | None] = {}
-    orphans = []
-    for key in client.scan_iter(match=keys.staging_pattern(), count=1000):
-        version, attempt = keys.staging_owner(key)
-        if version not in holders:
-            holders[version] = client.get(keys.owner(version))
-        if attempt is None or holders[version] != attempt:
-            orphans.append(key)
-    if orphans:
-        client.delete(*orphans)
-        log.info("removed %d staging keys of publish attempts that no longer run", len(orphans))
-    return len(orphans)
-
-
-def _attempt_keys(keys: KeyLayout, version: str, attempt: str) -> list[str]:
-    return [keys.staging(version, attempt, structure) for structure in (*STRUCTURES, "manifest")]
-
-
-def _abandon(client: redis.Redis, keys: KeyLayout, version: str, attempt: str) -> None:
+def _abandon(staging: _Staging) -> None:
     """Best effort after a failed attempt: its keys and lock go now instead of at their TTL."""
-    with suppress(redis.RedisError):
-        client.delete(*_attempt_keys(keys, version, attempt))
-        run_script(client, "release", [keys.owner(version)], [attempt])
+    with suppress(*UNAVAILABLE):
+        staging.build.drop()
+        VersionOwner(staging.client, staging.keys, staging.version, staging.attempt, 1, 0).release()
 
 
 @dataclass(frozen=True)
@@ -247,10 +184,10 @@ def _ids(path: Path) -> pa.Array:
 
 @dataclass(frozen=True)
 class _Staging:
-    """One attempt's staging keys and where they come from."""
+    """One attempt's build and where it comes from."""
 
     settings: Settings
-    client: redis.Redis
+    client: Any
     keys: KeyLayout
     version: str
     attempt: str
@@ -261,21 +198,18 @@ class _Staging:
     id_types: IdTypes
     timings: PhaseTimings
 
-    def key(self, structure: str) -> str:
-        return self.keys.staging(self.version, self.attempt, structure)
+    @cached_property
+    def build(self) -> Build:
+        return Build(self.client, self.keys, self.version, self.attempt)
 
     def rules(self) -> RuleSnapshot:
         """The rules this attempt applies: taken once, when it stages the product structures, so
         every shard applies the same ones (taken again only if Redis lost the manifest)."""
-        recorded = self.client.hget(self.key("manifest"), "rules")
+        recorded = self.client.hget(self.keys.manifest(self.build.name), "rules")
         if recorded is None:
             # steps of one attempt may take it at once (parallel shards after a Redis restart):
             # the first recorded wins, and every step applies that one
-            with self.client.pipeline(transaction=True) as pipe:
-                pipe.hsetnx(self.key("manifest"), "rules", _dumps(take_snapshot(self.settings).to_dict()))
-                pipe.expire(self.key("manifest"), STAGING_TTL_SECONDS)
-                pipe.hget(self.key("manifest"), "rules")
-                recorded = pipe.execute()[-1]
+            recorded = self.build.record_once("rules", _dumps(take_snapshot(self.settings).to_dict()))
         return RuleSnapshot.from_dict(json.loads(recorded))
 
     def merchandising(self, items_table: pa.Table) -> Merchandising:
@@ -285,7 +219,7 @@ class _Staging:
 
     def manifest(self) -> dict[str, str]:
         """What the attempt has staged, after checking it staged it from this step's model build."""
-        manifest = self.client.hgetall(self.key("manifest"))
+        manifest = self.build.manifest()
         if manifest.get("model_build", self.model_build) != self.model_build:
             raise PublishConflictError(
                 f"version {self.version}: the model changed since publish attempt {self.attempt} began "
@@ -295,8 +229,8 @@ class _Staging:
 
 
 def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = False) -> None:
-    """Similar products, bought together and top buys into the attempt's staging keys; their
-    counts into its manifest."""
+    """Similar products, bought together and top buys into the attempt's build; their entries
+    per bucket into its manifest."""
     matrix_dir, params = staging.matrix_dir, staging.params
     items_table = pq.read_table(matrix_dir / ITEMS)
     items = items_table.to_pandas()
@@ -321,19 +255,19 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
         )
         similar = similar[:, : params.similar_n]
 
-    item_ids = items_table["id"].combine_chunks()
-    client = staging.client
-    client.delete(*(staging.key(structure) for structure in PRODUCT_STRUCTURES))
+    item_ids = items_table["id"].combine_chunks().cast(pa.string())
+    build = staging.build
+    for structure in PRODUCT_STRUCTURES:
+        build.clear(structure)
     with staging.timings.phase("writing"):
         item_tokens = json_id_tokens(item_ids, staging.id_types.product)
 
-        def write_lists(structure: str, lists: np.ndarray) -> int:
+        def write_lists(structure: str, lists: np.ndarray) -> np.ndarray:
             """``{"product_id": <id>, "<structure>": [...]}`` of every active product with a list."""
             has_list = lists[:, 0] >= 0
             owners = pa.array(active[has_list])
-            return _write_hash(
-                client,
-                staging.key(structure),
+            return build.write_entries(
+                structure,
                 pc.take(item_ids, owners),
                 json_list_objects("product_id", pc.take(item_tokens, owners), structure, item_tokens, lists[has_list]),
                 owner,
@@ -341,20 +275,17 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
 
         counts = {"similar_products": write_lists("similar_products", similar)}
         counts["bought_together"] = write_lists("bought_together", together)
-        counts["top_buys"] = _write_hash(
-            client,
-            staging.key("top_buys"),
-            pa.array(list(top_lists), pa.string()),
-            pa.array([_dumps(value) for value in top_lists.values()], pa.string()),
-            owner,
-        )
-    _record(client, staging.key("manifest"), {"model_build": staging.model_build, **counts})
+        top_buys = build.write_top_buys({field: _dumps(value) for field, value in top_lists.items()})
+    build.record({
+        "model_build": staging.model_build, "top_buys": top_buys,
+        **{structure: json.dumps(per_bucket.tolist()) for structure, per_bucket in counts.items()},
+    })
 
 
 def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int, progress: bool = False) -> ShardResult:
-    """Top-N of one shard of the users into the attempt's staging hash; the count into its manifest."""
+    """Top-N of one shard of the users into the attempt's build; its entries per bucket into the manifest."""
     matrix_dir, params = staging.matrix_dir, staging.params
-    user_ids = _ids(matrix_dir / USERS)
+    user_ids = _ids(matrix_dir / USERS).cast(pa.string())
     users = shard_users(len(user_ids), shard, shards)
     factors, exclude = load_factors(staging.model_dir / FACTORS_FULL), sp.load_npz(matrix_dir / EXCLUDE).tocsr()
     merchandising = staging.merchandising(pq.read_table(matrix_dir / ITEMS, columns=["id", "category"]))
@@ -365,8 +296,7 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
         )
     has_recs = recs[:, 0] >= 0
     owners, lists = users[has_recs], recs[has_recs]
-    key = staging.key("user_recs")
-    written = 0
+    written = np.zeros(staging.keys.buckets, dtype=np.int64)
     with staging.timings.phase("writing"):
         user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
         item_tokens = json_id_tokens(_ids(matrix_dir / ITEMS), staging.id_types.product)
@@ -375,10 +305,13 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
             payloads = json_list_objects(
                 "user_id", user_tokens[batch], "recommended_products", item_tokens, lists[batch],
             )
-            written += _write_hash(staging.client, key, pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
+            written += staging.build.write_entries("user_recs", pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
     without = int((~has_recs).sum())
-    _record(staging.client, staging.key("manifest"), {f"shard:{shard}": written, f"shard:{shard}:empty": without})
-    return ShardResult(shard=shard, users=written, users_without_recommendations=without, attempt=staging.attempt)
+    staging.build.record({
+        f"shard:{shard}": int(written.sum()), f"shard:{shard}:buckets": json.dumps(written.tolist()),
+        f"shard:{shard}:empty": without,
+    })
+    return ShardResult(shard=shard, users=int(written.sum()), users_without_recommendations=without, attempt=staging.attempt)
 
 
 def _ruled_top_n(
@@ -415,30 +348,38 @@ def _staging(
     window, version = _window_and_version(matrix_dir, params)
     model_build = checked_model_build(matrix_dir, model_dir) or ""
     staging = _Staging(
-        settings, redis_client(settings), layout(settings), version, attempt, matrix_dir, model_dir, params, model_build,
-        matrix_id_types(matrix_dir), timings or PhaseTimings(),
+        settings, sync_client(settings.require_redis_url), KeyLayout(settings.redis_prefix, settings.redis_buckets),
+        version, attempt, matrix_dir, model_dir, params, model_build, matrix_id_types(matrix_dir), timings or PhaseTimings(),
     )
     return staging, window
+
+
+def _sweep(settings: Settings, staging: _Staging) -> None:
+    builds.sweep(
+        staging.client, staging.keys, settings.previous_version_ttl_seconds, settings.publish_lock_ttl_seconds,
+        settings.publish_lock_wait_seconds,
+    )
 
 
 def prepare_publish(
     settings: Settings, matrix_dir: Path, model_dir: Path, params: PipelineParams, attempt: str, progress: bool = False,
     timings: PhaseTimings | None = None,
 ) -> str:
-    """Take the version's lock for ``attempt``, remove orphaned staging keys, refuse a stale run
-    early, and stage the per-product structures (similar products, top buys). Returns the version."""
+    """Take the version's lock for ``attempt``, sweep orphaned builds, refuse a stale run early,
+    and stage the per-product structures (similar products, bought together, top buys). Returns
+    the version."""
     staging, window = _staging(settings, matrix_dir, model_dir, params, attempt, timings)
-    client, keys, version = staging.client, staging.keys, staging.version
-    with _owner(settings, client, keys, version, attempt) as owner:
-        _sweep_orphans(client, keys)  # whatever the freshness check below decides
+    with _owner(settings, staging) as owner:
+        _sweep(settings, staging)  # whatever the freshness check below decides
         try:
-            _refuse_if_stale(client, keys, window)
-            client.delete(*_attempt_keys(keys, version, attempt))
+            _refuse_if_stale(staging.client, staging.keys, window)
+            staging.build.drop()
+            staging.build.register()
             _stage_products(staging, owner, progress)
         except (StaleVersionError, EmptyResultError):
-            _abandon(client, keys, version, attempt)
+            _abandon(staging)
             raise
-    return version
+    return staging.version
 
 
 def publish_shard(
@@ -452,33 +393,51 @@ def publish_shard(
     progress: bool = False,
     timings: PhaseTimings | None = None,
 ) -> ShardResult:
-    """Top-N for one shard of the users into the attempt's staging hash. Idempotent: a retry
-    writes the same fields again."""
+    """Top-N for one shard of the users into the attempt's build. Idempotent: a retry writes the
+    same fields again."""
     staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt, timings)
-    with _owner(settings, staging.client, staging.keys, staging.version, attempt) as owner:
+    with _owner(settings, staging) as owner:
         staging.manifest()  # checks the model build
         return _stage_shard(staging, owner, shard, shards, progress)
 
 
+def _expected(manifest: dict[str, str], shards: int) -> dict[str, np.ndarray] | None:
+    """Entries per bucket of each bucketed structure, as the manifest records them; None if a
+    product structure or a shard is not recorded at all."""
+    if any(structure not in manifest for structure in PRODUCT_STRUCTURES):
+        return None
+    expected = {structure: np.asarray(json.loads(manifest[structure])) for structure in PRODUCT_STRUCTURES}
+    expected["user_recs"] = sum(
+        (np.asarray(json.loads(manifest[f"shard:{shard}:buckets"])) for shard in range(shards)
+         if f"shard:{shard}:buckets" in manifest),
+        start=np.zeros(len(expected["similar_products"]), dtype=np.int64),
+    )
+    return expected
+
+
 def _complete_staging(staging: _Staging, owner: VersionOwner, shards: int) -> dict[str, str]:
     """The attempt's manifest once every structure it records is staged in full. What is gone
-    (Redis restarted, or the staging TTL passed between tasks) is staged again, so a retried
-    ``finish_publish`` succeeds without rerunning the tasks before it."""
-    client, manifest = staging.client, staging.manifest()
-    lost = [
-        s for s in PRODUCT_STRUCTURES
-        if s not in manifest or client.hlen(staging.key(s)) != int(manifest[s])
-    ]
+    (Redis restarted, the staging TTL passed between tasks, or a sweep expired the build of an
+    attempt whose lock had lapsed) is staged again, so a retried ``finish_publish`` succeeds
+    without rerunning the tasks before it."""
+    manifest, build = staging.manifest(), staging.build
+    expected = _expected(manifest, shards)
+    found = {state.bucket: state.found for state in build.states()}
+    lost = expected is None or any(
+        found[bucket][structure] != expected[structure][bucket]
+        for structure in PRODUCT_STRUCTURES for bucket in range(staging.keys.buckets)
+    ) or staging.client.hlen(staging.keys.top_buys(build.name)) != int(manifest.get("top_buys", -1))
     if lost:
-        log.warning("version %s: staged %s lost (Redis restart or staging TTL?); staging again",
-                    staging.version, " and ".join(lost))
+        log.warning("version %s: staged product structures lost (Redis restart, staging TTL or a sweep?); "
+                    "staging again", staging.version)
         _stage_products(staging, owner)
-    missing = [shard for shard in range(shards) if f"shard:{shard}" not in manifest]
-    recorded = sum(int(manifest[f"shard:{shard}"]) for shard in range(shards) if shard not in missing)
-    if not missing and client.hlen(staging.key("user_recs")) != recorded:
+    missing = [shard for shard in range(shards) if f"shard:{shard}:buckets" not in manifest]
+    if not missing and expected is not None and any(
+        found[bucket]["user_recs"] != expected["user_recs"][bucket] for bucket in range(staging.keys.buckets)
+    ):
         missing = list(range(shards))  # entries lost, records kept: which shard lost them is unknown
     if missing:
-        log.warning("version %s: user shards %s not staged in full (Redis restart or staging TTL?); "
+        log.warning("version %s: user shards %s not staged in full (Redis restart, staging TTL or a sweep?); "
                     "scoring them again", staging.version, missing)
         for shard in missing:
             _stage_shard(staging, owner, shard, shards)
@@ -499,19 +458,24 @@ def finish_publish(
     """Check that every shard and structure is complete, then switch the version live at once.
     ``artifacts_key``: the run's folder in the shared artifact store, for readers on other hosts."""
     staging, window = _staging(settings, matrix_dir, model_dir, params, attempt)
-    client, keys, version = staging.client, staging.keys, staging.version
+    version = staging.version
     done = sorted(result.shard for result in shard_results)
     if done != list(range(shards)):
-        _abandon(client, keys, version, attempt)
+        _abandon(staging)
         raise EmptyResultError(f"version {version}: shards {done} finished, expected 0..{shards - 1}; not switching")
     foreign = sorted({result.attempt for result in shard_results} - {attempt})
     if foreign:
         raise PublishConflictError(
             f"version {version}: shard results of publish attempts {foreign}, not of {attempt}; not switching"
         )
-    with _owner(settings, client, keys, version, attempt) as owner:
+    live = builds.pointer(staging.client, staging.keys)
+    if live is not None and live["build"] == staging.build.name:
+        log.info("version %s is live already (this attempt switched it; a retry)", version)
+        return _result(staging)
+    with _owner(settings, staging) as owner:
         try:
             manifest = _complete_staging(staging, owner, shards)
+            expected = _expected(manifest, shards)
             users = sum(int(manifest[f"shard:{shard}"]) for shard in range(shards))
             if users == 0:
                 raise EmptyResultError(
@@ -520,8 +484,8 @@ def finish_publish(
             counts = {
                 "users": users,
                 "users_without_recommendations": sum(int(manifest[f"shard:{s}:empty"]) for s in range(shards)),
-                "products_with_similar": int(manifest["similar_products"]),
-                "products_with_bought_together": int(manifest["bought_together"]),
+                "products_with_similar": int(expected["similar_products"].sum()),
+                "products_with_bought_together": int(expected["bought_together"].sum()),
                 "top_buys_lists": int(manifest["top_buys"]),
                 "shards": shards,
             }
@@ -529,6 +493,7 @@ def finish_publish(
             meta = {
                 "version": version,
                 "attempt": attempt,
+                "build": staging.build.name,
                 "data_start": window.start.isoformat(),
                 "data_end": window.end.isoformat(),
                 "data_end_ts": repr(window.end.timestamp()),
@@ -545,22 +510,30 @@ def finish_publish(
             }
             if artifacts_key is not None:
                 meta["artifacts_key"] = artifacts_key
-            _record(client, staging.key("meta"), meta)
+            staging.build.write_infos({structure: expected[structure] for structure in BUCKETED})
+            staging.build.write_meta(meta)
             owner.check()
-            switch_live(
-                client, keys, version, attempt,
+            builds.switch(
+                staging.client, staging.build,
                 data_end_ts=window.end.timestamp(),
                 latest_allowed_end_ts=time.time() + settings.max_clock_skew_seconds,
                 keep_versions=settings.keep_versions,
                 kept_ttl_seconds=settings.previous_version_ttl_seconds,
+                lock_ttl_seconds=settings.publish_lock_ttl_seconds,
+                lock_wait_seconds=settings.publish_lock_wait_seconds,
             )
         except (StaleVersionError, EmptyResultError):
-            _abandon(client, keys, version, attempt)  # retrying cannot change the outcome
+            _abandon(staging)  # retrying cannot change the outcome
             raise
-    client.delete(staging.key("manifest"))
+    staging.build.forget_manifest()
     log.info("published version %s live: %s", version, counts)
+    return _result(staging)
+
+
+def _result(staging: _Staging) -> PublishResult:
+    counts = json.loads(staging.client.hget(staging.keys.meta(staging.build.name), "counts"))
     return PublishResult(
-        version=version,
+        version=staging.version,
         users=counts["users"],
         users_without_recommendations=counts["users_without_recommendations"],
         products_with_similar=counts["products_with_similar"],
@@ -580,7 +553,7 @@ def publish(
     timings: PhaseTimings | None = None,
 ) -> PublishResult:
     """The whole publish in one process, as one attempt: prepare, every shard, switch (the DAG maps
-    the shards). A failed attempt removes its staging keys and lock (their TTLs cover a kill)."""
+    the shards). A failed attempt removes its build and lock (their TTLs cover a kill)."""
     attempt = new_attempt()
     try:
         prepare_publish(settings, matrix_dir, model_dir, params, attempt, progress, timings)
@@ -591,7 +564,8 @@ def publish(
         return finish_publish(settings, matrix_dir, model_dir, eval_report, params, attempt, results, shards, artifacts_key)
     except BaseException:
         staging, _ = _staging(settings, matrix_dir, model_dir, params, attempt)
-        _abandon(staging.client, staging.keys, staging.version, attempt)
+        if (builds.pointer(staging.client, staging.keys) or {}).get("build") != staging.build.name:
+            _abandon(staging)
         raise
 
 
