@@ -1,18 +1,29 @@
-"""``recsys bench serve``: latency and throughput of ``GET /users/{id}/recommendations``.
+"""``recsys bench serve``: latency and throughput of the API's three busiest requests, each
+next to its floor measured in the same run.
 
 Self-contained and bounded: a small generated shop in its own schema and Redis prefix (configured
 servers, else embedded ones in a temporary folder), the pipeline publishes it, the API runs as a
 uvicorn subprocess on 127.0.0.1, and everything is removed at the end.
 
+- endpoints: ``GET /users/{id}/recommendations`` (users cycled over the published ones),
+  ``GET /products/{id}/similar`` (products cycled) and ``POST /carts/recommendations`` (carts of
+  2-3 products).
+- floor: a bare ASGI app (``recsys.bench.floor_app``, no framework) answering the same three
+  requests with the stored entries read in one Redis round trip, on the same server software,
+  worker count and Redis, loaded by the same client. ``ratio_to_floor`` = the API's max req/s /
+  the floor's, per endpoint; the two are measured alternately, ``--runs`` times, and the median
+  and the spread (min, max) reported.
 - fixed rate: a constant arrival schedule (request i is due at start + i / rate) from an asyncio
   HTTP/1.1 client over keep-alive connections; latency counts from the due time, not the send
-  time, so a stalled server cannot hide its queueing (what wrk2 calls coordinated omission).
-- max throughput: ``wrk`` over the same users when installed, else the same Python client in a
-  closed loop (the JSON names the client used).
-- floor: what each request must do at least, measured with what the project installs: HGETs of
-  the same users from the live hash over as many connections, through redis-py's asyncio client
-  + hiredis, in a closed loop. Also ``redis-benchmark -t get`` on the same Redis when it is
-  installed (Debian's redis-tools); else null, with the reason under ``"unavailable"``.
+  time, so a stalled server cannot hide its queueing (what wrk2 calls coordinated omission):
+  p50/p99/p99.9/max, per endpoint, at each ``--rate``.
+- max throughput: the same client in a closed loop over CONNECTIONS connections (``wrk`` is
+  used for GET /users when installed, reported as ``max_rps_wrk``: it needs no Python).
+- Redis floors as before: HGETs of the same users through redis-py's asyncio client, and
+  ``redis-benchmark -t get`` on the same Redis when it is installed (else null, with the reason).
+
+The client runs on the same cores as the servers: absolute numbers are this machine's; the ratios
+are what compares.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ class FixedRate:
     rate: int
     p50_ms: float
     p99_ms: float
+    p999_ms: float
     max_ms: float
     errors: int
     requests: int
@@ -94,12 +106,12 @@ def api_server(settings: Settings, log_path: Path, workers: int) -> Iterator[int
             process.kill()
 
 
-def _wait_ready(port: int, process: subprocess.Popen, log_path: Path) -> None:
+def _wait_ready(port: int, process: subprocess.Popen, log_path: Path, path: str = "/health/ready") -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"API server exited with {process.returncode}; see {log_path.read_text()[-2000:]}")
-        status, _ = asyncio.run(_one_request(port, "/health/ready"))
+            raise RuntimeError(f"server exited with {process.returncode}; see {log_path.read_text()[-2000:]}")
+        status, _ = asyncio.run(_one_request(port, path))
         if status == 200:
             return
         time.sleep(0.1)
@@ -112,24 +124,33 @@ async def _one_request(port: int, path: str) -> tuple[int, bytes]:
     except OSError:
         return 0, b""
     try:
-        return await _exchange(reader, writer, path)
+        return await _exchange(reader, writer, _request("GET", path))
     finally:
         writer.close()
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, bytes]:
+def _request(method: str, path: str, body: bytes = b"") -> bytes:
+    """One HTTP/1.1 request, ready to send (built once, before a load phase)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {BENCH_READ_KEY}\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
     """One HTTP/1.1 request on a keep-alive connection; the body is read to the end so the
     connection can be reused."""
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {BENCH_READ_KEY}\r\n\r\n".encode())
+    writer.write(request)
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
     return status, await reader.readexactly(length)
 
 
-async def _load(port: int, paths: list[str], rate: int | None, requests: int) -> tuple[np.ndarray, int, float]:
-    """Send ``requests`` requests; at ``rate`` per second on a fixed schedule, or as fast as the
-    connections allow (None). Returns latencies (s) of successes, the error count, elapsed s."""
+async def _load(port: int, paths: list[bytes], rate: int | None, requests: int) -> tuple[np.ndarray, int, float]:
+    """Send ``requests`` requests (cycling over the prepared ``paths``: whole HTTP requests); at
+    ``rate`` per second on a fixed schedule, or as fast as the connections allow (None). Returns
+    latencies (s) of successes, the error count, elapsed s."""
     idle: asyncio.Queue = asyncio.Queue()
     for _ in range(CONNECTIONS):
         idle.put_nowait(await asyncio.open_connection("127.0.0.1", port))
@@ -170,11 +191,22 @@ async def _load(port: int, paths: list[str], rate: int | None, requests: int) ->
     return np.asarray(latencies), errors, elapsed
 
 
-def fixed_rate(port: int, paths: list[str], rate: int, seconds: float) -> FixedRate:
+def _run(coroutine):
+    """The bench's client on uvloop (as the servers), whose own per-request cost is lower."""
+    import uvloop
+
+    return uvloop.run(coroutine)
+
+
+def fixed_rate(port: int, paths: list[bytes], rate: int, seconds: float) -> FixedRate:
     requests = int(rate * seconds)
-    latencies, errors, elapsed = asyncio.run(_load(port, paths, rate, requests))
-    p50, p99, worst = (np.percentile(latencies, [50, 99, 100]) * 1000).tolist() if len(latencies) else (float("nan"),) * 3
-    return FixedRate(rate, round(p50, 3), round(p99, 3), round(worst, 3), errors, requests, round(requests / elapsed, 1))
+    latencies, errors, elapsed = _run(_load(port, paths, rate, requests))
+    if len(latencies):
+        p50, p99, p999, worst = (np.percentile(latencies, [50, 99, 99.9, 100]) * 1000).tolist()
+    else:
+        p50 = p99 = p999 = worst = float("nan")
+    return FixedRate(rate, round(p50, 3), round(p99, 3), round(p999, 3), round(worst, 3), errors, requests,
+                     round(requests / elapsed, 1))
 
 
 def max_throughput_wrk(port: int, paths: list[str], seconds: int) -> float:
@@ -199,8 +231,8 @@ end
     return float(re.search(r"Requests/sec:\s*([\d.]+)", output).group(1))
 
 
-def max_throughput_python(port: int, paths: list[str], seconds: int) -> float:
-    latencies, errors, elapsed = asyncio.run(_load(port, paths, None, 2_000 * seconds))
+def max_throughput_python(port: int, paths: list[bytes], seconds: int) -> float:
+    latencies, errors, elapsed = _run(_load(port, paths, None, 2_000 * seconds))
     return round(len(latencies) / elapsed, 1)
 
 
@@ -226,59 +258,138 @@ def _published_users(settings: Settings) -> list[str]:
     return [user for user, _ in reads.live_build(*storage.connect(settings)).entries("user_recs")]
 
 
-def measure_serving(settings: Settings, users: list[str], rate: int, seconds: int, workers: int, log: Path) -> dict:
-    """The API on ``settings``' Redis: fixed-rate latency, max throughput, and the redis-py HGET
-    floor of the same users on the same Redis."""
-    paths = [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in users]
-    with api_server(settings, log, workers) as port:
-        # warm-up: connections, the live model load, CPU caches
-        fixed_rate(port, paths, min(rate, 500), 1)
-        console.print(f"fixed rate {rate}/s for {seconds} s over {len(paths)} users, {workers} workers ...")
-        fixed = fixed_rate(port, paths, rate, seconds)
-        if wrk_missing := missing_tool("wrk", "Debian: wrk"):
-            console.print(f"{wrk_missing}: max throughput from the Python asyncio client")
-            max_rps, client = max_throughput_python(port, paths, seconds), PYTHON_CLIENT
-        else:
-            console.print(f"max throughput: wrk -t2 -c{CONNECTIONS} for {seconds} s ...")
-            max_rps, client = max_throughput_wrk(port, paths, seconds), "wrk"
-    console.print(f"floor: redis-py HGET over {CONNECTIONS} connections for {seconds} s ...")
-    floor = redis_py_hget_rps(settings, users, seconds)
-    console.print(
-        f"fixed {fixed.rate}/s: p50 {fixed.p50_ms} ms, p99 {fixed.p99_ms} ms, max {fixed.max_ms} ms, {fixed.errors} "
-        f"errors ({fixed.requests} requests, {fixed.achieved_rps}/s achieved); max {max_rps} req/s ({client}); "
-        f"redis-py HGET {floor} req/s"
-    )
+@contextmanager
+def floor_server(settings: Settings, log_path: Path, workers: int) -> Iterator[int]:
+    """``recsys.bench.floor_app`` under uvicorn as a subprocess, as ``recsys serve`` runs the API."""
+    port = services.free_port()
+    env = {**os.environ, "RECSYS_REDIS_URL": settings.require_redis_url, "RECSYS_REDIS_PREFIX": settings.redis_prefix}
+    command = [sys.executable, "-m", "uvicorn", "recsys.bench.floor_app:create_app", "--factory", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(port, process, log_path, "/users/0/recommendations")
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    requests: list[bytes]  # whole HTTP requests, cycled over
+
+
+def endpoints(settings: Settings) -> list[Endpoint]:
+    """The three requests, over the published users and products (carts of 2-3 products)."""
+    live = reads.live_build(*storage.connect(settings))
+    users = [user for user, _ in live.entries("user_recs")]
+    products = [product for product, _ in live.entries("similar_products")]
+    carts = [json.dumps({"product_ids": [products[i], products[(i * 7 + 1) % len(products)],
+                                         *([products[(i * 13 + 2) % len(products)]] if i % 2 else [])]}).encode()
+             for i in range(min(len(products), 500))]
+    quote = lambda value: urllib.parse.quote(value, safe="")  # noqa: E731
+    return [
+        Endpoint("users", [_request("GET", f"/users/{quote(user)}/recommendations") for user in users]),
+        Endpoint("similar", [_request("GET", f"/products/{quote(product)}/similar") for product in products]),
+        Endpoint("cart", [_request("POST", "/carts/recommendations", cart) for cart in carts]),
+    ]
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": round(float(np.median(values)), 4), "min": min(values), "max": max(values)}
+
+
+def measure_endpoints(
+    settings: Settings, rates: list[int], seconds: int, workers: int, runs: int, logs: Path
+) -> dict[str, dict]:
+    """Per endpoint: the API's and the floor's max req/s measured alternately ``runs`` times, their
+    ratio, and the API's latency at each fixed rate."""
+    found = {}
+    with api_server(settings, logs / "api.log", workers) as api, floor_server(settings, logs / "floor.log", workers) as floor:
+        for endpoint in endpoints(settings):
+            for port in (api, floor):  # warm-up: connections, the live model load, CPU caches
+                fixed_rate(port, endpoint.requests, 500, 1)
+            api_rps, floor_rps = [], []
+            for run in range(runs):
+                console.print(f"{endpoint.name}: max throughput, API and floor, run {run + 1}/{runs} ...")
+                api_rps.append(max_throughput_python(api, endpoint.requests, seconds))
+                floor_rps.append(max_throughput_python(floor, endpoint.requests, seconds))
+            ratios = [round(a / f, 4) for a, f in zip(api_rps, floor_rps, strict=True)]
+            entry = {
+                "max_rps": _spread(api_rps)["median"], "max_rps_client": PYTHON_CLIENT,
+                "floor_rps": _spread(floor_rps)["median"], "ratio_to_floor": _spread(ratios)["median"],
+                "runs": {"api_rps": api_rps, "floor_rps": floor_rps, "ratio_to_floor": ratios},
+                "spread": {"api_rps": _spread(api_rps), "floor_rps": _spread(floor_rps), "ratio_to_floor": _spread(ratios)},
+                "fixed_rates": [],
+            }
+            for rate in rates:
+                console.print(f"{endpoint.name}: fixed rate {rate}/s for {seconds} s, {workers} workers ...")
+                fixed = fixed_rate(api, endpoint.requests, rate, seconds)
+                entry["fixed_rates"].append({
+                    "rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
+                    "max_ms": fixed.max_ms, "errors": fixed.errors, "achieved_rps": fixed.achieved_rps,
+                })
+            entry["fixed_rate"] = entry["fixed_rates"][0]
+            console.print(f"{endpoint.name}: API {entry['max_rps']} req/s, floor {entry['floor_rps']} req/s, "
+                          f"ratio {entry['ratio_to_floor']} (runs {ratios}); fixed {entry['fixed_rates']}")
+            found[endpoint.name] = entry
+        if not missing_tool("wrk", "Debian: wrk"):
+            found["users"]["max_rps_wrk"] = max_throughput_wrk(api, _user_paths(settings), seconds)
+    return found
+
+
+def _user_paths(settings: Settings) -> list[str]:
+    return [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in _published_users(settings)]
+
+
+def measure_serving(settings: Settings, rates: list[int], seconds: int, workers: int, runs: int, logs: Path) -> dict:
+    """Every endpoint next to its floor, and the Redis floors, on ``settings``' Redis; the
+    top-level keys are the users endpoint's (as before there were others)."""
+    per_endpoint = measure_endpoints(settings, rates, seconds, workers, runs, logs)
+    console.print(f"Redis floor: redis-py HGET over {CONNECTIONS} connections for {seconds} s ...")
+    users = per_endpoint["users"]
     return {
-        "fixed_rate": {"rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "max_ms": fixed.max_ms,
-                       "errors": fixed.errors},
-        "max_rps": max_rps,
-        "max_rps_client": client,
-        "redis_py_hget_rps": floor,
+        "fixed_rate": users["fixed_rate"],
+        "max_rps": users["max_rps"],
+        "max_rps_client": users["max_rps_client"],
+        "floor_rps": users["floor_rps"],
+        "ratio_to_floor": users["ratio_to_floor"],
+        "redis_py_hget_rps": redis_py_hget_rps(settings, _published_users(settings), seconds),
+        "endpoints": per_endpoint,
     }
 
 
 def serve_bench_command(
     json_output: Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")] = False,
-    rate: Annotated[int, typer.Option(min=1, max=20_000, help="fixed arrival rate, requests/s")] = 1_000,
+    rate: Annotated[
+        list[int] | None, typer.Option(min=1, max=20_000, help="fixed arrival rate, requests/s (repeatable)")
+    ] = None,
     seconds: Annotated[int, typer.Option(min=1, max=MAX_DURATION_S, help="length of each load phase")] = 10,
     users: Annotated[int, typer.Option(min=100, max=100_000, help="demo shop users")] = 2_000,
     products: Annotated[int, typer.Option(min=50, max=20_000, help="demo shop products")] = 500,
-    workers: Annotated[int, typer.Option(min=1, max=16, help="API server processes")] = 2,
+    workers: Annotated[int, typer.Option(min=1, max=16, help="API server processes (and the floor's)")] = 2,
+    runs: Annotated[int, typer.Option(min=1, max=9, help="alternate API and floor measurements per endpoint")] = 3,
     cluster: Annotated[
         bool, typer.Option("--cluster", help="measure again on a local Redis Cluster (3 masters, a replica each)")
     ] = False,
 ) -> None:
-    """Load-test GET /users/{id}/recommendations on loopback: p50/p99/max at a fixed rate, max
-    requests/s, and as the floor redis-py HGETs of the same users (and redis-benchmark GET when
-    installed) on the same Redis; with --cluster the same on a local 3-master cluster, published
-    from the same run."""
+    """Load-test the API's three busiest requests on loopback, each next to a bare ASGI floor doing
+    the same Redis read on the same server software: max requests/s (``ratio_to_floor``), and
+    p50/p99/p99.9 at fixed rates (default 1000 and 2000/s); with --cluster the same on a local
+    3-master cluster, published from the same run."""
+    rates = rate or [1_000, 2_000]
     with services.isolated("bench-serve") as settings, tempfile.TemporaryDirectory(prefix="recsys-bench-log-") as logs:
         end = datetime.now(UTC).replace(microsecond=0)
         console.print(f"demo shop: {users} users, {products} products; pipeline ...")
         load_demo(settings, DemoShop(users=users, products=products, days=60), end=end)
         result = run_pipeline(settings, end, PipelineParams())
-        published = _published_users(settings)
-        figures = measure_serving(settings, published, rate, seconds, workers, Path(logs) / "api.log")
+        figures = measure_serving(settings, rates, seconds, workers, runs, Path(logs))
+        figures["redis"] = "single"
         figures["unavailable"] = {}
         if reason := missing_tool("redis-benchmark", "Debian: redis-tools"):
             figures["redis_get_rps"], figures["unavailable"]["redis_get_rps"] = None, reason
@@ -292,9 +403,11 @@ def serve_bench_command(
             with LocalCluster(masters=3, replicas=1) as local:
                 on_cluster = settings.model_copy(update={"redis_url": local.url})
                 publish_stage(on_cluster, result.run)
+                cluster_logs = Path(logs) / "cluster"
+                cluster_logs.mkdir()
                 figures["cluster"] = {
                     "masters": 3, "replicas_per_master": 1,
-                    **measure_serving(on_cluster, published, rate, seconds, workers, Path(logs) / "api-cluster.log"),
+                    **measure_serving(on_cluster, rates, seconds, workers, runs, cluster_logs),
                 }
     if json_output:
         sys.stdout.write(json.dumps(figures) + "\n")

@@ -33,7 +33,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 from recsys.core.settings import Settings
-from recsys.serving.fold_in import rank_popular, similar_to
+from recsys.serving.fold_in import rank_popular
+from recsys.serving.hot_path import HotPaths
 from recsys.serving.schemas import (
     ERRORS,
     CartIn,
@@ -73,10 +74,11 @@ from recsys.serving.service import (
     _outputs,
     _parse_exclude,
     _unprocessable,
-    cart_recommendations,
+    cart_answer,
     post_event,
     refresh_pending_lists_when_due,
     refresh_rules_periodically,
+    similar_products,
     user_recommendations,
 )
 from recsys.storage.connection import UNAVAILABLE
@@ -84,7 +86,8 @@ from recsys.storage.reads import public_meta
 
 log = logging.getLogger(__name__)
 
-DOCS_ASSETS = "/docs-assets"  # Swagger UI's files, served from the swagger-ui-bundle package
+DOCS_ASSETS = "/docs-assets"
+JSON = "application/json"  # Swagger UI's files, served from the swagger-ui-bundle package
 
 def _unavailable(what: str) -> Callable[[Request, Exception], JSONResponse]:
     async def handler(request: Request, error: Exception) -> JSONResponse:
@@ -104,7 +107,7 @@ class BodySizeLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
@@ -225,6 +228,8 @@ def create_api(settings: Settings) -> FastAPI:
     )
     app.state.service = svc
     app.state.api_keys = api_keys
+    # the hot paths inside the body size limit: a cart body over it is never read
+    app.add_middleware(HotPaths, service=svc, api_keys=api_keys, public_reads=settings.api_public_reads)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     _add_local_docs(app)
     # GET endpoints need a read (or write) key unless the operator made reads public
@@ -254,9 +259,10 @@ def create_api(settings: Settings) -> FastAPI:
         Merchandising rules in force (`recsys rules`) apply within RECSYS_RULES_REFRESH_SECONDS of
         a change; `debug=rules` adds which rule moved which product.
         """
-        return await user_recommendations(
+        body = await user_recommendations(
             svc, user_id, n, offset, _parse_exclude(exclude), category, diversity_lambda, explain, debug == "rules"
         )
+        return Response(body, media_type=JSON)
 
     @app.post(
         "/users/{user_id}/events", response_model=EventAccepted, status_code=201,
@@ -292,29 +298,16 @@ def create_api(settings: Settings) -> FastAPI:
         "/products/{product_id}/similar", response_model=SimilarProducts, dependencies=read_access,
         responses={**read_errors, 404: ERRORS[404], 422: ERRORS[422]},
     )
-    async def get_similar(product_id: ProductPathId, svc: Service, n: PageSize = 10) -> SimilarProducts:
+    async def get_similar(product_id: ProductPathId, svc: Service, n: PageSize = 10) -> Response:
         """Products most similar to this one (active, not excluded by a rule); beyond the published
         list, ranked on request."""
-        pointer, entry = await svc.store.entry("similar_products", product_id)
-        live = await svc.model_for(pointer)
-        if product_id not in live.item_index or not live.active[live.item_index[product_id]]:
-            raise HTTPException(status_code=404, detail=f"Product {product_id!r} is not an active product of the live version")
-        kept_out = svc.kept_out_for_everyone(live)
-        if entry is not None:
-            kept = _filtered(live, entry["similar_products"], set(), None, kept_out)
-            if len(kept) >= n:
-                return SimilarProducts(product_id=live.product_out(live.item_index[product_id]), version=live.version,
-                                       ranked_on_request=False, similar_products=_outputs(live, kept, 0, n))
-        blocked = None if kept_out is None else kept_out.blocked
-        similar = await svc.run(similar_to, live, live.item_index[product_id], n, blocked)
-        return SimilarProducts(product_id=live.product_out(live.item_index[product_id]), version=live.version,
-                               ranked_on_request=True, similar_products=[live.product_out(i) for i in similar])
+        return Response(await similar_products(svc, product_id, n), media_type=JSON)
 
     @app.post(
         "/carts/recommendations", response_model=CartRecommendations, dependencies=read_access,
         responses={**read_errors, 413: ERRORS[413], 422: ERRORS[422]},
     )
-    async def post_cart(cart: CartIn, svc: Service) -> CartRecommendations:
+    async def post_cart(cart: CartIn, svc: Service) -> Response:
         """Products that complement a cart as a whole (read-only: a read key, like the GET routes).
 
         The cart products' published bought-together lists (co-purchases beyond chance, filled with
@@ -324,7 +317,7 @@ def create_api(settings: Settings) -> FastAPI:
         unknown products are ignored and listed. `sources` says which of bought_together, similar,
         popular contributed (`source`: the largest vote for the first product).
         """
-        return await cart_recommendations(svc, cart)
+        return Response(await cart_answer(svc, cart), media_type=JSON)
 
     @app.get(
         "/top-buys", response_model=TopBuys, dependencies=read_access,

@@ -18,7 +18,7 @@ import numpy as np
 import psycopg
 from fastapi import Depends, Header, HTTPException, Query, Request, Security
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 
 from recsys.core import ids
 from recsys.core.errors import InputError
@@ -37,7 +37,7 @@ from recsys.serving.events import (
     record_event,
 )
 from recsys.serving.explanations import explained_products
-from recsys.serving.fold_in import UserEvents, fold_in_vector, rank_items, rank_popular, weigh_events
+from recsys.serving.fold_in import UserEvents, fold_in_vector, rank_items, rank_popular, similar_to, weigh_events
 from recsys.serving.live_model import LiveModel, load_live_model
 from recsys.serving.schemas import (
     ID_PATTERN,
@@ -166,8 +166,14 @@ class RecsysService:
         return (await self.store.top_buys(live.build)).get(top_buys_field(category))
 
 
-def service(request: Request) -> RecsysService:
+async def service(request: Request) -> RecsysService:
+    # async: FastAPI runs a plain def dependency in its thread pool, a hop on every request
     return request.app.state.service
+
+
+def dumps(body: dict) -> bytes:
+    """An answer as the API sends it: compact JSON (one function, whichever path built the body)."""
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 Service = Annotated[RecsysService, Depends(service)]
@@ -353,7 +359,8 @@ async def _rules_trace(
 async def user_recommendations(
     svc: RecsysService, user_id: str, n: int, offset: int, excluded: set[str], category: str | None,
     diversity_lambda: float | None = None, explain: bool = False, debug_rules: bool = False,
-) -> Response:
+) -> bytes:
+    """The answer of ``GET /users/{id}/recommendations`` (``UserRecommendations``), as JSON bytes."""
     pointer, entry, negatives = await svc.store.user_entry(user_id)
     excluded = excluded | negatives  # negative feedback no published version may hold yet
     live = await svc.model_for(pointer)
@@ -363,7 +370,7 @@ async def user_recommendations(
     rules = None if merchandising is None else merchandising.for_user(user_id)
     count = offset + n
 
-    async def answer(source: Source, listed: list[int], ranked: bool, scoring: Scoring | None = None) -> Response:
+    async def answer(source: Source, listed: list[int], ranked: bool, scoring: Scoring | None = None) -> bytes:
         # built as JSON directly: this is the hot path, and FastAPI validating a response model
         # again costs more than the Redis round trip (the schema stays documented on the route)
         products = _outputs(live, listed, offset, n)
@@ -379,7 +386,7 @@ async def user_recommendations(
                 svc, live, user_id, merchandising, rules, scoring, _indices(live, excluded), category,
                 live.params.diversity_lambda if diversity_lambda is None else diversity_lambda, listed[:count], ranked,
             )
-        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
+        return dumps(body)
 
     # a published list is right under the rules in force if they order as the ones it was made
     # with: then only exclusions (new rules, products gone inactive) are filtered out when read
@@ -430,6 +437,29 @@ def _check_cart_ids(live: LiveModel, cart_ids: list[str]) -> None:
             raise _unprocessable(
                 f"body.product_ids: {product[:40]!r} is not an integer: this shop's product ids are (GET /model, id_types)"
             )
+
+
+async def similar_products(svc: RecsysService, product_id: str, n: int) -> bytes:
+    """The answer of ``GET /products/{id}/similar`` (``SimilarProducts``), as JSON bytes: the
+    published list of the product (active, not excluded by a rule), beyond it ranked on request."""
+    pointer, entry = await svc.store.entry("similar_products", product_id)
+    live = await svc.model_for(pointer)
+    if product_id not in live.item_index or not live.active[live.item_index[product_id]]:
+        raise HTTPException(status_code=404, detail=f"Product {product_id!r} is not an active product of the live version")
+    kept_out = svc.kept_out_for_everyone(live)
+    body = {"product_id": live.product_out(live.item_index[product_id]), "version": live.version}
+    if entry is not None:
+        kept = _filtered(live, entry["similar_products"], set(), None, kept_out)
+        if len(kept) >= n:
+            return dumps({**body, "ranked_on_request": False, "similar_products": _outputs(live, kept, 0, n)})
+    blocked = None if kept_out is None else kept_out.blocked
+    similar = await svc.run(similar_to, live, live.item_index[product_id], n, blocked)
+    return dumps({**body, "ranked_on_request": True, "similar_products": [live.product_out(i) for i in similar]})
+
+
+async def cart_answer(svc: RecsysService, cart: CartIn) -> bytes:
+    """The answer of ``POST /carts/recommendations``, as JSON bytes."""
+    return dumps((await cart_recommendations(svc, cart)).model_dump(mode="json"))
 
 
 async def cart_recommendations(svc: RecsysService, cart: CartIn) -> CartRecommendations:

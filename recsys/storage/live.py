@@ -106,16 +106,26 @@ class LiveStore:
 
     async def entry(self, structure: str, item_id: str) -> tuple[Pointer | None, dict | None]:
         """A product's ``similar_products`` or ``bought_together`` entry in the live build."""
+        pointer, raw = await self.raw_entry(structure, item_id)
+        return pointer, decode_entry(raw)
+
+    async def raw_entry(self, structure: str, item_id: str) -> tuple[Pointer | None, str | None]:
+        """An id's entry of a bucketed structure in the live build, as stored (JSON text)."""
 
         async def read(pointer: Pointer) -> tuple:
             return (await self.client.hget(pointer.key(structure, item_id), item_id),)
 
         pointer, found = await self._read_live(read)
-        return pointer, None if found is None else decode_entry(found[0])
+        return pointer, None if found is None else found[0]
 
     async def entries(self, build: str, buckets: int, structures: tuple[str, ...], item_ids: list[str]) -> dict[str, list[dict | None]]:
         """Several products' entries of each structure of one build: one HMGET per bucket and
         structure, sent together."""
+        raw = await self.raw_entries(build, buckets, structures, item_ids)
+        return {structure: [decode_entry(entry) for entry in found] for structure, found in raw.items()}
+
+    async def raw_entries(self, build: str, buckets: int, structures: tuple[str, ...], item_ids: list[str]) -> dict[str, list[str | None]]:
+        """``entries`` as stored (JSON text)."""
         keys = self.keys.with_buckets(buckets)
         by_key: dict[str, list[str]] = defaultdict(list)
         for structure in structures:
@@ -128,7 +138,7 @@ class LiveStore:
         found = {(key, item_id): raw for (key, ids), values in zip(by_key.items(), answers, strict=True)
                  for item_id, raw in zip(ids, values, strict=True)}
         return {
-            structure: [decode_entry(found[keys.data(build, bucket_of(i, buckets), structure), i]) for i in item_ids]
+            structure: [found[keys.data(build, bucket_of(i, buckets), structure), i] for i in item_ids]
             for structure in structures
         }
 

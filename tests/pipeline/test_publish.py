@@ -12,7 +12,7 @@ from helpers import days_before, insert_interactions, live, published_entries, s
 
 from recsys.core import db
 from recsys.core.errors import EmptyResultError, StaleVersionError
-from recsys.core.ids import id_out, integer_ids
+from recsys.core.ids import fits, id_out, integer_ids
 from recsys.core.params import PipelineParams
 from recsys.core.window import window_ending
 from recsys.pipeline.publish.stage import json_id_tokens, json_list_objects, publish
@@ -204,6 +204,9 @@ def test_integer_ids_are_only_what_json_numbers_keep():
 
     ids = ["1", "22", "-3", str(2**53 - 1), "007", "a", str(2**60), "-0", "", "1.0"]
     assert integer_ids(pa.array(ids)).to_pylist() == [True, True, True, True, False, False, False, False, False, False]
+    # the API's check of one id (no Arrow) says the same, also of what only a regex engine could trip on
+    more = [*ids, str(2**53), str(-(2**53) + 1), "12\n", " 1", "+1", "١٢", "9" * 17]
+    assert [fits("int", i) for i in more] == integer_ids(pa.array(more)).to_pylist()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,102 @@
+"""The hot paths (recsys.serving.hot_path) answer the same bytes as the FastAPI routes, on the same
+data, for every kind of user, product and cart; anything they do not take is left to the routes."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+import pytest
+from fastapi.testclient import TestClient
+from helpers import live, published_entries
+
+from recsys.core.params import PipelineParams
+from recsys.core.rules import Rule, add_rule
+from recsys.core.settings import Settings
+from recsys.pipeline.stages import run_pipeline
+from recsys.serving import api as api_module
+from recsys.serving.api import create_api
+
+KEY = secrets.token_urlsafe(32)
+SLOW = {"_": "slow"}  # a parameter the routes ignore and the hot paths leave to them
+
+
+@pytest.fixture
+def api(settings: Settings, demo_loaded, window_end: datetime, monkeypatch):
+    """A published version with rules in force (an exclude and a pin), a user with negative
+    feedback; the API with a counter of the requests its routes (not the hot paths) answered."""
+    run_pipeline(settings, window_end, PipelineParams())
+    lists = published_entries(settings)
+    first_user = sorted(lists)[0]
+    listed = lists[first_user]["recommended_products"]
+    add_rule(settings, Rule("exclude", product_id=str(listed[1])))
+    add_rule(settings, Rule("pin", product_id=str(listed[-1]), rank=1))
+    routed = {"user": 0, "similar": 0, "cart": 0}
+    for name, function in (("user", "user_recommendations"), ("similar", "similar_products"), ("cart", "cart_answer")):
+        original = getattr(api_module, function)
+
+        async def counted(*args, _name=name, _original=original, **kwargs):
+            routed[_name] += 1
+            return await _original(*args, **kwargs)
+
+        monkeypatch.setattr(api_module, function, counted)
+    configured = settings.model_copy(update={"api_keys": f"write:{KEY}", "rules_refresh_seconds": 0.1})
+    with TestClient(create_api(configured), headers={"X-API-Key": KEY}) as client:
+        client.post(f"/users/{first_user}/events", json={"product_id": listed[2], "event_type": "dislike"})
+        client.app.state.routed = routed
+        yield client
+
+
+def same(client: TestClient, method: str, path: str, **options) -> bytes:
+    fast = client.request(method, path, **options)
+    params = {**options.pop("params", {}), **SLOW}
+    slow = client.request(method, path, params=params, **options)
+    assert (fast.status_code, fast.content) == (slow.status_code, slow.content), path
+    assert fast.headers["content-type"] == slow.headers["content-type"]
+    return fast.content
+
+
+def test_every_answer_of_the_hot_paths_is_the_routes_byte_for_byte(api: TestClient, settings: Settings):
+    build = live(settings)
+    users = sorted(published_entries(settings))[:25]
+    products = [entry["recommended_products"][0] for entry in published_entries(settings).values()][:15]
+    routed_before = dict(api.app.state.routed)
+    answers = 0
+    for user in [*users, "990001", "990002"]:  # published lists, fold-ins and cold starts
+        for params in ({}, {"n": 3}, {"n": 30}, {"n": 5, "offset": 8}, {"offset": 2}):
+            same(api, "GET", f"/users/{user}/recommendations", params=params)
+            answers += 1
+    for product in products:
+        for params in ({}, {"n": 4}, {"n": 40}):
+            same(api, "GET", f"/products/{product}/similar", params=params)
+            answers += 1
+    for size in (1, 2, 5):
+        same(api, "POST", "/carts/recommendations", json={"product_ids": products[:size], "n": 12})
+        answers += 1
+    routed = {name: count - routed_before[name] for name, count in api.app.state.routed.items()}
+    # the routes answered exactly the slow half: the hot paths answered every other request
+    assert sum(routed.values()) == answers, routed
+    assert build.version == api.get("/model").json()["version"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options", "status"),
+    [
+        ("GET", "/users/1/recommendations", {"params": {"n": 0}}, 422),
+        ("GET", "/users/1/recommendations", {"params": {"n": "ten"}}, 422),
+        ("GET", "/users/1/recommendations", {"params": {"offset": 5000}}, 422),
+        ("GET", "/users/" + "1" * 129 + "/recommendations", {}, 422),
+        ("GET", "/users/not-an-int/recommendations", {}, 422),
+        ("GET", "/users/1/recommendations", {"headers": {"X-API-Key": "wrong-key-0123456789"}}, 401),
+        ("GET", "/products/no-such-product/similar", {}, 404),
+        ("GET", "/products/999999/similar", {}, 404),
+        ("POST", "/carts/recommendations", {"json": {"product_ids": []}}, 422),
+        ("POST", "/carts/recommendations", {"json": {"product_ids": [True]}}, 422),
+        ("POST", "/carts/recommendations", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 422),
+        ("POST", "/carts/recommendations", {"json": {"product_ids": [1]}, "headers": {"X-API-Key": ""}}, 401),
+    ],
+)
+def test_what_the_hot_paths_do_not_take_the_routes_answer_as_always(api: TestClient, method, path, options, status):
+    answer = api.request(method, path, **options)
+    assert answer.status_code == status, answer.text
+    assert answer.json()["detail"]
