@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from airflow.plugins_manager import AirflowPlugin
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from recsys.serving.links import MOUNT_PREFIX
+
 if TYPE_CHECKING:
     from recsys.core.settings import Settings
-
-URL_PREFIX = "/recsys"
 
 
 def _settings() -> Settings:
@@ -71,12 +71,12 @@ class LazyLookupApp:
 
 class RecsysPlugin(AirflowPlugin):
     name = "recsys"
-    fastapi_apps = [{"app": LazyLookupApp(), "url_prefix": URL_PREFIX, "name": "Recsys"}]
+    fastapi_apps = [{"app": LazyLookupApp(), "url_prefix": MOUNT_PREFIX, "name": "Recsys"}]
     external_views = [
         {
             "name": "Recommendations",
             # relative, so it resolves against the UI's <base href> and works under a base_url path
-            "href": URL_PREFIX.lstrip("/") + "/",
+            "href": MOUNT_PREFIX.lstrip("/") + "/",
             "destination": "nav",
             "category": "browse",
             # the UI shows the page at <airflow>/plugin/recsys

@@ -101,9 +101,10 @@ def history_plot(history: list[dict]) -> str:
             axes.scatter(*zip(*points, strict=True), marker=marker, s=50, facecolors=face, zorder=3, label=label,
                          edgecolors=GATE_COLOUR if status in ("refused", "failed") else MODEL_COLOUR)
     axes.set_title(f"Quality history: the last {len(history)} runs (by window end)")
-    axes.legend(frameon=False, fontsize=8)
     axes.spines[["top", "right"]].set_visible(False)
     _date_axis(axes, times)
+    # below the axes: inside, the eight entries would cover runs
+    axes.legend(frameon=False, fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     return _svg(figure)
 
 
