@@ -285,7 +285,9 @@ If the model is good but the live one was unusually strong, a rerun with a large
 its extract's log ("will not publish"), evaluates for the history, and its ``publish`` task logs
 why and is skipped (no asset event). Clearing ``publish`` of a run makes its version live again
 even if another run of the same window published since (like ``recsys rollback``), unless that
-run is a scheduled one and the live version a manual run's.
+run is a scheduled one and the live version a manual run's. A ``publish`` marked failed while it
+ran may have switched its version already (``recsys versions``): clearing it records that switch
+and emits the asset event, without publishing again.
 
 Database and Redis come from the Airflow connections ``recsys_db`` / ``recsys_redis`` when they
 exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``.

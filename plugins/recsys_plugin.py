@@ -1,7 +1,8 @@
 """Airflow UI page "Browse > Recommendations": look up the live recommendations of a user id (or
 the top buys a user without a list gets), top buys by category, the live model's data window,
 metrics and params, and the run history's quality chart, served by the api-server at
-``<airflow>/recsys/``.
+``<airflow>/recsys/``; and the runs' evaluation reports at ``<airflow>/recsys/reports/<dag run id>``,
+which the evaluate task's extra link opens.
 
 The app itself is ``recsys.serving.lookup`` (plain FastAPI). This file adds what only Airflow knows:
 Redis and the shop database from the ``recsys_redis`` / ``recsys_db`` connections (else

@@ -140,6 +140,19 @@ def test_full_run_publishes_live_recommendations(fresh_dag, recsys_env, demo_loa
     link = task_instance(dag_run, "evaluate").xcom_pull(task_ids="evaluate", key="_link_EvaluationReportLink")
     assert link == f"recsys/reports/{quote(dag_run.run_id, safe='')}"
 
+    # publish's failure handler (a timeout, a lost worker after the switch): the history follows Redis
+    record_failed_publish = fresh_dag.get_task("publish").on_failure_callback[-1]
+    context = {"ti": task_instance(dag_run, "publish"), "run_id": dag_run.run_id}
+    history.record_publish(recsys_env, history.recent_runs(recsys_env)[0]["run_key"], history.EVALUATED,
+                           dag_run_id=dag_run.run_id)
+    record_failed_publish(context)
+    [row] = history.recent_runs(recsys_env)
+    assert (row["status"], row["published_version"]) == (history.PUBLISHED, meta["version"])
+    run_pipeline(recsys_env, window_end, PipelineParams(factors=16))  # another attempt's version goes live
+    record_failed_publish(context)
+    row = next(row for row in history.recent_runs(recsys_env) if row["dag_run_id"] == dag_run.run_id)
+    assert row["status"] == history.FAILED
+
 
 def test_trigger_without_a_logical_date_runs_the_last_scheduled_window(fresh_dag, recsys_env, demo_loaded, window_end):
     """`airflow dags trigger` without a logical date (or the REST API with ``"logical_date": null``):
