@@ -304,8 +304,9 @@ a comparable validation window, or if those are older than ``RECSYS_TUNED_MAX_AG
 (default 28). Concurrent tunes take turns for that step under a Redis lock. The tune task's log
 and ``recsys show`` say which result is active and why.
 
-**When it runs.** Only when triggered (``schedule=None``), on the window ending when it is
-triggered. Trigger it with a budget after a catalogue or traffic change, or from your own
+**When it runs.** Only when triggered (``schedule=None``: a paused scheduled DAG that is
+triggered would also start its latest scheduled run, i.e. two tunes), on the window ending when it
+is triggered. Trigger it with a budget after a catalogue or traffic change, or from your own
 scheduler (``airflow dags trigger recsys_tune``).
 
 **Params.** ``n_trials``: the search budget (ALS fits; about 1-2 s each on the demo shop);
@@ -323,10 +324,12 @@ PARAMS = {
                      description="Latent factors per user and product: more fit finer tastes, train slower and can "
                                  "overfit a small shop." + ALS_DEFAULTS_NOTE),
     "regularization": Param(DEFAULTS.regularization, type="number", minimum=0, title="ALS regularization",
-                            description="L2 penalty on the factors: higher keeps lists closer to popular products."
+                            description="L2 penalty on the factors: higher fits the history less closely (less overfitting, "
+                                        "less personal lists)."
                                         + ALS_DEFAULTS_NOTE),
     "alpha": Param(DEFAULTS.alpha, type="number", minimum=0, title="ALS alpha (confidence = 1 + alpha * weight)",
-                   description="How much a weighted interaction counts over an unseen product." + ALS_DEFAULTS_NOTE),
+                   description="Confidence of an observed interaction: 1 + alpha x its weight (an unobserved one has "
+                               "1)." + ALS_DEFAULTS_NOTE),
     "iterations": Param(DEFAULTS.iterations, type="integer", minimum=1, maximum=500, title="ALS iterations",
                         description="Alternating least-squares sweeps; training time grows linearly."
                                     + ALS_DEFAULTS_NOTE),

@@ -1,6 +1,7 @@
 """Read-only HTTP lookup of what is live in Redis: one user's recommendations (or the top buys a
 user without a list gets), top buys by category, the live model; decorated from PostgreSQL with
-product names and the run history when the database answers.
+product names and the run history when the database answers; and the runs' evaluation reports,
+from the artifact store, for the links to them in the Airflow UI.
 
 Plain FastAPI with no Airflow import, so it runs the same under the Airflow plugin
 (``plugins/recsys_plugin.py`` mounts it in the api-server), under uvicorn, and in tests.
