@@ -1,7 +1,8 @@
 """Airflow UI page "Browse > Recommendations": look up the live recommendations of a user id (or
 the top buys a user without a list gets), top buys by category, the live model's data window,
 metrics and params, and the run history's quality chart, served by the api-server at
-``<airflow>/recsys/``.
+``<airflow>/recsys/``; and the runs' evaluation reports at ``<airflow>/recsys/reports/<dag run id>``,
+which the evaluate task's extra link opens.
 
 The app itself is ``recsys.serving.lookup`` (plain FastAPI). This file adds what only Airflow knows:
 Redis and the shop database from the ``recsys_redis`` / ``recsys_db`` connections (else
@@ -16,10 +17,10 @@ from typing import TYPE_CHECKING
 from airflow.plugins_manager import AirflowPlugin
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from recsys.serving.links import MOUNT_PREFIX
+
 if TYPE_CHECKING:
     from recsys.core.settings import Settings
-
-URL_PREFIX = "/recsys"
 
 
 def _settings() -> Settings:
@@ -71,12 +72,12 @@ class LazyLookupApp:
 
 class RecsysPlugin(AirflowPlugin):
     name = "recsys"
-    fastapi_apps = [{"app": LazyLookupApp(), "url_prefix": URL_PREFIX, "name": "Recsys"}]
+    fastapi_apps = [{"app": LazyLookupApp(), "url_prefix": MOUNT_PREFIX, "name": "Recsys"}]
     external_views = [
         {
             "name": "Recommendations",
             # relative, so it resolves against the UI's <base href> and works under a base_url path
-            "href": URL_PREFIX.lstrip("/") + "/",
+            "href": MOUNT_PREFIX.lstrip("/") + "/",
             "destination": "nav",
             "category": "browse",
             # the UI shows the page at <airflow>/plugin/recsys

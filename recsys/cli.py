@@ -7,6 +7,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 from itertools import islice
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,6 +24,7 @@ from recsys.bench.speed import speed_bench_command
 from recsys.core import db
 from recsys.core.errors import RecsysError, describe
 from recsys.core.params import PipelineParams
+from recsys.core.redact import mask_url
 from recsys.core.settings import Settings
 from recsys.local import services
 from recsys.pipeline import stages
@@ -120,6 +122,18 @@ def services_start() -> None:
 def services_stop() -> None:
     services.stop()
     console.print("embedded services stopped")
+
+
+@services_app.command("airflow-db")
+def services_airflow_db(
+    env_file: Annotated[Path, typer.Option(help="where the Airflow settings go, for `make airflow`")] = Path(
+        ".airflow/metadata-db.env"
+    ),
+) -> None:
+    """Give Airflow's metadata a database ("airflow") on the shop's PostgreSQL server (the embedded
+    one by default), and write the settings that point Airflow at it to ENV_FILE."""
+    url = services.write_airflow_env(Settings(), env_file)
+    console.print(f"Airflow metadata database: {mask_url(url)} (settings in {env_file})")
 
 
 @app.command("init-db")

@@ -44,7 +44,9 @@ def daily_runs(last_window_end: datetime, model_maps: list[float], popularity_ma
                 "gate_reason": ("passed: " if passed else "refused: ") + "model MAP@10 vs popularity MAP@10",
                 "published_version": f"v-{end:%Y%m%d}" if passed else None,
                 "status": "published" if passed else "refused",
-                "extract_counts": Jsonb({"interactions": 1000}),
+                "extract_counts": Jsonb(
+                    {"rows_read": 1010, "rows_kept": 1000, "rows_dropped": 10, "rows_invalid": 0, "dropped": {"unknown_event_type": 10}}
+                ),
                 "train_seconds": 1.5,
                 "interactions": 1000,
                 "users": 600,
@@ -53,6 +55,27 @@ def daily_runs(last_window_end: datetime, model_maps: list[float], popularity_ma
             }
         )
     return list(reversed(runs))
+
+
+def backfilled_runs(last_window_end: datetime, live_version: str) -> list[dict]:
+    """Twelve daily runs as a shop's history looks after a backfill, in recording order: the daily
+    runs of the last nine days (one refused by a stricter gate, min_lift 0.5), then a backfill of the
+    three days before them (recorded last, not published: the live data is newer). The last day's
+    run is the live version."""
+    model = [0.221, 0.226, 0.218, 0.232, 0.229, 0.204, 0.238, 0.235, 0.222, 0.241, 0.246, 0.249]
+    popularity = [0.148, 0.150, 0.147, 0.151, 0.150, 0.152, 0.151, 0.153, 0.152, 0.151, 0.153, 0.154]
+    runs = daily_runs(last_window_end, model, popularity)
+    for run in runs:
+        run["status"], run["gate_passed"] = "published", True
+    refused = runs[8]  # three days before the end, with min_lift 0.5: 0.222 <= 0.152 x 1.5
+    refused.update(status="refused", gate_passed=False, published_version=None, params=Jsonb({"factors": 64, "min_lift": 0.5}),
+                   gate_reason="refused: model MAP@10 0.2220 vs popularity MAP@10 0.1520 (needs > 0.2280, min_lift=0.5)")
+    backfill = runs[:3]
+    for days_back, run in enumerate(reversed(backfill)):
+        run.update(status="skipped_stale", published_version=None, dag_run_id=f"backfill__{run['window_end'].isoformat()}",
+                   recorded_at=last_window_end + timedelta(hours=2, minutes=10 * (3 - days_back)))
+    runs[-1]["published_version"] = live_version
+    return runs[3:] + backfill
 
 
 def write_runs(settings: Settings, runs: list[dict]) -> None:

@@ -14,6 +14,7 @@ The same names hold locally and in the shared artifact store (``recsys.core.arti
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,19 +110,40 @@ def published_artifacts(settings: Settings, meta: dict) -> tuple[Path, Path]:
     return paths.matrix, paths.model / FACTORS_FULL
 
 
-def published_report(settings: Settings, meta: dict) -> Path | None:
-    """The evaluation report (``eval/report.html``) of a published version on this host, pulled from
-    the shared store when the version was published through one; None if it has none."""
-    run_store, key = configured_store(settings), meta.get("artifacts_key")
-    if run_store is not None and key is not None:
-        paths = RunPaths(settings.artifacts_dir, key)
+RUN_KEY = re.compile(rf"^{RUNS}/[0-9]{{8}}T[0-9]{{6}}Z/[0-9a-f]{{6,64}}$")
+
+
+def is_run_key(key: str) -> bool:
+    """Whether ``key`` is a run folder key (``runs/<window end>/<fingerprint>``), nothing more: a key
+    read back from the history or a meta never leads outside the artifacts folder."""
+    return RUN_KEY.fullmatch(key) is not None
+
+
+def run_report(settings: Settings, key: str) -> Path | None:
+    """The evaluation report (``eval/report.html``) of run folder ``key`` on this host: pulled from the
+    shared store when one is configured (the run may have been evaluated on another worker), else
+    from the local artifacts folder; None if the run has none."""
+    if not is_run_key(key):
+        return None
+    paths = RunPaths(settings.artifacts_dir, key)
+    run_store = configured_store(settings)
+    if run_store is not None:
         try:
             pull_folders(run_store, paths, (EVALUATION,))
         except FileNotFoundError:
             return None
-        report = paths.evaluation / EVALUATION_HTML
-    elif "matrix_dir" in meta:
-        report = Path(meta["matrix_dir"]).parent / EVALUATION / EVALUATION_HTML
-    else:
+    report = paths.evaluation / EVALUATION_HTML
+    return report if report.is_file() else None
+
+
+def published_report(settings: Settings, meta: dict) -> Path | None:
+    """The evaluation report of a published version on this host: its run's in the shared store
+    when the version was published through one, else next to its publisher's matrix folder (one
+    machine, or a shared volume); None if it has none."""
+    key = meta.get("artifacts_key")
+    if key is not None and configured_store(settings) is not None:
+        return run_report(settings, key)
+    if "matrix_dir" not in meta:
         return None
+    report = Path(meta["matrix_dir"]).parent / EVALUATION / EVALUATION_HTML
     return report if report.is_file() else None

@@ -21,6 +21,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from recsys.core.errors import RecsysError
 from recsys.core.settings import LOCAL_SERVICES_ENV, Settings
 
 DEFAULT_DATA_DIR = LOCAL_SERVICES_ENV.parent
@@ -168,6 +169,44 @@ def running(data_dir: Path, database_url: str | None = None, redis_url: str | No
     finally:
         for stop_server in started:
             stop_server(data_dir)
+
+
+# `make airflow` keeps Airflow's metadata in this database of the project's PostgreSQL server
+AIRFLOW_DATABASE = "airflow"
+
+
+def airflow_database_url(settings: Settings, name: str = AIRFLOW_DATABASE) -> str:
+    """Airflow's metadata database on the shop's PostgreSQL server (the embedded one on a laptop):
+    database ``name``, created if missing, as the SQLAlchemy URL Airflow takes. psycopg 3 serves
+    both of Airflow's engines, sync and async (the async default, asyncpg, is not installed)."""
+    import psycopg
+    from psycopg import sql as pgsql
+    from sqlalchemy.engine import make_url
+
+    from recsys.core import db
+
+    url = db.libpq_url(settings.require_database_url)
+    # CREATE DATABASE cannot run inside a transaction
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        if conn.execute(db.sql_text(settings, "database_exists"), {"name": name}).fetchone() is None:
+            try:
+                conn.execute(pgsql.SQL(db.sql_text(settings, "create_database")).format(database=pgsql.Identifier(name)))
+            except psycopg.errors.InsufficientPrivilege:
+                raise RecsysError(
+                    f"the database user may not create database {name!r} for Airflow's metadata: create it, or "
+                    "point Airflow at a database of your own with AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
+                ) from None
+    return make_url(url).set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+
+
+def write_airflow_env(settings: Settings, env_file: Path, name: str = AIRFLOW_DATABASE) -> str:
+    """The Airflow settings of its metadata database (``airflow_database_url``) as an env file for
+    `make airflow` (readable by its owner only: the URL may hold a password); returns the URL."""
+    url = airflow_database_url(settings, name)
+    env_file.parent.mkdir(parents=True, exist_ok=True)
+    env_file.touch(mode=0o600)
+    env_file.write_text(f"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN='{url}'\nAIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC='{url}'\n")
+    return url
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Quality history: one ``recsys_runs`` row per evaluated run, in the shop's PostgreSQL.
 
 The evaluate stage inserts the row (status ``evaluated`` or ``refused``); publish sets
-``published`` or ``skipped_stale`` on the run's latest row. Operators read it with
+``published``, ``skipped_stale`` or ``failed`` on the row its own DAG run recorded last. Operators read it with
 ``recsys history``, the evaluation report plots its last runs, the look-up page shows it.
 """
 
@@ -72,15 +72,30 @@ def record_evaluation(settings: Settings, record: RunRecord) -> datetime:
         return conn.execute(db.sql_text(settings, "insert_run"), values).fetchone()[0]
 
 
-def record_publish(settings: Settings, run_key: str, status: str, version: str | None = None) -> bool:
-    """Set the publish outcome on the run's latest row; False when the run has no row (it was
-    evaluated before the history existed)."""
+def record_publish(
+    settings: Settings, run_key: str, status: str, version: str | None = None, dag_run_id: str | None = None
+) -> bool:
+    """Set the publish outcome on the row DAG run ``dag_run_id`` (None: a run outside Airflow)
+    recorded last for ``run_key``; False when it has no row (it was evaluated before the history
+    existed)."""
     with _history_table(settings) as conn:
         updated = conn.execute(
             db.sql_text(settings, "update_run_status"),
-            {"run_key": run_key, "status": status, "published_version": version},
+            {"run_key": run_key, "status": status, "published_version": version, "dag_run_id": dag_run_id},
         ).rowcount
     return updated > 0
+
+
+@dataclass(frozen=True)
+class Publisher:
+    dag_run_id: str | None  # None: published outside Airflow (recsys run, recsys publish)
+
+
+def publisher_of(settings: Settings, version: str) -> Publisher | None:
+    """Which run published ``version`` last, if the history recorded it."""
+    with _history_table(settings) as conn:
+        row = conn.execute(db.sql_text(settings, "publisher_of_version"), {"version": version}).fetchone()
+    return None if row is None else Publisher(row[0])
 
 
 def recent_runs(settings: Settings, limit: int = 20) -> list[dict]:

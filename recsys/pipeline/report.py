@@ -2,8 +2,8 @@
 
 Plots are inline SVG from matplotlib's SVG backend, styles inline: the page opens from a
 file, an object store or an Airflow link without any network. It shows this run's holdout metrics
-against popularity, the last runs of the quality history (``recsys_runs``) with the gate's
-threshold, how recommendations spread over the catalogue (coverage, popularity bias, categories),
+against popularity, the last runs of the quality history (``recsys_runs``) in date order with each run's
+gate and outcome, how recommendations spread over the catalogue (coverage, popularity bias, categories),
 the extract's data-quality counts and the training time and data size over time.
 """
 
@@ -53,6 +53,27 @@ def _times(history: list[dict]) -> list[datetime]:
     return [row["window_end"] for row in history]
 
 
+def in_date_order(history: list[dict]) -> list[dict]:
+    """History rows by window end, then recording time: a backfill recorded after later dates
+    still sits at its own date (plots joined in recording order would zig-zag)."""
+    return sorted(history, key=lambda row: (row["window_end"], row["recorded_at"]))
+
+
+# how each recsys_runs status is drawn on the model's line: (label, marker, face colour)
+OUTCOME_MARKERS = {
+    "published": ("published", "o", MODEL_COLOUR),
+    "refused": ("refused by the gate", "X", GATE_COLOUR),
+    "skipped_stale": ("not published: live data newer", "o", "white"),
+    "evaluated": ("evaluated (this run, or not published yet)", "D", "white"),
+    "failed": ("publish failed", "s", GATE_COLOUR),
+}
+
+
+def run_gate(row: dict) -> float:
+    """The MAP@K this run's own gate asked for: its popularity MAP x (1 + its min_lift)."""
+    return row["metrics"]["popularity"]["map"] * (1 + (row.get("params") or {}).get("min_lift", 0.0))
+
+
 def _date_axis(axes, times: list[datetime]) -> None:
     if len(set(times)) < 2:
         # one date: matplotlib would spread its default ticks over years; a day either side instead
@@ -62,23 +83,28 @@ def _date_axis(axes, times: list[datetime]) -> None:
     axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
 
 
-def history_plot(history: list[dict], min_lift: float) -> str:
-    """MAP@K of model and popularity over the last runs, with the gate's threshold."""
+def history_plot(history: list[dict]) -> str:
+    """MAP@K of model and popularity over the last runs in date order, each run's own gate, and
+    what became of each run (published, refused, skipped...) as the marker on the model's line."""
+    history = in_date_order(history)
     figure, axes = plt.subplots(figsize=(6.4, 3.2))
     times = _times(history)
     model = [row["metrics"]["model"]["map"] for row in history]
     popularity = [row["metrics"]["popularity"]["map"] for row in history]
-    axes.plot(times, model, "o-", color=MODEL_COLOUR, label="model MAP@K")
-    axes.plot(times, popularity, "s--", color=POPULARITY_COLOUR, label="popularity MAP@K")
-    axes.plot(times, [p * (1 + min_lift) for p in popularity], ":", color=GATE_COLOUR,
-              label=f"gate: popularity x {1 + min_lift:g}")
-    refused = [(t, m) for t, m, row in zip(times, model, history, strict=True) if not row["gate_passed"]]
-    if refused:
-        axes.scatter(*zip(*refused, strict=True), marker="x", s=80, color=GATE_COLOUR, zorder=3, label="refused")
+    axes.plot(times, model, "-", color=MODEL_COLOUR, label="model MAP@K")
+    axes.plot(times, popularity, "s--", color=POPULARITY_COLOUR, markersize=4, label="popularity MAP@K")
+    axes.plot(times, [run_gate(row) for row in history], ":", color=GATE_COLOUR,
+              label="gate of each run: popularity x (1 + min_lift)")
+    for status, (label, marker, face) in OUTCOME_MARKERS.items():
+        points = [(t, m) for t, m, row in zip(times, model, history, strict=True) if row["status"] == status]
+        if points:
+            axes.scatter(*zip(*points, strict=True), marker=marker, s=50, facecolors=face, zorder=3, label=label,
+                         edgecolors=GATE_COLOUR if status in ("refused", "failed") else MODEL_COLOUR)
     axes.set_title(f"Quality history: the last {len(history)} runs (by window end)")
-    axes.legend(frameon=False, fontsize=8)
     axes.spines[["top", "right"]].set_visible(False)
     _date_axis(axes, times)
+    # below the axes: inside, the eight entries would cover runs
+    axes.legend(frameon=False, fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     return _svg(figure)
 
 
@@ -112,7 +138,7 @@ def category_plot(distribution: dict) -> str:
 def data_quality_plot(history: list[dict]) -> str:
     """Rows the extract read and kept (left axis), rows it dropped by reason (right axis), per run."""
     figure, rows_axis = plt.subplots(figsize=(6.4, 3.2))
-    rows = [row for row in history if row.get("extract_counts")]
+    rows = [row for row in in_date_order(history) if row.get("extract_counts")]
     times = _times(rows)
     for name, style in (("rows_read", "k.-"), ("rows_kept", "o-")):
         rows_axis.plot(times, [row["extract_counts"][name] for row in rows], style, label=name.replace("_", " "))
@@ -143,6 +169,7 @@ def _legend_below(*axes_list) -> None:
 
 def size_plot(history: list[dict]) -> str:
     """Training time (left axis) and data size (right axis) per run."""
+    history = in_date_order(history)
     figure, seconds_axis = plt.subplots(figsize=(6.4, 3.2))
     times = _times(history)
     seconds_axis.plot(times, [row["train_seconds"] for row in history], "o-", color=GATE_COLOUR,
@@ -190,7 +217,7 @@ def render(report: dict, history: list[dict], run_key: str, extract_counts: dict
     window = report["window"]
     cards = [metrics_plot(report), popularity_bias_plot(distribution), category_plot(distribution)]
     if history:
-        cards[1:1] = [history_plot(history, gate["min_lift"])]
+        cards[1:1] = [history_plot(history)]
         if any(row.get("extract_counts") for row in history):
             cards.append(data_quality_plot(history))
         if all(row.get("train_seconds") is not None and row.get("interactions") for row in history):

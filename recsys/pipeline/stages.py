@@ -65,6 +65,7 @@ from recsys.pipeline.publish.stage import (
     prepare_publish,
     publish,
     publish_shard,
+    version_name,
 )
 from recsys.pipeline.train import TrainResult, checked_model_build, train
 from recsys.pipeline.tune import (
@@ -217,6 +218,10 @@ def live_metrics(settings: Settings) -> dict | None:
 def _one_blas_thread() -> Iterator[None]:
     """BLAS held to one thread while implicit scores with its own threads (evaluate, publish): a
     multi-threaded BLAS under it oversubscribes the cores, and implicit warns about it."""
+    # threadpoolctl limits the BLAS libraries loaded when the limit is set: load scipy's own OpenBLAS
+    # (numpy's is loaded already) first, or a fresh process (each Airflow task) imports it under the
+    # limit with all its threads
+    import scipy.linalg  # noqa: F401
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
@@ -341,46 +346,47 @@ def _run_record(
 
 
 @contextmanager
-def _recording_stale(settings: Settings, run: Run) -> Iterator[None]:
+def _recording_stale(settings: Settings, run: Run, dag_run_id: str | None) -> Iterator[None]:
     """A publish refused as stale is recorded as skipped_stale before the error goes on."""
     try:
         yield
     except StaleVersionError:
-        history.record_publish(settings, run.paths.key, history.SKIPPED_STALE)
+        history.record_publish(settings, run.paths.key, history.SKIPPED_STALE, dag_run_id=dag_run_id)
         raise
 
 
-def _mark_published(settings: Settings, run: Run, result: PublishResult) -> None:
+def _mark_published(settings: Settings, run: Run, result: PublishResult, dag_run_id: str | None) -> None:
     """Record that the run went live: in its artifacts (`recsys republish` finds it there) and in
-    the quality history."""
+    the quality history (the row of the DAG run that published it)."""
     folder = run.paths.root / PUBLISHED
     folder.mkdir(parents=True, exist_ok=True)
     marker = {"version": result.version, "published_at": datetime.now(UTC).isoformat(), "window": run.window.to_dict()}
     (folder / PUBLISHED_MARKER).write_text(json.dumps(marker, indent=2))
     run.push(PUBLISHED)
-    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version)
+    history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version, dag_run_id)
 
 
 def publish_stage(
-    settings: Settings, run: Run, progress: bool = False, timings: PhaseTimings | None = None
+    settings: Settings, run: Run, progress: bool = False, timings: PhaseTimings | None = None,
+    dag_run_id: str | None = None,
 ) -> PublishResult:
     """The whole publish as one attempt, in this process (``timings``: seconds per phase, if given)."""
     with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
-        with _recording_stale(settings, run):
+        with _recording_stale(settings, run, dag_run_id):
             result = publish(
                 settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params,
                 progress=progress, artifacts_key=paths.key if run.store else None, timings=timings,
             )
-        _mark_published(settings, run, result)
+        _mark_published(settings, run, result, dag_run_id)
     return result
 
 
-def prepare_publish_stage(settings: Settings, run: Run) -> tuple[str, str]:
+def prepare_publish_stage(settings: Settings, run: Run, dag_run_id: str | None = None) -> tuple[str, str]:
     """Start a publish attempt (the DAG's first publish task); returns (version, attempt)."""
     attempt = new_attempt()
-    with _reading(settings, run), _recording_stale(settings, run), _one_blas_thread():
+    with _reading(settings, run), _recording_stale(settings, run, dag_run_id), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         return prepare_publish(settings, run.paths.matrix, run.paths.model, run.params, attempt), attempt
 
@@ -392,18 +398,83 @@ def publish_shard_stage(settings: Settings, run: Run, attempt: str, shard: int, 
 
 
 def finish_publish_stage(
-    settings: Settings, run: Run, attempt: str, results: list[ShardResult], shards: int
+    settings: Settings, run: Run, attempt: str, results: list[ShardResult], shards: int,
+    dag_run_id: str | None = None,
 ) -> PublishResult:
+    switched = switched_by(settings, attempt)
+    if switched is not None:
+        # an earlier try of this task switched the version and was stopped before it could say so
+        log.info("version %s is live already: this publish attempt (%s) switched it at %s; recording it",
+                 switched.version, attempt, switched.published_at)
+        _mark_published(settings, run, switched.result, dag_run_id)
+        return switched.result
     with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
-        with _recording_stale(settings, run):
+        with _recording_stale(settings, run, dag_run_id):
             result = finish_publish(
                 settings, paths.matrix, paths.model, paths.evaluation / EVALUATION_REPORT, run.params, attempt,
                 results, shards, artifacts_key=paths.key if run.store else None,
             )
-        _mark_published(settings, run, result)
+        _mark_published(settings, run, result, dag_run_id)
     return result
+
+
+@dataclass(frozen=True)
+class Switched:
+    """A live version as the publish attempt that switched it left it."""
+
+    version: str
+    published_at: str
+    result: PublishResult
+
+
+def switched_by(settings: Settings, attempt: str) -> Switched | None:
+    """The live version if publish attempt ``attempt`` switched it (its meta names the attempt)."""
+    meta = reads.live_meta(*storage.connect(settings))
+    if meta is None or meta.get("attempt") != attempt:
+        return None
+    counts = meta["counts"]
+    result = PublishResult(
+        version=meta["version"],
+        users=counts["users"],
+        users_without_recommendations=counts["users_without_recommendations"],
+        products_with_similar=counts["products_with_similar"],
+        products_with_bought_together=counts["products_with_bought_together"],
+    )
+    return Switched(meta["version"], meta["published_at"], result)
+
+
+def live_version_is(settings: Settings, run: Run) -> str | None:
+    """The live version if it is this run's (same window end and params), else None."""
+    version = version_name(run.window, run.params)
+    meta = reads.live_meta(*storage.connect(settings))
+    return version if meta is not None and meta["version"] == version else None
+
+
+# the prefix Airflow's scheduler gives the run ids of the runs it creates on the schedule
+SCHEDULED_RUN_PREFIX = "scheduled__"
+
+
+def chosen_version_blocker(settings: Settings, run: Run) -> str | None:
+    """Why a scheduled run of this window must not publish, or None: the live version holds the
+    same data window and was published by a run someone chose (a manual trigger with its params, a
+    backfill, `recsys run`), not by a scheduled run. A scheduled run with default params that
+    finishes after a manual one would otherwise replace the manual choice."""
+    meta = reads.live_meta(*storage.connect(settings))
+    if meta is None or meta["version"] == version_name(run.window, run.params):
+        return None
+    if datetime.fromisoformat(meta["data_end"]) != run.window.end:
+        return None  # older data: the stale check refuses it; newer: a new day replaces any choice
+    publisher = history.publisher_of(settings, meta["version"])
+    if publisher is None or (publisher.dag_run_id or "").startswith(SCHEDULED_RUN_PREFIX):
+        return None
+    chosen_by = f"run {publisher.dag_run_id}" if publisher.dag_run_id else "a run outside Airflow (recsys run/publish)"
+    return (
+        f"the live version {meta['version']} holds this window's data (up to {run.window.end.isoformat()}) with "
+        f"params chosen by {chosen_by}: a scheduled run of the same window does not replace it. This run "
+        "evaluates (for the quality history) but will not publish; trigger it by hand to publish its params"
+    )
 
 
 def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:

@@ -1,6 +1,7 @@
 """Read-only HTTP lookup of what is live in Redis: one user's recommendations (or the top buys a
 user without a list gets), top buys by category, the live model; decorated from PostgreSQL with
-product names and the run history when the database answers.
+product names and the run history when the database answers; and the runs' evaluation reports,
+from the artifact store, for the links to them in the Airflow UI.
 
 Plain FastAPI with no Airflow import, so it runs the same under the Airflow plugin
 (``plugins/recsys_plugin.py`` mounts it in the api-server), under uvicorn, and in tests.
@@ -23,12 +24,14 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from recsys.core import ids
 from recsys.core.errors import InputError
-from recsys.core.layout import published_report
+from recsys.core.layout import published_report, run_report
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.serving import lookup_reads
 from recsys.serving.explanations import explained_products
+from recsys.serving.links import RUN_REPORTS, run_report_path
 from recsys.serving.live_model import LiveModel, load_live_model
 from recsys.storage.connection import UNAVAILABLE
 from recsys.storage.keys import TOP_BUYS_ALL, top_buys_field
@@ -123,6 +126,24 @@ def compare_params(live: dict | None) -> list[dict]:
     ]
 
 
+def app_url(request: Request, path: str) -> str:
+    """The absolute URL of this app's ``path`` as the browser reaches it. The app is mounted (by the
+    Airflow api-server under ``/recsys``, itself maybe under a base path): the mount's prefix is
+    the scope's root_path. ``request.url_for`` cannot be used: Airflow mounts a lazily built app, whose
+    routes the api-server's router cannot see."""
+    return str(request.url.replace(path=request.scope.get("root_path", "") + path, query=""))
+
+
+def id_type_hint(meta: dict | None, user_id: str) -> str | None:
+    """Why a user id cannot have a list: the live version publishes integer user ids and this one
+    is not one (a typo, or an id of another system)."""
+    user_type = ((meta or {}).get("id_types") or {}).get("user")
+    if user_type is None or ids.fits(user_type, user_id):
+        return None
+    return (f"The live version's user ids are integers (below 2^53, no leading zeros); {user_id!r} is not one, "
+            "so it can never have a list of its own.")
+
+
 def _redis_unavailable(request: Request, error: Exception) -> JSONResponse:
     # the error text names Redis' host and port: the log has it, the page gets the kind only
     log.warning("Redis unavailable for %s: %s", request.url.path, error)
@@ -154,7 +175,9 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
         if found is not None:
             return {"source": "model", **found}
         popular = (await live.top_buys(pointer.build))[TOP_BUYS_ALL]
-        return {"user_id": user_id, "source": POPULAR_SOURCE, "recommended_products": popular["top_buys"]}
+        answer = {"user_id": user_id, "source": POPULAR_SOURCE, "recommended_products": popular["top_buys"]}
+        hint = id_type_hint(await live.meta(pointer), user_id)
+        return answer if hint is None else {**answer, "hint": hint}
 
     async def _live_report(request: Request, live: LiveStore) -> Path | None:
         pointer = await live.pointer()
@@ -203,16 +226,31 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
         if meta is None:
             raise _nothing_live(live)
         # report: the live version's evaluation report, served below; else a link the meta names
-        report = str(request.url_for("live_report")) if await _live_report(request, live) else meta.get("report")
+        report = app_url(request, "/report") if await _live_report(request, live) else meta.get("report")
         return {**public_meta(meta), "report": report, "params_compared": compare_params(meta.get("params"))}
 
-    @app.get("/report", response_class=HTMLResponse, name="live_report", include_in_schema=False)
+    @app.get("/report", response_class=HTMLResponse, include_in_schema=False)
     async def live_report(request: Request, live: Live) -> FileResponse:
         """The live version's evaluation report (self-contained HTML with its plots)."""
-        report = await _live_report(request, live)
-        if report is None:
+        found = await _live_report(request, live)
+        if found is None:
             raise HTTPException(status_code=404, detail="The live version has no evaluation report on this host.")
-        return FileResponse(report, media_type="text/html")
+        return FileResponse(found, media_type="text/html")
+
+    # :path: a run id given to the trigger API is free text
+    @app.get(f"{RUN_REPORTS}/{{dag_run_id:path}}", response_class=HTMLResponse, include_in_schema=False)
+    async def run_report_page(request: Request, dag_run_id: str) -> FileResponse:
+        """The evaluation report an Airflow run of recsys_daily wrote (its evaluate task's extra link
+        points here), from the shared artifact store when one is configured: it works wherever the
+        run's worker was."""
+        key = await _read_shop_db(request, lambda settings: lookup_reads.run_key_of(settings, dag_run_id))
+        if key is None:
+            raise HTTPException(status_code=404, detail=f"Run {dag_run_id!r} has recorded no evaluation (yet) in recsys_runs.")
+        settings = _resolve_settings(request.app.state.settings_factory)
+        found = await run_in_threadpool(run_report, settings, key)
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"Run {dag_run_id!r} evaluated {key}, whose report is not in the artifacts.")
+        return FileResponse(found, media_type="text/html")
 
     @app.get("/api/top-buys/categories")
     async def top_buys_categories(live: Live) -> dict:
@@ -234,9 +272,17 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
 
     @app.get("/api/runs")
     async def runs(request: Request, limit: Annotated[int, Query(ge=1, le=MAX_HISTORY_RUNS)] = 30) -> dict:
-        """The pipeline's run history, oldest first; ``available: false`` before ``recsys_runs`` exists."""
+        """The latest runs of the pipeline's history in date order (window end, then recording), each
+        with the link to its report when an Airflow run recorded it; ``available: false`` before
+        ``recsys_runs`` exists."""
         found = await _read_shop_db(request, lambda settings: lookup_reads.recent_runs(settings, limit))
-        return {"available": found is not None, "runs": list(reversed(found or []))}
+        return {
+            "available": found is not None,
+            "runs": [
+                {**run, "report_url": app_url(request, run_report_path(run["dag_run_id"]))} if run.get("dag_run_id") else run
+                for run in found or []
+            ],
+        }
 
     return app
 

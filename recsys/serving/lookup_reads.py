@@ -1,5 +1,5 @@
-"""Blocking PostgreSQL reads of the look-up page: product names, the pipeline's run history and
-the merchandising rules.
+"""Blocking PostgreSQL reads of the look-up page: product names, the pipeline's run history (and
+which run an Airflow DAG run evaluated) and the merchandising rules.
 
 Both only decorate what Redis says, so callers treat any failure as "not available" and the page
 shows ids only, or no chart. A short connect timeout keeps an unreachable database from holding
@@ -32,7 +32,8 @@ def product_labels(settings: Settings, product_ids: Iterable[str]) -> dict[str, 
 
 
 def recent_runs(settings: Settings, limit: int) -> list[dict] | None:
-    """The latest ``limit`` rows of ``recsys_runs``, newest first; None if the table does not exist.
+    """The latest ``limit`` rows of ``recsys_runs`` (by recording time) in date order: by window end,
+    then recording time; None if the table does not exist.
 
     Rows come as JSON objects (``to_jsonb``), so columns the pipeline adds later (a report link)
     arrive too and a missing one is simply absent."""
@@ -41,6 +42,17 @@ def recent_runs(settings: Settings, limit: int) -> list[dict] | None:
         if not exists:
             return None
         return [row for (row,) in conn.execute(db.sql_text(settings, "recent_runs_json"), {"limit": limit}).fetchall()]
+
+
+def run_key_of(settings: Settings, dag_run_id: str) -> str | None:
+    """The run folder the Airflow DAG run ``dag_run_id`` evaluated; None if it recorded none (or
+    before ``recsys_runs`` exists)."""
+    with db.connect(settings, connect_timeout=CONNECT_TIMEOUT_SECONDS) as conn:
+        [exists] = conn.execute(db.sql_text(settings, "runs_table_exists")).fetchone()
+        if not exists:
+            return None
+        row = conn.execute(db.sql_text(settings, "run_of_dag_run"), {"dag_run_id": dag_run_id}).fetchone()
+    return None if row is None else row[0]
 
 
 def rules_touching(settings: Settings, user_id: str, product_ids: Iterable[str]) -> dict[str, list[str]]:

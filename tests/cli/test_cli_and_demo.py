@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import uuid
 
 import numpy as np
 import psycopg
 import pytest
 import redis
 from helpers import services_dir
+from psycopg import sql as pgsql
 from typer.testing import CliRunner
 
 from recsys import cli
@@ -90,6 +92,33 @@ def test_embedded_servers_start_reuse_and_stop(tmp_path):
     assert not env_file.exists()
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(started.redis_url, socket_connect_timeout=1).ping()
+
+
+def test_airflow_gets_a_metadata_database_of_its_own_on_the_shops_server(settings, tmp_path):
+    """`make airflow`: Airflow's metadata in PostgreSQL, a database next to the shop's, created once;
+    the settings file points both of Airflow's engines at it through psycopg 3 and only its owner
+    can read it (the URL may carry a password)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"airflow_{uuid.uuid4().hex[:10]}"  # not "airflow": the test server may be shared
+    env_file = tmp_path / "metadata-db.env"
+    try:
+        url = services.write_airflow_env(settings, env_file, name)
+        assert services.airflow_database_url(settings, name) == url  # there already: reused
+        assert (make_url(url).drivername, make_url(url).database) == ("postgresql+psycopg", name)
+        engine = create_engine(url)  # what Airflow's engine does with it
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT current_database()")).scalar() == name
+        engine.dispose()
+        assert env_file.stat().st_mode & 0o077 == 0
+        assert env_file.read_text().splitlines() == [
+            f"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN='{url}'",
+            f"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC='{url}'",
+        ]
+    finally:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute(pgsql.SQL("DROP DATABASE IF EXISTS {}").format(pgsql.Identifier(name)))
 
 
 def test_params_reject_unknown_and_invalid_values():

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import subprocess
+import sys
 from datetime import timedelta
 from itertools import pairwise
+from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import pytest
@@ -29,7 +35,7 @@ def dag(airflow_db):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     loaded = bag.dags["recsys_daily"]
-    assert set(bag.dags) == {"recsys_daily", "recsys_tune"}
+    assert set(bag.dags) == {"recsys_daily", "recsys_tune", "recsys_after_publish"}
     for task in loaded.tasks:
         task.retries = 0  # a failing test must not wait out retry delays
     return loaded
@@ -49,6 +55,17 @@ def test_schedule_is_a_real_daily_data_interval(dag):
 
     assert isinstance(dag.timetable, CronDataIntervalTimetable)
     assert dag.catchup is False
+
+
+def test_every_param_and_task_is_documented(dag):
+    """The Trigger form shows each param's description, the task's Docs tab its doc_md."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    tune = DagBag(dag_folder=str(REPO / "dags")).dags["recsys_tune"]
+    for documented in (dag, tune):
+        undocumented = [name for name in documented.params if not documented.params.get_param(name).description]
+        assert undocumented == [], documented.dag_id
+        assert [task.task_id for task in documented.tasks if not task.doc_md] == [], documented.dag_id
 
 
 def test_params_form_covers_the_pipeline_knobs(dag):
@@ -83,10 +100,35 @@ def task_states(dag_run) -> dict[str, str]:
     return {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
 
 
-def test_full_run_publishes_live_recommendations(dag, airflow_db, recsys_env, demo_loaded, window_end):
+def task_instance(dag_run, task_id: str):
+    return next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
+
+
+def parsed_daily():
+    """recsys_daily parsed now, as a DAG processor would (after the test set RECSYS_*: its live
+    asset is the one dag.test() registers), without retry delays."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    loaded = DagBag(dag_folder=str(REPO / "dags")).dags["recsys_daily"]
+    for task in loaded.tasks:
+        task.retries = 0
+    return loaded
+
+
+@pytest.fixture
+def fresh_dag(airflow_db, recsys_env):
+    return parsed_daily()
+
+
+def dag_logs(caplog, level: int = logging.INFO) -> list[str]:
+    """What the DAG file's own logger (recsys.dags) said."""
+    return [record.getMessage() for record in caplog.records if record.name == "recsys.dags" and record.levelno >= level]
+
+
+def test_full_run_publishes_live_recommendations(fresh_dag, recsys_env, demo_loaded, window_end, caplog):
     from airflow.utils.state import DagRunState
 
-    dag_run = dag.test(logical_date=window_end)
+    dag_run = fresh_dag.test(logical_date=window_end)
     assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
     build = live_build(*connect(recsys_env))
     meta = build.meta()
@@ -94,6 +136,134 @@ def test_full_run_publishes_live_recommendations(dag, airflow_db, recsys_env, de
     assert meta["counts"]["users"] == build.entry_counts()["user_recs"] > 100
     _, entry = next(build.entries("user_recs"))
     assert len(entry["recommended_products"]) > 2
+    assert f"version {meta['version']} is live: {meta['counts']['users']} users" in dag_logs(caplog)
+    # the evaluate task's extra link: its run's report, served by the look-up app in the api-server
+    link = task_instance(dag_run, "evaluate").xcom_pull(task_ids="evaluate", key="_link_EvaluationReportLink")
+    assert link == f"recsys/reports/{quote(dag_run.run_id, safe='')}"
+
+    # publish's failure handler (a timeout, a lost worker after the switch): the history follows Redis
+    record_failed_publish = fresh_dag.get_task("publish").on_failure_callback[-1]
+    context = {"ti": task_instance(dag_run, "publish"), "run_id": dag_run.run_id}
+    history.record_publish(recsys_env, history.recent_runs(recsys_env)[0]["run_key"], history.EVALUATED,
+                           dag_run_id=dag_run.run_id)
+    record_failed_publish(context)
+    [row] = history.recent_runs(recsys_env)
+    assert (row["status"], row["published_version"]) == (history.PUBLISHED, meta["version"])
+    run_pipeline(recsys_env, window_end, PipelineParams(factors=16))  # another attempt's version goes live
+    record_failed_publish(context)
+    row = next(row for row in history.recent_runs(recsys_env) if row["dag_run_id"] == dag_run.run_id)
+    assert row["status"] == history.FAILED
+
+
+def test_trigger_without_a_logical_date_runs_the_last_scheduled_window(fresh_dag, recsys_env, demo_loaded, window_end):
+    """`airflow dags trigger` without a logical date (or the REST API with ``"logical_date": null``):
+    the run has no data interval; its window ends at the last 03:00 UTC before it was triggered."""
+    from airflow.utils.state import DagRunState
+
+    dag_run = fresh_dag.test(logical_date=None, run_after=window_end + timedelta(hours=7, minutes=12))
+    assert dag_run.data_interval_end is None
+    assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
+    assert live_meta(*connect(recsys_env))["data_end"] == window_end.isoformat()
+
+
+def airflow_dags_test(env: dict, logical_date) -> subprocess.CompletedProcess:
+    """``airflow dags test recsys_daily`` as `make demo` runs it: its own process, its output as a user reads it."""
+    command = [sys.executable, "-m", "airflow", "dags", "test", "recsys_daily", logical_date.isoformat()]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+# `airflow dags test` runs Airflow's execution API in its own process through Starlette's TestClient,
+# which warns once about its HTTP client: a line of the test command, not of a task
+TEST_COMMAND_LINE = "fastapi/testclient.py"
+
+
+def task_log_lines(output: str) -> list[str]:
+    """The lines the tasks logged, from `airflow dags test` output (between its start and end marks
+    of each task), without the test command's own."""
+    lines, in_task = [], False
+    for line in output.splitlines():
+        if "[DAG TEST] starting task_id=" in line:
+            in_task = True
+        elif "[DAG TEST] end task" in line:
+            in_task = False
+        elif in_task and TEST_COMMAND_LINE not in line:
+            lines.append(line)
+    return lines
+
+
+def log_problems(lines: list[str]) -> list[str]:
+    """Log lines (one per event) a normal run must not have: a warning, an error, a traceback."""
+    return [line for line in lines if re.search(r"\[(warning|error|critical) *\]|Traceback", line)]
+
+
+def test_a_normal_runs_task_logs_have_no_warning_and_no_traceback(airflow_db, recsys_env, demo_loaded, window_end):
+    """What `make demo` and a user reading task logs see: no warning, no traceback, and a one-line
+    summary per task from the logger recsys.dags (no "Returned value was: {...}", no mangled module
+    name). A refused gate's one line is checked in process (test_gate_refusal_...)."""
+    normal = airflow_dags_test(dict(os.environ), window_end)
+    output = normal.stdout + normal.stderr
+    assert normal.returncode == 0, output[-3000:]
+    assert "state=success" in output
+    logged = task_log_lines(output)
+    assert len([line for line in logged if "[recsys.dags]" in line]) >= 7  # a summary per task
+    assert log_problems(logged) == []
+    assert not [line for line in logged if "Returned value was" in line or "unusual_prefix" in line]
+    assert [line for line in logged if re.search(r"version \S+ is live: \d+ users", line)]
+
+
+@pytest.fixture
+def scheduled_runs(monkeypatch):
+    """dag.test() creates manual runs only: with this, the runs it creates are scheduled runs, as the
+    scheduler makes them (run type ``scheduled``)."""
+    import airflow.models.dagrun as dagrun_module
+    from airflow.utils.types import DagRunType
+
+    create_manual = dagrun_module.get_or_create_dagrun
+
+    def create_scheduled(**kwargs):
+        dag_run = create_manual(**kwargs)
+        dag_run.run_type = DagRunType.SCHEDULED
+        kwargs["session"].commit()
+        return dag_run
+
+    def scheduled(on: bool) -> None:
+        monkeypatch.setattr(dagrun_module, "get_or_create_dagrun", create_scheduled if on else create_manual)
+
+    return scheduled
+
+
+def test_a_manual_runs_params_stay_live_over_a_scheduled_run_of_the_same_window(
+    airflow_db, recsys_env, demo_loaded, window_end, scheduled_runs, caplog
+):
+    """A paused DAG triggered with changed params and "Unpause on trigger": the scheduler also starts
+    that window's scheduled run with default params. Whichever finishes last, the manual run's
+    version is the one left live."""
+    from airflow.utils.state import DagRunState
+
+    client, keys = connect(recsys_env)
+    scheduled_runs(True)
+    first = parsed_daily().test(logical_date=window_end)  # the scheduled run finishing first publishes...
+    assert task_states(first)["publish"] == "success"
+    scheduled_runs(False)
+    manual = parsed_daily().test(logical_date=window_end, run_conf={"factors": 32})  # ...the manual run replaces it
+    assert task_states(manual)["publish"] == "success"
+    chosen = live_meta(client, keys)
+    assert chosen["params"]["factors"] == 32
+    caplog.clear()
+
+    scheduled_runs(True)
+    last = parsed_daily().test(logical_date=window_end)  # a scheduled run finishing after it does not
+    said = " ".join(dag_logs(caplog))
+    assert last.state == DagRunState.SUCCESS
+    states = task_states(last)
+    assert states["evaluate"] == "success" and states["prepare_publish"] == states["publish"] == "skipped"
+    assert live_meta(client, keys)["version"] == chosen["version"]
+    assert f"not published: the live version {chosen['version']} holds this window's data" in said
+    assert f"chosen by run {manual.run_id}" in said
+    rows = {row["dag_run_id"]: row for row in history.recent_runs(recsys_env)}
+    assert rows[manual.run_id]["status"] == "published" and rows[manual.run_id]["published_version"] == chosen["version"]
+    assert rows[first.run_id]["status"] == "published"
+    assert rows[last.run_id]["status"] == "evaluated" and rows[last.run_id]["published_version"] is None
 
 
 @pytest.fixture
@@ -110,7 +280,7 @@ def alerting_dag(airflow_db, tmp_path, monkeypatch):
     return loaded, alerts
 
 
-def test_gate_refusal_fails_the_run_and_publishes_nothing(alerting_dag, recsys_env, demo_loaded, window_end):
+def test_gate_refusal_fails_the_run_and_publishes_nothing(alerting_dag, recsys_env, demo_loaded, window_end, caplog):
     from airflow.utils.state import DagRunState
 
     dag, alerts = alerting_dag
@@ -122,9 +292,14 @@ def test_gate_refusal_fails_the_run_and_publishes_nothing(alerting_dag, recsys_e
     assert alerts.read_text().startswith("failed evaluate quality gate refused: model MAP@10")
     (row,) = history.recent_runs(recsys_env)
     assert row["status"] == "refused" and row["dag_run_id"] == dag_run.run_id
+    # an expected outcome: one clear line (and the alert), no retry; it ends the task as an
+    # ExpectedFailure, which Airflow's task runner logs as one "Task exited" line, without traceback
+    [refusal] = dag_logs(caplog, logging.ERROR)
+    assert refusal.startswith("quality gate refused: model MAP@10") and refusal.endswith("the live version stays")
+    assert task_instance(dag_run, "evaluate").try_number == 1
 
 
-def test_backfill_of_an_older_date_skips_publish(alerting_dag, recsys_env, demo_loaded, window_end):
+def test_backfill_of_an_older_date_skips_publish(alerting_dag, recsys_env, demo_loaded, window_end, caplog):
     from airflow.utils.state import DagRunState
 
     dag, alerts = alerting_dag
@@ -134,12 +309,29 @@ def test_backfill_of_an_older_date_skips_publish(alerting_dag, recsys_env, demo_
     states = task_states(dag_run)
     assert states["prepare_publish"] == states["publish"] == "skipped"
     assert live_meta(*connect(recsys_env))["version"] == fresh.publish.version
-    extracted = next(ti for ti in dag_run.get_task_instances() if ti.task_id == "extract").xcom_pull()
+    extracted = task_instance(dag_run, "extract").xcom_pull()
     assert "will not publish" in extracted["will_not_publish"]  # said at its start
-    assert alerts.read_text().splitlines() == ["skipped prepare_publish None"]
+    # ... and by the publish task itself, in its own log, where a user clicks
+    assert any(re.match(r"not published: the live version \S+ holds data up to", line) for line in dag_logs(caplog))
+    assert alerts.read_text().splitlines() == ["skipped publish None"]
     backfill, published = history.recent_runs(recsys_env)
     assert backfill["status"] == "skipped_stale" and backfill["dag_run_id"] == dag_run.run_id
     assert published["status"] == "published"
+
+
+def test_a_shard_marked_success_by_hand_fails_publish_in_one_line(fresh_dag, recsys_env, demo_loaded, window_end, caplog):
+    """Marking a running publish_shard success leaves no result: publish refuses to switch, saying
+    which shard and what to do, instead of an IndexError."""
+    from airflow.utils.state import DagRunState
+
+    dag_run = fresh_dag.test(logical_date=window_end, mark_success_pattern="publish_shard")
+    assert dag_run.state == DagRunState.FAILED
+    assert task_states(dag_run)["publish"] == "failed"
+    [error] = dag_logs(caplog, logging.ERROR)
+    assert error.startswith("shard(s) [1] of 1 left no result (marked success by hand?): nothing was switched")
+    assert live_meta(*connect(recsys_env)) is None
+    (row,) = history.recent_runs(recsys_env)
+    assert row["status"] == "failed" and row["dag_run_id"] == dag_run.run_id
 
 
 def test_sharded_publish_through_a_shared_store_switches_one_complete_version(
@@ -184,7 +376,7 @@ def test_a_publish_emits_the_live_asset_and_queues_the_dags_scheduled_on_it(
     from sqlalchemy import select, update
 
     # what the DAG processor and an operator do: register the example DAG, unpause it
-    downstream_bag = DagBag(dag_folder=str(REPO / "tests" / "dags"))
+    downstream_bag = DagBag(dag_folder=str(REPO / "dags" / "examples"))
     assert downstream_bag.import_errors == {}
     DagBundlesManager().sync_bundles_to_db()
     sync_bag_to_db(downstream_bag, "dags-folder", None)
