@@ -264,7 +264,8 @@ def floor_server(settings: Settings, log_path: Path, workers: int) -> Iterator[i
     port = services.free_port()
     env = {**os.environ, "RECSYS_REDIS_URL": settings.require_redis_url, "RECSYS_REDIS_PREFIX": settings.redis_prefix}
     command = [sys.executable, "-m", "uvicorn", "recsys.bench.floor_app:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning"]
+               "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning",
+               "--loop", "uvloop", "--http", "httptools"]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -19,6 +19,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any, Literal, get_args
 
 import psycopg
@@ -264,6 +265,19 @@ class RuleSnapshot:
             digest.update(f"\0{segment}\0".encode())
             digest.update("\0".join(sorted(self.segments.get(segment, ()))).encode())
         return digest.hexdigest()[:16]
+
+    @cached_property
+    def exclusion_fingerprint(self) -> str:
+        """Same value <=> the same products kept out of the same users' lists: the exclude rules,
+        the products their attributes match, the catalogue's inactive products, and the members of
+        the segments exclude rules name. A published list made with this value needs no filtering
+        while it is in force."""
+        excludes = sorted((r.ordering_key() for r in self.rules if r.kind == "exclude"), key=lambda r: r["rule_id"] or 0)
+        matched = {str(r["rule_id"]): sorted(self.attribute_matches.get(r["rule_id"], ())) for r in excludes}
+        named = sorted({r["segment"] for r in excludes if r["segment"] is not None})
+        members = {segment: sorted(self.segments.get(segment, ())) for segment in named}
+        content = [excludes, matched, sorted(self.inactive_products), members]
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         return {

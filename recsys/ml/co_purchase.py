@@ -24,6 +24,7 @@ matrix ``B`` (co-occurrence ``BᵀB``); nothing loops over rows in Python.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -168,16 +169,20 @@ def vote_ranked_lists(
     for them, in list order: for each entry in turn, its voters largest vote first (ties: the
     earlier source), each source named once."""
     votes: dict[T, float] = {}
-    shares: dict[T, dict[str, float]] = {}
-    for name, weight, lists in voters:
+    for _, weight, lists in voters:
         for ranked in lists:
             for position, entry in enumerate(ranked, start=1):
                 if entry not in excluded:
                     votes[entry] = votes.get(entry, 0.0) + weight / position
-                    share = shares.setdefault(entry, {})
-                    share[name] = share.get(name, 0.0) + weight / position
-    # sorted() is stable: dict order is the order of first appearance
-    picked = sorted(votes, key=votes.__getitem__, reverse=True)[:n]
+    # nlargest is sorted(..., reverse=True)[:n], stable: dict order is the order of first appearance
+    picked = heapq.nlargest(n, votes, key=votes.__getitem__)
+    # who voted for the picked entries only (an API hot path: most entries are not picked)
+    shares: dict[T, dict[str, float]] = {entry: {} for entry in picked}
+    for name, weight, lists in voters:
+        for ranked in lists:
+            for position, entry in enumerate(ranked, start=1):
+                if entry in shares:
+                    shares[entry][name] = shares[entry].get(name, 0.0) + weight / position
     used: list[str] = []
     for entry in picked:
         share = shares[entry]

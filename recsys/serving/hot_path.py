@@ -33,8 +33,17 @@ Answer = Callable[[], Awaitable[bytes]]
 
 
 class HotPaths:
-    def __init__(self, app: ASGIApp, service: RecsysService, api_keys: ApiKeys, public_reads: bool) -> None:
+    """In front of the API's FastAPI app (the outermost ASGI app, so the hot requests skip its
+    middleware stack too); every attribute not its own is the app's (``state``, ``openapi`` ...)."""
+
+    def __init__(
+        self, app: ASGIApp, service: RecsysService, api_keys: ApiKeys, public_reads: bool, max_body_bytes: int
+    ) -> None:
         self.app, self.service, self.api_keys, self.public_reads = app, service, api_keys, public_reads
+        self.max_body_bytes = max_body_bytes
+
+    def __getattr__(self, name: str):
+        return getattr(self.app, name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._allowed(scope):
@@ -43,8 +52,8 @@ class HotPaths:
         answer: Answer | None = None
         if method == "GET":
             answer = self._get(path, scope["query_string"])
-        elif method == "POST" and path == "/carts/recommendations" and not scope["query_string"]:
-            body, receive = await _read_body(receive)
+        elif method == "POST" and path == "/carts/recommendations" and not scope["query_string"] and self._small(scope):
+            body, receive = await _read_body(receive, self.max_body_bytes)
             answer = self._cart(body)
         if answer is None:
             return await self.app(scope, receive, send)
@@ -64,6 +73,13 @@ class HotPaths:
             if name == b"x-api-key":
                 return self.api_keys.find(value.decode("latin-1")) is not None
         return False
+
+    def _small(self, scope: Scope) -> bool:
+        """Not declared over the body limit (the app refuses such a body before reading it)."""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                return value.isdigit() and int(value) <= self.max_body_bytes
+        return True
 
     def _get(self, path: str, query: bytes) -> Answer | None:
         if (match := _USER_LIST.fullmatch(path)) is not None:
@@ -99,6 +115,8 @@ def _paging(query: bytes, allowed: tuple[str, ...]) -> dict[str, int] | None:
     """``n`` (1..MAX_N) and ``offset`` (0..MAX_OFFSET) as the routes declare them, each at most
     once; None for anything else (the app then answers, and names what is wrong)."""
     found: dict[str, int] = {}
+    if not query:
+        return found
     for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
         if name not in allowed or name in found or not value.isascii() or not value.isdigit():
             return None
@@ -108,10 +126,10 @@ def _paging(query: bytes, allowed: tuple[str, ...]) -> dict[str, int] | None:
     return found
 
 
-async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
-    """The whole request body, and a ``receive`` that gives it again to the app; None when the
-    client went away before sending it all."""
-    chunks, messages = [], []
+async def _read_body(receive: Receive, max_bytes: int) -> tuple[bytes | None, Receive]:
+    """The whole request body, and a ``receive`` that gives what was read again to the app; None
+    when the client went away first, or the body passed ``max_bytes`` (the app's limit answers)."""
+    chunks, messages, size = [], [], 0
     while True:
         message = await receive()
         messages.append(message)
@@ -119,6 +137,10 @@ async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
             body = None
             break
         chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > max_bytes:
+            body = None
+            break
         if not message.get("more_body", False):
             body = b"".join(chunks)
             break

@@ -12,9 +12,12 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
+
 from recsys.storage import builds
 from recsys.storage.keys import BUCKETED, INFO, KeyLayout, bucket_of, top_buys_field
 
+_decode_json = msgspec.json.Decoder().decode
 META_JSON_FIELDS = ("metrics", "params", "counts", "id_types", "bucket_tags")
 # What readers outside the pipeline see of the meta; artifact paths on workers are internal, and
 # the rules snapshot names segment members.
@@ -24,8 +27,9 @@ PUBLIC_META_FIELDS = (
 )
 
 
-def decode_entry(raw: str | None) -> Any:
-    return None if raw is None else json.loads(raw)
+def decode_entry(raw: str | bytes | None) -> Any:
+    """An entry's JSON (msgspec: a few times faster than json on the API's hot paths)."""
+    return None if raw is None else _decode_json(raw)
 
 
 def decode_meta(meta: dict[str, str]) -> dict | None:

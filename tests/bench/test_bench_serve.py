@@ -17,12 +17,21 @@ def test_serve_bench_without_wrk_or_redis_benchmark(service_urls, bare_path):
     before = set(client.scan_iter(match="*bench_serve_*", count=1000))
     result = run_recsys_json(
         ["bench", "serve", "--json", "--rate", "200", "--seconds", "1", "--users", "150", "--products", "60",
-         "--workers", "1"],
+         "--workers", "1", "--runs", "1"],
         service_urls, bare_path,
     )
-    assert 0 < result["fixed_rate"]["p50_ms"] <= result["fixed_rate"]["p99_ms"]  # NaN when nothing succeeded
+    fixed = result["fixed_rate"]
+    assert 0 < fixed["p50_ms"] <= fixed["p99_ms"] <= fixed["p999_ms"] <= fixed["max_ms"]  # NaN when nothing succeeded
+    assert fixed["errors"] == 0
     assert result["max_rps_client"] == PYTHON_CLIENT and result["max_rps"] > 0
     assert result["redis_py_hget_rps"] > 0
+    # every endpoint next to its own floor, measured in the same run
+    assert set(result["endpoints"]) == {"users", "similar", "cart"}
+    for endpoint in result["endpoints"].values():
+        assert endpoint["floor_rps"] > 0 and endpoint["max_rps"] > 0
+        assert endpoint["ratio_to_floor"] == round(endpoint["max_rps"] / endpoint["floor_rps"], 4)
+        assert endpoint["fixed_rate"]["errors"] == 0
+    assert result["ratio_to_floor"] == result["endpoints"]["users"]["ratio_to_floor"]
     assert result["redis_get_rps"] is None
     assert "redis-benchmark not on PATH" in result["unavailable"]["redis_get_rps"]
     assert set(client.scan_iter(match="*bench_serve_*", count=1000)) == before
