@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,20 +83,28 @@ class FixedRate:
 @contextmanager
 def api_server(settings: Settings, log_path: Path, workers: int) -> Iterator[int]:
     """``recsys serve`` as a subprocess on loopback; terminated on exit."""
-    port = services.free_port()
     env = {
-        **os.environ,
         "RECSYS_DATABASE_URL": settings.require_database_url,
         "RECSYS_REDIS_URL": settings.require_redis_url,
         "RECSYS_DB_SCHEMA": settings.db_schema,
         "RECSYS_REDIS_PREFIX": settings.redis_prefix,
         "RECSYS_API_KEYS": f"read:{BENCH_READ_KEY}",
     }
-    command = [sys.executable, "-m", "recsys", "serve", "--port", str(port), "--workers", str(workers)]
+    with _server(lambda port: ["-m", "recsys", "serve", "--port", str(port), "--workers", str(workers)], env, log_path,
+                 "/health/ready") as port:
+        yield port
+
+
+@contextmanager
+def _server(arguments: Callable[[int], list[str]], env: dict[str, str], log_path: Path, ready: str) -> Iterator[int]:
+    """A Python server subprocess on a free loopback port, answering ``ready`` before it is
+    used; terminated on exit."""
+    port = services.free_port()
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, *arguments(port)], env={**os.environ, **env}, stdout=log,
+                                   stderr=subprocess.STDOUT)
     try:
-        _wait_ready(port, process, log_path)
+        _wait_ready(port, process, log_path, ready)
         yield port
     finally:
         process.terminate()
@@ -261,22 +269,15 @@ def _published_users(settings: Settings) -> list[str]:
 @contextmanager
 def floor_server(settings: Settings, log_path: Path, workers: int) -> Iterator[int]:
     """``recsys.bench.floor_app`` under uvicorn as a subprocess, as ``recsys serve`` runs the API."""
-    port = services.free_port()
-    env = {**os.environ, "RECSYS_REDIS_URL": settings.require_redis_url, "RECSYS_REDIS_PREFIX": settings.redis_prefix}
-    command = [sys.executable, "-m", "uvicorn", "recsys.bench.floor_app:create_app", "--factory", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning",
-               "--loop", "uvloop", "--http", "httptools"]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        _wait_ready(port, process, log_path, "/users/0/recommendations")
+    env = {"RECSYS_REDIS_URL": settings.require_redis_url, "RECSYS_REDIS_PREFIX": settings.redis_prefix}
+
+    def arguments(port: int) -> list[str]:
+        return ["-m", "uvicorn", "recsys.bench.floor_app:create_app", "--factory", "--host", "127.0.0.1",
+                "--port", str(port), "--workers", str(workers), "--no-access-log", "--log-level", "warning",
+                "--loop", "uvloop", "--http", "httptools"]
+
+    with _server(arguments, env, log_path, "/users/0/recommendations") as port:
         yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @dataclass(frozen=True)
