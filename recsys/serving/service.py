@@ -507,38 +507,42 @@ async def cart_recommendations(svc: RecsysService, cart: CartIn) -> dict:
     together, similar = lists["bought_together"], lists["similar_products"]
     _check_cart_ids(live, cart_ids)
     kept_out = svc.kept_out_for_everyone(live)
+    # the lists hold ids as published (the live type): the vote runs on them as they are
+    id_out = ids.id_out(live.id_types.product)
     # published under the exclusions in force, the lists need no filtering
     unfiltered = svc.published_lists_hold(live)
 
-    def usable(product: str) -> bool:
-        index = live.item_index.get(product)
+    def usable(product: ProductId) -> bool:
+        index = live.item_index.get(str(product))
         return index is not None and bool(live.active[index]) and (kept_out is None or not kept_out.blocked[index])
 
-    def lists(entries: list[dict | None], field: str) -> list[list[str]]:
+    def lists_of(entries: list[dict | None], field: str) -> list[list[ProductId]]:
         if unfiltered:
-            return [[str(p) for p in entry[field]] for entry in entries if entry is not None]
-        return [[str(p) for p in entry[field] if usable(str(p))] for entry in entries if entry is not None]
+            return [entry[field] for entry in entries if entry is not None]
+        return [[p for p in entry[field] if usable(p)] for entry in entries if entry is not None]
 
-    picked, used = blend_cart(lists(together, "bought_together"), lists(similar, "similar_products"), cart.n, cart_ids)
-    sources = list(used)
     known = [product for product in cart_ids if product in live.item_index]
+    picked, used = blend_cart(
+        lists_of(together, "bought_together"), lists_of(similar, "similar_products"), cart.n, [id_out(p) for p in known]
+    )
+    sources = list(used)
     if len(picked) < cart.n:
-        blocked = [live.item_index[p] for p in (*known, *picked)]
+        blocked = [live.item_index[p] for p in (*known, *map(str, picked))]
         if kept_out is not None:
             blocked += kept_out.blocked_items.tolist()
         popular = await svc.run(rank_popular, live, blocked, None, cart.n - len(picked))
         if popular:
-            picked += [live.item_ids[i] for i in popular]
+            picked += [live.product_out(i) for i in popular]
             sources.append("popular")
     # the schema is CartRecommendations (documented on the route); built as a dict on this hot path
     return {
         "version": live.version,
         "n": cart.n,
-        "product_ids": [live.product_out(live.item_index[p]) for p in known],
-        "unknown_product_ids": [ids.id_out(live.id_types.product)(p) for p in cart_ids if p not in live.item_index],
+        "product_ids": [id_out(p) for p in known],
+        "unknown_product_ids": [id_out(p) for p in cart_ids if p not in live.item_index],
         "source": sources[0] if sources else "popular",
         "sources": sources,
-        "recommended_products": [live.product_out(live.item_index[p]) for p in picked],
+        "recommended_products": picked,
     }
 
 
