@@ -24,7 +24,6 @@ matrix ``B`` (co-occurrence ``BᵀB``); nothing loops over rows in Python.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -178,7 +177,7 @@ def vote_ranked_lists(
     get = votes.get
     for _, vote_at, lists in per_position:
         for ranked in lists:
-            for entry, vote in zip(ranked, vote_at):
+            for entry, vote in zip(ranked, vote_at, strict=False):  # vote_at fits the longest list
                 votes[entry] = get(entry, 0.0) + vote
     for entry in excluded:
         votes.pop(entry, None)

@@ -161,7 +161,7 @@ def test_the_vote_matches_its_definition_on_random_lists():
     for _ in range(3000):
         universe = rng.randint(1, 30)
 
-        def lists():
+        def lists(universe: int = universe) -> list[list[int]]:
             return [[rng.randrange(universe) for _ in range(rng.randint(0, 12))] for _ in range(rng.randint(0, 4))]
 
         voters = [("bought_together", rng.choice([0.25, 0.5, 1.0, 2.0]), lists()), ("similar", 1.0, lists())]
