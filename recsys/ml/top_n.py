@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -111,37 +112,62 @@ def rank_lists(
     pool = n * (CANDIDATES_PER_SLOT if diversity_lambda > 0 else 1)
     first = n if first is None else max(1, min(first, n))
     bounds = scoring.error_bound * np.linalg.norm(user_factors.astype(np.float64), axis=1)
-    # a tile of one block's scores stays in a core's L2 cache between the sgemm and the scan
-    tile = max(_MIN_TILE_ITEMS, _TILE_BYTES // (4 * min(users, USER_BLOCK)))
 
-    def rank_block(start: int) -> None:
-        block = slice(start, min(start + USER_BLOCK, users))
+    def rank_block(block: slice) -> None:
         rows = user_factors[block]
         heap_scores = np.full((len(rows), pool + _SLACK), -np.inf, np.float32)
         heap_columns = np.full((len(rows), pool + _SLACK), _NO_COLUMN, np.int32)
-        buffer = np.empty(len(rows) * min(tile, scoring.n_columns), np.float32)
-        for lo in range(0, scoring.n_columns, tile):
-            hi = min(lo + tile, scoring.n_columns)
-            scores = buffer[: len(rows) * (hi - lo)].reshape(len(rows), hi - lo)
-            np.matmul(rows, scoring.item_t[:, lo:hi], out=scores)
+        for lo, scores in _score_tiles(rows, scoring, users):
             _scan_tile(scores, lo, scoring.scale, scoring.offset, scoring.adjust, scoring.column_of,
                        indptr[block.start : block.stop + 1], indices, head[block], heap_scores, heap_columns)
-        _finish(heap_scores, heap_columns, rows, items.factors, scoring.item_scale, scoring.columns,
+        _finish(heap_scores, heap_columns, rows, scoring.factors, scoring.scale, scoring.unit, scoring.columns,
                 scoring.column_of, scoring.offset, indptr[block.start : block.stop + 1], indices, head[block],
-                items.unit, pool, n, first, float(diversity_lambda), bounds[block], result[block])
+                items.factors, scoring.item_scale, items.unit, pool, n, first, float(diversity_lambda), bounds[block],
+                result[block])
 
-    starts = range(0, users, USER_BLOCK)
-    workers = min(len(starts), _cores())
+    _for_each_block(users, rank_block, progress)
+    return result
+
+
+def sgemm_only(user_factors: np.ndarray, items: ItemVectors) -> None:
+    """The arithmetic of ``rank_lists`` alone: the same sgemm calls on the same tiles, blocks
+    and threads, every score thrown away (the benchmark's floor)."""
+    user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
+    scoring = _Scoring.of(items, len(user_factors), None, None)
+
+    def score_block(block: slice) -> None:
+        for _ in _score_tiles(user_factors[block], scoring, len(user_factors)):
+            pass
+
+    _for_each_block(len(user_factors), score_block, None)
+
+
+def _score_tiles(rows: np.ndarray, scoring: _Scoring, users: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first column, scores of ``rows`` × a tile of columns) per tile, in one reused buffer:
+    a tile stays in a core's L2 cache between the sgemm and the scan."""
+    tile = max(_MIN_TILE_ITEMS, _TILE_BYTES // (4 * min(users, USER_BLOCK)))
+    buffer = np.empty(len(rows) * min(tile, scoring.n_columns), np.float32)
+    for lo in range(0, scoring.n_columns, tile):
+        hi = min(lo + tile, scoring.n_columns)
+        scores = buffer[: len(rows) * (hi - lo)].reshape(len(rows), hi - lo)
+        np.matmul(rows, scoring.item_t[:, lo:hi], out=scores)
+        yield lo, scores
+
+
+def _for_each_block(users: int, work: Callable[[slice], None], progress: str | None) -> None:
+    """``work`` on every block of ``USER_BLOCK`` users: on every core, each block's BLAS on one
+    thread; a single block on the calling thread."""
+    blocks = [slice(start, min(start + USER_BLOCK, users)) for start in range(0, users, USER_BLOCK)]
+    workers = min(len(blocks), _cores())
     if workers <= 1:
-        for start in starts:
-            rank_block(start)
-        return result
+        for block in blocks:
+            work(block)
+        return
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as threads, tqdm(
         total=users, desc=progress, disable=progress is None, unit="user"
     ) as bar:
-        for start, _ in zip(starts, threads.map(rank_block, starts), strict=True):
-            bar.update(min(USER_BLOCK, users - start))
-    return result
+        for block, _ in zip(blocks, threads.map(work, blocks), strict=True):
+            bar.update(block.stop - block.start)
 
 
 def _cores() -> int:
@@ -154,7 +180,8 @@ class _Scoring:
 
     columns: np.ndarray  # int32: the item of each column
     column_of: np.ndarray  # int64 per item: its column, -1 if not scored
-    item_t: np.ndarray  # dims × columns, the columns' factors (a transposed C-contiguous view)
+    factors: np.ndarray  # the columns' factors (columns × dims, C-contiguous)
+    unit: np.ndarray  # their unit vectors
     item_scale: np.ndarray  # float32 per item: the factor its score is multiplied by
     scale: np.ndarray  # float32 per column
     offset: np.ndarray  # float32 per column: -inf for a blocked item that is still a column, else 0
@@ -164,6 +191,11 @@ class _Scoring:
     @property
     def n_columns(self) -> int:
         return len(self.columns)
+
+    @property
+    def item_t(self) -> np.ndarray:
+        """dims × columns: what BLAS multiplies by (a transposed view, no copy)."""
+        return self.factors.T
 
     @classmethod
     def of(cls, items: ItemVectors, users: int, blocked: np.ndarray | None, factors: np.ndarray | None) -> _Scoring:
@@ -184,9 +216,10 @@ class _Scoring:
         column_of[columns] = np.arange(len(columns))
         scale = item_scale[columns]
         offset = np.where(allowed[columns], np.float32(0), np.float32(-np.inf)).astype(np.float32)
-        scored = items.factors if len(columns) == n_items and users == 1 else items.factors[columns]
+        as_is = len(columns) == n_items and users == 1
         return cls(
-            columns, column_of, scored.T, item_scale, scale, offset,
+            columns, column_of, items.factors if as_is else items.factors[columns], items.unit if as_is else items.unit[columns],
+            item_scale, scale, offset,
             factors is not None or not allowed[columns].all(), _score_error_bound(items, columns, scale),
         )
 
@@ -286,7 +319,7 @@ def _scan(row, column_start, heap_scores, heap_columns):
 
 
 @njit(cache=True, nogil=True)
-def _exact_score(user, vector, scale):
+def _dot(user, vector):
     """``user`` · ``vector`` in float64, in one fixed order (8 interleaved partial sums, then
     summed pairwise): the same value whatever the batch."""
     dims = len(user)
@@ -303,7 +336,7 @@ def _exact_score(user, vector, scale):
         s7 += np.float64(user[lo + 7]) * np.float64(vector[lo + 7])
     for d in range(whole, dims):
         s0 += np.float64(user[d]) * np.float64(vector[d])
-    return (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) * np.float64(scale)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @njit(cache=True, nogil=True)
@@ -321,8 +354,8 @@ def _sort_best_first(scores, keys):
 
 
 @njit(cache=True, nogil=True)
-def _pool(heap_scores, heap_columns, user, item_factors, item_scale, columns, bound, sorted_scores, sorted_columns,
-          items, exact):
+def _pool(heap_scores, heap_columns, user, column_factors, column_scale, columns, bound, sorted_scores,
+          sorted_columns, items, exact):
     """The best ``len(items)`` items of one user by exact score, best first, into ``items`` and
     ``exact``; returns how many, or -1 when the heap cannot tell them.
 
@@ -348,9 +381,9 @@ def _pool(heap_scores, heap_columns, user, item_factors, item_scale, columns, bo
     candidates = np.empty(within, np.int32)
     scores = np.empty(within, np.float64)
     for i in range(within):
-        item = columns[sorted_columns[i]]
-        candidates[i] = item
-        scores[i] = _exact_score(user, item_factors[item], item_scale[item])
+        column = sorted_columns[i]
+        candidates[i] = columns[column]
+        scores[i] = _dot(user, column_factors[column]) * np.float64(column_scale[column])
     _sort_best_first(scores, candidates)
     take = min(size, within)
     items[:take] = candidates[:take]
@@ -359,7 +392,7 @@ def _pool(heap_scores, heap_columns, user, item_factors, item_scale, columns, bo
 
 
 @njit(cache=True, nogil=True)
-def _exact_pool(r, user, item_factors, item_scale, columns, column_of, offset, indptr, indices, head, items, exact):
+def _exact_pool(r, user, column_factors, column_scale, columns, column_of, offset, indptr, indices, head, items, exact):
     """``_pool`` from every column the user may get, all scored exactly (the rare fallback)."""
     excluded = offset == -np.inf
     for e in range(indptr[r], indptr[r + 1]):
@@ -368,31 +401,36 @@ def _exact_pool(r, user, item_factors, item_scale, columns, column_of, offset, i
     for h in range(head.shape[1]):
         if head[r, h] >= 0 and column_of[head[r, h]] >= 0:
             excluded[column_of[head[r, h]]] = True
-    allowed_items = np.sort(columns[np.flatnonzero(~excluded)])
-    scores = np.empty(len(allowed_items), np.float64)
-    for i in range(len(allowed_items)):
-        scores[i] = _exact_score(user, item_factors[allowed_items[i]], item_scale[allowed_items[i]])
+    allowed = np.flatnonzero(~excluded)
+    allowed = allowed[np.argsort(columns[allowed], kind="mergesort")]  # by item
+    scores = np.empty(len(allowed), np.float64)
+    for i in range(len(allowed)):
+        scores[i] = _dot(user, column_factors[allowed[i]]) * np.float64(column_scale[allowed[i]])
     best = np.argsort(-scores, kind="mergesort")[: len(items)]  # stable: ties keep the lower item index
     take = len(best)
-    items[:take] = allowed_items[best]
+    items[:take] = columns[allowed[best]]
     exact[:take] = scores[best]
     return take
 
 
 @njit(cache=True, nogil=True)
 def _finish(
-    heap_scores, heap_columns, users, item_factors, item_scale, columns, column_of, offset, indptr,
-    indices, head, unit, pool_size, n, first, diversity_lambda, bounds, out,
+    heap_scores, heap_columns, users, column_factors, column_scale, column_unit, columns, column_of, offset, indptr,
+    indices, head, item_factors, item_scale, unit, pool_size, n, first, diversity_lambda, bounds, out,
 ):
-    """Each user's pool ranked exactly, then re-ranked by MMR (λ > 0) into ``out``."""
+    """Each user's pool ranked exactly, then re-ranked by MMR (λ > 0) into ``out``. ``column_*``:
+    the scored items' factors, factors and unit vectors in column order (cache-friendly: the best
+    candidates sit in the first columns); ``item_*`` and ``unit``: the same by item index."""
     heap_size = heap_scores.shape[1]
     sorted_scores = np.empty(heap_size, np.float32)
     sorted_columns = np.empty(heap_size, np.int32)
     items = np.empty(pool_size, np.int32)
     exact = np.empty(pool_size, np.float64)
     candidates = np.empty(pool_size, np.int32)
+    rows = np.empty(pool_size, np.int64)
     chosen = np.empty(max(head.shape[1], first), np.int32)
     rest = np.empty(pool_size, np.int32)
+    rest_rows = np.empty(pool_size, np.int64)
     rest_scores = np.empty(pool_size, np.float64)
     picks = np.empty(n, np.int32)
     vectors = np.empty((unit.shape[1], pool_size))
@@ -402,16 +440,18 @@ def _finish(
     open_slot = np.empty(pool_size, np.bool_)
     for r in range(len(users)):
         user = users[r]
-        count = _pool(heap_scores[r], heap_columns[r], user, item_factors, item_scale, columns, bounds[r],
+        count = _pool(heap_scores[r], heap_columns[r], user, column_factors, column_scale, columns, bounds[r],
                       sorted_scores, sorted_columns, items, exact)
         if count < 0:
-            count = _exact_pool(r, user, item_factors, item_scale, columns, column_of, offset, indptr, indices, head,
-                                items, exact)
+            count = _exact_pool(r, user, column_factors, column_scale, columns, column_of, offset, indptr, indices,
+                                head, items, exact)
         if diversity_lambda == 0:
             out[r, : min(n, count)] = items[: min(n, count)]
             continue
         candidates[:] = -1
         candidates[:count] = items[:count]
+        for i in range(count):
+            rows[i] = column_of[items[i]]
         head_count = 0
         for h in range(head.shape[1]):
             if head[r, h] >= 0:
@@ -420,19 +460,19 @@ def _finish(
         if head_count > 0:
             top = exact[0] if count else -np.inf
             for h in range(head_count):
-                top = max(top, _exact_score(user, item_factors[chosen[h]], item_scale[chosen[h]]))
+                top = max(top, _dot(user, item_factors[chosen[h]]) * np.float64(item_scale[chosen[h]]))
             take = min(head_count, n)
             out[r, :take] = chosen[:take]
             if n > head_count:
-                _mmr(candidates, exact, picks[: n - head_count], diversity_lambda, unit, chosen[:head_count], top,
-                     vectors, relevance, max_similarity, similarity, open_slot)
+                _mmr(candidates, rows, exact, picks[: n - head_count], diversity_lambda, column_unit,
+                     chosen[:head_count], unit, top, vectors, relevance, max_similarity, similarity, open_slot)
                 out[r, head_count:] = picks[: n - head_count]
             continue
         if count == 0:
             continue
         top = exact[0]
         opening = min(count, CANDIDATES_PER_SLOT * first)
-        _mmr(candidates[:opening], exact[:opening], picks[:first], diversity_lambda, unit, chosen[:0], top,
+        _mmr(candidates[:opening], rows, exact, picks[:first], diversity_lambda, column_unit, chosen[:0], unit, top,
              vectors, relevance, max_similarity, similarity, open_slot)
         out[r, :first] = picks[:first]
         if n > first:
@@ -443,12 +483,13 @@ def _finish(
                     taken |= picks[p] == items[i]
                 if not taken:
                     rest[at] = items[i]
+                    rest_rows[at] = rows[i]
                     rest_scores[at] = exact[i]
                     at += 1
             rest[at:] = -1
             chosen[:first] = picks[:first]
-            _mmr(rest, rest_scores, picks[first:], diversity_lambda, unit, chosen[:first], top,
-                 vectors, relevance, max_similarity, similarity, open_slot)
+            _mmr(rest, rest_rows, rest_scores, picks[first:], diversity_lambda, column_unit, chosen[:first], unit,
+                 top, vectors, relevance, max_similarity, similarity, open_slot)
             out[r, first:] = picks[first:]
 
 
@@ -457,27 +498,28 @@ def mmr_row(candidates, scores, picks, diversity_lambda, unit, chosen, top):
     """MMR's first ``len(picks)`` picks among ``candidates`` (best first, -1 ends them) into
     ``picks`` (-1 padded); ``chosen`` (-1 padded): picks made before, penalising from the first
     slot on; ``top``: the score relevance is relative to (a non-positive one keeps raw scores).
-    Ties go to the earlier, better-scored candidate."""
+    Ties go to the earlier, better-scored candidate. ``unit``: unit vectors by item index."""
     width = len(candidates)
-    _mmr(candidates, scores, picks, diversity_lambda, unit, chosen, top, np.empty((unit.shape[1], width)),
-         np.empty(width), np.empty(width), np.empty(width), np.empty(width, np.bool_))
+    _mmr(candidates, candidates.astype(np.int64), scores, picks, diversity_lambda, unit, chosen, unit, top,
+         np.empty((unit.shape[1], width)), np.empty(width), np.empty(width), np.empty(width), np.empty(width, np.bool_))
 
 
 @njit(cache=True, nogil=True)
-def _mmr(candidates, scores, picks, diversity_lambda, unit, chosen, top, vectors, relevance, max_similarity,
-         similarity, open_slot):
-    """``mmr_row`` with its working arrays given (each at least as long as ``candidates``;
-    ``vectors``: dims × that)."""
+def _mmr(candidates, rows, scores, picks, diversity_lambda, candidate_unit, chosen, chosen_unit, top, vectors,
+         relevance, max_similarity, similarity, open_slot):
+    """``mmr_row`` with the candidates' unit vectors at ``rows`` of ``candidate_unit``, the
+    chosen ones' by item in ``chosen_unit``, and its working arrays given (each at least as long
+    as ``candidates``; ``vectors``: dims × that)."""
     width = 0
     while width < len(candidates) and candidates[width] >= 0:
         width += 1
     picks[:] = -1
     if width == 0:
         return
-    dims = unit.shape[1]
-    # the candidates' unit vectors, dims-major: one pick's similarities to all in one pass per dim
+    dims = candidate_unit.shape[1]
+    # the candidates' unit vectors, dims-major: one pick's cosines to all of them in one pass per dim
     for i in range(width):
-        row = unit[candidates[i]]
+        row = candidate_unit[rows[i]]
         for d in range(dims):
             vectors[d, i] = row[d]
     for i in range(width):
@@ -488,7 +530,7 @@ def _mmr(candidates, scores, picks, diversity_lambda, unit, chosen, top, vectors
     for c in range(len(chosen)):
         if chosen[c] < 0:
             continue
-        _similarities(unit[chosen[c]], vectors, width, similarity)
+        _similarities(chosen_unit[chosen[c]], vectors, width, similarity)
         for i in range(width):
             max_similarity[i] = similarity[i] if not has_chosen else max(max_similarity[i], similarity[i])
         has_chosen = True
@@ -504,7 +546,7 @@ def _mmr(candidates, scores, picks, diversity_lambda, unit, chosen, top, vectors
         open_slot[best] = False
         if slot == len(picks) - 1:
             break
-        _similarities(unit[candidates[best]], vectors, width, similarity)
+        _similarities(candidate_unit[rows[best]], vectors, width, similarity)
         # a list's first pick has no predecessor: before it the penalty is 0, after it the max so far
         replace = slot == 0 and not has_chosen
         for i in range(width):
