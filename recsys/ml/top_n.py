@@ -111,10 +111,9 @@ def rank_lists(
     head = np.asarray(head, np.int32).reshape(users, -1)
     pool = n * (CANDIDATES_PER_SLOT if diversity_lambda > 0 else 1)
     first = n if first is None else max(1, min(first, n))
-    bounds = scoring.error_bound * np.linalg.norm(user_factors.astype(np.float64), axis=1)
-
     def rank_block(block: slice) -> None:
         rows = user_factors[block]
+        bounds = scoring.error_bound * np.linalg.norm(rows.astype(np.float64), axis=1)
         heap_scores = np.full((len(rows), pool + _SLACK), -np.inf, np.float32)
         heap_columns = np.full((len(rows), pool + _SLACK), _NO_COLUMN, np.int32)
         for lo, scores in _score_tiles(rows, scoring, users):
@@ -122,7 +121,7 @@ def rank_lists(
                        indptr[block.start : block.stop + 1], indices, head[block], heap_scores, heap_columns)
         _finish(heap_scores, heap_columns, rows, scoring.factors, scoring.scale, scoring.unit, scoring.columns,
                 scoring.column_of, scoring.offset, indptr[block.start : block.stop + 1], indices, head[block],
-                items.factors, scoring.item_scale, items.unit, pool, n, first, float(diversity_lambda), bounds[block],
+                items.factors, scoring.item_scale, items.unit, pool, n, first, float(diversity_lambda), bounds,
                 result[block])
 
     _for_each_block(users, rank_block, progress)

@@ -334,8 +334,10 @@ def _ruled_top_n(
         blocked = rules.blocked.copy()
         blocked[inactive] = True
         group = users[rows]
+        # a shard's users are one contiguous range: without segments, a view of their factors
+        contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group) and bool(np.all(np.diff(group) == 1))
         lists = rank_lists(
-            user_factors[group], items, params.top_n + len(rules.pins), exclude=exclude[group], blocked=blocked,
+            user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group], items, params.top_n + len(rules.pins), exclude=exclude[group], blocked=blocked,
             factors=rules.factors, diversity_lambda=params.diversity_lambda, first=params.top_n, progress=progress,
         )
         owned = exclude[group][:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
