@@ -13,8 +13,8 @@ from datetime import datetime
 import numpy as np
 import scipy.sparse as sp
 
-from recsys.ml.diversity import CANDIDATES_PER_SLOT, mmr_rerank
 from recsys.ml.ranking import similar_items
+from recsys.ml.top_n import rank_lists
 from recsys.ml.weighting import BM25_FLOOR, BM25_K1, interaction_weights, scale_confidence
 from recsys.serving.live_model import LiveModel
 
@@ -95,46 +95,19 @@ def rank_items(
     """Top ``count`` active items by score, never a blocked one, optionally within a category.
     ``factors``: per item, what boost and bury rules multiply its score by.
 
-    With ``diversity_lambda`` > 0, MMR re-ranks as publish does. A list that starts with ``head``
-    (the published list, filtered) continues it: further picks from the best
-    ``CANDIDATES_PER_SLOT`` × ``count``, penalised by their similarity to the head too. Without a
-    head, the first ``top_n`` picks come from the best ``CANDIDATES_PER_SLOT`` × ``top_n``, as
-    publish picks them, and later ones continue from the larger pool.
+    The ranking publish does (``rank_lists``): with ``diversity_lambda`` > 0, MMR re-ranks. A
+    list that starts with ``head`` (the published list, filtered) continues it: further picks
+    from the best ``CANDIDATES_PER_SLOT`` × ``count``, penalised by their similarity to the head
+    too. Without a head, the first ``top_n`` picks are the ones publish makes, and later ones
+    continue from the larger pool.
     """
     head = list(head or []) if diversity_lambda > 0 else []
-    allowed = _allowed(live, [*blocked, *head], category)
-    candidates = np.flatnonzero(allowed)
-    needed = count - len(head)
-    if len(candidates) == 0 or needed <= 0:
-        return head[:count]
-    scores = live.model.item_factors[candidates] @ vector
-    if factors is not None:
-        scores = scores * factors[candidates]
-    pool = min(count * (CANDIDATES_PER_SLOT if diversity_lambda > 0 else 1), len(candidates))
-    best = np.argpartition(-scores, pool - 1)[:pool]
-    # stable on ties so the order matches between calls
-    best = best[np.lexsort((candidates[best], -scores[best]))]
-    ranked, ranked_scores = candidates[best], scores[best]
-    if diversity_lambda == 0:
-        return ranked.tolist()
-    vectors = live.unit_item_factors
-    if head:
-        head_scores = live.model.item_factors[head] @ vector
-        if factors is not None:
-            head_scores = head_scores * factors[head]
-        top = max(float(ranked_scores[0]), float(np.max(head_scores)))
-        more = mmr_rerank(ranked[None, :], ranked_scores[None, :], needed, diversity_lambda, vectors,
-                          chosen=np.asarray([head]), top_scores=np.asarray([top]))
-        return head + [int(i) for i in more[0] if i >= 0]
-    first = min(count, live.params.top_n)
-    picks = mmr_rerank(ranked[None, : CANDIDATES_PER_SLOT * first], ranked_scores[None, : CANDIDATES_PER_SLOT * first],
-                       first, diversity_lambda, vectors)
-    if count > first:
-        rest = ~np.isin(ranked, picks)
-        more = mmr_rerank(ranked[rest][None, :], ranked_scores[rest][None, :], count - first, diversity_lambda, vectors,
-                          chosen=picks, top_scores=ranked_scores[:1])
-        picks = np.concatenate([picks, more], axis=1)
-    return [int(i) for i in picks[0] if i >= 0]
+    lists = rank_lists(
+        vector, live.items, count, blocked=~_allowed(live, blocked, category), factors=factors,
+        diversity_lambda=diversity_lambda, first=min(count, live.params.top_n),
+        head=np.asarray([head], dtype=np.int32) if head else None,
+    )
+    return [int(i) for i in lists[0] if i >= 0]
 
 
 def rank_popular(live: LiveModel, blocked: Iterable[int], category: str | None, count: int) -> list[int]:

@@ -21,8 +21,8 @@ from recsys.core.params import PipelineParams
 from recsys.core.rules import NO_RULES_FINGERPRINT, RuleSnapshot
 from recsys.core.settings import Settings
 from recsys.ml.als import load_factors
-from recsys.ml.diversity import unit_rows
 from recsys.ml.ranking import als_model, top_buys_order
+from recsys.ml.top_n import ItemVectors
 from recsys.serving.schemas import ProductId
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,15 @@ class LiveModel:
     exclude: sp.csr_matrix  # who already has what in the window
     document_frequency: np.ndarray  # users per item in the window, for bm25 fold-ins
     confidence: sp.csr_matrix  # the weights the model was fitted on: what explanations decompose
-    unit_item_factors: np.ndarray  # item factors scaled to length 1: cosines for diversity re-ranking
+    items: ItemVectors  # the item factors as ranking uses them (rank_lists)
     rules_fingerprint: str  # the ordering rules its published lists were made with
     # the rules (and inactive products) its publish applied; None for versions from before they were recorded
     published_rules: RuleSnapshot | None
+
+    @property
+    def unit_item_factors(self) -> np.ndarray:
+        """Item factors scaled to length 1: cosines for diversity re-ranking."""
+        return self.items.unit
 
     def product_out(self, index: int) -> ProductId:
         return id_out(self.id_types.product)(self.item_ids[index])
@@ -99,7 +104,7 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         exclude=exclude,
         document_frequency=np.bincount(full.indices, minlength=full.shape[1]),
         confidence=full,
-        unit_item_factors=unit_rows(model.item_factors),
+        items=ItemVectors.of(model.item_factors),
         # versions from before rules were published with none
         rules_fingerprint=meta.get("rules_fingerprint", NO_RULES_FINGERPRINT),
         published_rules=RuleSnapshot.from_dict(json.loads(meta["rules_snapshot"])) if "rules_snapshot" in meta else None,

@@ -55,6 +55,9 @@ def test_speed_bench_on_a_machine_with_only_python(service_urls, bare_path):
     assert figures["matrix"]["users"] == 2000
     assert publish["users"] > 1900
     assert 0 < publish["write_seconds"] < publish["seconds"] and publish["scoring_seconds"] > 0
+    scoring = figures["scoring"]
+    assert scoring["diversity_lambda"] > 0 and scoring["top_n"] == 10  # publish's scoring with its defaults
+    assert scoring["sgemm_only_users_per_s"] == max(scoring["sgemm_blocks_users_per_s"], scoring["sgemm_tiles_users_per_s"])
     assert publish["plain_keys_bytes_per_user"] > publish["raw_payload_bytes_per_user"] > 0
     # own schema and prefix are gone again, the floor's scratch hash with them
     assert _bench_keys(client, "bench_speed") == before

@@ -46,9 +46,9 @@ from recsys.core.settings import Settings
 from recsys.core.window import Window, version_name
 from recsys.ml.als import load_factors
 from recsys.ml.co_purchase import bought_together
-from recsys.ml.diversity import recommend_diverse_top_n
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import als_model, similar_items, top_buys_order
+from recsys.ml.top_n import ItemVectors, rank_lists
 from recsys.pipeline.matrix import inactive_items, load_baskets, matrix_id_types
 from recsys.pipeline.train import checked_model_build
 from recsys.storage import builds
@@ -318,8 +318,8 @@ def _ruled_top_n(
     merchandising: Merchandising, factors: tuple[np.ndarray, np.ndarray], user_ids: pa.Array, users: np.ndarray,
     exclude: sp.csr_matrix, inactive: np.ndarray, params: PipelineParams, progress: str | None,
 ) -> np.ndarray:
-    """Each user's top-N with the rules of their segments: excluded products blocked, scores
-    multiplied by boosts and buries (as scaled item factors), pins placed last."""
+    """Each user's top-N with the rules of their segments (``rank_lists``, as the API ranks on
+    request): excluded products blocked, scores multiplied by boosts and buries, pins placed last."""
     groups: dict[frozenset[str], list[int]] = {}
     if merchandising.segment_names:
         for row, user_id in enumerate(user_ids.to_pylist()):
@@ -328,13 +328,17 @@ def _ruled_top_n(
         groups[frozenset()] = list(range(len(users)))
     recs = np.full((len(users), params.top_n), -1, dtype=np.int32)
     user_factors, item_factors = factors
+    items = ItemVectors.of(item_factors)
     for segments, rows in groups.items():
         rules = merchandising.for_segments(segments)
-        scaled = item_factors if rules.factors is None else item_factors * rules.factors[:, None]
+        blocked = rules.blocked.copy()
+        blocked[inactive] = True
         group = users[rows]
-        lists = recommend_diverse_top_n(
-            als_model(user_factors, scaled), group, exclude, params.top_n + len(rules.pins), params.diversity_lambda,
-            np.union1d(inactive, rules.blocked_items).astype(np.int32), progress=progress,
+        # a shard's users are one contiguous range: without segments, a view of their factors
+        contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group) and bool(np.all(np.diff(group) == 1))
+        lists = rank_lists(
+            user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group], items, params.top_n + len(rules.pins), exclude=exclude[group], blocked=blocked,
+            factors=rules.factors, diversity_lambda=params.diversity_lambda, first=params.top_n, progress=progress,
         )
         owned = exclude[group][:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
         recs[rows] = place_pins(lists, rules.pins, params.top_n, owned)
