@@ -29,6 +29,7 @@ are what compares.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
@@ -160,11 +161,14 @@ async def _load(port: int, paths: list[bytes], rate: int | None, requests: int) 
     ``rate`` per second on a fixed schedule, or as fast as the connections allow (None). Returns
     latencies (s) of successes, the error count, elapsed s."""
     idle: asyncio.Queue = asyncio.Queue()
-    for _ in range(CONNECTIONS):
-        idle.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONNECTIONS)]
+    # one request on each connection first: the servers accept and set up a connection when its
+    # first request comes, and 64 of them at once would stall the first ~100 ms of the schedule
+    await asyncio.gather(*(_exchange(*connection, paths[0]) for connection in connections))
+    for connection in connections:
+        idle.put_nowait(connection)
     latencies: list[float] = []
     errors = 0
-    start = time.perf_counter()
 
     async def one(index: int, due: float) -> None:
         nonlocal errors
@@ -182,17 +186,29 @@ async def _load(port: int, paths: list[bytes], rate: int | None, requests: int) 
         else:
             errors += 1
 
-    tasks = []
-    for index in range(requests):
-        if rate is None:
-            due = time.perf_counter()
-        else:
-            due = start + index / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(index, due)))
-    await asyncio.gather(*tasks)
+    # no cyclic GC while loading: a full collection over thousands of pending tasks stalls the
+    # client for tens of ms, which would be charged to the server; the set keeps pending tasks
+    # alive (the loop holds only weak references) and lets finished ones go
+    pending: set[asyncio.Task] = set()
+    gc.collect()
+    gc.disable()
+    start = time.perf_counter()
+    try:
+        for index in range(requests):
+            if rate is None:
+                due = time.perf_counter()
+            else:
+                due = start + index / rate
+                delay = due - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            task = asyncio.create_task(one(index, due))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        while pending:
+            await asyncio.wait(pending)
+    finally:
+        gc.enable()
     elapsed = time.perf_counter() - start
     while not idle.empty():
         idle.get_nowait()[1].close()
@@ -327,22 +343,26 @@ def measure_endpoints(
                 "floor_rps": _spread(floor_rps)["median"], "ratio_to_floor": _spread(ratios)["median"],
                 "runs": {"api_rps": api_rps, "floor_rps": floor_rps, "ratio_to_floor": ratios},
                 "spread": {"api_rps": _spread(api_rps), "floor_rps": _spread(floor_rps), "ratio_to_floor": _spread(ratios)},
-                "fixed_rates": [],
+                "fixed_rates": [], "floor_fixed_rates": [],
             }
             for rate in rates:
                 console.print(f"{endpoint.name}: fixed rate {rate}/s for {seconds} s, {workers} workers ...")
-                fixed = fixed_rate(api, endpoint.requests, rate, seconds)
-                entry["fixed_rates"].append({
-                    "rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
-                    "max_ms": fixed.max_ms, "errors": fixed.errors, "achieved_rps": fixed.achieved_rps,
-                })
+                entry["fixed_rates"].append(_latencies(fixed_rate(api, endpoint.requests, rate, seconds)))
+                # the floor at the same rate: the tail this machine, client and Redis give anyway
+                entry["floor_fixed_rates"].append(_latencies(fixed_rate(floor, endpoint.requests, rate, seconds)))
             entry["fixed_rate"] = entry["fixed_rates"][0]
             console.print(f"{endpoint.name}: API {entry['max_rps']} req/s, floor {entry['floor_rps']} req/s, "
-                          f"ratio {entry['ratio_to_floor']} (runs {ratios}); fixed {entry['fixed_rates']}")
+                          f"ratio {entry['ratio_to_floor']} (runs {ratios}); fixed {entry['fixed_rates']}; "
+                          f"floor fixed {entry['floor_fixed_rates']}")
             found[endpoint.name] = entry
         if not missing_tool("wrk", "Debian: wrk"):
             found["users"]["max_rps_wrk"] = max_throughput_wrk(api, _user_paths(settings), seconds)
     return found
+
+
+def _latencies(fixed: FixedRate) -> dict:
+    return {"rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
+            "max_ms": fixed.max_ms, "errors": fixed.errors, "achieved_rps": fixed.achieved_rps}
 
 
 def _user_paths(settings: Settings) -> list[str]:
