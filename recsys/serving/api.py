@@ -16,7 +16,6 @@ to the shop database first (``events``), then refresh the user's list.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 from collections.abc import Callable
@@ -210,9 +209,6 @@ def create_api(settings: Settings) -> HotPaths:
             [asyncio.create_task(refresh_pending_lists_when_due(svc)), asyncio.create_task(refresh_rules_periodically(svc))]
             if settings.database_url else []
         )
-        # what startup built (modules, the app) lives as long as the process: kept out of the
-        # cyclic GC's scans, so full collections under load stay short
-        gc.freeze()
         yield
         for task in background:
             task.cancel()
