@@ -31,6 +31,10 @@ def test_serve_bench_without_wrk_or_redis_benchmark(service_urls, bare_path):
         assert endpoint["floor_rps"] > 0 and endpoint["max_rps"] > 0
         assert endpoint["ratio_to_floor"] == round(endpoint["max_rps"] / endpoint["floor_rps"], 4)
         assert endpoint["fixed_rate"]["errors"] == 0
+        # the floor's latency at the same rates, beside the API's
+        assert [f["rate"] for f in endpoint["floor_fixed_rates"]] == [f["rate"] for f in endpoint["fixed_rates"]] == [200]
+        floor = endpoint["floor_fixed_rates"][0]
+        assert floor["errors"] == 0 and 0 < floor["p50_ms"] <= floor["p99_ms"] <= floor["max_ms"]
     assert result["ratio_to_floor"] == result["endpoints"]["users"]["ratio_to_floor"]
     assert result["redis_get_rps"] is None
     assert "redis-benchmark not on PATH" in result["unavailable"]["redis_get_rps"]
