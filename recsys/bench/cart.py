@@ -50,7 +50,7 @@ from recsys.ml.co_purchase import (
     bought_together,
     rank_cart,
 )
-from recsys.ml.ranking import als_model, similar_items
+from recsys.ml.top_n import ItemVectors, similar_items
 from recsys.ml.weighting import scale_confidence
 
 K = 10
@@ -107,7 +107,7 @@ def evaluate_cart(
         params.iterations, seed,
     )
     every_item = np.arange(n_items, dtype=np.int32)
-    similar = similar_items(als_model(user_factors, item_factors), every_item, params.bought_together_n)
+    similar = similar_items(ItemVectors.of(item_factors), every_item, params.bought_together_n)
     together = bought_together(baskets, every_item, similar, params.bought_together_n, params.bought_together_min_support)
     popular = [int(i) for i in np.argsort(-np.asarray(baskets.sum(axis=0)).ravel(), kind="stable")]
 

@@ -393,6 +393,30 @@ def reference_scoring_seconds(run, users: np.ndarray, top_n: int) -> dict[str, f
     return {"implicit": implicit_seconds, "floor": floor_seconds, "sgemm": gemm_seconds, "sgemm_tiled": tiled_seconds}
 
 
+def similar_seconds(run, params: PipelineParams) -> dict[str, float]:
+    """Similar products of every product, as publish ranks them (``similar_items``, its kernels
+    loaded first); the sgemm calls alone over the same products and catalogue; implicit's
+    ``similar_items`` on the same factors."""
+    from recsys.ml.ranking import als_model
+    from recsys.ml.top_n import ItemVectors, sgemm_only, similar_items
+
+    user_factors, item_factors, _, blocked = _scoring_inputs(run)
+    items = ItemVectors.of(item_factors)
+    every = np.arange(len(item_factors), dtype=np.int32)
+    n = max(params.similar_n, params.bought_together_n)
+    similar_items(items, every[:1], n, blocked)  # compiled kernels loaded, the cosine vectors cached
+    start = time.perf_counter()
+    similar_items(items, every, n, blocked)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    sgemm_only(items.cosine.factors, items.cosine)
+    sgemm = time.perf_counter() - start
+    start = time.perf_counter()
+    als_model(user_factors, item_factors).similar_items(every, N=n + 1, filter_items=blocked if len(blocked) else None)
+    implicit = time.perf_counter() - start
+    return {"ours": ours, "sgemm": sgemm, "implicit": implicit}
+
+
 def run_users(run) -> int:
     import pyarrow.parquet as pq
 
@@ -592,6 +616,18 @@ def run_speed(
     # float32 users x factors and items x factors: what the model file holds, without loading it
     factor_bytes = (built.n_users + built.n_items) * params.factors * np.dtype(np.float32).itemsize
 
+    console.print("similar products: ours, the sgemm calls alone, implicit ...")
+    similar = in_fresh_process(similar_seconds, run, params)
+    entry = _record(figures, "similar", similar)
+    entry.update({
+        "items": built.n_items,
+        "items_per_s": _rate(built.n_items, similar.value["ours"]),
+        "sgemm_only_items_per_s": _rate(built.n_items, similar.value["sgemm"]),
+        "implicit_items_per_s": _rate(built.n_items, similar.value["implicit"]),
+    })
+    entry["ratio_to_sgemm_only"] = _ratio(entry["items_per_s"], entry["sgemm_only_items_per_s"])
+    entry["ratio_to_implicit"] = _ratio(entry["items_per_s"], entry["implicit_items_per_s"])
+
     console.print("publish: stage (scoring timed apart), then the write floors ...")
     evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)
     figures["publish"] = measure_publish(settings, run, with_redis_benchmark=True)
@@ -627,6 +663,7 @@ RATIOS = (
     ("extract", "ratio_to_copy_floor"), ("extract", "speedup_vs_read_sql"),
     ("train", "time_ratio_to_implicit"), ("train", "speedup_vs_spark"),
     ("scoring", "ratio_to_sgemm_only"), ("scoring", "ratio_to_blas_floor"), ("scoring", "ratio_to_implicit"),
+    ("similar", "ratio_to_sgemm_only"), ("similar", "ratio_to_implicit"),
     ("publish", "scoring_ratio_to_sgemm_only"),
     ("publish", "ratio_to_redis_py_write_floor"), ("publish", "ratio_to_redis_benchmark"),
     ("publish", "bytes_per_user"), ("memory", "peak_rss_ratio"),

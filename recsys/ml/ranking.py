@@ -78,33 +78,6 @@ def recommend_top_n(
     return ids, scores
 
 
-def similar_items(
-    model,
-    items: np.ndarray,
-    n: int,
-    blocked_items: np.ndarray | None = None,
-    batch_size: int = 10_000,
-    progress: str | None = None,
-) -> np.ndarray:
-    """The ``n`` most similar item indices per item (cosine on item factors), itself excluded."""
-    items = np.asarray(items, dtype=np.int32)
-    result = np.full((len(items), n), -1, dtype=np.int32)
-    blocked = None if blocked_items is None or len(blocked_items) == 0 else np.asarray(blocked_items)
-    for part in tqdm(
-        list(_batches(len(items), batch_size)), desc=progress, disable=progress is None, unit="batch"
-    ):
-        batch = items[part]
-        # one extra slot because an item is its own nearest neighbour
-        ids, scores = model.similar_items(batch, N=n + 1, filter_items=blocked)
-        ids = np.asarray(ids).reshape(len(batch), -1)
-        scores = np.asarray(scores).reshape(len(batch), -1)
-        valid = (ids != batch[:, None]) & ~_filtered(scores)
-        for row, (row_ids, row_valid) in enumerate(zip(ids, valid, strict=True)):
-            kept = row_ids[row_valid][:n]
-            result[part.start + row, : len(kept)] = kept
-    return result
-
-
 def top_buys_order(items):
     """Active products, most distinct buyers first (ties: more distinct users, then id): the order
     of the published top buys and of the API's popular fallback. ``items``: the matrix's items table

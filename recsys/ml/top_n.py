@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -63,6 +64,11 @@ class ItemVectors:
     def of(cls, item_factors: np.ndarray) -> ItemVectors:
         factors = np.ascontiguousarray(item_factors, dtype=np.float32)
         return cls(factors, unit_rows(factors), np.linalg.norm(factors, axis=1).astype(np.float32))
+
+    @cached_property
+    def cosine(self) -> ItemVectors:
+        """The unit vectors as the vectors to rank by: a dot of two is their cosine."""
+        return ItemVectors(self.unit, self.unit, np.linalg.norm(self.unit, axis=1).astype(np.float32))
 
 
 def rank_lists(
@@ -126,6 +132,27 @@ def rank_lists(
 
     _for_each_block(users, rank_block, progress)
     return result
+
+
+def similar_items(
+    items: ItemVectors, queries: np.ndarray, n: int, blocked_items: np.ndarray | None = None,
+    progress: str | None = None,
+) -> np.ndarray:
+    """The ``n`` items most similar to each of ``queries`` (item indices), best first, -1 padded:
+    the cosine of their factors, ranked by ``rank_lists`` (the sgemm floor for a catalogue at
+    publish; the same list for one product on request). Never the item itself, nor one of
+    ``blocked_items`` (indices)."""
+    queries = np.asarray(queries, dtype=np.int64)
+    n_items = len(items.factors)
+    blocked = None
+    if blocked_items is not None and len(blocked_items):
+        blocked = np.zeros(n_items, dtype=bool)
+        blocked[np.asarray(blocked_items, dtype=np.int64)] = True
+    itself = sp.csr_matrix(
+        (np.ones(len(queries), np.float32), queries, np.arange(len(queries) + 1)), shape=(len(queries), n_items)
+    )
+    cosine = items.cosine
+    return rank_lists(cosine.factors[queries], cosine, n, exclude=itself, blocked=blocked, progress=progress)
 
 
 def sgemm_only(user_factors: np.ndarray, items: ItemVectors) -> None:

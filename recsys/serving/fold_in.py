@@ -13,8 +13,7 @@ from datetime import datetime
 import numpy as np
 import scipy.sparse as sp
 
-from recsys.ml.ranking import similar_items
-from recsys.ml.top_n import rank_lists
+from recsys.ml.top_n import rank_lists, similar_items
 from recsys.ml.weighting import BM25_FLOOR, BM25_K1, interaction_weights, scale_confidence
 from recsys.serving.live_model import LiveModel
 
@@ -127,5 +126,5 @@ def _allowed(live: LiveModel, blocked: Iterable[int], category: str | None) -> n
 def similar_to(live: LiveModel, item: int, count: int, kept_out: np.ndarray | None = None) -> list[int]:
     """``kept_out``: per item, excluded by a rule (besides the version's inactive products)."""
     blocked = np.flatnonzero(~live.active if kept_out is None else ~live.active | kept_out).astype(np.int32)
-    row = similar_items(live.model, np.asarray([item]), count, blocked)[0]
+    row = similar_items(live.items, np.asarray([item]), count, blocked)[0]
     return [int(i) for i in row[row >= 0]]

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, RuleSnapshot
 from recsys.ml.merchandising import Merchandising, place_pins_in_list
-from recsys.ml.top_n import USER_BLOCK, ItemVectors, rank_lists
+from recsys.ml.top_n import USER_BLOCK, ItemVectors, rank_lists, similar_items
 from recsys.pipeline.publish.stage import _ruled_top_n
 from recsys.serving.fold_in import rank_items
 from recsys.serving.live_model import LiveModel
@@ -202,3 +202,47 @@ def test_publish_and_the_api_rank_the_same_lists_with_rules():
         on_request = place_pins_in_list(ranked, rules.pins, params.top_n, unavailable=owned)
         assert on_request == [int(i) for i in published[user] if i >= 0]
     assert (published[:, 1] == 120).sum() > 0 and not np.isin(published, [5, 50, 77, 150]).any()
+
+
+def test_similar_items_are_the_cosine_ranking_without_the_item_or_blocked_ones():
+    _, item_factors, _, blocked, _ = shop(items=700)
+    item_factors[5] = 0  # an item with no factors (never interacted): similar to nothing more than to anything
+    queries = np.arange(0, 700, 3)
+    blocked_items = np.flatnonzero(blocked)
+
+    lists = similar_items(ItemVectors.of(item_factors), queries, 10, blocked_items)
+
+    unit = item_factors.astype(np.float64)
+    norms = np.linalg.norm(unit, axis=1, keepdims=True)
+    unit = np.divide(unit, norms, out=np.zeros_like(unit), where=norms > 0)
+    cosine = unit[queries] @ unit.T
+    cosine[:, blocked_items] = -np.inf
+    cosine[np.arange(len(queries)), queries] = -np.inf
+    expected = [np.lexsort((np.arange(700), -row))[:10] for row in cosine]
+    np.testing.assert_array_equal(lists, expected)
+
+
+def test_similar_items_of_one_product_on_request_are_those_of_the_batch():
+    _, item_factors, _, blocked, _ = shop(items=3000)
+    items = ItemVectors.of(item_factors)
+    blocked_items = np.flatnonzero(blocked)
+    batch = similar_items(items, np.arange(3000), 10, blocked_items)
+
+    alone = np.vstack([similar_items(items, [item], 10, blocked_items) for item in range(0, 3000, 97)])
+
+    np.testing.assert_array_equal(alone, batch[::97])
+
+
+def test_similar_items_agree_with_implicit():
+    from recsys.ml.ranking import als_model
+
+    user_factors, item_factors, _, blocked, _ = shop(items=2000)
+    blocked_items = np.flatnonzero(blocked)
+    queries = np.arange(2000, dtype=np.int32)
+    ids, _ = als_model(user_factors, item_factors).similar_items(queries, N=11, filter_items=blocked_items)
+    theirs = [[i for i in row if i != query][:10] for row, query in zip(np.asarray(ids), queries, strict=True)]
+
+    ours = similar_items(ItemVectors.of(item_factors), queries, 10, blocked_items)
+
+    # implicit ranks by float32 scores: only near-ties may come out in another order
+    assert (ours == np.asarray(theirs)).all(axis=1).mean() > 0.99

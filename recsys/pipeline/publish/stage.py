@@ -47,8 +47,8 @@ from recsys.core.window import Window, version_name
 from recsys.ml.als import load_factors
 from recsys.ml.co_purchase import bought_together
 from recsys.ml.merchandising import Merchandising, place_pins
-from recsys.ml.ranking import als_model, similar_items, top_buys_order
-from recsys.ml.top_n import ItemVectors, rank_lists
+from recsys.ml.ranking import top_buys_order
+from recsys.ml.top_n import ItemVectors, rank_lists, similar_items
 from recsys.pipeline.matrix import inactive_items, load_baskets, matrix_id_types
 from recsys.pipeline.train import checked_model_build
 from recsys.storage import builds
@@ -242,11 +242,11 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     blocked = np.union1d(inactive_items(matrix_dir), np.flatnonzero(kept_out)).astype(np.int32)
     # an out-of-stock product's page still shows alternatives: owners are the catalogue's active ones
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
-    model = als_model(*load_factors(staging.model_dir / FACTORS_FULL))
+    items = ItemVectors.of(load_factors(staging.model_dir / FACTORS_FULL)[1])
     with staging.timings.phase("similar"):
         # one similarity search serves both: the similar lists and the fill of sparse bought-together lists
         similar = similar_items(
-            model, active, max(params.similar_n, params.bought_together_n), blocked,
+            items, active, max(params.similar_n, params.bought_together_n), blocked,
             progress="similar" if progress else None,
         )
         together = bought_together(
