@@ -77,3 +77,25 @@ def test_new_string_ids_do_not_flip_a_live_integer_type(settings, demo_loaded, w
     report = json.loads((result.run.paths.extract / "report.json").read_text())
     assert report["id_types"]["source"]["user"] == "as the live version publishes them"
     assert sum(n for reason, n in report["interactions"]["dropped"].items() if reason.startswith("user_id not")) == 60
+
+
+def test_user_id_inference_counts_each_distinct_window_id_once(settings, window_end):
+    """The counts behind an inferred user id type, against a reference computed here: distinct
+    ids of the window only, '' and NULL left out, canonical integers below 2**53 only."""
+    from recsys.core.window import Window
+    from recsys.pipeline.extract import resolve_id_types
+
+    window = Window(start=window_end - timedelta(days=30), end=window_end)
+    at = days_before(window_end, 1)
+    user_ids = ["1", "1", "42", "-7", "0", "007", "-0", "+5", "1e3", " 12", "12 ", "\u00a0", "u1",
+                "9007199254740991", "99999999999999999", "1" + "0" * 16, "", None, "1\n2"]
+    rows = [(user, "p1", "view", None, at) for user in user_ids]
+    rows.append(("outside", "p1", "view", None, window.start - timedelta(microseconds=1)))
+    rows.append(("outside", "p1", "view", None, window.end))
+    insert_interactions(settings, rows)
+
+    distinct = {user for user in user_ids if user}
+    integers = {user for user in distinct if user in {"1", "42", "-7", "0", "9007199254740991"}}
+    assert len(distinct) == 16 and len(integers) == 5
+    source = resolve_id_types(settings, window, live=None).source["user"]
+    assert source == f"inferred: {len(integers)} of {len(distinct)} distinct user ids in the window are integers"
