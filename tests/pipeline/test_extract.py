@@ -177,7 +177,7 @@ def test_copy_failing_mid_stream_raises_and_publishes_nothing(settings, window_e
     assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
 
 
-def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window_end, tmp_path, monkeypatch):
+def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window_end, tmp_path, monkeypatch, caplog):
     # small blocks: the parser fails while the COPY still has far more rows than the pipe holds
     monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)
     _interactions_behind_a_view(
@@ -187,10 +187,29 @@ def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window
         "interaction_id, user_id, product_id, event_type, "
         "CASE WHEN interaction_id < 1000 THEN value::text ELSE 'not a number' END AS value, occurred_at",
     )
-    with pytest.raises(pa.ArrowInvalid, match="not a number"):
+    with caplog.at_level(logging.WARNING), pytest.raises(pa.ArrowInvalid, match="not a number"):
         extract(settings, window_for(window_end), tmp_path, PipelineParams())
     assert _leftovers(tmp_path) == []
     assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
+    assert not [record for record in caplog.records if record.name.startswith("psycopg")]  # no failed rollback
+
+
+def test_copy_out_gives_the_bytes_psycopg_copy_gives(settings, window_end):
+    """The drain's own libpq loop against iterating psycopg's Copy, on rows with quotes,
+    newlines, NULLs, NaN and non-ASCII text."""
+    at = days_before(window_end, 1)
+    odd = ['a"b', "line\nbreak", "comma,here", "", None, "caf\u00e9 \u2603", "  "]
+    rows = [(odd[i % len(odd)], odd[(i * 3) % len(odd)], "view", [None, 1.5, float("nan")][i % 3], at) for i in range(5_000)]
+    insert_interactions(settings, rows)
+    statement = db.sql_text(settings, "extract_interactions")
+    params = {"start": window_end - timedelta(days=2), "end": window_end}
+    with db.connect(settings) as conn, conn.cursor() as cur, cur.copy(statement, params) as copy:
+        expected = b"".join(bytes(row) for row in copy)
+    received = []
+    with db.connect(settings) as conn:
+        extract_module._copy_out(conn, statement, params, lambda row: received.append(bytes(row)))
+    assert expected.count(b"\n") >= 5_000
+    assert b"".join(received) == expected
 
 
 def test_ids_with_newlines_survive_block_boundaries(settings, window_end, tmp_path, monkeypatch):
