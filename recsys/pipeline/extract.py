@@ -96,6 +96,7 @@ TIME_SLICES = 64
 # spilled, and memory is again bounded by a block and one slice.
 SLICES_IN_MEMORY_BYTES = 512 << 20
 DUPLICATE_KEY = ["user_id", "product_id", "event_type", "value", "occurred_at_us"]
+FINGERPRINT = "fingerprint"  # column of the valid rows in their slices (see _Fingerprints)
 DUPLICATE = "exact duplicate (same user_id, product_id, event_type, value and occurred_at as duplicate_of)"
 INTERACTIONS_SCHEMA = pa.schema(
     [
@@ -403,25 +404,42 @@ def _mix(hashes: np.ndarray, values: np.ndarray) -> np.ndarray:
     return hashes ^ (hashes >> np.uint64(29))
 
 
-def _maybe_duplicated(table: pa.Table) -> np.ndarray:
-    """Rows that may have an exact duplicate in ``table``: equal rows always share a fingerprint,
-    different rows rarely do (they only cost an exact comparison). user_id enters by its length
-    alone: hashing a column of that many distinct strings costs more than the comparisons it saves."""
-    fingerprints = np.zeros(table.num_rows, np.uint64)
-    for name in ("product_id", "event_type"):
-        codes = pc.dictionary_encode(table[name]).combine_chunks().indices
-        fingerprints = _mix(fingerprints, codes.to_numpy())
-    fingerprints = _mix(fingerprints, pc.binary_length(table["user_id"]).to_numpy())
-    values = pc.fill_null(table["value"], np.nan).to_numpy()  # NULL and NaN: NaN rows are dropped already
-    fingerprints = _mix(fingerprints, values.view(np.uint64))
-    fingerprints = _mix(fingerprints, table["occurred_at_us"].to_numpy().view(np.uint64))
-    return pd.Series(fingerprints).duplicated(keep=False).to_numpy()
+class _Fingerprints:
+    """Each valid row's fingerprint, computed while the COPY streams (the reading thread mostly
+    waits for it then) so that the dedupe after it only compares them: equal rows always share a
+    fingerprint, different rows rarely do (they only cost an exact comparison). user_id enters by
+    its length alone: hashing a column of that many distinct strings costs more than the
+    comparisons it saves. Product ids and event types enter by a number the same in every block."""
+
+    def __init__(self, event_types: pa.Array):
+        self._event_types = event_types
+        self._product_ids = pa.array([], pa.string())
+
+    def _product_codes(self, product_ids: pa.ChunkedArray) -> np.ndarray:
+        codes = pc.index_in(product_ids, value_set=self._product_ids)
+        if codes.null_count:  # products not seen in earlier blocks
+            new = pc.unique(product_ids.filter(pc.is_null(codes)))
+            self._product_ids = pa.concat_arrays([self._product_ids, new])
+            codes = pc.index_in(product_ids, value_set=self._product_ids)
+        return codes.to_numpy()
+
+    def of(self, table: pa.Table) -> pa.Array:
+        """Of valid rows only: their product ids and event types are not null."""
+        fingerprints = np.zeros(table.num_rows, np.uint64)
+        fingerprints = _mix(fingerprints, self._product_codes(table["product_id"]))
+        fingerprints = _mix(fingerprints, pc.index_in(table["event_type"], value_set=self._event_types).to_numpy())
+        fingerprints = _mix(fingerprints, pc.binary_length(table["user_id"]).to_numpy())
+        values = pc.fill_null(table["value"], np.nan).to_numpy()  # NULL and NaN: NaN rows are dropped already
+        fingerprints = _mix(fingerprints, values.view(np.uint64))
+        fingerprints = _mix(fingerprints, table["occurred_at_us"].to_numpy().view(np.uint64))
+        return pa.array(fingerprints)
 
 
 def _collapse_duplicates(table: pa.Table, report: ValidationReport) -> pa.Table:
     """``table`` with each exact duplicate (all of DUPLICATE_KEY equal; NULL equals NULL) removed
-    but for its first interaction; the removed ones are counted, with the id they repeat."""
-    suspects = _maybe_duplicated(table)
+    but for its first interaction; the removed ones are counted, with the id they repeat. Rows
+    may have a duplicate only where their FINGERPRINT does."""
+    suspects = pd.Series(table[FINGERPRINT].to_numpy()).duplicated(keep=False).to_numpy()
     if not suspects.any():
         return table
     groups = (
@@ -689,11 +707,17 @@ def extract(
         _validation_rules(params, known_event_types, latest, int_id_reasons), user_id_rule_pending=user_id_type is None
     )
     window_user_ids = _DistinctUserIds(window) if user_id_type is None else None
-    columns = INTERACTION_CSV_COLUMNS | ({USER_ID_NOT_INTEGER: pa.bool_()} if user_id_type is None else {})
+    columns = (
+        INTERACTION_CSV_COLUMNS
+        | ({USER_ID_NOT_INTEGER: pa.bool_()} if user_id_type is None else {})
+        | {FINGERPRINT: pa.uint64()}
+    )
     try:
         with tempfile.TemporaryDirectory(prefix=".slices-", dir=extract_dir) as slices_dir:
             slices = _TimeSlices(Path(slices_dir), window, pa.schema(columns.items()))
-            _spill_valid_rows(settings, query_params, validator, window_user_ids, slices, progress)
+            _spill_valid_rows(
+                settings, query_params, validator, window_user_ids, _Fingerprints(known_event_types), slices, progress
+            )
             if validator.report.rows_read == 0:
                 raise EmptyWindowError(
                     f"no interactions in {settings.db_schema}.interactions with occurred_at in {window_text}"
@@ -744,6 +768,7 @@ def _spill_valid_rows(
     query_params: dict,
     validator: _Validator,
     window_user_ids: _DistinctUserIds | None,
+    fingerprints: _Fingerprints,
     slices: _TimeSlices,
     progress: bool,
 ) -> None:
@@ -758,7 +783,8 @@ def _spill_valid_rows(
                 table = pa.Table.from_batches([batch])
                 if window_user_ids is not None:
                     window_user_ids.add(table)
-                slices.write(validator.validate(table))
+                valid = validator.validate(table)
+                slices.write(valid.append_column(FINGERPRINT, fingerprints.of(valid)))
                 bar.update(batch.num_rows)
     finally:
         slices.close()

@@ -323,8 +323,10 @@ def test_a_fingerprint_collision_is_not_taken_for_a_duplicate():
             "occurred_at_us": pa.array([10, 10, 10], pa.int64()),
         }
     )
+    fingerprints = extract_module._Fingerprints(pa.array(["view"])).of(table)
+    assert len(set(fingerprints.to_pylist())) == 1
     report = extract_module.ValidationReport()
-    kept = extract_module._collapse_duplicates(table, report)
+    kept = extract_module._collapse_duplicates(table.append_column(extract_module.FINGERPRINT, fingerprints), report)
     assert kept["interaction_id"].to_pylist() == [1, 2]
     assert report.dropped == {extract_module.DUPLICATE: 1}
     assert report.examples[extract_module.DUPLICATE][0]["duplicate_of"] == 1
