@@ -2,10 +2,10 @@
 
 The bulk path is ``COPY (query) TO STDOUT`` piped straight into Arrow's streaming CSV reader
 while it arrives (no temporary file of the CSV; parsing and validation overlap with the
-transfer; a thread drains the COPY from libpq, see ``_copy_out``). Valid rows go to time slices
-of the window as they come, held in memory while they fit in SLICES_IN_MEMORY_BYTES, spilled to
-files past it; once the COPY has ended, each slice alone is deduplicated and appended to the
-Parquet output, so memory stays bounded by that budget, a block and one slice, not by the window.
+transfer; a thread drains the COPY from libpq, see ``_copy_out``). Valid rows are spilled to
+time slices of the window as they come; once the COPY has ended, each slice alone is
+deduplicated and appended to the Parquet output, so memory stays bounded by a block and one
+slice, not by the window.
 A user id type left to infer is inferred from the same rows as they stream (see ``_Validator``).
 
 Everything left out is counted and reported with examples in ``report.json`` and one WARNING
@@ -91,10 +91,6 @@ PRODUCT_CSV_COLUMNS = {
 # even) instead of growing with the window as a set of every row seen would. Dedupe in the matrix
 # stage was the alternative; here the count and examples land in this stage's report with the rest.
 TIME_SLICES = 64
-# The slices stay in memory while they take less than this (a 6 M-row window takes about 300 MB),
-# which saves writing and reading back the spill (~0.4 CPU-s at 6 M rows); past it, they are
-# spilled, and memory is again bounded by a block and one slice.
-SLICES_IN_MEMORY_BYTES = 512 << 20
 DUPLICATE_KEY = ["user_id", "product_id", "event_type", "value", "occurred_at_us"]
 FINGERPRINT = "fingerprint"  # column of the valid rows in their slices (see _Fingerprints)
 DUPLICATE = "exact duplicate (same user_id, product_id, event_type, value and occurred_at as duplicate_of)"
@@ -594,19 +590,14 @@ def _csv_batches(source: io.BufferedReader, columns: dict[str, pa.DataType]) -> 
 
 
 class _TimeSlices:
-    """Rows by time slice of the window (see TIME_SLICES), held in memory while they fit in
-    SLICES_IN_MEMORY_BYTES, else spilled to one Arrow IPC stream file per slice; read back one
-    slice at a time, each in the order its rows were written."""
+    """Rows spilled to one Arrow IPC stream file per time slice of the window, read back one
+    slice at a time (see TIME_SLICES)."""
 
-    def __init__(
-        self, directory: Path, window: Window, schema: pa.Schema, count: int = TIME_SLICES
-    ):
+    def __init__(self, directory: Path, window: Window, schema: pa.Schema, count: int = TIME_SLICES):
         self._start_us = _epoch_us(window.start)
         self._span_us = _epoch_us(window.end) - self._start_us
         self._schema = schema
         self._paths = [directory / f"slice-{index:03d}.arrow" for index in range(count)]
-        self._held: dict[int, list[pa.Table]] = {}
-        self._held_bytes = 0
         self._writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
 
     def write(self, table: pa.Table) -> None:
@@ -617,38 +608,22 @@ class _TimeSlices:
         slices = np.clip(offsets * len(self._paths) // self._span_us, 0, len(self._paths) - 1)
         bounds = np.concatenate([[0], np.cumsum(np.bincount(slices, minlength=len(self._paths)))])
         if _in_time_order(slices):
-            ordered = table  # each slice's rows are a run of the block already: slices of it copy nothing
+            ordered = table  # each slice's rows are a run of the block already: no copy to sort them
         else:
             # small unsigned ints: numpy's stable sort is then a radix sort, linear in the rows
             ordered = table.take(np.argsort(slices.astype(np.min_scalar_type(len(self._paths) - 1)), kind="stable"))
-        parts = {
-            index: ordered.slice(bounds[index], bounds[index + 1] - bounds[index])
-            for index in np.flatnonzero(np.diff(bounds))
-        }
-        if not self._writers:
-            for index, part in parts.items():
-                self._held.setdefault(index, []).append(part)
-            self._held_bytes += ordered.nbytes
-            if self._held_bytes <= SLICES_IN_MEMORY_BYTES:
-                return
-            # too much to hold: what is held goes to the files first, the rest after it
-            parts, self._held = {index: pa.concat_tables(held) for index, held in self._held.items()}, {}
-        for index, part in parts.items():
+        for index in np.flatnonzero(np.diff(bounds)):
             if index not in self._writers:
                 self._writers[index] = pa.ipc.new_stream(str(self._paths[index]), self._schema)
-            self._writers[index].write_table(part)
+            self._writers[index].write_table(ordered.slice(bounds[index], bounds[index + 1] - bounds[index]))
 
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
 
     def read_each(self) -> Iterator[pa.Table]:
-        """Each slice in time order, once closed; a spilled slice's file is removed once the next
-        one is asked for."""
-        if not self._writers:
-            for index in sorted(self._held):
-                yield pa.concat_tables(self._held.pop(index))
-            return
+        """Each written slice in time order, once closed; its file is removed once the next one
+        is asked for."""
         for index in sorted(self._writers):
             with pa.OSFile(str(self._paths[index])) as source:
                 table = pa.ipc.open_stream(source).read_all()

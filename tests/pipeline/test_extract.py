@@ -273,14 +273,10 @@ def test_exact_duplicates_are_collapsed_into_the_first_even_blocks_apart(setting
     assert len(set(keys)) == len(keys)
 
 
-@pytest.mark.parametrize(
-    "fast_path",
-    ["default", "spilled from the start", "spilled part-way", "in memory, always sorted"],
-)
-def test_slices_held_in_memory_or_spilled_give_the_same_extract(settings, window_end, tmp_path, monkeypatch, fast_path):
-    """Every way the rows reach their time slices gives the files and report of the reference
-    way (spilled to files from the first block, each block sorted by slice): blocks in time
-    order and out of it, duplicates blocks apart, invalid rows."""
+def test_blocks_in_time_order_or_not_give_the_same_extract(settings, window_end, tmp_path, monkeypatch):
+    """Blocks already in time order go to their slices without being sorted; the files and
+    report are those of sorting every block: blocks in time order and out of it, duplicates
+    blocks apart, invalid rows."""
     monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)  # hundreds of blocks
     at = days_before(window_end, 20)
     rows = [(f"u{i % 300}", f"p{i % 40}", "view", None, at + timedelta(minutes=7 * i)) for i in range(4_000)]
@@ -294,20 +290,13 @@ def test_slices_held_in_memory_or_spilled_give_the_same_extract(settings, window
         result = extract(settings, window, tmp_path / name, PipelineParams(max_invalid_fraction=0.5))
         return pq.read_table(result.interactions), json.loads(result.report.read_text())
 
-    with monkeypatch.context() as reference:
-        reference.setattr(extract_module, "SLICES_IN_MEMORY_BYTES", 0)
-        reference.setattr(extract_module, "_in_time_order", lambda slices: False)
-        expected = extracted("reference")
-    if fast_path == "spilled from the start":
-        monkeypatch.setattr(extract_module, "SLICES_IN_MEMORY_BYTES", 0)
-    elif fast_path == "spilled part-way":
-        monkeypatch.setattr(extract_module, "SLICES_IN_MEMORY_BYTES", 50_000)
-    elif fast_path == "in memory, always sorted":
-        monkeypatch.setattr(extract_module, "_in_time_order", lambda slices: False)
-    table, report = extracted(fast_path)
+    with monkeypatch.context() as always_sorted:
+        always_sorted.setattr(extract_module, "_in_time_order", lambda slices: False)
+        expected_table, expected_report = extracted("always sorted")
+    table, report = extracted("as they come")
     assert report["interactions"]["dropped"][extract_module.DUPLICATE] >= 75  # the invalid copies are dropped first
-    assert table.equals(expected[0])
-    assert report == expected[1]
+    assert table.equals(expected_table)
+    assert report == expected_report
 
 
 def test_a_fingerprint_collision_is_not_taken_for_a_duplicate():
