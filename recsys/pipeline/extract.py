@@ -4,8 +4,8 @@ The bulk path is ``COPY (query) TO STDOUT`` piped straight into Arrow's streamin
 while it arrives (no temporary file of the CSV; parsing and validation overlap with the
 transfer; a thread drains the COPY from libpq, see ``_copy_out``). Valid rows are spilled to
 time slices of the window as they come; once the COPY has ended, each slice alone is
-deduplicated and appended to the Parquet output, so memory stays bounded by a block and one
-slice, not by the window.
+deduplicated and appended to the Parquet output (by a thread, while the next slice is
+deduplicated), so memory stays bounded by a block and two slices, not by the window.
 A user id type left to infer is inferred from the same rows as they stream (see ``_Validator``).
 
 Everything left out is counted and reported with examples in ``report.json`` and one WARNING
@@ -28,6 +28,7 @@ import select
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -770,8 +771,15 @@ def _write_deduplicated(
 ) -> None:
     """Each slice without its duplicates into the Parquet output; products missing from the
     catalogue counted on the rows kept. ``drop_flagged``: leave out the rows flagged
-    USER_ID_NOT_INTEGER (their user ids turned out to be int), counted as invalid already."""
-    with pq.ParquetWriter(path, INTERACTIONS_SCHEMA, use_dictionary=PARQUET_DICTIONARY_COLUMNS) as writer:
+    USER_ID_NOT_INTEGER (their user ids turned out to be int), counted as invalid already.
+
+    A thread writes each slice while the next one is read and deduplicated: the Parquet writer
+    releases the GIL, and once the COPY has ended the second core is free for it."""
+    with (
+        pq.ParquetWriter(path, INTERACTIONS_SCHEMA, use_dictionary=PARQUET_DICTIONARY_COLUMNS) as writer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-parquet") as parquet_thread,
+    ):
+        written = None
         for table in slices.read_each():
             if drop_flagged and USER_ID_NOT_INTEGER in table.column_names:
                 table = table.filter(pc.invert(table[USER_ID_NOT_INTEGER]))
@@ -779,9 +787,15 @@ def _write_deduplicated(
             report.count_missing_products(
                 kept["product_id"].filter(pc.invert(pc.is_in(kept["product_id"], value_set=catalogue)))
             )
-            writer.write_table(_to_output(kept))
             report.rows_kept += kept.num_rows
+            output = _to_output(kept)
             del table, kept  # or they would stay alive while the next slice is read
+            if written is not None:
+                written.result()  # one slice in the writer at a time: memory holds two, not all
+            written = parquet_thread.submit(writer.write_table, output)
+            del output  # the thread holds it until written
+        if written is not None:
+            written.result()
 
 
 def _check_enough_valid(report: ValidationReport, params: PipelineParams, window_text: str) -> None:
