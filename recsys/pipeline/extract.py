@@ -2,9 +2,11 @@
 
 The bulk path is ``COPY (query) TO STDOUT`` piped straight into Arrow's streaming CSV reader
 while it arrives (no temporary file of the CSV; parsing and validation overlap with the
-transfer). Valid rows are spilled to time slices of the window as they come; once the COPY has
-ended, each slice alone is deduplicated and appended to the Parquet output, so memory stays
-bounded by a block and one slice, not by the window.
+transfer; a thread drains the COPY from libpq, see ``_copy_out``). Valid rows are spilled to
+time slices of the window as they come; once the COPY has ended, each slice alone is
+deduplicated and appended to the Parquet output (by a thread, while the next slice is
+deduplicated), so memory stays bounded by a block and two slices, not by the window.
+A user id type left to infer is inferred from the same rows as they stream (see ``_Validator``).
 
 Everything left out is counted and reported with examples in ``report.json`` and one WARNING
 line: invalid rows (dropped), exact duplicates (collapsed into the first), and interactions on
@@ -22,9 +24,11 @@ import io
 import json
 import logging
 import os
+import select
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,10 +37,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from psycopg import pq as libpq
 from tqdm.auto import tqdm
 
 from recsys.core import db, ids
@@ -87,6 +93,7 @@ PRODUCT_CSV_COLUMNS = {
 # stage was the alternative; here the count and examples land in this stage's report with the rest.
 TIME_SLICES = 64
 DUPLICATE_KEY = ["user_id", "product_id", "event_type", "value", "occurred_at_us"]
+FINGERPRINT = "fingerprint"  # column of the valid rows in their slices (see _Fingerprints)
 DUPLICATE = "exact duplicate (same user_id, product_id, event_type, value and occurred_at as duplicate_of)"
 INTERACTIONS_SCHEMA = pa.schema(
     [
@@ -128,6 +135,22 @@ class ValidationReport:
 
     def top_missing_products(self, n: int) -> list[tuple[str, int]]:
         return sorted(self.missing_products.items(), key=lambda item: (-item[1], item[0]))[:n]
+
+    def add_matching(self, reason: str, table: pa.Table, mask: pa.ChunkedArray) -> None:
+        """``add(reason, table.filter(mask))`` without filtering a whole block once the reason
+        has all its examples."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + pc.sum(mask).as_py()
+        examples = self.examples.setdefault(reason, [])
+        room = EXAMPLES_PER_REASON - len(examples)
+        if room > 0:
+            rows = table.take(pc.indices_nonzero(mask).slice(0, room))
+            examples.extend(_json_safe(row) for row in rows.to_pylist())
+
+    def rename(self, reason: str, new_reason: str) -> None:
+        """``reason`` counted as ``new_reason``, in its place in the report's order."""
+        if reason in self.dropped:
+            self.dropped = {new_reason if key == reason else key: count for key, count in self.dropped.items()}
+            self.examples = {new_reason if key == reason else key: rows for key, rows in self.examples.items()}
 
     def add(self, reason: str, rows: pa.Table) -> None:
         if rows.num_rows == 0:
@@ -200,40 +223,88 @@ def extracted_id_types(extract_dir: Path) -> IdTypes:
     return IdTypes.from_dict(json.loads((extract_dir / EXTRACT_REPORT).read_text())["id_types"])
 
 
-def resolve_id_types(settings: Settings, window: Window, live: dict | None) -> IdTypes:
-    """Each kind of id: configured, else as the live version publishes it, else inferred
-    (products from the catalogue, users from the window; see ``recsys.ids``)."""
-    chosen, source = {}, {}
-    for kind, configured, query, where in (
-        ("user", settings.user_id_type, "count_integer_user_ids", "user ids in the window"),
-        ("product", settings.product_id_type, "count_integer_product_ids", "product ids in the catalogue"),
-    ):
-        if configured is not None:
-            chosen[kind], source[kind] = configured, f"configured (RECSYS_{kind.upper()}_ID_TYPE)"
-        elif live and kind in live:
-            chosen[kind], source[kind] = live[kind], "as the live version publishes them"
-        else:
-            with db.connect(settings) as conn:
-                total, integers = conn.execute(db.sql_text(settings, query), {"start": window.start, "end": window.end}).fetchone()
-            chosen[kind] = ids.infer(integers, total)
-            source[kind] = f"inferred: {integers} of {total} distinct {where} are integers"
-    return IdTypes(chosen["user"], chosen["product"], source)
+def _given_id_type(settings: Settings, kind: str, live: dict | None) -> tuple[ids.IdType, str] | None:
+    """(type, source) of ``kind`` ids when configured, else as the live version publishes them;
+    None when the type is to be inferred (see ``recsys.ids``)."""
+    configured = getattr(settings, f"{kind}_id_type")
+    if configured is not None:
+        return configured, f"configured (RECSYS_{kind.upper()}_ID_TYPE)"
+    if live and kind in live:
+        return live[kind], "as the live version publishes them"
+    return None
+
+
+def _inferred_id_type(integers: int, total: int, where: str) -> tuple[ids.IdType, str]:
+    return ids.infer(integers, total), f"inferred: {integers} of {total} distinct {where} are integers"
+
+
+def _product_id_type(settings: Settings, live: dict | None) -> tuple[ids.IdType, str]:
+    """Given, else inferred from the catalogue."""
+    if (given := _given_id_type(settings, "product", live)) is not None:
+        return given
+    with db.connect(settings) as conn:
+        total, integers = conn.execute(db.sql_text(settings, "count_integer_product_ids")).fetchone()
+    return _inferred_id_type(integers, total, "product ids in the catalogue")
+
+
+class _DistinctUserIds:
+    """The distinct user ids of the window's rows ('' and NULL left out), gathered block by block
+    while the COPY streams, to infer the user id type from the window without reading it twice.
+
+    Each block's distinct ids wait in a list, merged into the ids seen so far once they outnumber
+    them: memory stays within a few times the distinct ids, and each id is hashed a few times."""
+
+    def __init__(self, window: Window):
+        self._start_us, self._end_us = _epoch_us(window.start), _epoch_us(window.end)
+        self._seen = pa.array([], pa.string())
+        self._pending: list[pa.Array] = []
+        self._pending_count = 0
+
+    def add(self, table: pa.Table) -> None:
+        occurred_at_us, user_ids = table["occurred_at_us"], table["user_id"]
+        # the window's bounds again: an adapted query may return rows outside it
+        counted = pc.and_(
+            pc.and_(pc.greater_equal(occurred_at_us, self._start_us), pc.less(occurred_at_us, self._end_us)),
+            pc.not_equal(user_ids, ""),
+        )
+        block_ids = pc.unique(user_ids.filter(counted))  # filter drops the nulls of NULL ids
+        self._pending.append(block_ids)
+        self._pending_count += len(block_ids)
+        if self._pending_count > len(self._seen):
+            self._merge()
+
+    def _merge(self) -> None:
+        self._seen = pc.unique(pa.chunked_array([self._seen, *self._pending], pa.string()))
+        self._pending, self._pending_count = [], 0
+
+    def id_type(self) -> tuple[ids.IdType, str]:
+        self._merge()
+        integers = pc.sum(ids.integer_ids(self._seen)).as_py() or 0
+        return _inferred_id_type(integers, len(self._seen), "user ids in the window")
+
+
+def _not_integer_reason(kind: str, source: str) -> str:
+    return f"{kind}_id not an integer ({kind} ids are int: {source})"
+
+
+# the user id rule's reason while the user id type is inferred from the rows being validated
+PENDING_USER_ID_RULE = "user_id not an integer (pending)"
 
 
 def _validation_rules(
-    params: PipelineParams, known_event_types: pa.Array, latest: datetime, id_types: IdTypes
+    params: PipelineParams, known_event_types: pa.Array, latest: datetime, int_id_reasons: dict[str, str]
 ) -> list[tuple[str, callable]]:
     """(reason, predicate) pairs; a row is dropped for the first predicate it matches.
+    ``int_id_reasons``: the reason for each kind of id that must be an integer.
 
     ``latest`` is the last valid instant: the window's last microsecond, or the extract's clock
     when the window ends later. The query itself stops at the window end; the check also holds
     for a shop's adapted query that forgets to."""
     latest_us = _epoch_us(latest)
     typed = [
-        (f"{kind}_id not an integer ({kind} ids are int: {id_types.source[kind]})",
-         lambda t, column=f"{kind}_id": pc.invert(ids.integer_ids(t[column])))
+        (int_id_reasons[kind], lambda t, column=f"{kind}_id": pc.invert(ids.integer_ids(t[column])))
         for kind in ("user", "product")
-        if getattr(id_types, kind) == "int"
+        if kind in int_id_reasons
     ]
     return [
         ("null user_id", lambda t: pc.is_null(t["user_id"])),
@@ -266,22 +337,62 @@ def _null_as_false(mask: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.and_kleene(mask, pc.is_valid(mask))
 
 
-def _validate(table: pa.Table, rules, report: ValidationReport) -> pa.Table:
-    """The rows no rule matches; the others are counted (and kept as examples) under the first
-    rule they match. Each rule's mask is computed once; a block without bad rows, the common
-    case, costs those masks and one ``any``."""
+def _attribute(table: pa.Table, reasons: list[str], matches: list[pa.ChunkedArray], report: ValidationReport):
+    """Count the rows that match a rule (and keep examples) under the first one they match;
+    returns the mask of those rows, None when there are none (the common case: one ``any``)."""
     report.rows_read += table.num_rows
-    matches = [_null_as_false(predicate(table)) for _, predicate in rules]
     invalid = reduce(pc.or_, matches)
     if not pc.any(invalid).as_py():
-        return table
+        return None
     counted = pa.array(np.zeros(table.num_rows, dtype=bool))
-    for (reason, _), match in zip(rules, matches, strict=True):
+    for reason, match in zip(reasons, matches, strict=True):
         first_match = pc.and_not(match, counted)
         if pc.any(first_match).as_py():
-            report.add(reason, table.filter(first_match))
+            report.add_matching(reason, table, first_match)
             counted = pc.or_(counted, first_match)
-    return table.filter(pc.invert(invalid))
+    return invalid
+
+
+# spilled beside the rows while the user id type is pending: valid unless user ids are int
+USER_ID_NOT_INTEGER = "user_id_not_integer"
+
+
+class _Validator:
+    """Validates blocks: each rule's mask is computed once per block.
+
+    When the user id type is inferred from the window itself (``user_id_rule_pending``), it is
+    known only once every block has been read. Each block is then attributed twice, once with
+    the user id rule and once without, each into its own report: a row's first matching rule
+    depends on it. Rows valid but for a user id that is not an integer are returned flagged
+    (USER_ID_NOT_INTEGER), to be dropped later if the user ids turn out to be int."""
+
+    def __init__(self, rules: list[tuple[str, callable]], user_id_rule_pending: bool):
+        self._reasons = [reason for reason, _ in rules]
+        self._predicates = [predicate for _, predicate in rules]
+        self.report = ValidationReport()
+        self._user_rule = self._reasons.index(PENDING_USER_ID_RULE) if user_id_rule_pending else None
+        self.report_if_user_ids_are_str = ValidationReport() if user_id_rule_pending else None
+
+    def validate(self, table: pa.Table) -> pa.Table:
+        matches = [_null_as_false(predicate(table)) for predicate in self._predicates]
+        invalid = _attribute(table, self._reasons, matches, self.report)
+        if self._user_rule is None:
+            return table if invalid is None else table.filter(pc.invert(invalid))
+        not_integer = matches[self._user_rule]
+        others = [match for index, match in enumerate(matches) if index != self._user_rule]
+        reasons = [reason for index, reason in enumerate(self._reasons) if index != self._user_rule]
+        invalid = _attribute(table, reasons, others, self.report_if_user_ids_are_str)
+        flagged = table.append_column(USER_ID_NOT_INTEGER, not_integer)
+        return flagged if invalid is None else flagged.filter(pc.invert(invalid))
+
+    def final_report(self, user_id_type: ids.IdType, user_id_rule: str) -> ValidationReport:
+        """The report of the rules that apply, once the pending user id type is known."""
+        if self._user_rule is None:
+            return self.report
+        if user_id_type == "str":
+            return self.report_if_user_ids_are_str
+        self.report.rename(PENDING_USER_ID_RULE, user_id_rule)
+        return self.report
 
 
 def _mix(hashes: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -290,25 +401,42 @@ def _mix(hashes: np.ndarray, values: np.ndarray) -> np.ndarray:
     return hashes ^ (hashes >> np.uint64(29))
 
 
-def _maybe_duplicated(table: pa.Table) -> np.ndarray:
-    """Rows that may have an exact duplicate in ``table``: equal rows always share a fingerprint,
-    different rows rarely do (they only cost an exact comparison). user_id enters by its length
-    alone: hashing a column of that many distinct strings costs more than the comparisons it saves."""
-    fingerprints = np.zeros(table.num_rows, np.uint64)
-    for name in ("product_id", "event_type"):
-        codes = pc.dictionary_encode(table[name]).combine_chunks().indices
-        fingerprints = _mix(fingerprints, codes.to_numpy())
-    fingerprints = _mix(fingerprints, pc.binary_length(table["user_id"]).to_numpy())
-    values = pc.fill_null(table["value"], np.nan).to_numpy()  # NULL and NaN: NaN rows are dropped already
-    fingerprints = _mix(fingerprints, values.view(np.uint64))
-    fingerprints = _mix(fingerprints, table["occurred_at_us"].to_numpy().view(np.uint64))
-    return pd.Series(fingerprints).duplicated(keep=False).to_numpy()
+class _Fingerprints:
+    """Each valid row's fingerprint, computed while the COPY streams (the reading thread mostly
+    waits for it then) so that the dedupe after it only compares them: equal rows always share a
+    fingerprint, different rows rarely do (they only cost an exact comparison). user_id enters by
+    its length alone: hashing a column of that many distinct strings costs more than the
+    comparisons it saves. Product ids and event types enter by a number the same in every block."""
+
+    def __init__(self, event_types: pa.Array):
+        self._event_types = event_types
+        self._product_ids = pa.array([], pa.string())
+
+    def _product_codes(self, product_ids: pa.ChunkedArray) -> np.ndarray:
+        codes = pc.index_in(product_ids, value_set=self._product_ids)
+        if codes.null_count:  # products not seen in earlier blocks
+            new = pc.unique(product_ids.filter(pc.is_null(codes)))
+            self._product_ids = pa.concat_arrays([self._product_ids, new])
+            codes = pc.index_in(product_ids, value_set=self._product_ids)
+        return codes.to_numpy()
+
+    def of(self, table: pa.Table) -> pa.Array:
+        """Of valid rows only: their product ids and event types are not null."""
+        fingerprints = np.zeros(table.num_rows, np.uint64)
+        fingerprints = _mix(fingerprints, self._product_codes(table["product_id"]))
+        fingerprints = _mix(fingerprints, pc.index_in(table["event_type"], value_set=self._event_types).to_numpy())
+        fingerprints = _mix(fingerprints, pc.binary_length(table["user_id"]).to_numpy())
+        values = pc.fill_null(table["value"], np.nan).to_numpy()  # NULL and NaN: NaN rows are dropped already
+        fingerprints = _mix(fingerprints, values.view(np.uint64))
+        fingerprints = _mix(fingerprints, table["occurred_at_us"].to_numpy().view(np.uint64))
+        return pa.array(fingerprints)
 
 
 def _collapse_duplicates(table: pa.Table, report: ValidationReport) -> pa.Table:
     """``table`` with each exact duplicate (all of DUPLICATE_KEY equal; NULL equals NULL) removed
-    but for its first interaction; the removed ones are counted, with the id they repeat."""
-    suspects = _maybe_duplicated(table)
+    but for its first interaction; the removed ones are counted, with the id they repeat. Rows
+    may have a duplicate only where their FINGERPRINT does."""
+    suspects = pd.Series(table[FINGERPRINT].to_numpy()).duplicated(keep=False).to_numpy()
     if not suspects.any():
         return table
     groups = (
@@ -345,19 +473,64 @@ def _to_output(table: pa.Table) -> pa.Table:
     )
 
 
+def _next_result(pgconn: libpq.abc.PGconn, readable: select.poll) -> libpq.abc.PGresult | None:
+    """The next result of the query in progress (None after the last), waiting on the socket
+    without the GIL while libpq has not received it whole."""
+    while pgconn.is_busy():
+        readable.poll()
+        pgconn.consume_input()
+    return pgconn.get_result()
+
+
+def _copy_out(conn: psycopg.Connection, statement: str, params: dict, write: Callable[[memoryview], object]) -> None:
+    """Each row of ``COPY ... TO STDOUT`` into ``write``, straight from libpq.
+
+    Iterating psycopg's ``Copy`` runs a generator through psycopg's wait loop for every row,
+    which made the drain cost as much CPU as PostgreSQL producing the rows; this loop takes the
+    rows libpq already holds and waits on the socket only when it holds none (about 60% of the
+    CPU). Like psycopg's ``copy()``, the parameters are merged into the statement client-side; a
+    failure of the statement raises its psycopg error."""
+    pgconn = conn.pgconn
+    pgconn.send_query(psycopg.ClientCursor(conn).mogrify(statement, params).encode(conn.info.encoding))
+    writable = select.poll()
+    writable.register(pgconn.socket, select.POLLOUT)
+    while pgconn.flush():  # psycopg's connections are non-blocking: the query may go out in parts
+        writable.poll()
+    readable = select.poll()
+    readable.register(pgconn.socket, select.POLLIN)
+    result = _next_result(pgconn, readable)
+    if result.status == libpq.ExecStatus.COPY_OUT:
+        next_row = pgconn.get_copy_data
+        while True:
+            size, row = next_row(1)  # 1: without waiting; 0 when no whole row has arrived yet
+            if size > 0:
+                write(row)
+            elif size == 0:
+                readable.poll()
+                pgconn.consume_input()
+            else:  # -1: the COPY has ended, its outcome is the next result
+                break
+        result = _next_result(pgconn, readable)
+    failed = None if result.status == libpq.ExecStatus.COMMAND_OK else result
+    while _next_result(pgconn, readable) is not None:
+        pass
+    if failed is not None:
+        raise psycopg.errors.error_from_result(failed, encoding=conn.info.encoding)
+
+
 def _drain_copy(
     settings: Settings, statement: str, params: dict, sink_fd: int, failures: list[BaseException]
 ) -> None:
     """Thread body: the rows of ``COPY ... TO STDOUT`` into the pipe ``sink_fd``, which is closed
     at the end either way; a failure goes into ``failures`` for the reading thread to raise."""
     try:
-        with (
-            open(sink_fd, "wb", buffering=PIPE_BUFFER_BYTES) as sink,
-            db.connect(settings) as conn,
-            conn.cursor() as cur,
-            cur.copy(statement, params) as copy,
-        ):
-            sink.writelines(copy)
+        with open(sink_fd, "wb", buffering=PIPE_BUFFER_BYTES) as sink, db.connect(settings) as conn:
+            try:
+                _copy_out(conn, statement, params, sink.write)
+            except BaseException:
+                # mid-COPY, so no rollback is possible: closing ends the COPY on the server too
+                conn.close()
+                raise
     except BaseException as error:  # noqa: BLE001 - handed over to the reader, who raises it
         failures.append(error)
 
@@ -434,10 +607,12 @@ class _TimeSlices:
         offsets = table["occurred_at_us"].to_numpy() - self._start_us
         # rows outside the window are dropped by validation; the clip only keeps an index in range
         slices = np.clip(offsets * len(self._paths) // self._span_us, 0, len(self._paths) - 1)
-        # small unsigned ints: numpy's stable sort is then a radix sort, linear in the rows
-        order = np.argsort(slices.astype(np.min_scalar_type(len(self._paths) - 1)), kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(slices, minlength=len(self._paths)))])
-        ordered = table.take(order)
+        if _in_time_order(slices):
+            ordered = table  # each slice's rows are a run of the block already: no copy to sort them
+        else:
+            # small unsigned ints: numpy's stable sort is then a radix sort, linear in the rows
+            ordered = table.take(np.argsort(slices.astype(np.min_scalar_type(len(self._paths) - 1)), kind="stable"))
         for index in np.flatnonzero(np.diff(bounds)):
             if index not in self._writers:
                 self._writers[index] = pa.ipc.new_stream(str(self._paths[index]), self._schema)
@@ -456,6 +631,12 @@ class _TimeSlices:
             yield table
             del table  # the caller's slice is freed before the next one is read
             self._paths[index].unlink()
+
+
+def _in_time_order(slices: np.ndarray) -> bool:
+    """Whether the rows' slice numbers never go down (a table appended to in time order and read
+    in its physical order gives such blocks)."""
+    return bool((slices[1:] >= slices[:-1]).all())
 
 
 @dataclass(frozen=True)
@@ -489,20 +670,39 @@ def extract(
     window_text = f"[{window.start.isoformat()}, {window.end.isoformat()})"
     query_params = {"start": window.start, "end": window.end}
     latest = min(window.end - timedelta(microseconds=1), datetime.now(UTC))
-    id_types = resolve_id_types(settings, window, live_id_types)
+    user_id_type = _given_id_type(settings, "user", live_id_types)
+    product_id_type = _product_id_type(settings, live_id_types)
+    # a user id type left to infer is inferred from the window's rows as they stream
+    int_id_reasons = {
+        kind: PENDING_USER_ID_RULE if known is None else _not_integer_reason(kind, known[1])
+        for kind, known in (("user", user_id_type), ("product", product_id_type))
+        if known is None or known[0] == "int"
+    }
     known_event_types = pa.array(sorted({*params.event_weights, *params.negative_event_types}), pa.string())
-    rules = _validation_rules(params, known_event_types, latest, id_types)
-    report = ValidationReport()
+    validator = _Validator(
+        _validation_rules(params, known_event_types, latest, int_id_reasons), user_id_rule_pending=user_id_type is None
+    )
+    window_user_ids = _DistinctUserIds(window) if user_id_type is None else None
+    columns = (
+        INTERACTION_CSV_COLUMNS
+        | ({USER_ID_NOT_INTEGER: pa.bool_()} if user_id_type is None else {})
+        | {FINGERPRINT: pa.uint64()}
+    )
     try:
         with tempfile.TemporaryDirectory(prefix=".slices-", dir=extract_dir) as slices_dir:
-            slices = _TimeSlices(Path(slices_dir), window, pa.schema(INTERACTION_CSV_COLUMNS.items()))
-            _spill_valid_rows(settings, query_params, rules, slices, report, progress)
-            if report.rows_read == 0:
+            slices = _TimeSlices(Path(slices_dir), window, pa.schema(columns.items()))
+            _spill_valid_rows(
+                settings, query_params, validator, window_user_ids, _Fingerprints(known_event_types), slices, progress
+            )
+            if validator.report.rows_read == 0:
                 raise EmptyWindowError(
                     f"no interactions in {settings.db_schema}.interactions with occurred_at in {window_text}"
                 )
+            if window_user_ids is not None:
+                user_id_type = window_user_ids.id_type()
+            report = validator.final_report(user_id_type[0], _not_integer_reason("user", user_id_type[1]))
             catalogue = _extract_products(settings, products_tmp_path)["product_id"]
-            _write_deduplicated(slices, catalogue, tmp_path, report)
+            _write_deduplicated(slices, catalogue, tmp_path, report, drop_flagged=user_id_type[0] == "int")
         _check_enough_valid(report, params, window_text)
         older_negatives = _extract_older_negatives(settings, window, params, older_negatives_tmp_path)
     except BaseException:
@@ -512,6 +712,9 @@ def extract(
     tmp_path.replace(interactions_path)
     products_tmp_path.replace(products_path)
     older_negatives_tmp_path.replace(older_negatives_path)
+    id_types = IdTypes(
+        user_id_type[0], product_id_type[0], {"user": user_id_type[1], "product": product_id_type[1]}
+    )
 
     report_path = extract_dir / EXTRACT_REPORT
     report_path.write_text(
@@ -537,33 +740,62 @@ def extract(
 
 
 def _spill_valid_rows(
-    settings: Settings, query_params: dict, rules, slices: _TimeSlices, report: ValidationReport, progress: bool
+    settings: Settings,
+    query_params: dict,
+    validator: _Validator,
+    window_user_ids: _DistinctUserIds | None,
+    fingerprints: _Fingerprints,
+    slices: _TimeSlices,
+    progress: bool,
 ) -> None:
-    """Stream the window's COPY, validate each block and spill the valid rows to ``slices``."""
+    """Stream the window's COPY, validate each block and spill the valid rows to ``slices``;
+    gather the window's user ids when their type is to be inferred."""
     try:
         with (
             _copy_stream(settings, db.sql_text(settings, "extract_interactions"), query_params) as source,
             tqdm(desc="extract interactions", unit="row", unit_scale=True, disable=not progress) as bar,
         ):
             for batch in _csv_batches(source, INTERACTION_CSV_COLUMNS):
-                slices.write(_validate(pa.Table.from_batches([batch]), rules, report))
+                table = pa.Table.from_batches([batch])
+                if window_user_ids is not None:
+                    window_user_ids.add(table)
+                valid = validator.validate(table)
+                slices.write(valid.append_column(FINGERPRINT, fingerprints.of(valid)))
                 bar.update(batch.num_rows)
     finally:
         slices.close()
 
 
-def _write_deduplicated(slices: _TimeSlices, catalogue: pa.ChunkedArray, path: Path, report: ValidationReport) -> None:
+def _write_deduplicated(
+    slices: _TimeSlices, catalogue: pa.ChunkedArray, path: Path, report: ValidationReport, drop_flagged: bool
+) -> None:
     """Each slice without its duplicates into the Parquet output; products missing from the
-    catalogue counted on the rows kept."""
-    with pq.ParquetWriter(path, INTERACTIONS_SCHEMA, use_dictionary=PARQUET_DICTIONARY_COLUMNS) as writer:
+    catalogue counted on the rows kept. ``drop_flagged``: leave out the rows flagged
+    USER_ID_NOT_INTEGER (their user ids turned out to be int), counted as invalid already.
+
+    A thread writes each slice while the next one is read and deduplicated: the Parquet writer
+    releases the GIL, and once the COPY has ended the second core is free for it."""
+    with (
+        pq.ParquetWriter(path, INTERACTIONS_SCHEMA, use_dictionary=PARQUET_DICTIONARY_COLUMNS) as writer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-parquet") as parquet_thread,
+    ):
+        written = None
         for table in slices.read_each():
+            if drop_flagged and USER_ID_NOT_INTEGER in table.column_names:
+                table = table.filter(pc.invert(table[USER_ID_NOT_INTEGER]))
             kept = _collapse_duplicates(table, report)
             report.count_missing_products(
                 kept["product_id"].filter(pc.invert(pc.is_in(kept["product_id"], value_set=catalogue)))
             )
-            writer.write_table(_to_output(kept))
             report.rows_kept += kept.num_rows
+            output = _to_output(kept)
             del table, kept  # or they would stay alive while the next slice is read
+            if written is not None:
+                written.result()  # one slice in the writer at a time: memory holds two, not all
+            written = parquet_thread.submit(writer.write_table, output)
+            del output  # the thread holds it until written
+        if written is not None:
+            written.result()
 
 
 def _check_enough_valid(report: ValidationReport, params: PipelineParams, window_text: str) -> None:

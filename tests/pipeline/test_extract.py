@@ -177,7 +177,7 @@ def test_copy_failing_mid_stream_raises_and_publishes_nothing(settings, window_e
     assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
 
 
-def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window_end, tmp_path, monkeypatch):
+def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window_end, tmp_path, monkeypatch, caplog):
     # small blocks: the parser fails while the COPY still has far more rows than the pipe holds
     monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)
     _interactions_behind_a_view(
@@ -187,10 +187,29 @@ def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window
         "interaction_id, user_id, product_id, event_type, "
         "CASE WHEN interaction_id < 1000 THEN value::text ELSE 'not a number' END AS value, occurred_at",
     )
-    with pytest.raises(pa.ArrowInvalid, match="not a number"):
+    with caplog.at_level(logging.WARNING), pytest.raises(pa.ArrowInvalid, match="not a number"):
         extract(settings, window_for(window_end), tmp_path, PipelineParams())
     assert _leftovers(tmp_path) == []
     assert not [thread for thread in threading.enumerate() if thread.name == "extract-copy"]
+    assert not [record for record in caplog.records if record.name.startswith("psycopg")]  # no failed rollback
+
+
+def test_copy_out_gives_the_bytes_psycopg_copy_gives(settings, window_end):
+    """The drain's own libpq loop against iterating psycopg's Copy, on rows with quotes,
+    newlines, NULLs, NaN and non-ASCII text."""
+    at = days_before(window_end, 1)
+    odd = ['a"b', "line\nbreak", "comma,here", "", None, "caf\u00e9 \u2603", "  "]
+    rows = [(odd[i % len(odd)], odd[(i * 3) % len(odd)], "view", [None, 1.5, float("nan")][i % 3], at) for i in range(5_000)]
+    insert_interactions(settings, rows)
+    statement = db.sql_text(settings, "extract_interactions")
+    params = {"start": window_end - timedelta(days=2), "end": window_end}
+    with db.connect(settings) as conn, conn.cursor() as cur, cur.copy(statement, params) as copy:
+        expected = b"".join(bytes(row) for row in copy)
+    received = []
+    with db.connect(settings) as conn:
+        extract_module._copy_out(conn, statement, params, lambda row: received.append(bytes(row)))
+    assert expected.count(b"\n") >= 5_000
+    assert b"".join(received) == expected
 
 
 def test_ids_with_newlines_survive_block_boundaries(settings, window_end, tmp_path, monkeypatch):
@@ -254,6 +273,32 @@ def test_exact_duplicates_are_collapsed_into_the_first_even_blocks_apart(setting
     assert len(set(keys)) == len(keys)
 
 
+def test_blocks_in_time_order_or_not_give_the_same_extract(settings, window_end, tmp_path, monkeypatch):
+    """Blocks already in time order go to their slices without being sorted; the files and
+    report are those of sorting every block: blocks in time order and out of it, duplicates
+    blocks apart, invalid rows."""
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)  # hundreds of blocks
+    at = days_before(window_end, 20)
+    rows = [(f"u{i % 300}", f"p{i % 40}", "view", None, at + timedelta(minutes=7 * i)) for i in range(4_000)]
+    rows += [(f"u{i}", f"p{i}", ["view", "clicked"][i % 2], [None, -1.0][i % 2], at + timedelta(minutes=(7919 * i) % 28_000))
+             for i in range(500)]  # out of time order, a quarter invalid
+    rows += rows[:50] + rows[4_000:4_050]  # duplicates, in order and not
+    insert_interactions(settings, rows)
+    window = window_for(window_end)
+
+    def extracted(name: str) -> tuple[pa.Table, dict]:
+        result = extract(settings, window, tmp_path / name, PipelineParams(max_invalid_fraction=0.5))
+        return pq.read_table(result.interactions), json.loads(result.report.read_text())
+
+    with monkeypatch.context() as always_sorted:
+        always_sorted.setattr(extract_module, "_in_time_order", lambda slices: False)
+        expected_table, expected_report = extracted("always sorted")
+    table, report = extracted("as they come")
+    assert report["interactions"]["dropped"][extract_module.DUPLICATE] >= 75  # the invalid copies are dropped first
+    assert table.equals(expected_table)
+    assert report == expected_report
+
+
 def test_a_fingerprint_collision_is_not_taken_for_a_duplicate():
     """Rows that differ only in a user id of the same length share a fingerprint; the exact
     comparison keeps them apart."""
@@ -267,8 +312,10 @@ def test_a_fingerprint_collision_is_not_taken_for_a_duplicate():
             "occurred_at_us": pa.array([10, 10, 10], pa.int64()),
         }
     )
+    fingerprints = extract_module._Fingerprints(pa.array(["view"])).of(table)
+    assert len(set(fingerprints.to_pylist())) == 1
     report = extract_module.ValidationReport()
-    kept = extract_module._collapse_duplicates(table, report)
+    kept = extract_module._collapse_duplicates(table.append_column(extract_module.FINGERPRINT, fingerprints), report)
     assert kept["interaction_id"].to_pylist() == [1, 2]
     assert report.dropped == {extract_module.DUPLICATE: 1}
     assert report.examples[extract_module.DUPLICATE][0]["duplicate_of"] == 1

@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import pyarrow.parquet as pq
+import pytest
 from helpers import days_before, insert_interactions, live
 
 from recsys.core import db
 from recsys.core.params import PipelineParams
+from recsys.core.window import Window
+from recsys.pipeline import extract as extract_module
+from recsys.pipeline.extract import extract, extracted_id_types
 from recsys.pipeline.stages import run_pipeline
 from recsys.storage import connect
 from recsys.storage.reads import live_meta
@@ -77,3 +82,69 @@ def test_new_string_ids_do_not_flip_a_live_integer_type(settings, demo_loaded, w
     report = json.loads((result.run.paths.extract / "report.json").read_text())
     assert report["id_types"]["source"]["user"] == "as the live version publishes them"
     assert sum(n for reason, n in report["interactions"]["dropped"].items() if reason.startswith("user_id not")) == 60
+
+
+
+def test_user_id_inference_counts_each_distinct_window_id_once(settings, window_end, tmp_path, monkeypatch):
+    """The counts behind an inferred user id type, against a reference computed here: distinct
+    ids of the window only, '' and NULL left out, canonical integers below 2**53 only."""
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 256)  # a few rows a block: ids seen again blocks later
+    window = Window(start=window_end - timedelta(days=30), end=window_end)
+    at = days_before(window_end, 1)
+    user_ids = ["1", "42", "1", "-7", "0", "007", "-0", "+5", "1e3", " 12", "12 ", "\u00a0", "u1",
+                "9007199254740991", "9007199254740992", "1" + "0" * 16, "", None, "1\n2"]
+    rows = [(user, "p1", "view", None, at + timedelta(seconds=i)) for i, user in enumerate(user_ids)]
+    rows.append(("outside", "p1", "view", None, window.start - timedelta(microseconds=1)))
+    rows.append(("outside", "p1", "view", None, window.end))
+    insert_interactions(settings, rows)
+    extract(settings, window, tmp_path, PipelineParams(max_invalid_fraction=1.0))
+
+    distinct = {user for user in user_ids if user}
+    integers = {user for user in distinct if user in {"1", "42", "-7", "0", "9007199254740991"}}
+    assert len(distinct) == 16 and len(integers) == 5
+    source = extracted_id_types(tmp_path).source["user"]
+    assert source == f"inferred: {len(integers)} of {len(distinct)} distinct user ids in the window are integers"
+
+
+def _mixed_rows(window_end, user_id, odd_user_id) -> list[tuple]:
+    """Rows of many users (``user_id(i)``) and a few odd ones (``odd_user_id(i)``), the odd ones
+    with every other problem too: each problem's row is counted under the first rule it breaks."""
+    at = days_before(window_end, 2)
+    rows = [(user_id(i), f"p{i % 30}", "view", None, at + timedelta(seconds=i)) for i in range(3_000)]
+    for i in range(3):
+        user = odd_user_id(i)
+        rows += [
+            (user, f"p{i}", "view", None, at),
+            (user, f"p{i}", "view", None, at),  # a duplicate
+            (user, f"p{i}", "clicked", None, at),
+            (user, f"p{i}", "purchase", -1.0, at),
+            (user, "", "view", None, at),  # empty product_id comes first
+            (user_id(i), f"p{i}", "clicked", None, at),
+        ]
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("id_type", "user_id", "odd_user_id"),
+    [("int", str, "user-{}".format), ("str", "user-{}".format, str)],
+)
+def test_inferred_user_id_type_validates_as_the_same_type_configured(
+    settings, window_end, tmp_path, monkeypatch, id_type, user_id, odd_user_id
+):
+    """Inferred from the window while it streams, the user id type is known only at its end:
+    the same report and rows as with that type configured from the start."""
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)  # the odd rows spread over blocks
+    insert_interactions(settings, _mixed_rows(window_end, user_id, odd_user_id))
+    window = Window(start=window_end - timedelta(days=30), end=window_end)
+    inferred = extract(settings, window, tmp_path / "inferred", PipelineParams())
+    configured = extract(
+        settings.model_copy(update={"user_id_type": id_type}), window, tmp_path / "configured", PipelineParams()
+    )
+
+    assert extracted_id_types(inferred.extract_dir).user == id_type
+    reports = [json.loads(result.report.read_text())["interactions"] for result in (inferred, configured)]
+    source = {"inferred": extracted_id_types(inferred.extract_dir).source["user"],
+              "configured": extracted_id_types(configured.extract_dir).source["user"]}
+    assert json.dumps(reports[0]).replace(source["inferred"], source["configured"]) == json.dumps(reports[1])
+    assert (sum(reports[0]["dropped"].values()), reports[0]["rows_read"]) == (18 if id_type == "int" else 15, 3_018)
+    assert pq.read_table(inferred.interactions).equals(pq.read_table(configured.interactions))

@@ -210,6 +210,24 @@ def test_integer_ids_are_only_what_json_numbers_keep():
 
 
 @pytest.mark.parametrize(
+    "ids",
+    [
+        # every id an int64: the printed-back check
+        ["1", "0", "-0", "007", "-7", str(2**53 - 1), str(2**53), str(-(2**53) + 1), str(-(2**53)),
+         str(2**63 - 1), str(-(2**63)), "00", "1" + "0" * 15, None],
+        # some id no int64 at all: the regex
+        ["1", "-0", "+5", "x", None, "١٢", "12\n", str(2**64)],
+    ],
+)
+def test_integer_ids_agree_with_the_check_of_one_id(ids):
+    import pyarrow as pa
+
+    expected = [None if i is None else fits("int", i) for i in ids]
+    assert integer_ids(pa.array(ids, pa.string())).to_pylist() == expected
+    assert integer_ids(pa.chunked_array([ids[:3], ids[3:]], pa.string())).to_pylist() == expected
+
+
+@pytest.mark.parametrize(
     ("ids", "id_type"),
     [
         (["1", "22", "-3", str(2**53 - 1)], "int"),
