@@ -41,7 +41,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -115,7 +115,7 @@ def _server(arguments: Callable[[int], list[str]], env: dict[str, str], log_path
             process.kill()
 
 
-def _wait_ready(port: int, process: subprocess.Popen, log_path: Path, path: str = "/health/ready") -> None:
+def _wait_ready(port: int, process: subprocess.Popen, log_path: Path, path: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -361,8 +361,7 @@ def measure_endpoints(
 
 
 def _latencies(fixed: FixedRate) -> dict:
-    return {"rate": fixed.rate, "p50_ms": fixed.p50_ms, "p99_ms": fixed.p99_ms, "p999_ms": fixed.p999_ms,
-            "max_ms": fixed.max_ms, "errors": fixed.errors, "achieved_rps": fixed.achieved_rps}
+    return {key: value for key, value in asdict(fixed).items() if key != "requests"}
 
 
 def _user_paths(settings: Settings) -> list[str]:

@@ -186,8 +186,8 @@ def airflow_database_url(settings: Settings, name: str = AIRFLOW_DATABASE) -> st
     from recsys.core import db
 
     url = db.libpq_url(settings.require_database_url)
-    # CREATE DATABASE cannot run inside a transaction
-    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+    with db.connect(settings, connect_timeout=10) as conn:
+        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
         if conn.execute(db.sql_text(settings, "database_exists"), {"name": name}).fetchone() is None:
             try:
                 conn.execute(pgsql.SQL(db.sql_text(settings, "create_database")).format(database=pgsql.Identifier(name)))
@@ -205,6 +205,7 @@ def write_airflow_env(settings: Settings, env_file: Path, name: str = AIRFLOW_DA
     url = airflow_database_url(settings, name)
     env_file.parent.mkdir(parents=True, exist_ok=True)
     env_file.touch(mode=0o600)
+    env_file.chmod(0o600)  # touch leaves an existing file's mode as it was
     env_file.write_text(f"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN='{url}'\nAIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC='{url}'\n")
     return url
 

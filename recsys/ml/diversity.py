@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from recsys.ml.top_n import CANDIDATES_PER_SLOT, ItemVectors, mmr_row, rank_lists, unit_rows
+from recsys.ml.top_n import ItemVectors, blocked_mask, mmr_row, rank_lists, unit_rows
 
-__all__ = ["CANDIDATES_PER_SLOT", "unit_rows"]  # re-exported: where diversity's users look for them
+__all__ = ["unit_rows"]  # re-exported: where diversity's users look for it
 
 
 def category_vectors(categories) -> np.ndarray:
@@ -83,13 +83,9 @@ def recommend_diverse_top_n(
     ``exclude``'s row items and ``blocked_items`` never listed, MMR on the cosine of the item
     factors when ``diversity_lambda`` > 0 (λ = 0: the best-scored ``n``)."""
     users = np.asarray(users, dtype=np.int64)
-    blocked = None
-    if blocked_items is not None and len(blocked_items):
-        blocked = np.zeros(model.item_factors.shape[0], dtype=bool)
-        blocked[np.asarray(blocked_items)] = True
     return rank_lists(
         model.user_factors[users], ItemVectors.of(model.item_factors), n, exclude=exclude.tocsr()[users],
-        blocked=blocked, diversity_lambda=diversity_lambda, progress=progress,
+        blocked=blocked_mask(model.item_factors.shape[0], blocked_items), diversity_lambda=diversity_lambda, progress=progress,
     )
 
 

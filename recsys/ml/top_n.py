@@ -134,20 +134,25 @@ def rank_lists(
     return result
 
 
+def blocked_mask(n_items: int, blocked_items: np.ndarray | None) -> np.ndarray | None:
+    """``rank_lists``' ``blocked`` (bool per item) from item indices; None when there are none."""
+    if blocked_items is None or len(blocked_items) == 0:
+        return None
+    blocked = np.zeros(n_items, dtype=bool)
+    blocked[np.asarray(blocked_items, dtype=np.int64)] = True
+    return blocked
+
+
 def similar_items(
-    items: ItemVectors, queries: np.ndarray, n: int, blocked_items: np.ndarray | None = None,
+    items: ItemVectors, queries: np.ndarray, n: int, blocked: np.ndarray | None = None,
     progress: str | None = None,
 ) -> np.ndarray:
     """The ``n`` items most similar to each of ``queries`` (item indices), best first, -1 padded:
     the cosine of their factors, ranked by ``rank_lists`` (the sgemm floor for a catalogue at
-    publish; the same list for one product on request). Never the item itself, nor one of
-    ``blocked_items`` (indices)."""
+    publish; the same list for one product on request). Never the item itself, nor a ``blocked``
+    one (bool per item, as ``rank_lists`` takes it)."""
     queries = np.asarray(queries, dtype=np.int64)
     n_items = len(items.factors)
-    blocked = None
-    if blocked_items is not None and len(blocked_items):
-        blocked = np.zeros(n_items, dtype=bool)
-        blocked[np.asarray(blocked_items, dtype=np.int64)] = True
     itself = sp.csr_matrix(
         (np.ones(len(queries), np.float32), queries, np.arange(len(queries) + 1)), shape=(len(queries), n_items)
     )

@@ -434,22 +434,7 @@ def switched_by(settings: Settings, attempt: str) -> Switched | None:
     meta = reads.live_meta(*storage.connect(settings))
     if meta is None or meta.get("attempt") != attempt:
         return None
-    counts = meta["counts"]
-    result = PublishResult(
-        version=meta["version"],
-        users=counts["users"],
-        users_without_recommendations=counts["users_without_recommendations"],
-        products_with_similar=counts["products_with_similar"],
-        products_with_bought_together=counts["products_with_bought_together"],
-    )
-    return Switched(meta["version"], meta["published_at"], result)
-
-
-def live_version_is(settings: Settings, run: Run) -> str | None:
-    """The live version if it is this run's (same window end and params), else None."""
-    version = version_name(run.window, run.params)
-    meta = reads.live_meta(*storage.connect(settings))
-    return version if meta is not None and meta["version"] == version else None
+    return Switched(meta["version"], meta["published_at"], PublishResult.from_counts(meta["version"], meta["counts"]))
 
 
 # the prefix Airflow's scheduler gives the run ids of the runs it creates on the schedule

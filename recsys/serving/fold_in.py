@@ -125,6 +125,6 @@ def _allowed(live: LiveModel, blocked: Iterable[int], category: str | None) -> n
 
 def similar_to(live: LiveModel, item: int, count: int, kept_out: np.ndarray | None = None) -> list[int]:
     """``kept_out``: per item, excluded by a rule (besides the version's inactive products)."""
-    blocked = np.flatnonzero(~live.active if kept_out is None else ~live.active | kept_out).astype(np.int32)
+    blocked = ~live.active if kept_out is None else ~live.active | kept_out
     row = similar_items(live.items, np.asarray([item]), count, blocked)[0]
     return [int(i) for i in row[row >= 0]]

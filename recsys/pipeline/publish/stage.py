@@ -48,7 +48,7 @@ from recsys.ml.als import load_factors
 from recsys.ml.co_purchase import bought_together
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import top_buys_order
-from recsys.ml.top_n import ItemVectors, rank_lists, similar_items
+from recsys.ml.top_n import ItemVectors, blocked_mask, rank_lists, similar_items
 from recsys.pipeline.matrix import inactive_items, load_baskets, matrix_id_types
 from recsys.pipeline.train import checked_model_build
 from recsys.storage import builds
@@ -122,6 +122,12 @@ class PublishResult:
     users_without_recommendations: int
     products_with_similar: int
     products_with_bought_together: int
+
+    @classmethod
+    def from_counts(cls, version: str, counts: dict) -> PublishResult:
+        """The result as a build's meta records it (``counts``)."""
+        return cls(version, counts["users"], counts["users_without_recommendations"],
+                   counts["products_with_similar"], counts["products_with_bought_together"])
 
 
 def new_attempt() -> str:
@@ -242,11 +248,11 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     blocked = np.union1d(inactive_items(matrix_dir), np.flatnonzero(kept_out)).astype(np.int32)
     # an out-of-stock product's page still shows alternatives: owners are the catalogue's active ones
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
-    items = ItemVectors.of(load_factors(staging.model_dir / FACTORS_FULL)[1])
+    vectors = ItemVectors.of(load_factors(staging.model_dir / FACTORS_FULL)[1])
     with staging.timings.phase("similar"):
         # one similarity search serves both: the similar lists and the fill of sparse bought-together lists
         similar = similar_items(
-            items, active, max(params.similar_n, params.bought_together_n), blocked,
+            vectors, active, max(params.similar_n, params.bought_together_n), blocked_mask(len(vectors.factors), blocked),
             progress="similar" if progress else None,
         )
         together = bought_together(
@@ -333,14 +339,14 @@ def _ruled_top_n(
         rules = merchandising.for_segments(segments)
         blocked = rules.blocked.copy()
         blocked[inactive] = True
-        group = users[rows]
-        # a shard's users are one contiguous range: without segments, a view of their factors
-        contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group) and bool(np.all(np.diff(group) == 1))
+        group, group_exclude = users[rows], exclude[users[rows]]
+        # a shard's users are one increasing range: without segments, a view of their factors
+        contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group)
         lists = rank_lists(
-            user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group], items, params.top_n + len(rules.pins), exclude=exclude[group], blocked=blocked,
+            user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group], items, params.top_n + len(rules.pins), exclude=group_exclude, blocked=blocked,
             factors=rules.factors, diversity_lambda=params.diversity_lambda, first=params.top_n, progress=progress,
         )
-        owned = exclude[group][:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
+        owned = group_exclude[:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
         recs[rows] = place_pins(lists, rules.pins, params.top_n, owned)
     return recs
 
@@ -535,13 +541,8 @@ def finish_publish(
 
 
 def _result(staging: _Staging) -> PublishResult:
-    counts = json.loads(staging.client.hget(staging.keys.meta(staging.build.name), "counts"))
-    return PublishResult(
-        version=staging.version,
-        users=counts["users"],
-        users_without_recommendations=counts["users_without_recommendations"],
-        products_with_similar=counts["products_with_similar"],
-        products_with_bought_together=counts["products_with_bought_together"],
+    return PublishResult.from_counts(
+        staging.version, json.loads(staging.client.hget(staging.keys.meta(staging.build.name), "counts"))
     )
 
 
