@@ -142,26 +142,22 @@ ALERTS, SKIP_ALERTS = alert_notifiers(), alert_notifiers(skipped=True)
 
 def record_failed_publish(context) -> None:
     """A publish task failed after evaluate recorded the run: its history row says failed, unless
-    this run's publish attempt switched its version live before the task was stopped (marked
-    failed by hand, killed): then it says published, as Redis does."""
-    from recsys.pipeline import history
-    from recsys.pipeline.stages import switched_by
+    this run's publish attempt switched its version live before the task was stopped (then it is
+    recorded as published, as Redis says, with the run's published marker)."""
+    from recsys.pipeline import stages
 
     ti = context["ti"]
     run = ti.xcom_pull(task_ids="evaluate")
     if run is None:
         return
     settings = recsys_settings()
-    key = planned(run, settings).paths.key
     jobs = ti.xcom_pull(task_ids="prepare_publish") or []
-    switched = switched_by(settings, jobs[0]["attempt"]) if jobs else None
-    if switched is None:
-        history.record_publish(settings, key, history.FAILED, dag_run_id=context["run_id"])
-        return
-    log.warning("task %s failed, but this run's publish had switched version %s live at %s: it stays live "
-                "(recorded as published; `recsys rollback` undoes it). The live asset got no event for it.",
-                ti.task_id, switched.version, switched.published_at)
-    history.record_publish(settings, key, history.PUBLISHED, switched.version, context["run_id"])
+    attempt = jobs[0]["attempt"] if jobs else None
+    switched = stages.record_failed_publish(settings, planned(run, settings), attempt, context["run_id"])
+    if switched is not None:
+        log.warning("task %s failed, but this run's publish had switched version %s live at %s: it stays live "
+                    "(recorded as published; `recsys rollback` undoes it). The live asset got no event for it.",
+                    ti.task_id, switched.version, switched.published_at)
 
 
 class EvaluationReportLink(BaseOperatorLink):

@@ -355,12 +355,15 @@ def _recording_stale(settings: Settings, run: Run, dag_run_id: str | None) -> It
         raise
 
 
-def _mark_published(settings: Settings, run: Run, result: PublishResult, dag_run_id: str | None) -> None:
+def _mark_published(
+    settings: Settings, run: Run, result: PublishResult, dag_run_id: str | None, published_at: str | None = None
+) -> None:
     """Record that the run went live: in its artifacts (`recsys republish` finds it there) and in
     the quality history (the row of the DAG run that published it)."""
     folder = run.paths.root / PUBLISHED
     folder.mkdir(parents=True, exist_ok=True)
-    marker = {"version": result.version, "published_at": datetime.now(UTC).isoformat(), "window": run.window.to_dict()}
+    published_at = published_at or datetime.now(UTC).isoformat()
+    marker = {"version": result.version, "published_at": published_at, "window": run.window.to_dict()}
     (folder / PUBLISHED_MARKER).write_text(json.dumps(marker, indent=2))
     run.push(PUBLISHED)
     history.record_publish(settings, run.paths.key, history.PUBLISHED, result.version, dag_run_id)
@@ -418,6 +421,19 @@ def finish_publish_stage(
             )
         _mark_published(settings, run, result, dag_run_id)
     return result
+
+
+def record_failed_publish(settings: Settings, run: Run, attempt: str | None, dag_run_id: str | None) -> Switched | None:
+    """A publish task failed after evaluate recorded the run: it is recorded as failed, unless
+    publish attempt ``attempt`` switched its version live before the task was stopped (marked
+    failed by hand, killed): then it is recorded as published, as Redis says, in the history and
+    in the run's artifacts (so `recsys republish` finds it). Returns that switch, if any."""
+    switched = switched_by(settings, attempt) if attempt else None
+    if switched is None:
+        history.record_publish(settings, run.paths.key, history.FAILED, dag_run_id=dag_run_id)
+        return None
+    _mark_published(settings, run, switched.result, dag_run_id, published_at=switched.published_at)
+    return switched
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 
 from recsys.core import db
 from recsys.core.errors import InputError, QualityGateError, StaleVersionError
-from recsys.core.layout import EVALUATION_HTML
+from recsys.core.layout import EVALUATION_HTML, PUBLISHED, PUBLISHED_MARKER
 from recsys.core.params import PipelineParams
 from recsys.pipeline import history, report
 from recsys.pipeline.stages import (
@@ -27,6 +27,7 @@ from recsys.pipeline.stages import (
     prepare_publish_stage,
     publish_shard_stage,
     publish_stage,
+    record_failed_publish,
     run_pipeline,
     switched_by,
     train_stage,
@@ -176,6 +177,42 @@ def test_a_publish_retried_after_its_switch_records_it_without_staging_again(set
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     row = _rows_by_dag_run(settings)["manual__a"]
     assert (row["status"], row["published_version"]) == (history.PUBLISHED, first.version)
+
+
+def test_a_publish_outside_airflow_records_its_outcome_on_a_run_airflow_evaluated(settings, demo_loaded, window_end):
+    """`recsys publish` of a run folder a DAG run evaluated (the task failed; someone published by
+    hand): the outcome goes to that row, the newest of the folder, not nowhere."""
+    run = _evaluated(settings, window_end, "manual__a", "backfill__b")
+
+    version = publish_stage(settings, run, dag_run_id=None).version
+
+    rows = _rows_by_dag_run(settings)
+    assert (rows["backfill__b"]["status"], rows["backfill__b"]["published_version"]) == (history.PUBLISHED, version)
+    assert rows["manual__a"]["status"] == history.EVALUATED
+    # a DAG run never takes over another DAG run's row
+    assert not history.record_publish(settings, run.paths.key, history.FAILED, dag_run_id="manual__zzz")
+
+
+def test_a_failed_publish_task_whose_switch_went_live_leaves_the_published_marker(settings, demo_loaded, window_end):
+    """The task failed after its attempt switched the version live: the history row and the run's
+    published marker both say so, so `recsys republish` finds the run; another attempt's switch
+    records the run as failed."""
+    run = _evaluated(settings, window_end, "manual__a")
+    _, attempt = prepare_publish_stage(settings, run, "manual__a")
+    shard = publish_shard_stage(settings, run, attempt, 0, 1)
+    result = finish_publish_stage(settings, run, attempt, [shard], 1, "manual__a")
+    marker = run.paths.root / PUBLISHED / PUBLISHED_MARKER
+    marker.unlink()  # as if the task had been killed between the switch and its marker
+    history.record_publish(settings, run.paths.key, history.EVALUATED, dag_run_id="manual__a")
+
+    switched = record_failed_publish(settings, run, attempt, "manual__a")
+
+    assert switched.version == result.version
+    assert json.loads(marker.read_text())["version"] == result.version
+    assert json.loads(marker.read_text())["published_at"] == switched.published_at
+    assert _rows_by_dag_run(settings)["manual__a"]["status"] == history.PUBLISHED
+    assert record_failed_publish(settings, run, "another-attempt", "manual__a") is None
+    assert _rows_by_dag_run(settings)["manual__a"]["status"] == history.FAILED
 
 
 def test_a_scheduled_run_keeps_a_chosen_version_of_its_window_live(settings, demo_loaded, window_end):
