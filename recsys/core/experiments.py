@@ -166,13 +166,13 @@ class Experiment:
 
     def running(self, at: datetime) -> bool:
         return (
-            self.stopped_at is None
+            (self.stopped_at is None or at < self.stopped_at)
             and (self.starts_at is None or self.starts_at <= at)
             and (self.ends_at is None or at < self.ends_at)
         )
 
     def status(self, at: datetime) -> str:
-        if self.stopped_at is not None:
+        if self.stopped_at is not None and self.stopped_at <= at:
             return "stopped"
         if self.starts_at is not None and at < self.starts_at:
             return "scheduled"
