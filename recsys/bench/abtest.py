@@ -78,21 +78,22 @@ def _simulate(
     viewed_at = served_at + rng.uniform(1, 3600, count)
     bought_at = viewed_at + rng.uniform(1, 3600, count)
 
-    def when(seconds: float) -> str:
-        return datetime.fromtimestamp(seconds, UTC).isoformat()
+    def when(seconds: np.ndarray) -> list[str]:
+        return [f"{text}Z" for text in np.datetime_as_string((seconds * 1e6).astype("datetime64[us]"), unit="us")]
 
+    served_text, viewed_text, bought_text = when(served_at), when(viewed_at), when(bought_at)
     exposures, events = [], []
     for row in range(count):
         user = owner[row]
         recommendation_id = f"{experiment.name}-{row}"
         exposures.append(
-            f"{recommendation_id}\t{experiment.name}\t{variants[user]}\t{user_ids[user]}\t{when(served_at[row])}\t"
+            f"{recommendation_id}\t{experiment.name}\t{variants[user]}\t{user_ids[user]}\t{served_text[row]}\t"
             f"{listed[row]}\n"
         )
         if clicked[row]:
-            events.append(f"{user_ids[user]}\t{followed[row]}\tview\t\\N\t{when(viewed_at[row])}\t{recommendation_id}\n")
+            events.append(f"{user_ids[user]}\t{followed[row]}\tview\t\\N\t{viewed_text[row]}\t{recommendation_id}\n")
         if bought[row]:
-            events.append(f"{user_ids[user]}\t{followed[row]}\tpurchase\t1\t{when(bought_at[row])}\t{recommendation_id}\n")
+            events.append(f"{user_ids[user]}\t{followed[row]}\tpurchase\t1\t{bought_text[row]}\t{recommendation_id}\n")
     return "".join(exposures), "".join(events)
 
 

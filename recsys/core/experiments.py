@@ -315,8 +315,8 @@ def start_experiment(settings: Settings, experiment: Experiment, now: datetime |
     one variant's params, so two experiments at once could not both be served."""
     now = now or datetime.now(UTC)
     stored = replace(experiment, starts_at=experiment.starts_at or now, salt=experiment.salt or secrets.token_hex(16))
-    if stored.ends_at is not None and stored.ends_at <= stored.starts_at:  # type: ignore[operator]
-        raise InputError(f"end {stored.ends_at.isoformat()} is not after the start {stored.starts_at.isoformat()}")  # type: ignore[union-attr]
+    if stored.ends_at is not None and stored.ends_at <= now:
+        raise InputError(f"end {stored.ends_at.isoformat()} is in the past: the experiment would never run")
     try:
         with db.connect(settings) as conn:
             # one start at a time: the overlap check and the insert see the same experiments

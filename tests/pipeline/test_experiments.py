@@ -70,6 +70,8 @@ def test_start_list_stop_and_one_experiment_at_a_time(settings: Settings):
     assert not any(stopped.assign(f"u{i}", END + timedelta(days=2)).enrolled for i in range(200))
     with pytest.raises(InputError, match="experiment 'after' was stopped already"):
         experiments.stop_experiment(settings, "after", None)
+    with pytest.raises(InputError, match="end 2026-11-05T00:00:00\\+00:00 is in the past: the experiment would never run"):
+        experiments.start_experiment(settings, definition("past"), now=END)
     with pytest.raises(InputError, match="no experiment named 'nope'"):
         experiments.get_experiment(settings, "nope")
 
