@@ -16,6 +16,7 @@ through the API comes when the API serves variants (docs/experiments.md).
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import sys
 import time
@@ -29,6 +30,7 @@ from rich.console import Console
 from recsys.core import db, experiments
 from recsys.core.experiments import Experiment, Guardrail, Variant
 from recsys.core.settings import Settings
+from recsys.ml.experiment_stats import Z_95
 from recsys.pipeline.experiments import analyse, read_user_days
 
 CATALOGUE = 200  # products a list is drawn from
@@ -136,11 +138,27 @@ def run_abtest(
     def share(rows: list[dict[str, Any]], test) -> float | None:
         return None if not rows else sum(1 for row in rows if test(row)) / len(rows)
 
+    def wilson(rows: list[dict[str, Any]], test) -> list[float] | None:
+        """95 % Wilson interval of the share: how far the rate over this many tests may be from the true one."""
+        if not rows:
+            return None
+        n, p = len(rows), share(rows, test)
+        centre, half = (p + Z_95**2 / (2 * n)), Z_95 * math.sqrt(p * (1 - p) / n + Z_95**2 / (4 * n * n))
+        return [round((centre - half) / (1 + Z_95**2 / n), 4), round((centre + half) / (1 + Z_95**2 / n), 4)]
+
+    def significant(row: dict[str, Any]) -> bool:
+        return row["lift"]["significant"]
+
+    def found(row: dict[str, Any]) -> bool:
+        return row["lift"]["significant"] and row["lift"]["value"] > 0
+
     return {
         "aa_tests": len(aa),
-        "aa_false_positive_rate": share(aa, lambda row: row["lift"]["significant"]),
+        "aa_false_positive_rate": share(aa, significant),
+        "aa_false_positive_rate_interval": wilson(aa, significant),
         "ab_tests": len(ab),
-        "power": share(ab, lambda row: row["lift"]["significant"] and row["lift"]["value"] > 0),
+        "power": share(ab, found),
+        "power_interval": wilson(ab, found),
         "planted_lift": planted_lift,
         "ab_mean_measured_lift": None if not ab else float(np.mean([row["lift"]["value"] for row in ab])),
         "ab_interval_coverage": share(ab, lambda row: row["lift"]["low"] <= planted_lift <= row["lift"]["high"]),

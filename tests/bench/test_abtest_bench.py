@@ -29,6 +29,10 @@ def test_a_large_planted_lift_is_found_and_a_rerun_gives_the_same_numbers(settin
     first = run_abtest(settings, **options)
     assert first["aa_tests"] == 12 and first["ab_tests"] == 12
     assert first["power"] == 1.0  # +60 % at 750 shoppers a side: z ~ 6
+    low, high = first["power_interval"]
+    assert 0.7 < low < 0.8 and high == 1.0  # Wilson's interval of 12 out of 12
+    low, high = first["aa_false_positive_rate_interval"]
+    assert low <= first["aa_false_positive_rate"] <= high
     assert first["aa_false_positive_rate"] <= 3 / 12 and first["srm_alarms_in_aa"] <= 1
     assert 0.4 < first["ab_mean_measured_lift"] < 0.8
     assert first["mean_enrolled_users"] == 1_500  # the shares sum to 1: everyone is in
