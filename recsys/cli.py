@@ -588,7 +588,8 @@ def experiments_report(
     for variant in result["variants"]:
         lifts = variant["lift"] or {}
         table.add_row(
-            variant["name"] + (" (control)" if variant["control"] else "") + (" (stopped)" if variant["stopped_at"] else ""),
+            variant["name"] + (" (control)" if variant["control"] and variant["name"] != "control" else "")
+            + (" (stopped)" if variant["stopped_at"] else ""),
             f"{variant['exposed_users']:,}", f"{variant['lists']:,}", interval(variant["click_through"]),
             lift(lifts.get("click_through")), interval(variant["conversion"]), lift(lifts.get("conversion")),
         )
