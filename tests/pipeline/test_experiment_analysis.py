@@ -79,7 +79,7 @@ def test_start_list_stop_and_one_experiment_at_a_time(settings: Settings):
 def test_a_schema_without_the_experiments_tables_gets_one_line(settings: Settings):
     with db.connect(settings) as conn:
         conn.execute("DROP TABLE experiment_decisions, experiment_variants, experiments")
-    for action in (lambda: experiments.list_experiments(settings), lambda: experiments.start_experiment(settings, definition())):
+    for action in (lambda: experiments.list_experiments(settings), lambda: experiments.start_experiment(settings, definition(), now=START)):
         with pytest.raises(InputError, match=r"no experiments tables: run `recsys init-db`"):
             action()
 
