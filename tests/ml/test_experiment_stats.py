@@ -52,6 +52,7 @@ def test_lift_interval_matches_a_bootstrap_and_is_significant_only_when_it_exclu
     boot = (treated[0][draws[0]].sum(1) / treated[1][draws[0]].sum(1)) / (control[0][draws[1]].sum(1) / control[1][draws[1]].sum(1)) - 1
     assert (lift.high - lift.low) / (2 * Z_95) == pytest.approx(boot.std(), rel=0.1)
     assert lift.significant and lift.low > 0 and lift.p_value < 0.05
+    assert lift.high - lift.value > lift.value - lift.low  # a ratio's interval, taken back from the log
     same = relative_lift(rate(*control), rate(*control))
     assert same.value == 0 and not same.significant and same.p_value == pytest.approx(1.0)
 
@@ -64,6 +65,8 @@ def test_degenerate_inputs_give_no_numbers_instead_of_errors():
     lift = relative_lift(rate(np.ones(50), np.full(50, 2)), nothing)
     assert math.isnan(lift.value) and not lift.significant
     assert lift.to_dict()["value"] is None  # JSON has no nan
+    none_clicked = relative_lift(nothing, rate(np.array([1, 0] * 25), np.ones(50)))
+    assert none_clicked.value == -1 and none_clicked.significant  # no log of 0: the plain ratio's delta method
 
 
 def test_sample_ratio_check_is_pearsons_chi_square_over_the_shares():
