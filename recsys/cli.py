@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys import storage
+from recsys.bench.abtest import abtest_command
 from recsys.bench.cart import cart_command
 from recsys.bench.chaos import chaos_command
 from recsys.bench.negative import negative_command
@@ -40,12 +41,18 @@ rules_app = typer.Typer(
     help="Merchandising rules (pin, boost, bury, exclude) on top of the model; docs/rules.md.", no_args_is_help=True
 )
 app.add_typer(rules_app, name="rules")
+experiments_app = typer.Typer(
+    help="A/B tests of recommendation variants (param overrides per share of users); docs/experiments.md.",
+    no_args_is_help=True,
+)
+app.add_typer(experiments_app, name="experiments")
 app.add_typer(bench_app, name="bench")
 app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
 bench_app.command("speed")(speed_bench_command)
 bench_app.command("negative")(negative_command)
 bench_app.command("cart")(cart_command)
+bench_app.command("abtest")(abtest_command)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -481,3 +488,117 @@ def rules_remove(rule_id: Annotated[int, typer.Argument(help="The rule's id (rec
     if not rules.remove_rule(Settings(), rule_id):
         raise _fail(RecsysError(f"no rule with id {rule_id}"))
     console.print(f"rule {rule_id} removed")
+
+
+@experiments_app.command("start")
+def experiments_start(
+    name: Annotated[str, typer.Argument(help="The experiment's name (a-z 0-9 _ . -); never reused.")],
+    variant: Annotated[
+        list[str], typer.Option(help="NAME:SHARE, 2 or more; the first is the control. Shares sum to at most 1.")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="VARIANT.PARAM=VALUE: a pipeline param of one variant (VALUE as JSON), repeatable."),
+    ] = None,
+    metric: Annotated[str, typer.Option(help="Primary metric: click-through or conversion.")] = "click-through",
+    guardrail: Annotated[
+        list[str] | None,
+        typer.Option(help="METRIC[:MAX_DROP]: stop a variant significantly worse on it (default: the primary metric)."),
+    ] = None,
+    start: Annotated[datetime | None, typer.Option("--start", help="Start (ISO 8601; UTC if no offset). Default: now.")] = None,
+    end: Annotated[datetime | None, typer.Option("--end", help="End, exclusive. Default: until stopped.")] = None,
+) -> None:
+    """Start an experiment: each user's variant is a salted hash of (experiment, user id); users
+    outside the shares get the control."""
+    from recsys.core import experiments
+
+    definition = experiments.experiment_from_options(name, variant, set_ or [], metric, guardrail, start, end)
+    started = experiments.start_experiment(Settings(), definition)
+    shares = ", ".join(f"{v.name} {v.share:g}" + (f" {json.dumps(v.params)}" if v.params else "") for v in started.variants)
+    console.print(f"experiment {started.name} starts {started.starts_at.isoformat()}: {shares}", highlight=False, soft_wrap=True)
+
+
+@experiments_app.command("list")
+def experiments_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
+    """Every experiment, newest first, with its status now."""
+    from recsys.core import experiments
+
+    found, now = experiments.list_experiments(Settings()), datetime.now(UTC)
+    if as_json:
+        for experiment in found:
+            typer.echo(json.dumps({**experiment.to_dict(), "status": experiment.status(now)}))
+        return
+    table = Table("name", "status", "variants", "metric", "guardrails", "start", "end")
+    for experiment in found:
+        table.add_row(
+            experiment.name, experiment.status(now),
+            "; ".join(f"{v.name} {v.share:g}" + (" (stopped)" if v.stopped_at else "") for v in experiment.variants),
+            experiment.primary_metric, ", ".join(f"{g.metric}:{g.max_drop:g}" for g in experiment.guardrails),
+            f"{experiment.starts_at:%Y-%m-%d %H:%M}",
+            "" if experiment.ends_at is None else f"{experiment.ends_at:%Y-%m-%d %H:%M}",
+        )
+    console.print(table)
+    if not found:
+        console.print("no experiment yet: `recsys experiments start --help`")
+
+
+@experiments_app.command("stop")
+def experiments_stop(
+    name: Annotated[str, typer.Argument(help="The experiment's name.")],
+    reason: Annotated[str | None, typer.Option(help="Why, for whoever reads the report later.")] = None,
+) -> None:
+    """Stop an experiment now: everyone gets the control from the next answer on."""
+    from recsys.core import experiments
+
+    stopped = experiments.stop_experiment(Settings(), name, reason)
+    console.print(f"experiment {stopped.name} stopped at {stopped.stopped_at.isoformat()}", highlight=False)  # type: ignore[union-attr]
+
+
+@experiments_app.command("report")
+def experiments_report(
+    name: Annotated[str, typer.Argument(help="The experiment's name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="The whole report as one JSON object.")] = False,
+    act: Annotated[
+        bool, typer.Option("--act/--no-act", help="Stop the variants a guardrail finds significantly worse (recorded).")
+    ] = True,
+) -> None:
+    """Per variant and per day: exposed users, click-through and conversion with 95 % intervals,
+    the lift over the control, the sample-ratio check and the guardrails' decisions."""
+    from recsys.pipeline.experiments import report
+
+    result = report(Settings(), name, act=act)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    console.print(f"experiment {name} ({result['status']}), analysed until {result['analysed_until']}", highlight=False)
+
+    def interval(entry: dict) -> str:
+        if entry["value"] is None:
+            return "-"
+        if entry["low"] is None:
+            return f"{entry['value']:.4f}"
+        return f"{entry['value']:.4f} [{entry['low']:.4f}, {entry['high']:.4f}]"
+
+    def lift(entry: dict | None) -> str:
+        if entry is None or entry["value"] is None:
+            return ""
+        return f"{entry['value']:+.1%} [{entry['low']:+.1%}, {entry['high']:+.1%}]" + (" *" if entry["significant"] else "")
+
+    table = Table("variant", "users", "lists", "click-through", "lift", "conversion", "lift")
+    for variant in result["variants"]:
+        lifts = variant["lift"] or {}
+        table.add_row(
+            variant["name"] + (" (control)" if variant["control"] and variant["name"] != "control" else "")
+            + (" (stopped)" if variant["stopped_at"] else ""),
+            f"{variant['exposed_users']:,}", f"{variant['lists']:,}", interval(variant["click_through"]),
+            lift(lifts.get("click_through")), interval(variant["conversion"]), lift(lifts.get("conversion")),
+        )
+    console.print(table)
+    srm = result["srm"]
+    console.print(
+        f"sample ratio: p = {srm['p_value']:.4g} " + ("[red]MISMATCH[/red]: the split is not the configured one"
+                                                     if srm["alarm"] else "(as configured)"), highlight=False,
+    )
+    for check in result["guardrails"]:
+        console.print(f"guardrail {check['metric']} on {check['variant']}: {check['decision']}", highlight=False)
+

@@ -98,3 +98,66 @@ CREATE TABLE IF NOT EXISTS recommendation_rules (
 -- that configures other negative_event_types adds an index like it for its own.
 CREATE INDEX IF NOT EXISTS interactions_negative_feedback_idx ON interactions (occurred_at)
     WHERE event_type IN ('dislike', 'return', 'not_interested');
+
+-- A/B tests of recommendation variants (`recsys experiments start|list|stop|report`,
+-- docs/experiments.md). A user's variant is a salted hash of (experiment, user id): nothing per
+-- user is stored. The first variant (position 0) is the control; users outside the variants'
+-- shares get the control and are not part of the experiment.
+CREATE TABLE IF NOT EXISTS experiments (
+    name            TEXT PRIMARY KEY,
+    salt            TEXT NOT NULL,
+    primary_metric  TEXT NOT NULL CHECK (primary_metric IN ('click_through', 'conversion')),
+    guardrails      JSONB NOT NULL,            -- [{"metric": "conversion", "max_drop": 0.05}, ...]
+    starts_at       TIMESTAMPTZ NOT NULL,
+    ends_at         TIMESTAMPTZ,
+    stopped_at      TIMESTAMPTZ,               -- `recsys experiments stop`: everyone gets the control
+    stop_reason     TEXT,
+    created_at      TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CHECK (ends_at IS NULL OR ends_at > starts_at)
+);
+
+CREATE TABLE IF NOT EXISTS experiment_variants (
+    experiment   TEXT NOT NULL REFERENCES experiments (name),
+    position     INTEGER NOT NULL CHECK (position >= 0),
+    name         TEXT NOT NULL,
+    share        DOUBLE PRECISION NOT NULL CHECK (share > 0 AND share <= 1),
+    params       JSONB NOT NULL,               -- overrides of PipelineParams
+    stopped_at   TIMESTAMPTZ,                  -- a guardrail stopped it: its users get the control
+    stop_reason  TEXT,
+    PRIMARY KEY (experiment, name),
+    UNIQUE (experiment, position),
+    CHECK (position > 0 OR stopped_at IS NULL)
+);
+
+-- Every guardrail decision that stopped a variant, with the numbers it was taken on.
+CREATE TABLE IF NOT EXISTS experiment_decisions (
+    decision_id  BIGSERIAL PRIMARY KEY,
+    experiment   TEXT NOT NULL REFERENCES experiments (name),
+    variant      TEXT NOT NULL,
+    metric       TEXT NOT NULL,
+    lift         DOUBLE PRECISION NOT NULL,
+    lift_low     DOUBLE PRECISION NOT NULL,
+    lift_high    DOUBLE PRECISION NOT NULL,
+    max_drop     DOUBLE PRECISION NOT NULL,
+    reason       TEXT NOT NULL,
+    decided_at   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- What was served, one row per recommendation answer: the analysis counts these as exposures.
+-- experiment and variant are NULL for users outside every running experiment.
+CREATE TABLE IF NOT EXISTS recommendation_exposures (
+    recommendation_id  TEXT PRIMARY KEY,
+    experiment         TEXT,
+    variant            TEXT,
+    user_id            TEXT NOT NULL,
+    served_at          TIMESTAMPTZ NOT NULL,
+    product_ids        TEXT[] NOT NULL,
+    CHECK ((experiment IS NULL) = (variant IS NULL))
+);
+CREATE INDEX IF NOT EXISTS recommendation_exposures_experiment_idx
+    ON recommendation_exposures (experiment, served_at) WHERE experiment IS NOT NULL;
+
+-- Outcomes are events (interactions) that carry the recommendation_id of the answer they followed.
+ALTER TABLE interactions ADD COLUMN IF NOT EXISTS recommendation_id TEXT;
+CREATE INDEX IF NOT EXISTS interactions_recommendation_id_idx
+    ON interactions (recommendation_id) WHERE recommendation_id IS NOT NULL;

@@ -1,0 +1,1 @@
+SELECT name FROM experiments ORDER BY starts_at DESC, name
