@@ -1,39 +1,66 @@
-"""``recsys`` command: every stage and the whole pipeline without Airflow."""
+"""``recsys`` command: every stage and the whole pipeline without Airflow.
+
+Start-up imports only what the command line itself needs: each command imports its own modules
+(the benchmarks' whole modules through ``_LazyGroup``), so ``recsys extract`` does not pay for
+the benchmarks, the API or numba, and neither does each stage process ``recsys bench speed``
+spawns (it imports this module again, as the program it runs)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+from typer.main import get_command_from_info
+from typer.models import CommandInfo
 
-from recsys import storage
-from recsys.bench.abtest import abtest_command
-from recsys.bench.cart import cart_command
-from recsys.bench.chaos import chaos_command
-from recsys.bench.negative import negative_command
-from recsys.bench.quality import bench_app
-from recsys.bench.serve import serve_bench_command
-from recsys.bench.speed import speed_bench_command
-from recsys.core import db
 from recsys.core.errors import RecsysError, describe
 from recsys.core.params import PipelineParams
-from recsys.core.redact import mask_url
-from recsys.core.settings import Settings
-from recsys.local import services
-from recsys.pipeline import stages
-from recsys.pipeline.stages import plan_run, run_pipeline
-from recsys.storage import reads, versions
+
+if TYPE_CHECKING:
+    import click
+
+    from recsys.core.settings import Settings
+
+
+class _LazyGroup(TyperGroup):
+    """A command group with commands that live in other modules, imported when the command is
+    run or a help page lists it. ``lazy``: command name -> "module:function", in listing order,
+    before the commands defined here."""
+
+    lazy: ClassVar[dict[str, str]] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*self.lazy, *(name for name in super().list_commands(ctx) if name not in self.lazy)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            module, _, function = self.lazy[cmd_name].partition(":")
+            callback = getattr(importlib.import_module(module), function)
+            self.commands[cmd_name] = get_command_from_info(
+                CommandInfo(name=cmd_name, callback=callback),
+                pretty_exceptions_short=True,
+                rich_markup_mode=self.rich_markup_mode,
+            )
+        return super().get_command(ctx, cmd_name)
+
+
+def _lazy_group(commands: dict[str, str]) -> type[_LazyGroup]:
+    return type("LazyGroup", (_LazyGroup,), {"lazy": commands})
+
 
 app = typer.Typer(
-    help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True, pretty_exceptions_enable=False
+    cls=_lazy_group({"chaos": "recsys.bench.chaos:chaos_command"}),
+    help="Batch recommender: Postgres -> implicit ALS -> Redis.", no_args_is_help=True, pretty_exceptions_enable=False,
 )
 services_app = typer.Typer(help="Embedded local PostgreSQL and Redis (for machines without them).")
 app.add_typer(services_app, name="services")
@@ -46,13 +73,19 @@ experiments_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(experiments_app, name="experiments")
+bench_app = typer.Typer(
+    cls=_lazy_group({
+        "quality": "recsys.bench.quality:quality_command",
+        "defaults": "recsys.bench.quality:defaults_command",
+        "serve": "recsys.bench.serve:serve_bench_command",
+        "speed": "recsys.bench.speed:speed_bench_command",
+        "negative": "recsys.bench.negative:negative_command",
+        "cart": "recsys.bench.cart:cart_command",
+        "abtest": "recsys.bench.abtest:abtest_command",
+    }),
+    help="Benchmarks: quality, defaults, serving, A/B tests.", no_args_is_help=True,
+)
 app.add_typer(bench_app, name="bench")
-app.command("chaos")(chaos_command)
-bench_app.command("serve")(serve_bench_command)
-bench_app.command("speed")(speed_bench_command)
-bench_app.command("negative")(negative_command)
-bench_app.command("cart")(cart_command)
-bench_app.command("abtest")(abtest_command)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -76,6 +109,8 @@ def _main(
 
 def _configured_urls() -> tuple[str | None, str | None]:
     try:
+        from recsys.core.settings import Settings
+
         settings = Settings()
     except Exception:  # noqa: BLE001 - the settings themselves may be what failed
         return None, None
@@ -120,6 +155,8 @@ def _fail(error: Exception) -> typer.Exit:
 @services_app.command("start")
 def services_start() -> None:
     """Start (or reuse) embedded PostgreSQL and Redis; their URLs go to .recsys/services.env."""
+    from recsys.local import services
+
     local = services.start()
     for name, value in local.env().items():
         typer.echo(f"{name}={value}")
@@ -127,6 +164,8 @@ def services_start() -> None:
 
 @services_app.command("stop")
 def services_stop() -> None:
+    from recsys.local import services
+
     services.stop()
     console.print("embedded services stopped")
 
@@ -139,6 +178,10 @@ def services_airflow_db(
 ) -> None:
     """Give Airflow's metadata a database ("airflow") on the shop's PostgreSQL server (the embedded
     one by default), and write the settings that point Airflow at it to ENV_FILE."""
+    from recsys.core.redact import mask_url
+    from recsys.core.settings import Settings
+    from recsys.local import services
+
     url = services.write_airflow_env(Settings(), env_file)
     console.print(f"Airflow metadata database: {mask_url(url)} (settings in {env_file})")
 
@@ -147,6 +190,9 @@ def services_airflow_db(
 def init_db() -> None:
     """Create the shop tables (interactions, products) and the quality history (recsys_runs) in
     the configured schema."""
+    from recsys.core import db
+    from recsys.core.settings import Settings
+
     settings = Settings()
     db.create_schema(settings)
     console.print(f"tables ready in schema {settings.db_schema}")
@@ -162,6 +208,7 @@ def demo_data(
     end: EndOption = None,
 ) -> None:
     """Replace the shop tables with a generated demo shop (loaded with COPY)."""
+    from recsys.core.settings import Settings
     from recsys.local.demo import DemoShop, load_demo
 
     shop = DemoShop(users=users, products=products, days=days, seed=seed, interactions=interactions)
@@ -178,9 +225,12 @@ UseTunedOption = Annotated[
 
 
 def _stage(name: str, end: datetime | None, overrides: list[str] | None, use_tuned: bool = True) -> None:
+    from recsys.core.settings import Settings
+    from recsys.pipeline import stages
+
     settings = Settings()
     try:
-        run = plan_run(settings, _end(end), _params(overrides), use_tuned)
+        run = stages.plan_run(settings, _end(end), _params(overrides), use_tuned)
         if name == "extract":
             result = stages.extract_stage(settings, run, progress=True)
         elif name == "matrix":
@@ -229,6 +279,9 @@ def publish_command(end: EndOption = None, param: ParamOption = None, use_tuned:
 @app.command("run")
 def run_command(end: EndOption = None, param: ParamOption = None, use_tuned: UseTunedOption = True) -> None:
     """Run the whole pipeline: extract, matrix, train, evaluate (gate), publish."""
+    from recsys.core.settings import Settings
+    from recsys.pipeline.stages import run_pipeline
+
     try:
         result = run_pipeline(Settings(), _end(end), _params(param), use_tuned, progress=True)
     except RecsysError as error:
@@ -245,12 +298,14 @@ def tune_command(
     holdout_days: int = PipelineParams().holdout_days,
 ) -> None:
     """Tune ALS on the shop's recent data (time-based validation); later runs use the result."""
+    from recsys.core.settings import Settings
+    from recsys.pipeline import stages
     from recsys.pipeline.tune import tuned_path
 
     settings = Settings()
     search = PipelineParams(lookback_days=lookback_days, holdout_days=holdout_days, confidence_scaling="none")
     try:
-        run = plan_run(settings, _end(end), search, use_tuned=False)
+        run = stages.plan_run(settings, _end(end), search, use_tuned=False)
         stages.extract_stage(settings, run, progress=True)
         stages.matrix_stage(settings, run)
         tuned = stages.tune_stage(settings, run, trials)
@@ -269,6 +324,11 @@ def show(
     users: Annotated[int, typer.Option(help="Show this many users if --user is not given.")] = 3,
 ) -> None:
     """Print live recommendations, top buys and model metrics read back from Redis."""
+    from recsys import storage
+    from recsys.core.settings import Settings
+    from recsys.pipeline import stages
+    from recsys.storage import reads
+
     settings = Settings()
     live = reads.live_build(*storage.connect(settings))
     meta = None if live is None else live.meta()
@@ -292,6 +352,7 @@ def show(
 def _show_tuned(settings: Settings) -> None:
     """The active tuned params and where they come from (runs use them for params left at defaults)."""
     from recsys.core.layout import configured_store
+    from recsys.pipeline import stages
 
     tuned = stages.tuned_params(settings, configured_store(settings))
     if tuned is None:
@@ -311,6 +372,7 @@ def history_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line, every column.")] = False,
 ) -> None:
     """The quality history: every evaluated run, its metrics, the gate's decision and what publish did."""
+    from recsys.core.settings import Settings
     from recsys.pipeline import history
 
     rows = history.recent_runs(Settings(), limit)
@@ -344,6 +406,8 @@ def serve_command(
 
     Needs API keys (RECSYS_API_KEYS or RECSYS_API_KEYS_FILE, docs/security.md) unless reads are
     public (RECSYS_API_PUBLIC_READS=true); refuses to start with keys it cannot use."""
+    from recsys.core.settings import Settings
+    from recsys.pipeline import stages
     from recsys.serving.api import serve
 
     settings = Settings()
@@ -366,6 +430,11 @@ def api_key_command(
 @app.command("versions")
 def versions_command(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
     """List the live version and the kept (replaced) ones, newest first."""
+    from recsys import storage
+    from recsys.core.settings import Settings
+    from recsys.pipeline import stages
+    from recsys.storage import versions
+
     settings = Settings()
     found = versions.versions(*storage.connect(settings))
     if as_json:
@@ -400,6 +469,10 @@ def rollback_command(
     version: Annotated[str | None, typer.Option(help="Kept version to make live (default: the newest kept).")] = None,
 ) -> None:
     """Make a kept version live again, atomically; the version it replaces is kept in its place."""
+    from recsys import storage
+    from recsys.core.settings import Settings
+    from recsys.storage import versions
+
     settings = Settings()
     try:
         chosen = versions.rollback(
@@ -417,12 +490,14 @@ def republish_command(
 ) -> None:
     """Publish a finished run again from its artifacts, without extracting or training: the way
     back after the cache Redis lost its data."""
+    from recsys.core.settings import Settings
+    from recsys.pipeline import stages
+
     try:
         result = stages.republish(Settings(), None if end is None else _end(end), progress=True)
     except RecsysError as error:
         raise _fail(error) from error
     console.print(f"published version {result.version} for {result.users:,} users")
-
 
 
 
@@ -447,6 +522,7 @@ def rules_add(
     """Add a rule; it is checked against the catalogue and in served lists within
     RECSYS_RULES_REFRESH_SECONDS (30 s), in published lists from the next publish."""
     from recsys.core import rules
+    from recsys.core.settings import Settings
 
     name, value = rules.parse_attribute(attribute) if attribute is not None else (None, None)
     rule = rules.Rule(
@@ -462,6 +538,7 @@ def rules_add(
 def rules_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
     """Every rule, with whether it is in force, scheduled or expired now."""
     from recsys.core import rules
+    from recsys.core.settings import Settings
 
     found, now = rules.list_rules(Settings()), datetime.now(UTC)
     if as_json:
@@ -484,6 +561,7 @@ def rules_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON ob
 def rules_remove(rule_id: Annotated[int, typer.Argument(help="The rule's id (recsys rules list).")]) -> None:
     """Remove a rule; served lists drop it within RECSYS_RULES_REFRESH_SECONDS."""
     from recsys.core import rules
+    from recsys.core.settings import Settings
 
     if not rules.remove_rule(Settings(), rule_id):
         raise _fail(RecsysError(f"no rule with id {rule_id}"))
@@ -511,6 +589,7 @@ def experiments_start(
     """Start an experiment: each user's variant is a salted hash of (experiment, user id); users
     outside the shares get the control."""
     from recsys.core import experiments
+    from recsys.core.settings import Settings
 
     definition = experiments.experiment_from_options(name, variant, set_ or [], metric, guardrail, start, end)
     started = experiments.start_experiment(Settings(), definition)
@@ -522,6 +601,7 @@ def experiments_start(
 def experiments_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
     """Every experiment, newest first, with its status now."""
     from recsys.core import experiments
+    from recsys.core.settings import Settings
 
     found, now = experiments.list_experiments(Settings()), datetime.now(UTC)
     if as_json:
@@ -549,6 +629,7 @@ def experiments_stop(
 ) -> None:
     """Stop an experiment now: everyone gets the control from the next answer on."""
     from recsys.core import experiments
+    from recsys.core.settings import Settings
 
     stopped = experiments.stop_experiment(Settings(), name, reason)
     console.print(f"experiment {stopped.name} stopped at {stopped.stopped_at.isoformat()}", highlight=False)  # type: ignore[union-attr]
@@ -564,6 +645,7 @@ def experiments_report(
 ) -> None:
     """Per variant and per day: exposed users, click-through and conversion with 95 % intervals,
     the lift over the control, the sample-ratio check and the guardrails' decisions."""
+    from recsys.core.settings import Settings
     from recsys.pipeline.experiments import report
 
     result = report(Settings(), name, act=act)

@@ -26,7 +26,6 @@ from recsys.ml.ranking import als_model, popularity_model
 # the benchmark's search may also pick the frequency-scaled penalty (production's never does)
 BENCH_SPACE = tuning.SearchSpace(regularization_exponent=(0.0, 1.0))
 
-bench_app = typer.Typer(help="Benchmarks: quality, defaults, serving.", no_args_is_help=True)
 
 METRIC_NAMES = ("map", "ndcg_at_10", "precision_at_10", "recall_at_10")
 # MMR strengths of the diversity trade-off (0 = the plain top 10)
@@ -172,12 +171,6 @@ def plot_tradeoff(result: dict, path: Path) -> None:
     plt.close(figure)
 
 
-@bench_app.callback()
-def _group() -> None:
-    """Benchmarks: quality, defaults, serving."""
-
-
-@bench_app.command("quality")
 def quality_command(
     data: Annotated[Path, typer.Option(help="ml-100k folder (or its u.data file)", exists=True)],
     json_output: Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")] = False,
@@ -249,7 +242,6 @@ def _validation_sets(data: Path | None, seed: int) -> dict[str, dict]:
     return sets
 
 
-@bench_app.command("defaults")
 def defaults_command(
     data: Annotated[Path | None, typer.Option(help="ml-100k folder; omit to use the demo shops only")] = None,
     seed: int = 42,

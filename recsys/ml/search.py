@@ -21,7 +21,6 @@ import scipy.sparse as sp
 
 from recsys.core.params import PipelineParams
 from recsys.ml.als import fit_als
-from recsys.ml.evaluation import evaluate_factors
 from recsys.ml.metrics import RankingMetrics
 from recsys.ml.weighting import BM25_B, ConfidenceScaling, scale_confidence
 
@@ -117,6 +116,8 @@ def validation_metrics(
     Items nobody has in ``fit_matrix`` are never recommended: a model can't know them; nor are
     ``blocked_items`` (e.g. inactive products).
     """
+    from recsys.ml.evaluation import evaluate_factors  # numba's kernels: not for who only plans a run
+
     user_factors, item_factors = fitter(fit_matrix, params, seed)
     blocked = np.flatnonzero(np.diff(fit_matrix.tocsc().indptr) == 0)
     if blocked_items is not None:

@@ -36,7 +36,6 @@ from functools import reduce
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,8 +61,10 @@ EXAMPLES_PER_REASON = 5
 MISSING_PRODUCTS_LISTED = 20
 MISSING_PRODUCTS_LOGGED = 5
 # Blocks trail the COPY while it runs (once it ends, the last block and the slices' dedupe and
-# Parquet write are left to do), and Arrow reads ahead several blocks when parsing falls behind.
-CSV_BLOCK_BYTES = 16 << 20
+# Parquet write are left to do), and Arrow reads ahead several blocks when parsing falls behind:
+# the stage's peak memory grows with the block (300,000 users x 6 M rows: 434 MB of RSS with 16
+# MB blocks, 294-351 MB with 4 MB; docs/benchmarks.md).
+CSV_BLOCK_BYTES = 4 << 20
 # COPY hands over one row at a time: pass them through the pipe in MB-sized writes and reads
 PIPE_BUFFER_BYTES = 1 << 20
 # Dictionary pages where values repeat a lot. User ids have so many distinct values that the
@@ -436,11 +437,13 @@ def _collapse_duplicates(table: pa.Table, report: ValidationReport) -> pa.Table:
     """``table`` with each exact duplicate (all of DUPLICATE_KEY equal; NULL equals NULL) removed
     but for its first interaction; the removed ones are counted, with the id they repeat. Rows
     may have a duplicate only where their FINGERPRINT does."""
-    suspects = pd.Series(table[FINGERPRINT].to_numpy()).duplicated(keep=False).to_numpy()
-    if not suspects.any():
+    fingerprints = table[FINGERPRINT]
+    counts = pc.value_counts(fingerprints)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
         return table
     groups = (
-        table.filter(pa.array(suspects))
+        table.filter(pc.is_in(fingerprints, value_set=repeated))
         .group_by(DUPLICATE_KEY, use_threads=False)
         .aggregate([("interaction_id", "min"), ("interaction_id", "list")])
     )

@@ -8,6 +8,10 @@ extract to publish, each stage holds it while it writes. With a shared artifact
 store (``RECSYS_ARTIFACTS_URL``) each stage pulls its input folders from the store into the local
 artifacts folder, runs on local files, and pushes its output folder back, so the next stage can
 run on another machine.
+
+Each stage imports its own modules when it runs: an Airflow task (a fresh process) running one
+stage does not load the others' libraries (numba, matplotlib, Redis...), which were most of a
+stage process's memory before it read anything.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-from recsys import storage
 from recsys.core import artifacts
 from recsys.core.artifacts import ArtifactStore
 from recsys.core.errors import FutureWindowError, RecsysError, StaleVersionError
@@ -51,32 +55,16 @@ from recsys.core.layout import (
 )
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
-from recsys.core.window import Window, stamp, window_ending
-from recsys.pipeline import history, report
-from recsys.pipeline.evaluate import EvaluationResult, enforce_quality_gate, evaluate
-from recsys.pipeline.extract import ExtractResult, extract, extracted_id_types
-from recsys.pipeline.matrix import MatrixResult, build_matrix
-from recsys.pipeline.publish.stage import (
-    PhaseTimings,
-    PublishResult,
-    ShardResult,
-    finish_publish,
-    new_attempt,
-    prepare_publish,
-    publish,
-    publish_shard,
-    version_name,
-)
-from recsys.pipeline.train import TrainResult, checked_model_build, train
-from recsys.pipeline.tune import (
-    TunedParams,
-    keep_result,
-    load_tuned,
-    tune_on_matrix,
-    tuned_path,
-    with_tuned,
-)
-from recsys.storage import builds, locks, reads, versions
+from recsys.core.window import Window, stamp, version_name, window_ending
+from recsys.pipeline import history
+from recsys.pipeline.tune import TunedParams, keep_result, load_tuned, tuned_path, with_tuned
+
+if TYPE_CHECKING:
+    from recsys.pipeline.evaluate import EvaluationResult
+    from recsys.pipeline.extract import ExtractResult
+    from recsys.pipeline.matrix import MatrixResult
+    from recsys.pipeline.publish.stage import PhaseTimings, PublishResult, ShardResult
+    from recsys.pipeline.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +194,9 @@ class PipelineResult:
 
 
 def live_metrics(settings: Settings) -> dict | None:
+    from recsys import storage
+    from recsys.storage import reads
+
     return reads.live_metrics(*storage.connect(settings))
 
 
@@ -237,6 +228,10 @@ def _reading(settings: Settings, run: Run):
 
 
 def extract_stage(settings: Settings, run: Run, progress: bool = False) -> ExtractResult:
+    from recsys import storage
+    from recsys.pipeline.extract import extract
+    from recsys.storage import reads
+
     with _writing(settings, run):
         live_id_types = reads.live_id_types(*storage.connect(settings))
         result = extract(settings, run.window, run.paths.extract, run.params, progress, live_id_types)
@@ -245,6 +240,9 @@ def extract_stage(settings: Settings, run: Run, progress: bool = False) -> Extra
 
 
 def matrix_stage(settings: Settings, run: Run) -> MatrixResult:
+    from recsys.pipeline.extract import extracted_id_types
+    from recsys.pipeline.matrix import build_matrix
+
     with _writing(settings, run):
         run.pull(EXTRACT)
         extracted = run.paths.extract
@@ -257,6 +255,8 @@ def matrix_stage(settings: Settings, run: Run) -> MatrixResult:
 
 
 def train_stage(settings: Settings, run: Run, progress: bool = False) -> TrainResult:
+    from recsys.pipeline.train import train
+
     with _writing(settings, run):
         run.pull(MATRIX)
         result = train(run.paths.matrix, run.paths.model, run.params, progress=progress)
@@ -271,6 +271,10 @@ REPORT_HISTORY_RUNS = 30
 def evaluate_stage(settings: Settings, run: Run, dag_run_id: str | None = None) -> EvaluationResult:
     """Evaluate, record the run in the quality history, write the HTML report, then apply the
     quality gate (raises QualityGateError when it refuses: after recording, so refusals show)."""
+    from recsys.pipeline import report
+    from recsys.pipeline.evaluate import enforce_quality_gate, evaluate
+    from recsys.pipeline.train import checked_model_build
+
     with _writing(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         paths = run.paths
@@ -298,6 +302,9 @@ def report_location(run: Run) -> str:
 def publish_blocker(settings: Settings, run: Run) -> str | None:
     """Why this run's publish will be skipped (the live version holds fresher data), or None.
     A backfill says so at its start: it still evaluates, for the quality history."""
+    from recsys import storage
+    from recsys.storage import builds, reads
+
     client, keys = storage.connect(settings)
     live_end = builds.live_data_end(client, keys)  # the same test publish applies before its work
     if live_end is None or live_end <= run.window.end.timestamp():
@@ -374,6 +381,8 @@ def publish_stage(
     dag_run_id: str | None = None,
 ) -> PublishResult:
     """The whole publish as one attempt, in this process (``timings``: seconds per phase, if given)."""
+    from recsys.pipeline.publish.stage import publish
+
     with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL, EVALUATION)
         paths = run.paths
@@ -388,6 +397,8 @@ def publish_stage(
 
 def prepare_publish_stage(settings: Settings, run: Run, dag_run_id: str | None = None) -> tuple[str, str]:
     """Start a publish attempt (the DAG's first publish task); returns (version, attempt)."""
+    from recsys.pipeline.publish.stage import new_attempt, prepare_publish
+
     attempt = new_attempt()
     with _reading(settings, run), _recording_stale(settings, run, dag_run_id), _one_blas_thread():
         run.pull(MATRIX, MODEL)
@@ -395,6 +406,8 @@ def prepare_publish_stage(settings: Settings, run: Run, dag_run_id: str | None =
 
 
 def publish_shard_stage(settings: Settings, run: Run, attempt: str, shard: int, shards: int) -> ShardResult:
+    from recsys.pipeline.publish.stage import publish_shard
+
     with _reading(settings, run), _one_blas_thread():
         run.pull(MATRIX, MODEL)
         return publish_shard(settings, run.paths.matrix, run.paths.model, run.params, attempt, shard, shards)
@@ -404,6 +417,8 @@ def finish_publish_stage(
     settings: Settings, run: Run, attempt: str, results: list[ShardResult], shards: int,
     dag_run_id: str | None = None,
 ) -> PublishResult:
+    from recsys.pipeline.publish.stage import finish_publish
+
     switched = switched_by(settings, attempt)
     if switched is not None:
         # an earlier try of this task switched the version and was stopped before it could say so
@@ -447,6 +462,10 @@ class Switched:
 
 def switched_by(settings: Settings, attempt: str) -> Switched | None:
     """The live version if publish attempt ``attempt`` switched it (its meta names the attempt)."""
+    from recsys import storage
+    from recsys.pipeline.publish.stage import PublishResult
+    from recsys.storage import reads
+
     meta = reads.live_meta(*storage.connect(settings))
     if meta is None or meta.get("attempt") != attempt:
         return None
@@ -462,6 +481,9 @@ def chosen_version_blocker(settings: Settings, run: Run) -> str | None:
     same data window and was published by a run someone chose (a manual trigger with its params, a
     backfill, `recsys run`), not by a scheduled run. A scheduled run with default params that
     finishes after a manual one would otherwise replace the manual choice."""
+    from recsys import storage
+    from recsys.storage import reads
+
     meta = reads.live_meta(*storage.connect(settings))
     if meta is None or meta["version"] == version_name(run.window, run.params):
         return None
@@ -482,6 +504,8 @@ def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:
     """Tune on the run's matrix, starting from the active tuned params; keep the result and make it
     active only if it does not regress (``tune.promotion``). Concurrent tunes, on any worker, take
     turns for the keep-and-activate step under one Redis lock."""
+    from recsys.pipeline.tune import tune_on_matrix
+
     with _reading(settings, run):
         run.pull(MATRIX)
         active = tuned_params(settings, run.store)
@@ -503,6 +527,9 @@ TUNE_LOCK_SECONDS = 300
 def tune_lock(settings: Settings) -> Iterator[None]:
     """One tune at a time reads the active params and replaces them (a Redis lock: shared by
     every worker, unlike a file lock)."""
+    from recsys import storage
+    from recsys.storage import locks
+
     with locks.tune_lock(*storage.connect(settings), TUNE_LOCK_SECONDS, settings.run_lock_wait_seconds) as taken:
         if not taken:
             raise RunBusyError(f"another tune kept the tune lock for over {settings.run_lock_wait_seconds:g} s")
@@ -575,6 +602,9 @@ def republish(settings: Settings, end: datetime | None = None, progress: bool = 
 
 def recovery_hint(settings: Settings) -> str | None:
     """When nothing is live: what an operator can put back, and how. None if a version is live."""
+    from recsys import storage
+    from recsys.storage import builds, versions
+
     client, keys = storage.connect(settings)
     if builds.pointer(client, keys) is not None:
         return None

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from recsys.bench import movielens as quality
 from recsys.bench.frequency_scaled import fit_frequency_scaled
-from recsys.bench.quality import DIVERSITY_LAMBDAS, bench_app
+from recsys.bench.quality import DIVERSITY_LAMBDAS
+from recsys.cli import app
 from recsys.ml import search as tuning
 
 
@@ -157,7 +158,7 @@ def test_bench_quality_prints_json_last_and_dumps_checkable_files(ratings, tmp_p
     dump = tmp_path / "dump"
 
     result = CliRunner().invoke(
-        bench_app, ["quality", "--data", str(data), "--json", "--trials", "3", "--dump", str(dump),
+        app, ["bench", "quality", "--data", str(data), "--json", "--trials", "3", "--dump", str(dump),
                     "--plot", str(tmp_path / "tradeoff.svg")]
     )
 

@@ -135,11 +135,47 @@ def test_params_reject_unknown_and_invalid_values():
     assert PipelineParams(factors=32).fingerprint() != PipelineParams().fingerprint()
 
 
-def test_the_command_starts_without_fastapi_implicit_or_airflow():
-    """`recsys --help` (and every command's start) stays light: those load where they are used."""
+HEAVY_MODULES = ("fastapi", "implicit", "airflow", "numba", "pandas", "matplotlib", "pyarrow", "scipy", "redis")
+
+
+def _loaded_after(statement: str, modules: tuple[str, ...]) -> list[str]:
     import subprocess
     import sys
 
-    code = "import sys, recsys.cli; print(sorted(m for m in ('fastapi', 'implicit', 'airflow') if m in sys.modules))"
+    code = f"import sys; {statement}; print(' '.join(sorted(m for m in {modules!r} if m in sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+    return done.stdout.split()
+
+
+def test_the_command_starts_without_heavy_libraries():
+    """`recsys --help` (and every command's start, and every stage process the speed bench spawns:
+    it imports the CLI again) stays light: those load where they are used."""
+    assert _loaded_after("import recsys.cli", (*HEAVY_MODULES, "recsys.bench", "recsys.pipeline")) == []
+
+
+def test_a_stage_loads_only_its_own_libraries():
+    """Each stage runs in a process of its own (an Airflow task): planning a run and running the
+    extract, matrix or train stage load no other stage's libraries."""
+    plan = "import recsys.pipeline.stages"
+    assert _loaded_after(plan, ("numba", "pandas", "matplotlib", "redis", "implicit", "recsys.pipeline.extract")) == []
+    extract = "from recsys.pipeline import extract, stages"
+    assert _loaded_after(extract, ("numba", "pandas", "matplotlib", "implicit", "recsys.pipeline.publish")) == []
+    train = "from recsys.pipeline import stages, train"
+    assert _loaded_after(train, ("numba", "pandas", "matplotlib", "redis", "recsys.pipeline.extract")) == []
+
+
+def test_help_lists_every_command_and_loads_a_bench_module_only_when_asked():
+    top = runner.invoke(app, ["--help"], terminal_width=200)
+    assert top.exit_code == 0, top.output
+    for command in ("chaos", "init-db", "demo-data", "extract", "matrix", "train", "evaluate", "publish", "run",
+                    "tune", "show", "history", "serve", "api-key", "versions", "rollback", "republish", "services",
+                    "rules", "bench"):
+        assert f" {command} " in top.output, command
+    bench = runner.invoke(app, ["bench", "--help"], terminal_width=200)
+    assert bench.exit_code == 0, bench.output
+    for command in ("quality", "defaults", "serve", "speed", "negative", "cart"):
+        assert f" {command} " in bench.output, command
+    speed = runner.invoke(app, ["bench", "speed", "--help"], terminal_width=200)
+    assert speed.exit_code == 0 and "--spark-interactions" in speed.output
+    unknown = runner.invoke(app, ["bench", "nonesuch"])
+    assert unknown.exit_code != 0 and "nonesuch" in unknown.output

@@ -44,7 +44,7 @@ from recsys.core.params import PipelineParams
 from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
 from recsys.core.window import Window, version_name
-from recsys.ml.als import load_factors
+from recsys.ml.als import load_factors, load_item_factors
 from recsys.ml.co_purchase import bought_together
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import top_buys_order
@@ -248,7 +248,7 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     blocked = np.union1d(inactive_items(matrix_dir), np.flatnonzero(kept_out)).astype(np.int32)
     # an out-of-stock product's page still shows alternatives: owners are the catalogue's active ones
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
-    vectors = ItemVectors.of(load_factors(staging.model_dir / FACTORS_FULL)[1])
+    vectors = ItemVectors.of(load_item_factors(staging.model_dir / FACTORS_FULL))
     with staging.timings.phase("similar"):
         # one similarity search serves both: the similar lists and the fill of sparse bought-together lists
         similar = similar_items(
