@@ -108,7 +108,10 @@ def synthetic(items: int, users: int, dims: int, seed: int, params: PipelinePara
     true_items, true_users = vectors(items, 0.5), vectors(users, 0.3)
     item_factors = true_items + 0.3 * rng.normal(size=true_items.shape).astype(np.float32)
     user_factors = true_users + 0.3 * rng.normal(size=true_users.shape).astype(np.float32)
-    history = sp.random(users, items, density=15 / items, format="csr", random_state=seed, dtype=np.float32)
+    owned = rng.integers(0, items, (users, 15))  # scipy's sparse.random would draw from users × items
+    history = sp.csr_matrix((np.ones(owned.size, np.float32), owned.ravel(), np.arange(0, owned.size + 1, 15)),
+                            shape=(users, items))
+    history.sum_duplicates()
     history.data[:] = 1
     best = rank_lists(true_users, ItemVectors.of(true_items), 50, exclude=history)
     held = np.take_along_axis(best, rng.random(best.shape).argsort(axis=1)[:, :3], axis=1)
