@@ -34,9 +34,7 @@ def compare(
               "diversity_lambda": params.diversity_lambda}
     k = params.k
     indexes = ItemIndexes(item_factors)
-    start = time.perf_counter()
-    indexes.for_scale(None)
-    build_seconds = time.perf_counter() - start
+    build_seconds = indexes.for_scale(None).build_seconds
     warm = slice(0, min(64, len(user_factors)))  # compiled kernels loaded before any clock
     rank_lists(user_factors[warm], items, k, **{**kwargs, "exclude": exclude[warm]})
     rank_lists_approximately(indexes, user_factors[warm], items, k, **{**kwargs, "exclude": exclude[warm]})

@@ -60,7 +60,8 @@ class PipelineParams:
     # approximate top-N (recsys.ml.ann) for publish's user lists: on, catalogues with at least
     # ann_min_items products a user's list may hold are scored against candidates an HNSW graph
     # over the item factors proposes, then ranked exactly. Off by default: exact is faster at 100k
-    # products on 2 cores, ANN wins from about 1M (docs/benchmarks.md#approximate-top-n)
+    # products on 2 cores; at 1M (synthetic factors) the graph was 2.8x faster but recalled 0.87 of
+    # the exact lists (docs/benchmarks.md#approximate-top-n-for-large-catalogues)
     ann_scoring: bool = False
     ann_min_items: int = 500_000
     # quality gate: model MAP@K must exceed popularity MAP@K * (1 + min_lift) and must not fall

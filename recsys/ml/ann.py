@@ -3,7 +3,8 @@ product: ALS scores are dot products, not cosines) proposes each user's best-sco
 ``rank_lists`` ranks those candidates exactly, with everything the exact path applies (the
 user's own items, blocked items, boost/bury factors, MMR over the candidate pool; pins are
 placed after, as always). A list differs from the exact one only where the graph missed one of
-the user's best items. docs/benchmarks.md#approximate-top-n has the measured recall and speed.
+the user's best items. docs/benchmarks.md#approximate-top-n-for-large-catalogues has the
+measured recall and speed.
 
 Candidates per user: ``OVERFETCH`` × the pool ``rank_lists`` ranks (``CANDIDATES_PER_SLOT`` ×
 n with MMR) plus the user's own items, which the graph returns too (ALS scores them high);
