@@ -21,6 +21,9 @@ generated shop in one run.
   installed (Debian's redis-tools; not a Python package). Redis bytes per user (``MEMORY USAGE``
   of the live user hash, and the ``INFO memory`` delta) vs the raw payload (field + JSON value
   bytes) and vs the same payloads as one plain key per user.
+- ann: approximate top-N (``recsys.ml.ann``) vs exact on the holdout model's users, as
+  ``recsys.bench.ann`` measures it: recall@K against the exact lists, the relative MAP@K delta,
+  the speedup (median of alternating repeats, graph build apart).
 - peak RSS per stage: each stage (and each in-process reference: raw implicit, scoring) runs in
   a fresh Python process, as each Airflow task does, and reports its own ``ru_maxrss``.
 
@@ -628,6 +631,11 @@ def run_speed(
     })
     entry["ratio_to_sgemm_only"] = _ratio(entry["items_per_s"], entry["sgemm_only_items_per_s"])
     entry["ratio_to_implicit"] = _ratio(entry["items_per_s"], entry["implicit_items_per_s"])
+
+    console.print("approximate top-N vs exact on the holdout model ...")
+    from recsys.bench.ann import on_run as ann_on_run
+
+    figures["ann"] = in_fresh_process(ann_on_run, run, params, n_score, seed).value
 
     console.print("publish: stage (scoring timed apart), then the write floors ...")
     evaluate(run.paths.matrix, run.paths.model, run.paths.evaluation, params, None)

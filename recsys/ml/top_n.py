@@ -82,6 +82,7 @@ def rank_lists(
     diversity_lambda: float = 0.0,
     first: int | None = None,
     head: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
     progress: str | None = None,
 ) -> np.ndarray:
     """``n`` item indices per row of ``user_factors`` (best first, -1 padded when fewer allowed).
@@ -98,6 +99,10 @@ def rank_lists(
     (a published list); their items are not listed again, relevance is relative to the best of
     head and pool, and each row of the result starts with its head.
 
+    ``candidates`` (rows × c item indices, -1 padded; ``recsys.ml.ann``): score only these per
+    user instead of the whole catalogue; the same exclusions, factors and re-ranking apply, and
+    the list is the exact one whenever a row holds the user's best-scored allowed items.
+
     A batch runs on every core (user blocks on threads, BLAS on one thread each); a single
     block (one user on request) runs on the calling thread. ``progress``: a progress bar's label.
     """
@@ -108,7 +113,9 @@ def rank_lists(
     result = np.full((users, n), -1, dtype=np.int32)
     if users == 0 or n <= 0:
         return result
-    scoring = _Scoring.of(items, users, blocked, factors)
+    if candidates is not None:
+        candidates = np.ascontiguousarray(candidates, dtype=np.int32).reshape(users, -1)
+    scoring = _Scoring.of(items, users, blocked, factors, every_column=candidates is not None)
     if exclude is None:
         exclude = sp.csr_matrix((users, len(items.factors)), dtype=np.float32)
     indptr, indices = exclude.indptr.astype(np.int64), exclude.indices.astype(np.int64)
@@ -122,9 +129,14 @@ def rank_lists(
         bounds = scoring.error_bound * np.linalg.norm(rows.astype(np.float64), axis=1)
         heap_scores = np.full((len(rows), pool + _SLACK), -np.inf, np.float32)
         heap_columns = np.full((len(rows), pool + _SLACK), _NO_COLUMN, np.int32)
-        for lo, scores in _score_tiles(rows, scoring, users):
-            _scan_tile(scores, lo, scoring.scale, scoring.offset, scoring.adjust, scoring.column_of,
-                       indptr[block.start : block.stop + 1], indices, head[block], heap_scores, heap_columns)
+        if candidates is None:
+            for lo, scores in _score_tiles(rows, scoring, users):
+                _scan_tile(scores, lo, scoring.scale, scoring.offset, scoring.adjust, scoring.column_of,
+                           indptr[block.start : block.stop + 1], indices, head[block], heap_scores, heap_columns)
+        else:
+            _scan_candidates(rows, candidates[block], scoring.factors, scoring.scale, scoring.offset, scoring.column_of,
+                             indptr[block.start : block.stop + 1], indices, head[block], heap_scores, heap_columns,
+                             np.full(scoring.n_columns, -1, np.int32))
         _finish(heap_scores, heap_columns, rows, scoring.factors, scoring.scale, scoring.unit, scoring.columns,
                 scoring.column_of, scoring.offset, indptr[block.start : block.stop + 1], indices, head[block],
                 items.factors, scoring.item_scale, items.unit, pool, n, first, float(diversity_lambda), bounds,
@@ -229,11 +241,18 @@ class _Scoring:
         return self.factors.T
 
     @classmethod
-    def of(cls, items: ItemVectors, users: int, blocked: np.ndarray | None, factors: np.ndarray | None) -> _Scoring:
+    def of(
+        cls, items: ItemVectors, users: int, blocked: np.ndarray | None, factors: np.ndarray | None,
+        every_column: bool = False,
+    ) -> _Scoring:
+        """``every_column``: every item a column in index order, the blocked ones masked (scoring
+        candidates reads a few rows per user: no copy of the factors)."""
         n_items = len(items.factors)
         allowed = np.ones(n_items, dtype=bool) if blocked is None else ~np.asarray(blocked, dtype=bool)
         item_scale = np.ones(n_items, np.float32) if factors is None else np.ascontiguousarray(factors, dtype=np.float32)
-        if users > 1:
+        if every_column:
+            columns = np.arange(n_items, dtype=np.int32)
+        elif users > 1:
             # a batch scores only the allowed items (one copy of their factors), the longest
             # (scaled) vectors first: they tend to score highest, so the heaps fill with good
             # scores early and later ones rarely beat them
@@ -247,7 +266,7 @@ class _Scoring:
         column_of[columns] = np.arange(len(columns))
         scale = item_scale[columns]
         offset = np.where(allowed[columns], np.float32(0), np.float32(-np.inf)).astype(np.float32)
-        as_is = len(columns) == n_items and users == 1
+        as_is = len(columns) == n_items and (users == 1 or every_column)
         return cls(
             columns, column_of, items.factors if as_is else items.factors[columns], items.unit if as_is else items.unit[columns],
             item_scale, scale, offset,
@@ -317,6 +336,40 @@ def _scan_tile(scores, column_start, scale, offset, adjust, column_of, indptr, i
                 if column_start <= column < column_end:
                     row[column - column_start] = -np.inf
         _scan(row, column_start, heap_scores[r], heap_columns[r])
+
+
+@njit(cache=True, nogil=True)
+def _scan_candidates(users, candidates, column_factors, scale, offset, column_of, indptr, indices, head, heap_scores,
+                     heap_columns, seen):
+    """Each user's candidates (item indices, -1 skipped) into the user's heap, as ``_scan_tile``
+    puts a tile of every column: float32 score times the column's factor, blocked columns, the
+    user's own items and head never in, a candidate listed twice counted once. ``seen``: -1 per
+    column (marks of the block's rows)."""
+    dims = users.shape[1]
+    for r in range(users.shape[0]):
+        for e in range(indptr[r], indptr[r + 1]):
+            column = column_of[indices[e]]
+            if column >= 0:
+                seen[column] = r
+        for h in range(head.shape[1]):
+            if head[r, h] >= 0 and column_of[head[r, h]] >= 0:
+                seen[column_of[head[r, h]]] = r
+        worst = heap_scores[r, 0]
+        for j in range(candidates.shape[1]):
+            item = candidates[r, j]
+            if item < 0:
+                continue
+            column = column_of[item]
+            if column < 0 or seen[column] == r:
+                continue
+            seen[column] = r
+            score = np.float32(0.0)
+            for d in range(dims):
+                score += users[r, d] * column_factors[column, d]
+            score = score * scale[column] + offset[column]
+            if score > worst:
+                _heap_replace_top(heap_scores[r], heap_columns[r], score, column)
+                worst = heap_scores[r, 0]
 
 
 @njit(cache=True, nogil=True)

@@ -59,6 +59,11 @@ def test_speed_bench_on_a_machine_with_only_python(service_urls, bare_path):
     assert scoring["diversity_lambda"] > 0 and scoring["top_n"] == 10  # publish's scoring with its defaults
     assert scoring["sgemm_only_users_per_s"] == max(scoring["sgemm_blocks_users_per_s"], scoring["sgemm_tiles_users_per_s"])
     assert publish["plain_keys_bytes_per_user"] > publish["raw_payload_bytes_per_user"] > 0
+    # approximate top-N vs exact on the same holdout users: 300 products, the graph finds them all
+    ann = figures["ann"]
+    assert ann["library"] == "faiss" and ann["items"] == figures["matrix"]["items"] and ann["users"] > 100
+    assert ann["recall_at_10"] >= 0.99 and ann["map_exact"] > 0 and abs(ann["map_delta"]) <= 0.01
+    assert ann["speedup_min"] <= ann["speedup"] <= ann["speedup_max"] and ann["build_seconds"] >= 0
     # own schema and prefix are gone again, the floor's scratch hash with them
     assert _bench_keys(client, "bench_speed") == before
 

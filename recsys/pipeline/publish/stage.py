@@ -45,6 +45,7 @@ from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
 from recsys.core.window import Window, version_name
 from recsys.ml.als import load_factors, load_item_factors
+from recsys.ml.ann import ItemIndexes, rank_lists_approximately
 from recsys.ml.co_purchase import bought_together
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import top_buys_order
@@ -325,7 +326,9 @@ def _ruled_top_n(
     exclude: sp.csr_matrix, inactive: np.ndarray, params: PipelineParams, progress: str | None,
 ) -> np.ndarray:
     """Each user's top-N with the rules of their segments (``rank_lists``, as the API ranks on
-    request): excluded products blocked, scores multiplied by boosts and buries, pins placed last."""
+    request): excluded products blocked, scores multiplied by boosts and buries, pins placed last.
+    With ``params.ann_scoring``, a segment whose allowed products reach ``params.ann_min_items``
+    is ranked on the candidates of an HNSW index over the item factors (``recsys.ml.ann``)."""
     groups: dict[frozenset[str], list[int]] = {}
     if merchandising.segment_names:
         for row, user_id in enumerate(user_ids.to_pylist()):
@@ -335,6 +338,7 @@ def _ruled_top_n(
     recs = np.full((len(users), params.top_n), -1, dtype=np.int32)
     user_factors, item_factors = factors
     items = ItemVectors.of(item_factors)
+    indexes = ItemIndexes(item_factors)  # graphs built when a segment first needs one
     for segments, rows in groups.items():
         rules = merchandising.for_segments(segments)
         blocked = rules.blocked.copy()
@@ -342,10 +346,13 @@ def _ruled_top_n(
         group, group_exclude = users[rows], exclude[users[rows]]
         # a shard's users are one increasing range: without segments, a view of their factors
         contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group)
-        lists = rank_lists(
-            user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group], items, params.top_n + len(rules.pins), exclude=group_exclude, blocked=blocked,
-            factors=rules.factors, diversity_lambda=params.diversity_lambda, first=params.top_n, progress=progress,
-        )
+        ranking = {"exclude": group_exclude, "blocked": blocked, "factors": rules.factors,
+                   "diversity_lambda": params.diversity_lambda, "first": params.top_n, "progress": progress}
+        group_factors = user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group]
+        if params.ann_scoring and len(blocked) - int(blocked.sum()) >= params.ann_min_items:
+            lists = rank_lists_approximately(indexes, group_factors, items, params.top_n + len(rules.pins), **ranking)
+        else:
+            lists = rank_lists(group_factors, items, params.top_n + len(rules.pins), **ranking)
         owned = group_exclude[:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
         recs[rows] = place_pins(lists, rules.pins, params.top_n, owned)
     return recs
