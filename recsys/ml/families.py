@@ -24,13 +24,15 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsys.core.errors import InputError
+from recsys.core.params import MODEL_FAMILIES
+from recsys.ml.explain import Explanation
 from recsys.ml.top_n import ItemVectors, rank_lists
 from recsys.ml.top_n import similar_items as cosine_similar_items
 
 # item × item arrays in float32: 20k items is 1.6 GB per array, about what a worker can hold twice
 DENSE_ITEMS_LIMIT = 20_000
 USER_CHUNK = 4_096  # users whose dense rows are built at once (bounds memory for item-item families)
-FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
+FAMILIES = MODEL_FAMILIES
 
 
 def _single_blas_thread():
@@ -112,10 +114,13 @@ class Recommender(ABC):
             )
         return lists
 
-    def similar_items(self, queries: np.ndarray, n: int, blocked: np.ndarray | None = None) -> np.ndarray:
-        """The ``n`` items most similar to each query item, best first, -1 padded: the cosine of
-        the item vectors (the item-item families override it with their own matrix)."""
-        return cosine_similar_items(self.items, queries, n, blocked)
+    def similar_items(
+        self, queries: np.ndarray, n: int, blocked: np.ndarray | None = None, progress: str | None = None
+    ) -> np.ndarray:
+        """The ``n`` items most similar to each query item, best first, -1 padded (never the item
+        itself nor a ``blocked`` one): the cosine of the item vectors (the item-item families
+        override it with their own matrix)."""
+        return cosine_similar_items(self.items, queries, n, blocked, progress=progress)
 
     def save(self, path: Path) -> None:
         """One npz: the arrays, and the family and params as a JSON string (no pickle)."""
@@ -162,11 +167,34 @@ def _dense_rows(matrix: sp.csr_matrix, users: np.ndarray) -> np.ndarray:
     return matrix[users].toarray().astype(np.float32, copy=False)
 
 
+class FactorModel(Recommender):
+    """A family whose users and items are factor vectors (``user_factors``, ``item_factors``)."""
+
+    user_factors: np.ndarray | None
+    item_factors: np.ndarray | None
+
+    @property
+    def items(self) -> ItemVectors:
+        if "_items" not in self.__dict__:
+            self.__dict__["_items"] = ItemVectors.of(self.item_factors)
+        return self.__dict__["_items"]
+
+    def user_vectors(self, users: np.ndarray, user_items: sp.csr_matrix | None) -> np.ndarray:
+        return self.user_factors[np.asarray(users, dtype=np.int64)]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"user_factors": self.user_factors, "item_factors": self.item_factors}
+
+    @classmethod
+    def restore(cls, params, arrays, parts) -> FactorModel:
+        return cls(**params, user_factors=arrays["user_factors"], item_factors=arrays["item_factors"])
+
+
 # ---------------------------------------------------------------------------------------- ALS
 
 
 @dataclass
-class Als(Recommender):
+class Als(FactorModel):
     """implicit's ALS (Hu, Koren & Volinsky 2008) on the matrix as given (scaled upstream)."""
 
     factors: int = 64
@@ -185,15 +213,6 @@ class Als(Recommender):
         )
         self.__dict__.pop("_items", None)
         return self
-
-    @property
-    def items(self) -> ItemVectors:
-        if "_items" not in self.__dict__:
-            self.__dict__["_items"] = ItemVectors.of(self.item_factors)
-        return self.__dict__["_items"]
-
-    def user_vectors(self, users: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
-        return self.user_factors[np.asarray(users, dtype=np.int64)]
 
     def implicit_model(self):
         """implicit's ALS around the factors (its fold-in solves the same least squares)."""
@@ -214,19 +233,13 @@ class Als(Recommender):
         return {"factors": self.factors, "regularization": self.regularization, "alpha": self.alpha,
                 "iterations": self.iterations}
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"user_factors": self.user_factors, "item_factors": self.item_factors}
-
-    @classmethod
-    def restore(cls, params, arrays, parts) -> Als:
-        return cls(**params, user_factors=arrays["user_factors"], item_factors=arrays["item_factors"])
 
 
 # ---------------------------------------------------------------------------------------- BPR
 
 
 @dataclass
-class Bpr(Recommender):
+class Bpr(FactorModel):
     """implicit's BPR (Rendle et al. 2009), on one thread: its Hogwild updates on several threads
     would make every fit different."""
 
@@ -252,15 +265,6 @@ class Bpr(Recommender):
         self.__dict__.pop("_items", None)
         return self
 
-    @property
-    def items(self) -> ItemVectors:
-        if "_items" not in self.__dict__:
-            self.__dict__["_items"] = ItemVectors.of(self.item_factors)
-        return self.__dict__["_items"]
-
-    def user_vectors(self, users: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
-        return self.user_factors[np.asarray(users, dtype=np.int64)]
-
     def fold_in(self, row: sp.csr_matrix) -> np.ndarray | None:
         return None
 
@@ -268,12 +272,6 @@ class Bpr(Recommender):
         return {"factors": self.factors, "learning_rate": self.learning_rate,
                 "regularization": self.regularization, "iterations": self.iterations}
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"user_factors": self.user_factors, "item_factors": self.item_factors}
-
-    @classmethod
-    def restore(cls, params, arrays, parts) -> Bpr:
-        return cls(**params, user_factors=arrays["user_factors"], item_factors=arrays["item_factors"])
 
 
 # ------------------------------------------------------------------------------ item-item families
@@ -304,7 +302,9 @@ class _ItemItem(Recommender):
     def fold_in(self, row: sp.csr_matrix) -> np.ndarray | None:
         return self._rows(row).toarray()[0]
 
-    def similar_items(self, queries: np.ndarray, n: int, blocked: np.ndarray | None = None) -> np.ndarray:
+    def similar_items(
+        self, queries: np.ndarray, n: int, blocked: np.ndarray | None = None, progress: str | None = None
+    ) -> np.ndarray:
         """The list of a user who has only the query item: row q of S, ranked by ``rank_lists``."""
         queries = np.asarray(queries, dtype=np.int64)
         one_hot = np.zeros((len(queries), self.n_items), dtype=np.float32)
@@ -312,10 +312,23 @@ class _ItemItem(Recommender):
         itself = sp.csr_matrix(
             (np.ones(len(queries), np.float32), queries, np.arange(len(queries) + 1)), shape=(len(queries), self.n_items)
         )
-        return rank_lists(one_hot, self.items, n, exclude=itself, blocked=blocked)
+        return rank_lists(one_hot, self.items, n, exclude=itself, blocked=blocked, progress=progress)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"matrix": self.matrix}
+
+    def explain(self, row: sp.csr_matrix, items: list[int], n: int = 3) -> list[Explanation]:
+        """Each item's score from ``row`` and the ``n`` past items whose terms r_j · S[j, i] add
+        most to it (the score is exactly their sum)."""
+        row = self._rows(row)
+        past, weights = row.indices, row.data.astype(np.float64)
+        explanations = []
+        for item in items:
+            parts = weights * self.matrix[past, item].astype(np.float64)
+            top = np.argsort(-parts, kind="stable")[:n]
+            explanations.append(Explanation(int(item), float(parts.sum()),
+                                            [(int(past[j]), float(parts[j])) for j in top]))
+        return explanations
 
 
 @dataclass
@@ -430,9 +443,11 @@ class Blend(Recommender):
             return None
         return self._combined([np.asarray(vector, np.float32).reshape(1, -1) for vector in vectors])[0]
 
-    def similar_items(self, queries: np.ndarray, n: int, blocked: np.ndarray | None = None) -> np.ndarray:
+    def similar_items(
+        self, queries: np.ndarray, n: int, blocked: np.ndarray | None = None, progress: str | None = None
+    ) -> np.ndarray:
         """The similar items of the part with the larger weight."""
-        return self.parts[0 if self.weight >= 0.5 else 1].similar_items(queries, n, blocked)
+        return self.parts[0 if self.weight >= 0.5 else 1].similar_items(queries, n, blocked, progress)
 
     def params(self) -> dict[str, Any]:
         return {"weight": self.weight}
