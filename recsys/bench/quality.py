@@ -169,8 +169,10 @@ def families_table(result: dict) -> Table:
         table.add_column(name, justify="left" if name in ("family", "params") else "right")
     for name, row in result["families"].items():
         params = row["params"] if name != "blend" else {
-            "weight": row["params"]["weight"], "parts": [part["family"] for part in row["params"]["parts"]]}
-        table.add_row(name + (" *" if name == result["chosen"] else ""), json.dumps(params),
+            "weight": row["params"]["weight"], "of": "+".join(part["family"] for part in row["params"]["parts"])}
+        table.add_row(name + (" *" if name == result["chosen"] else ""),
+                      " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                               for key, value in params.items()),
                       f"{row['validation']['ndcg']:.4f}", f"{row['test']['map']:.4f}", f"{row['test']['ndcg']:.4f}",
                       f"{row['test']['precision']:.4f}", f"{row['test']['recall']:.4f}", f"{row['fit_seconds']:.2f}")
     for name, why in result["selection"]["skipped"].items():

@@ -45,9 +45,10 @@ class PipelineParams:
     alpha: float = 4.0
     iterations: int = 15
     seed: int = 42
-    # model families the train stage fits and chooses among on half of the holdout users (the
-    # other half is the gate's): als, bpr, item_knn, ease, blend (of the two best). ALS keeps the
-    # settings above; EASE and item-kNN skip a catalogue over 20k products (recsys.ml.families)
+    # model families the train stage fits and chooses among (MAP@K on a random quarter of each
+    # user's pre-holdout items; the holdout stays the gate's): als, bpr, item_knn, ease, blend (of
+    # the two best). ALS keeps the settings above; EASE and item-kNN skip a catalogue over 20k
+    # products (recsys.ml.families)
     models: tuple[str, ...] = ("als", "ease", "blend")
     # outputs
     top_n: int = 10

@@ -424,12 +424,10 @@ class Blend(Recommender):
     def _combined(self, vectors: list[np.ndarray]) -> np.ndarray:
         combined = []
         for part, part_vectors, weight in zip(self.parts, vectors, (self.weight, 1.0 - self.weight), strict=True):
-            factors = part.items.factors
-            spread = np.empty(len(part_vectors), dtype=np.float64)
-            with _single_blas_thread():
-                for start in range(0, len(part_vectors), 1024):
-                    chunk = part_vectors[start : start + 1024]
-                    spread[start : start + len(chunk)] = (chunk @ factors.T).astype(np.float64).std(axis=1)
+            factors = part.items.factors.astype(np.float64)
+            # one user at a time, in float64: the same scale for a user whatever the batch (a
+            # matrix product rounds by its shape), so a list on request is the published one
+            spread = np.array([(factors @ vector).std() for vector in part_vectors.astype(np.float64)])
             scale = np.where(spread > 0, weight / np.maximum(spread, 1e-30), 0.0).astype(np.float32)
             combined.append(part_vectors * scale[:, None])
         return np.hstack(combined)

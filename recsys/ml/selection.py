@@ -92,6 +92,28 @@ class Selection:
         }
 
 
+def carve_validation(
+    user_items: sp.csr_matrix, seed: int, ratio: float = 0.75, blocked_items: np.ndarray | None = None
+) -> ValidationSplit:
+    """A per-user random split of one matrix (the benchmark's protocol on a CSR): each user keeps
+    floor(ratio × n) of their n items to fit on (a user with one item keeps it) and the rest are
+    the relevant ones. Fixed by ``seed``."""
+    user_items = user_items.tocsr()
+    counts = np.diff(user_items.indptr)
+    draws = np.random.default_rng(seed).random(user_items.nnz)
+    rows = np.repeat(np.arange(user_items.shape[0]), counts)
+    order = np.lexsort((draws, rows))  # by user, then by draw
+    position = np.empty(user_items.nnz, dtype=np.int64)
+    position[order] = np.arange(user_items.nnz) - np.repeat(user_items.indptr[:-1], counts)
+    kept = position < np.maximum(np.floor(ratio * counts), 1)[rows]
+    coo = user_items.tocoo()
+    fit = sp.csr_matrix((coo.data[kept], (coo.row[kept], coo.col[kept])), shape=user_items.shape, dtype=np.float32)
+    held = ~kept
+    relevant = sp.csr_matrix((np.ones(int(held.sum()), np.float32), (coo.row[held], coo.col[held])),
+                             shape=user_items.shape)
+    return ValidationSplit(fit, relevant, blocked_items=blocked_items)
+
+
 def lists_of(model: Recommender, split: ValidationSplit, k: int, diversity_lambda: float = 0.0) -> np.ndarray:
     users = split.users()
     exclude = (split.fit if split.exclude is None else split.exclude).tocsr()[users]

@@ -1,5 +1,5 @@
-"""Evaluate stage: the holdout model vs a popularity baseline on the time-based holdout (when
-train chose among several families: on the half of its users the choice never saw).
+"""Evaluate stage: the holdout model (of the family train chose on a validation split of the
+pre-holdout data) vs a popularity baseline on the time-based holdout.
 
 Both rank the same users with the same exclusions (what the user already had before the cutoff,
 inactive products), so the comparison is like for like. The quality gate reads this report.
@@ -23,7 +23,6 @@ from recsys.ml.metrics import RankingMetrics, ranking_metrics
 from recsys.ml.ranking import popularity_model, recommend_top_n
 from recsys.ml.top_n import blocked_mask
 from recsys.pipeline.matrix import holdout_split
-from recsys.pipeline.train import holdout_halves
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +60,8 @@ def evaluate(
         )
     relevant = split.validation[users]
 
-    model_manifest = json.loads((model_dir / MANIFEST).read_text())
-    selection = model_manifest.get("selection")
-    if selection is not None:
-        # the family was chosen on the other half of these users: the gate judges it on unseen ones
-        _, users = holdout_halves(users, params.seed)
-        relevant = split.validation[users]
+    # chosen on a validation split of the pre-holdout data (train): the holdout is new to it
+    selection = json.loads((model_dir / MANIFEST).read_text()).get("selection")
     model = load_model(model_dir / FACTORS_HOLDOUT)
     # the gate judges the lists publish makes: re-ranked for diversity as they will be
     model_recs = model.recommend(
@@ -106,7 +101,7 @@ def evaluate(
         "holdout_cutoff": manifest["holdout_cutoff"],
         "k": params.k,
         "model_family": describe(model),
-        # every family tried, with the validation-half metrics it was chosen on (None: one family, no choice)
+        # every family tried, with the validation metrics it was chosen on (None: ALS alone, no choice)
         "selection": selection,
         "model": model_metrics.to_dict(),
         "popularity": popularity_metrics.to_dict(),

@@ -324,7 +324,7 @@ def _extract_counts(run: Run) -> dict | None:
 
 
 def _candidates(result: EvaluationResult) -> dict:
-    """The chosen family and every family's validation-half metrics, for the quality history."""
+    """The chosen family and every family's validation metrics, for the quality history."""
     evaluation = json.loads(result.report_path.read_text())
     chosen = evaluation.get("selection") or {}
     return {

@@ -200,3 +200,11 @@ def test_selection_skips_a_family_that_refuses_the_data_and_says_why(matrix, mon
 def test_selection_refuses_unknown_families(matrix):
     with pytest.raises(InputError, match="unknown model families: svd"):
         selection.select([holdout(matrix, 0)], ("als", "svd"))
+
+
+def test_a_users_vector_is_the_same_alone_and_in_a_batch(fitted, matrix):
+    """Publish ranks users in batches, the API one at a time: the same vector, so the same list."""
+    name, model = fitted
+    batch = model.user_vectors(np.arange(matrix.shape[0]), matrix)
+    for user in (0, 7, 119):
+        np.testing.assert_array_equal(model.user_vectors(np.array([user]), matrix)[0], batch[user])
