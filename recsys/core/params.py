@@ -48,8 +48,10 @@ class PipelineParams:
     # model families the train stage fits and chooses among (MAP@K on a random quarter of each
     # user's pre-holdout items; the holdout stays the gate's): als, bpr, item_knn, ease, blend (of
     # the two best). ALS keeps the settings above; EASE and item-kNN skip a catalogue over 20k
-    # products (recsys.ml.families)
-    models: tuple[str, ...] = ("als", "ease", "blend")
+    # products (recsys.ml.families). ALS alone by default: a run trains and explains what it did
+    # before; ["als", "ease", "blend"] is the suggested choice for a catalogue under 20k
+    # (docs/quality.md#model-families)
+    models: tuple[str, ...] = ("als",)
     # outputs
     top_n: int = 10
     k: int = 10

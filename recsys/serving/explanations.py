@@ -19,7 +19,7 @@ def explained_products(live: LiveModel, row: sp.csr_matrix, products: list[Produ
     params = live.params
     if live.model is not None:
         explained = explain_items(live.model.item_factors, row, items, params.regularization, params.alpha, EXPLAIN_N)
-    elif hasattr(live.recommender, "explain"):  # item-item families: the score is a sum over past items
+    elif live.recommender is not None and hasattr(live.recommender, "explain"):  # item-item families: the score is a sum over past items
         explained = live.recommender.explain(row, items, EXPLAIN_N)
     else:  # BPR and blends have no per-item decomposition of their scores
         return []

@@ -13,7 +13,7 @@ from datetime import datetime
 import numpy as np
 import scipy.sparse as sp
 
-from recsys.ml.top_n import rank_lists
+from recsys.ml.top_n import rank_lists, similar_items
 from recsys.ml.weighting import BM25_FLOOR, BM25_K1, interaction_weights, scale_confidence
 from recsys.serving.live_model import LiveModel
 
@@ -131,5 +131,8 @@ def similar_to(live: LiveModel, item: int, count: int, kept_out: np.ndarray | No
     """``kept_out``: per item, excluded by a rule (besides the version's inactive products)."""
     blocked = ~live.active if kept_out is None else ~live.active | kept_out
     # the family's own similarity, as publish lists it (ALS: the cosine of the factors)
-    row = live.recommender.similar_items(np.asarray([item]), count, blocked)[0]
+    if live.recommender is None:
+        row = similar_items(live.items, np.asarray([item]), count, blocked)[0]
+    else:
+        row = live.recommender.similar_items(np.asarray([item]), count, blocked)[0]
     return [int(i) for i in row[row >= 0]]

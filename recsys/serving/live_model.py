@@ -39,7 +39,6 @@ class LiveModel:
     params: PipelineParams
     data_start: datetime
     model: Any  # implicit ALS around the version's factors (ALS versions; None for other families)
-    recommender: Recommender  # the version's model, of whichever family (recsys.ml.families)
     user_index: dict[str, int]
     item_ids: list[str]
     item_index: dict[str, int]
@@ -55,6 +54,8 @@ class LiveModel:
     rules_fingerprint: str  # the ordering rules its published lists were made with
     # the rules (and inactive products) its publish applied; None for versions from before they were recorded
     published_rules: RuleSnapshot | None
+    # the version's model, of whichever family (recsys.ml.families); None: ALS from ``model`` alone
+    recommender: Recommender | None = None
 
     def user_vector(self, index: int) -> np.ndarray:
         """What a user of the version is ranked by: their factors, or (item-item families) their row."""
