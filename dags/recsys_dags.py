@@ -34,7 +34,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
 
-from recsys.core.params import PipelineParams
+from recsys.core.params import MODEL_FAMILIES, PipelineParams
 from recsys.serving.links import airflow_run_report_link
 
 # not __name__: Airflow loads DAG files under a mangled module name (unusual_prefix_<hash>_...)
@@ -337,6 +337,12 @@ PARAMS = {
     "confidence_scaling": Param(DEFAULTS.confidence_scaling, enum=["none", "log", "bm25"], title="Confidence scaling",
                                 description="How summed weights become confidence: none (raw), log (log1p) or "
                                             "bm25 (damps heavy users and very popular products)." + ALS_DEFAULTS_NOTE),
+    "models": Param(list(DEFAULTS.models), type="array", items={"enum": list(MODEL_FAMILIES)}, minItems=1,
+                    title="Model families to choose among",
+                    description="Train fits each and keeps the best MAP@K on a random quarter of each user's "
+                                "pre-holdout items (the holdout stays the gate's): als, bpr, item_knn, ease (both "
+                                "skip a catalogue over 20k products), blend (of the two best). [\"als\"] alone: no "
+                                "choice, as before."),
     "event_weights": Param(DEFAULTS.event_weights, type="object", title="Event weights",
                            description="Weight per event type; other event types are dropped and reported."),
     "half_life_days": Param(DEFAULTS.half_life_days, type="number", minimum=0, title="Time decay half-life (days, 0 = off)",

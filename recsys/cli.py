@@ -381,7 +381,7 @@ def history_command(
             typer.echo(history.as_json(row))
         return
     table = Table("recorded at", "window end", "status", "model MAP@K", "popularity MAP@K", "version",
-                  "interactions", "train s", "run")
+                  "interactions", "train s", "run", "family (candidates' validation MAP@K)")
     for row in rows:
         model, popularity = row["metrics"]["model"], row["metrics"]["popularity"]
         table.add_row(
@@ -389,6 +389,8 @@ def history_command(
             f"{model['map']:.4f} @{model['k']}", f"{popularity['map']:.4f}", row["published_version"] or "",
             f"{row['interactions']:,}" if row["interactions"] is not None else "",
             f"{row['train_seconds']:.1f}" if row["train_seconds"] is not None else "", row["run_key"],
+            " ".join([row["metrics"].get("family", "als")] + [
+                f"{name}:{metrics['map']:.4f}" for name, metrics in row["metrics"].get("candidates", {}).items()]),
         )
     console.print(table)
     if not rows:

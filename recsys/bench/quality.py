@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import pandas as pd
+import scipy.sparse as sp
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -18,13 +20,14 @@ from recsys.bench import frequency_scaled
 from recsys.bench import movielens as quality
 from recsys.bench.cart import evaluate_cart
 from recsys.core.params import PipelineParams
-from recsys.ml import evaluation
+from recsys.ml import evaluation, selection
 from recsys.ml import search as tuning
 from recsys.ml.diversity import unit_rows
-from recsys.ml.ranking import als_model, popularity_model
+from recsys.ml.ranking import popularity_model
+from recsys.ml.weighting import scale_confidence
 
-# the benchmark's search may also pick the frequency-scaled penalty (production's never does)
-BENCH_SPACE = tuning.SearchSpace(regularization_exponent=(0.0, 1.0))
+# every family the benchmark chooses among (BPR: reported, never close on this data; docs/quality.md)
+BENCH_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
 
 
 METRIC_NAMES = ("map", "ndcg_at_10", "precision_at_10", "recall_at_10")
@@ -43,51 +46,84 @@ PUBLISHED: dict[str, tuple[float, float, float, float]] = {
 }
 
 
-def run_quality(data: Path, seed: int, trials: int, dump: Path | None) -> dict:
-    """Split, tune on a validation split of train, fit on train, evaluate once on test."""
+VALIDATION_SPLITS = 2  # validation splits carved from train (seeds seed, seed + 1): selection is their mean
+CONFIDENCE = "log"  # the pipeline's default confidence scaling: every family fits on what a shop's run gives it
+
+
+def _weighted(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    return scale_confidence(matrix, CONFIDENCE)
+
+
+def validation_splits(train: pd.DataFrame, matrices: quality.Matrices, seed: int) -> list[selection.ValidationSplit]:
+    """Per-user random 75/25 splits of train (never of test), on the benchmark's id index."""
+    splits = []
+    for split_seed in range(seed, seed + VALIDATION_SPLITS):
+        fit_part, validation_part = quality.stratified_split(train, ratio=0.75, seed=split_seed)
+        fit_matrix = quality.interaction_matrix(fit_part, matrices.user_ids, matrices.item_ids)
+        splits.append(selection.ValidationSplit(
+            fit=_weighted(fit_matrix),
+            relevant=quality.interaction_matrix(validation_part, matrices.user_ids, matrices.item_ids, binary=True),
+            exclude=fit_matrix,
+        ))
+    return splits
+
+
+def run_quality(data: Path, seed: int, dump: Path | None, families: tuple[str, ...] = BENCH_FAMILIES) -> dict:
+    """Split; choose a model family and its settings on validation splits of train; fit every
+    family's best on train and evaluate each once on test (the chosen one is ``model``)."""
     ratings = quality.load_ratings(data)
     train, test = quality.stratified_split(ratings, ratio=0.75, seed=seed)
-    # validation is carved out of train the same per-user way; test is not looked at until the end
-    fit_part, validation_part = quality.stratified_split(train, ratio=0.75, seed=seed)
     matrices = quality.build_matrices(train, test)
-    fit_matrix = quality.interaction_matrix(fit_part, matrices.user_ids, matrices.item_ids)
-    validation = quality.interaction_matrix(validation_part, matrices.user_ids, matrices.item_ids, binary=True)
-
-    tuned = tuning.tune(fit_matrix, validation, n_trials=trials, seed=seed, space=BENCH_SPACE,
-                        fitter=frequency_scaled.fit)
-
     began = time.perf_counter()
-    user_factors, item_factors = frequency_scaled.fit(matrices.train, tuned.params, seed)
-    fit_seconds = time.perf_counter() - began
-    model = evaluation.evaluate_factors(
-        user_factors, item_factors, matrices.train, matrices.test, blocked_items=matrices.unseen_items
-    )
+    chosen = selection.select(validation_splits(train, matrices, seed), families, seed=seed)
+    selection_seconds = time.perf_counter() - began
+
+    weighted_train = _weighted(matrices.train)
+    test_split = selection.ValidationSplit(weighted_train, matrices.test, exclude=matrices.train,
+                                           blocked_items=matrices.unseen_items)
+    per_family, fitted = {}, {}
+    for name, candidate in chosen.best.items():
+        began = time.perf_counter()
+        fitted[name] = selection.build(candidate.family, candidate.params).fit(weighted_train, seed)
+        fit_seconds = time.perf_counter() - began
+        per_family[name] = {
+            "params": candidate.params,
+            "validation": candidate.validation,
+            "test": selection.validation_metrics(fitted[name], test_split, k=10),
+            "fit_seconds": round(fit_seconds, 2),
+        }
+    model_name = "blend" if chosen.chosen.family == "blend" else chosen.chosen.family
+    best_model = fitted[model_name]
+    model = evaluation.evaluate_model(best_model, weighted_train, matrices.train, matrices.test,
+                                      blocked_items=matrices.unseen_items)
     popularity = evaluation.evaluate_popularity(matrices.train, matrices.test, blocked_items=matrices.unseen_items)
     if dump is not None:
         quality.dump(dump, train, test, matrices, model)
     genres = quality.load_genres(data, matrices.item_ids)
     genre_vectors = None if genres is None else unit_rows(genres)
     popularity_counts = np.diff(matrices.train.tocsc().indptr).astype(np.float32)
-    # each model re-ranked on the cosine of its own item factors, as the publish stage does
+    # each model re-ranked on the cosine of its own item vectors, as the publish stage does
     diversity = {
         name: evaluation.diversity_tradeoff(
             ranker, matrices.train, matrices.test, list(DIVERSITY_LAMBDAS), genre_vectors,
             blocked_items=matrices.unseen_items,
         )
         for name, ranker in (
-            ("model", als_model(user_factors, item_factors)),
+            ("model", evaluation.FittedRanker(best_model, weighted_train)),
             ("popularity", popularity_model(popularity_counts, matrices.train.shape[0])),
         )
     }
     return {
         "model": evaluation.metric_summary(model.metrics),
         "popularity": evaluation.metric_summary(popularity.metrics),
-        "params": tuned.params.to_dict(),
-        "validation": evaluation.metric_summary(tuned.validation),
-        "tuning_objective": tuned.objective,
-        "trials": len(tuned.trials),
-        "tuning_seconds": round(tuned.seconds, 2),
-        "fit_seconds": round(fit_seconds, 2),
+        "chosen": model_name,
+        "params": chosen.chosen.params,
+        "validation": chosen.chosen.validation,
+        "families": per_family,
+        "selection": chosen.to_dict(),
+        "selection_objective": chosen.objective,
+        "selection_seconds": round(selection_seconds, 2),
+        "fit_seconds": per_family[model_name]["fit_seconds"],
         "seed": seed,
         "test_users": model.metrics.users,
         "coverage": model.metrics.coverage,
@@ -96,15 +132,63 @@ def run_quality(data: Path, seed: int, trials: int, dump: Path | None) -> dict:
     }
 
 
+def run_seeds(data: Path, seeds: list[int], families: tuple[str, ...] = BENCH_FAMILIES) -> dict:
+    """The chosen model's test metrics per seed (each seed its own split, selection and fit), and
+    their mean and standard deviation."""
+    runs = {}
+    for seed in seeds:
+        result = run_quality(data, seed, None, families)
+        runs[str(seed)] = {"chosen": result["chosen"], "params": result["params"], "model": result["model"],
+                           "families": {name: row["test"] for name, row in result["families"].items()}}
+    summary = {}
+    for metric in METRIC_NAMES:
+        values = np.array([run["model"][metric] for run in runs.values()])
+        summary[metric] = {"mean": float(values.mean()), "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+    return {"seeds": runs, "mean": {m: summary[m]["mean"] for m in METRIC_NAMES},
+            "sd": {m: summary[m]["sd"] for m in METRIC_NAMES}}
+
+
 def results_table(result: dict) -> Table:
     table = Table(title=f"MovieLens-100k, k = 10, {result['test_users']} test users")
     table.add_column("algorithm")
     for name in ("MAP", "nDCG@10", "Precision@10", "Recall@10"):
         table.add_column(name, justify="right")
-    table.add_row("ALS (ours, tuned on validation)", *(f"{result['model'][m]:.4f}" for m in METRIC_NAMES), style="bold")
+    table.add_row(f"{result['chosen']} (ours, chosen on validation)", *(f"{result['model'][m]:.4f}" for m in METRIC_NAMES),
+                  style="bold")
     table.add_row("popularity (this run)", *(f"{result['popularity'][m]:.4f}" for m in METRIC_NAMES))
     for name, values in PUBLISHED.items():
         table.add_row(f"{name} (published)", *(f"{v:.4f}" for v in values), style="dim")
+    return table
+
+
+def families_table(result: dict) -> Table:
+    table = Table(title=f"Every family's best settings on validation (mean of {VALIDATION_SPLITS} splits of train), "
+                  "then on test; the chosen one by validation nDCG@10")
+    for name in ("family", "params", "val nDCG@10", "MAP", "nDCG@10", "Precision@10", "Recall@10", "fit s"):
+        table.add_column(name, justify="left" if name in ("family", "params") else "right")
+    for name, row in result["families"].items():
+        params = row["params"] if name != "blend" else {
+            "weight": row["params"]["weight"], "of": "+".join(part["family"] for part in row["params"]["parts"])}
+        table.add_row(name + (" *" if name == result["chosen"] else ""),
+                      " ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+                               for key, value in params.items()),
+                      f"{row['validation']['ndcg']:.4f}", f"{row['test']['map']:.4f}", f"{row['test']['ndcg']:.4f}",
+                      f"{row['test']['precision']:.4f}", f"{row['test']['recall']:.4f}", f"{row['fit_seconds']:.2f}")
+    for name, why in result["selection"]["skipped"].items():
+        table.add_row(name, why, *[""] * 6)
+    return table
+
+
+def seeds_table(repeated: dict) -> Table:
+    table = Table(title=f"The chosen model over {len(repeated['seeds'])} seeds (each its own split and selection)")
+    table.add_column("seed")
+    table.add_column("chosen")
+    for name in ("MAP", "nDCG@10", "Precision@10", "Recall@10"):
+        table.add_column(name, justify="right")
+    for seed, run in repeated["seeds"].items():
+        table.add_row(seed, run["chosen"], *(f"{run['model'][m]:.4f}" for m in METRIC_NAMES))
+    table.add_row("mean ± sd", "", *(f"{repeated['mean'][m]:.4f} ± {repeated['sd'][m]:.4f}" for m in METRIC_NAMES),
+                  style="bold")
     return table
 
 
@@ -116,7 +200,7 @@ def diversity_table(result: dict) -> Table:
         for row in rows:
             diversity = row["intra_list_diversity"]
             table.add_row(
-                "ALS" if model == "model" else model, f"{row['lambda']:g}", f"{row['map']:.4f}", f"{row['ndcg_at_10']:.4f}",
+                result["chosen"] if model == "model" else model, f"{row['lambda']:g}", f"{row['map']:.4f}", f"{row['ndcg_at_10']:.4f}",
                 f"{row['coverage']:.4f}", "-" if diversity is None else f"{diversity:.4f}", f"{row['novelty']:.3f}",
             )
     return table
@@ -161,7 +245,7 @@ def plot_tradeoff(result: dict, path: Path) -> None:
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("nDCG@10 (test)")
-    figure.suptitle("ALS on MovieLens-100k: accuracy against diversity, MMR λ from 0 to "
+    figure.suptitle(f"{result['chosen']} on MovieLens-100k: accuracy against diversity, MMR λ from 0 to "
                     f"{max(lambdas):g}", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,21 +259,28 @@ def quality_command(
     data: Annotated[Path, typer.Option(help="ml-100k folder (or its u.data file)", exists=True)],
     json_output: Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")] = False,
     dump: Annotated[Path | None, typer.Option(help="write train.csv, test.csv, recommendations.csv here")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="tuning trials on the validation split")] = 100,
-    seed: Annotated[int, typer.Option(help="split, search and model seed (the protocol uses 42)")] = 42,
+    seed: Annotated[int, typer.Option(help="split, selection and model seed (the protocol uses 42)")] = 42,
+    seeds: Annotated[int, typer.Option(min=0, help="also run this many seeds (seed, seed+1, ...) for mean ± sd")] = 0,
     plot: Annotated[Path | None, typer.Option(help="draw the diversity trade-off here (.svg or .png)")] = None,
 ) -> None:
-    """Tune ALS on a validation split of train, then evaluate once on the protocol's test split."""
-    Console(stderr=True).print(f"tuning {trials} trials on a validation split of train ...")
-    result = run_quality(data, seed=seed, trials=trials, dump=dump)
+    """Choose a model family and its settings on validation splits of train, then evaluate each
+    family's choice once on the protocol's test split."""
+    Console(stderr=True).print(f"choosing among {', '.join(BENCH_FAMILIES)} on {VALIDATION_SPLITS} validation splits of train ...")
+    result = run_quality(data, seed=seed, dump=dump)
+    if seeds:
+        result["repeated"] = run_seeds(data, list(range(seed, seed + seeds)))
     console = Console()
     console.print(results_table(result))
+    console.print(families_table(result))
+    if "repeated" in result:
+        console.print(seeds_table(result["repeated"]))
     console.print(diversity_table(result))
     console.print(cart_table(result))
     if plot is not None:
         plot_tradeoff(result, plot)
-    console.print(f"params: {result['params']}")
-    console.print(f"tuning {result['tuning_seconds']} s ({result['trials']} trials), final fit {result['fit_seconds']} s")
+    console.print(f"chosen: {result['chosen']} {result['params']}")
+    console.print(f"selection {result['selection_seconds']} s ({result['selection']['tried']} settings), "
+                  f"final fit {result['fit_seconds']} s")
     if json_output:
         sys.stdout.write(json.dumps(result) + "\n")
 

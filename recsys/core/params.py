@@ -16,8 +16,9 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
     "rating": 1.0,
 }
 
-# params holding event type lists: tuples in the dataclass, lists in JSON
-EVENT_TYPE_LISTS = ("exclude_event_types", "relevant_event_types", "negative_event_types", "basket_event_types")
+# params holding lists (event types, model families): tuples in the dataclass, lists in JSON
+LIST_PARAMS = ("exclude_event_types", "relevant_event_types", "negative_event_types", "basket_event_types", "models")
+MODEL_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")  # recsys.ml.families (core cannot import ml)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ class PipelineParams:
     alpha: float = 4.0
     iterations: int = 15
     seed: int = 42
+    # model families the train stage fits and chooses among (MAP@K on a random quarter of each
+    # user's pre-holdout items; the holdout stays the gate's): als, bpr, item_knn, ease, blend (of
+    # the two best). ALS keeps the settings above; EASE and item-kNN skip a catalogue over 20k
+    # products (recsys.ml.families). ALS alone by default: a run trains and explains what it did
+    # before; ["als", "ease", "blend"] is the suggested choice for a catalogue under 20k
+    # (docs/quality.md#model-families)
+    models: tuple[str, ...] = ("als",)
     # outputs
     top_n: int = 10
     k: int = 10
@@ -94,6 +102,9 @@ class PipelineParams:
             problems.append(f"ann_scoring must be true or false, got {self.ann_scoring!r}")
         if not 0 <= self.max_invalid_fraction <= 1:
             problems.append(f"max_invalid_fraction must be in [0, 1], got {self.max_invalid_fraction!r}")
+        unknown_models = [name for name in self.models if name not in MODEL_FAMILIES]
+        if unknown_models or not self.models:
+            problems.append(f"models must name one or more of {', '.join(MODEL_FAMILIES)}, got {list(self.models)!r}")
         if not self.basket_event_types:
             problems.append("basket_event_types must name at least one event type")
         if not self.event_weights:
@@ -117,7 +128,7 @@ class PipelineParams:
         if unknown:
             raise InputError(f"unknown parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         coerced = dict(values)
-        for name in EVENT_TYPE_LISTS:
+        for name in LIST_PARAMS:
             if name in coerced:
                 coerced[name] = tuple(coerced[name])
         if "event_weights" in coerced:
@@ -126,7 +137,7 @@ class PipelineParams:
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        for name in EVENT_TYPE_LISTS:
+        for name in LIST_PARAMS:
             values[name] = list(values[name])
         return values
 

@@ -6,13 +6,16 @@ MovieLens benchmark and the hyperparameter search; any factor model goes through
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
 
 from recsys.ml.diversity import intra_list_diversity, novelty, recommend_diverse_top_n
+from recsys.ml.families import Recommender
 from recsys.ml.metrics import RankingMetrics, ranking_metrics
 from recsys.ml.ranking import als_model, popularity_model, recommend_top_n
+from recsys.ml.top_n import blocked_mask
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,44 @@ def evaluate_factors(
 ) -> Evaluation:
     """Top-k for every user with a relevant item, ``exclude`` items removed, scored by ``ranking_metrics``."""
     return _evaluate(als_model(user_factors, item_factors), exclude, relevant, k, blocked_items)
+
+
+def evaluate_model(
+    model: Recommender,
+    user_items: sp.csr_matrix,
+    exclude: sp.csr_matrix,
+    relevant: sp.csr_matrix,
+    k: int = 10,
+    blocked_items: np.ndarray | None = None,
+) -> Evaluation:
+    """``evaluate_factors`` for a model of any family fitted on ``user_items`` (its lists from
+    ``rank_lists``; scores: user vector · item vector of each listed item)."""
+    relevant = relevant.tocsr()
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    items = model.recommend(users, user_items, k, exclude=exclude.tocsr()[users],
+                            blocked=blocked_mask(model.n_items, blocked_items))
+    vectors = model.user_vectors(users, user_items).astype(np.float64)
+    listed = model.items.factors[np.maximum(items, 0)].astype(np.float64)
+    scores = np.where(items >= 0, np.einsum("ud,ukd->uk", vectors, listed), -np.inf).astype(np.float32)
+    metrics = ranking_metrics(items, relevant[users], k, map_denominator="all")
+    return Evaluation(metrics, users, items, scores)
+
+
+@dataclass(frozen=True)
+class FittedRanker:
+    """A fitted model of any family as ``diversity_tradeoff`` takes one: the vectors of every
+    user of ``user_items`` and of every item (the product is the model's score)."""
+
+    model: Recommender
+    user_items: sp.csr_matrix
+
+    @cached_property
+    def user_factors(self) -> np.ndarray:
+        return self.model.user_vectors(np.arange(self.user_items.shape[0]), self.user_items)
+
+    @property
+    def item_factors(self) -> np.ndarray:
+        return self.model.items.factors
 
 
 def evaluate_popularity(

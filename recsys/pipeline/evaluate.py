@@ -1,4 +1,5 @@
-"""Evaluate stage: the holdout model vs a popularity baseline on the time-based holdout.
+"""Evaluate stage: the holdout model (of the family train chose on a validation split of the
+pre-holdout data) vs a popularity baseline on the time-based holdout.
 
 Both rank the same users with the same exclusions (what the user already had before the cutoff,
 inactive products), so the comparison is like for like. The quality gate reads this report.
@@ -15,12 +16,12 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from recsys.core.errors import InputError, QualityGateError
-from recsys.core.layout import EVALUATION_REPORT, FACTORS_HOLDOUT, ITEMS
+from recsys.core.layout import EVALUATION_REPORT, FACTORS_HOLDOUT, ITEMS, MANIFEST
 from recsys.core.params import PipelineParams
-from recsys.ml.als import load_factors
-from recsys.ml.diversity import recommend_diverse_top_n
+from recsys.ml.families import describe, load_model
 from recsys.ml.metrics import RankingMetrics, ranking_metrics
-from recsys.ml.ranking import als_model, popularity_model, recommend_top_n
+from recsys.ml.ranking import popularity_model, recommend_top_n
+from recsys.ml.top_n import blocked_mask
 from recsys.pipeline.matrix import holdout_split
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,13 @@ def evaluate(
         )
     relevant = split.validation[users]
 
-    user_factors, item_factors = load_factors(model_dir / FACTORS_HOLDOUT)
+    # chosen on a validation split of the pre-holdout data (train): the holdout is new to it
+    selection = json.loads((model_dir / MANIFEST).read_text()).get("selection")
+    model = load_model(model_dir / FACTORS_HOLDOUT)
     # the gate judges the lists publish makes: re-ranked for diversity as they will be
-    model_recs = recommend_diverse_top_n(
-        als_model(user_factors, item_factors), users, train_exclude, params.k, params.diversity_lambda, blocked
+    model_recs = model.recommend(
+        users, train, params.k, exclude=train_exclude[users], blocked=blocked_mask(train.shape[1], blocked),
+        diversity_lambda=params.diversity_lambda,
     )
     item_popularity = np.asarray((train > 0).sum(axis=0)).ravel()
     popular_recs, _ = recommend_top_n(
@@ -96,6 +100,9 @@ def evaluate(
         "window": manifest["window"],
         "holdout_cutoff": manifest["holdout_cutoff"],
         "k": params.k,
+        "model_family": describe(model),
+        # every family tried, with the validation metrics it was chosen on (None: ALS alone, no choice)
+        "selection": selection,
         "model": model_metrics.to_dict(),
         "popularity": popularity_metrics.to_dict(),
         "gate": {

@@ -330,6 +330,16 @@ def _extract_counts(run: Run) -> dict | None:
     return {name: values[name] for name in ("rows_read", "rows_kept", "rows_dropped", "rows_invalid", "dropped")}
 
 
+def _candidates(result: EvaluationResult) -> dict:
+    """The chosen family and every family's validation metrics, for the quality history."""
+    evaluation = json.loads(result.report_path.read_text())
+    chosen = evaluation.get("selection") or {}
+    return {
+        "family": (evaluation.get("model_family") or {}).get("family", "als"),
+        "candidates": {name: row["validation"] for name, row in chosen.get("families", {}).items()},
+    }
+
+
 def _run_record(
     run: Run, result: EvaluationResult, extract_counts: dict | None, dag_run_id: str | None
 ) -> history.RunRecord:
@@ -341,7 +351,7 @@ def _run_record(
         window_start=run.window.start,
         window_end=run.window.end,
         params=run.params.to_dict(),
-        metrics={"model": result.model.to_dict(), "popularity": result.popularity.to_dict()},
+        metrics={"model": result.model.to_dict(), "popularity": result.popularity.to_dict(), **_candidates(result)},
         gate_passed=result.passed,
         gate_reason=result.reason,
         extract_counts=extract_counts,

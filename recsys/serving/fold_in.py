@@ -76,8 +76,12 @@ def weigh_events(live: LiveModel, events: list[tuple[str, str, float | None, flo
     return UserEvents(row.astype(np.float32), owned, negative_products)
 
 
-def fold_in_vector(live: LiveModel, events: UserEvents) -> np.ndarray:
-    """The user's factors solved against the live item factors (implicit's recalculate_user)."""
+def fold_in_vector(live: LiveModel, events: UserEvents) -> np.ndarray | None:
+    """The user's factors solved against the live item factors (implicit's recalculate_user); for
+    the item-item families, the weighted row itself. None when the live family cannot fold in a
+    user (BPR): the caller serves the top buys instead."""
+    if live.model is None:
+        return live.recommender.fold_in(events.row)
     return np.asarray(live.model.recalculate_user(0, events.row), dtype=np.float32)
 
 
@@ -126,5 +130,9 @@ def _allowed(live: LiveModel, blocked: Iterable[int], category: str | None) -> n
 def similar_to(live: LiveModel, item: int, count: int, kept_out: np.ndarray | None = None) -> list[int]:
     """``kept_out``: per item, excluded by a rule (besides the version's inactive products)."""
     blocked = ~live.active if kept_out is None else ~live.active | kept_out
-    row = similar_items(live.items, np.asarray([item]), count, blocked)[0]
+    # the family's own similarity, as publish lists it (ALS: the cosine of the factors)
+    if live.recommender is None:
+        row = similar_items(live.items, np.asarray([item]), count, blocked)[0]
+    else:
+        row = live.recommender.similar_items(np.asarray([item]), count, blocked)[0]
     return [int(i) for i in row[row >= 0]]

@@ -20,7 +20,7 @@ from recsys.core.layout import EXCLUDE, FULL, ITEMS, USERS, published_artifacts
 from recsys.core.params import PipelineParams
 from recsys.core.rules import NO_RULES_FINGERPRINT, RuleSnapshot
 from recsys.core.settings import Settings
-from recsys.ml.als import load_factors
+from recsys.ml.families import Als, Recommender, load_model
 from recsys.ml.ranking import als_model, top_buys_order
 from recsys.ml.top_n import ItemVectors
 from recsys.serving.schemas import ProductId
@@ -38,7 +38,7 @@ class LiveModel:
     buckets: int  # its bucket count
     params: PipelineParams
     data_start: datetime
-    model: Any  # implicit ALS around the version's factors
+    model: Any  # implicit ALS around the version's factors (ALS versions; None for other families)
     user_index: dict[str, int]
     item_ids: list[str]
     item_index: dict[str, int]
@@ -54,6 +54,14 @@ class LiveModel:
     rules_fingerprint: str  # the ordering rules its published lists were made with
     # the rules (and inactive products) its publish applied; None for versions from before they were recorded
     published_rules: RuleSnapshot | None
+    # the version's model, of whichever family (recsys.ml.families); None: ALS from ``model`` alone
+    recommender: Recommender | None = None
+
+    def user_vector(self, index: int) -> np.ndarray:
+        """What a user of the version is ranked by: their factors, or (item-item families) their row."""
+        if self.model is not None:
+            return self.model.user_factors[index]
+        return self.recommender.user_vectors(np.array([index]), self.confidence)[0]
 
     @property
     def unit_item_factors(self) -> np.ndarray:
@@ -74,12 +82,15 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
     user_ids = pq.read_table(matrix_dir / USERS, columns=["id"])["id"].to_pylist()
     items = pq.read_table(matrix_dir / ITEMS).to_pandas()
     item_ids = items["id"].tolist()
-    model = als_model(*load_factors(model_path))
-    # the fold-in must solve the same least squares the version was trained with
-    model.regularization, model.alpha = params.regularization, params.alpha
-    # requests already run in parallel on the pool; implicit's own threads would oversubscribe
-    model.num_threads = 1
-    _ = model.YtY  # cached on the model: computed once here, not by the first concurrent fold-ins
+    recommender = load_model(model_path)
+    model = None
+    if isinstance(recommender, Als):
+        model = als_model(recommender.user_factors, recommender.item_factors)
+        # the fold-in must solve the same least squares the version was trained with
+        model.regularization, model.alpha = params.regularization, params.alpha
+        # requests already run in parallel on the pool; implicit's own threads would oversubscribe
+        model.num_threads = 1
+        _ = model.YtY  # cached on the model: computed once here, not by the first concurrent fold-ins
     active = items["active"].to_numpy(dtype=bool)
     category = items["category"].to_numpy(dtype=object)
     # publish's top-buys order: distinct buyers, then distinct users, then id
@@ -93,6 +104,7 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         params=params,
         data_start=datetime.fromisoformat(meta["data_start"]),
         model=model,
+        recommender=recommender,
         user_index={user_id: index for index, user_id in enumerate(user_ids)},
         item_ids=item_ids,
         item_index={item_id: index for index, item_id in enumerate(item_ids)},
@@ -104,7 +116,7 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         exclude=exclude,
         document_frequency=np.bincount(full.indices, minlength=full.shape[1]),
         confidence=full,
-        items=ItemVectors.of(model.item_factors),
+        items=recommender.items,
         # versions from before rules were published with none
         rules_fingerprint=meta.get("rules_fingerprint", NO_RULES_FINGERPRINT),
         published_rules=RuleSnapshot.from_dict(json.loads(meta["rules_snapshot"])) if "rules_snapshot" in meta else None,

@@ -292,11 +292,12 @@ async def _scoring(svc: RecsysService, live: LiveModel, user_id: str, source: So
     """The model's own user factors, else a fold-in of the recorded events, else popularity."""
     if source == "model" and user_id in live.user_index:
         index = live.user_index[user_id]
-        return Scoring("model", live.model.user_factors[index], live.exclude[index].indices.tolist())
+        return Scoring("model", live.user_vector(index), live.exclude[index].indices.tolist())
     events = await _user_events(svc, live, user_id)
-    if events.row.nnz:
-        return Scoring("fold_in", await svc.run(fold_in_vector, live, events), events.owned.tolist())
-    # nothing to fold in, but what the user said no to (or bought) stays out of the top buys too
+    if events.row.nnz and (vector := await svc.run(fold_in_vector, live, events)) is not None:
+        return Scoring("fold_in", vector, events.owned.tolist())
+    # nothing to fold in (or a family that cannot), but what the user said no to (or bought) stays
+    # out of the top buys too
     return Scoring("popular", None, events.owned.tolist())
 
 
@@ -569,12 +570,13 @@ async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList |
         top_n = live.params.top_n
         merchandising = svc.merchandising(live)
         rules = None if merchandising is None else merchandising.for_user(user_id)
-        if not events.row.nnz:
-            # nothing the live model knows (e.g. a product newer than the model): lists stay
+        vector = await svc.run(fold_in_vector, live, events) if events.row.nnz else None
+        if vector is None:
+            # nothing the live model knows (e.g. a product newer than the model), or a family that
+            # cannot fold in a user (BPR): lists stay
             scoring = Scoring("popular", None, events.owned.tolist())
             popular = await _ranked(svc, live, scoring, [], None, top_n, 0.0, [], rules)
             return RefreshedList(live, "popular", popular)
-        vector = await svc.run(fold_in_vector, live, events)
         scoring = Scoring("fold_in", vector, events.owned.tolist())
         products = await _ranked(svc, live, scoring, [], None, top_n, live.params.diversity_lambda, [], rules)
         entry = {

@@ -17,6 +17,7 @@ from recsys.bench.frequency_scaled import fit_frequency_scaled
 from recsys.bench.quality import DIVERSITY_LAMBDAS
 from recsys.cli import app
 from recsys.ml import search as tuning
+from recsys.ml import selection
 
 
 def synthetic_ratings(seed: int = 0, n_users: int = 60, n_items: int = 90) -> pd.DataFrame:
@@ -101,21 +102,20 @@ def write_u_data(ratings: pd.DataFrame, directory: Path) -> Path:
     return directory
 
 
-def test_tuning_only_ever_sees_train(ratings, tmp_path, monkeypatch):
+def test_selection_only_ever_sees_train(ratings, tmp_path, monkeypatch):
     data = write_u_data(ratings, tmp_path / "ml")
     train, test = quality.stratified_split(ratings, ratio=0.75, seed=42)
-    seen: list[tuple[sp.csr_matrix, sp.csr_matrix]] = []
-    real = tuning.validation_metrics
+    seen: list[selection.ValidationSplit] = []
+    real = selection.select
 
-    def spy(fit_matrix, validation, params, seed, k=10, exclude=None, blocked_items=None, fitter=tuning.fit):
-        seen.append((fit_matrix, validation))
-        assert exclude is None  # the benchmark excludes the fit items themselves
-        return real(fit_matrix, validation, params, seed, k, exclude, blocked_items, fitter)
+    def spy(splits, *args, **kwargs):
+        seen.extend(splits)
+        return real(splits, *args, **kwargs)
 
-    monkeypatch.setattr(tuning, "validation_metrics", spy)
-    from recsys.bench.quality import run_quality
+    monkeypatch.setattr(selection, "select", spy)
+    from recsys.bench.quality import VALIDATION_SPLITS, run_quality
 
-    run_quality(data, seed=42, trials=3, dump=None)
+    result = run_quality(data, seed=42, dump=None, families=("als", "ease", "blend"))
 
     matrices = quality.build_matrices(train, test)
 
@@ -123,11 +123,17 @@ def test_tuning_only_ever_sees_train(ratings, tmp_path, monkeypatch):
         coo = matrix.tocoo()
         return set(zip(matrices.user_ids[coo.row].tolist(), matrices.item_ids[coo.col].tolist(), strict=True))
 
-    assert len(seen) == 3
-    for fit_matrix, validation in seen:
-        assert raw_pairs(fit_matrix) | raw_pairs(validation) == pairs(train)
-        assert not raw_pairs(fit_matrix) & raw_pairs(validation)
-        assert not (raw_pairs(fit_matrix) | raw_pairs(validation)) & pairs(test)
+    assert len(seen) == VALIDATION_SPLITS
+    for split in seen:
+        fit_pairs, validation_pairs = raw_pairs(split.fit), raw_pairs(split.relevant)
+        assert fit_pairs | validation_pairs == pairs(train)
+        assert not fit_pairs & validation_pairs
+        assert not (fit_pairs | validation_pairs) & pairs(test)
+    assert set(result["families"]) == {"als", "ease", "blend"}
+    # the chosen family is the validation winner, and `model` is its test row
+    best = max(result["families"], key=lambda name: result["families"][name]["validation"]["ndcg"])
+    assert result["chosen"] == best
+    assert result["model"]["ndcg_at_10"] == pytest.approx(result["families"][best]["test"]["ndcg"], abs=1e-12)
 
 
 def test_tune_tries_the_start_params_first_and_returns_the_best_trial(ratings):
@@ -158,7 +164,7 @@ def test_bench_quality_prints_json_last_and_dumps_checkable_files(ratings, tmp_p
     dump = tmp_path / "dump"
 
     result = CliRunner().invoke(
-        app, ["bench", "quality", "--data", str(data), "--json", "--trials", "3", "--dump", str(dump),
+        app, ["bench", "quality", "--data", str(data), "--json", "--dump", str(dump),
                     "--plot", str(tmp_path / "tradeoff.svg")]
     )
 
@@ -166,7 +172,8 @@ def test_bench_quality_prints_json_last_and_dumps_checkable_files(ratings, tmp_p
     last = json.loads(result.stdout.strip().splitlines()[-1])
     metric_keys = {"map", "ndcg_at_10", "precision_at_10", "recall_at_10"}
     assert set(last["model"]) == metric_keys and set(last["popularity"]) == metric_keys
-    assert {"factors", "regularization", "alpha", "iterations", "confidence"} <= set(last["params"])
+    assert last["chosen"] in last["families"] and last["params"] == last["families"][last["chosen"]]["params"]
+    assert {"als", "bpr", "item_knn", "ease", "blend"} == set(last["families"])
     assert "BiVAE" in result.stdout
 
     assert list(pd.read_csv(dump / "train.csv").columns) == ["user_id", "item_id", "rating", "timestamp"]

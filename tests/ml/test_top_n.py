@@ -12,6 +12,7 @@ import scipy.sparse as sp
 
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, RuleSnapshot
+from recsys.ml.families import Als
 from recsys.ml.merchandising import Merchandising, place_pins_in_list
 from recsys.ml.top_n import USER_BLOCK, ItemVectors, rank_lists, similar_items
 from recsys.pipeline.publish.stage import _ruled_top_n
@@ -185,8 +186,8 @@ def test_publish_and_the_api_rank_the_same_lists_with_rules():
     merchandising = Merchandising(snapshot, item_ids, categories)
     params = PipelineParams()
     users = np.arange(60, dtype=np.int32)
-    published = _ruled_top_n(merchandising, (user_factors, item_factors), pa.array([str(u) for u in users]), users,
-                             exclude, np.flatnonzero(~active), params, progress=None)
+    published = _ruled_top_n(merchandising, Als(user_factors=user_factors, item_factors=item_factors), None,
+                             pa.array([str(u) for u in users]), users, exclude, np.flatnonzero(~active), params, progress=None)
     live = LiveModel(
         version="v", build="b", buckets=1, params=params, data_start=None, model=None, user_index={}, item_ids=item_ids,
         item_index={}, id_types=None, active=active, category=categories, categories=frozenset(), popular=np.array([]),

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +39,17 @@ import scipy.sparse as sp
 
 from recsys.core.errors import EmptyResultError, PublishConflictError, StaleVersionError
 from recsys.core.ids import IdType, IdTypes, id_out
-from recsys.core.layout import EXCLUDE, FACTORS_FULL, ITEMS, MANIFEST, USERS
+from recsys.core.layout import EXCLUDE, FACTORS_FULL, FULL, ITEMS, MANIFEST, USERS
 from recsys.core.params import PipelineParams
 from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
 from recsys.core.window import Window, version_name
-from recsys.ml.als import load_factors, load_item_factors
 from recsys.ml.ann import ItemIndexes, rank_lists_approximately
 from recsys.ml.co_purchase import bought_together
+from recsys.ml.families import USER_CHUNK, FactorModel, Recommender, load_model
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import top_buys_order
-from recsys.ml.top_n import ItemVectors, blocked_mask, rank_lists, similar_items
+from recsys.ml.top_n import blocked_mask, rank_lists
 from recsys.pipeline.matrix import inactive_items, load_baskets, matrix_id_types
 from recsys.pipeline.train import checked_model_build
 from recsys.storage import builds
@@ -249,11 +249,11 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     blocked = np.union1d(inactive_items(matrix_dir), np.flatnonzero(kept_out)).astype(np.int32)
     # an out-of-stock product's page still shows alternatives: owners are the catalogue's active ones
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
-    vectors = ItemVectors.of(load_item_factors(staging.model_dir / FACTORS_FULL))
+    model = load_model(staging.model_dir / FACTORS_FULL)
     with staging.timings.phase("similar"):
         # one similarity search serves both: the similar lists and the fill of sparse bought-together lists
-        similar = similar_items(
-            vectors, active, max(params.similar_n, params.bought_together_n), blocked_mask(len(vectors.factors), blocked),
+        similar = model.similar_items(
+            active, max(params.similar_n, params.bought_together_n), blocked_mask(model.n_items, blocked),
             progress="similar" if progress else None,
         )
         together = bought_together(
@@ -294,11 +294,13 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     matrix_dir, params = staging.matrix_dir, staging.params
     user_ids = _ids(matrix_dir / USERS).cast(pa.string())
     users = shard_users(len(user_ids), shard, shards)
-    factors, exclude = load_factors(staging.model_dir / FACTORS_FULL), sp.load_npz(matrix_dir / EXCLUDE).tocsr()
+    model, exclude = load_model(staging.model_dir / FACTORS_FULL), sp.load_npz(matrix_dir / EXCLUDE).tocsr()
+    # the item-item families read a user's row of the matrix they were fitted on
+    fitted_on = None if isinstance(model, FactorModel) else sp.load_npz(matrix_dir / FULL).tocsr()
     merchandising = staging.merchandising(pq.read_table(matrix_dir / ITEMS, columns=["id", "category"]))
     with staging.timings.phase("scoring"):
         recs = _ruled_top_n(
-            merchandising, factors, pc.take(user_ids, pa.array(users)), users, exclude,
+            merchandising, model, fitted_on, pc.take(user_ids, pa.array(users)), users, exclude,
             inactive_items(matrix_dir), params, progress=f"recommend {shard + 1}/{shards}" if progress else None,
         )
     has_recs = recs[:, 0] >= 0
@@ -322,8 +324,8 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
 
 
 def _ruled_top_n(
-    merchandising: Merchandising, factors: tuple[np.ndarray, np.ndarray], user_ids: pa.Array, users: np.ndarray,
-    exclude: sp.csr_matrix, inactive: np.ndarray, params: PipelineParams, progress: str | None,
+    merchandising: Merchandising, model: Recommender, fitted_on: sp.csr_matrix | None, user_ids: pa.Array,
+    users: np.ndarray, exclude: sp.csr_matrix, inactive: np.ndarray, params: PipelineParams, progress: str | None,
 ) -> np.ndarray:
     """Each user's top-N with the rules of their segments (``rank_lists``, as the API ranks on
     request): excluded products blocked, scores multiplied by boosts and buries, pins placed last.
@@ -336,23 +338,35 @@ def _ruled_top_n(
     else:
         groups[frozenset()] = list(range(len(users)))
     recs = np.full((len(users), params.top_n), -1, dtype=np.int32)
-    user_factors, item_factors = factors
-    items = ItemVectors.of(item_factors)
-    indexes = ItemIndexes(item_factors)  # graphs built when a segment first needs one
+    items = model.items
+    # HNSW graphs (built when a segment first needs one) index factor models' item factors only
+    indexes = ItemIndexes(items.factors) if isinstance(model, FactorModel) else None
     for segments, rows in groups.items():
         rules = merchandising.for_segments(segments)
         blocked = rules.blocked.copy()
         blocked[inactive] = True
         group, group_exclude = users[rows], exclude[users[rows]]
-        # a shard's users are one increasing range: without segments, a view of their factors
-        contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group)
-        ranking = {"exclude": group_exclude, "blocked": blocked, "factors": rules.factors,
-                   "diversity_lambda": params.diversity_lambda, "first": params.top_n, "progress": progress}
-        group_factors = user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group]
-        if params.ann_scoring and len(blocked) - int(blocked.sum()) >= params.ann_min_items:
-            lists = rank_lists_approximately(indexes, group_factors, items, params.top_n + len(rules.pins), **ranking)
-        else:
-            lists = rank_lists(group_factors, items, params.top_n + len(rules.pins), **ranking)
+        if isinstance(model, FactorModel):
+            # a shard's users are one increasing range: without segments, a view of their factors
+            contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group)
+            user_factors = model.user_factors
+            chunks = [(slice(0, len(group)), user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group])]
+        else:  # dense rows of the matrix: built a chunk of users at a time
+            chunks = [
+                (part, model.user_vectors(group[part], fitted_on))
+                for part in (slice(lo, min(lo + USER_CHUNK, len(group))) for lo in range(0, len(group), USER_CHUNK))
+            ]
+        approximate = (
+            indexes is not None and params.ann_scoring and len(blocked) - int(blocked.sum()) >= params.ann_min_items
+        )
+        rank = partial(rank_lists_approximately, indexes) if approximate else rank_lists
+        lists = np.concatenate([
+            rank(
+                vectors, items, params.top_n + len(rules.pins), exclude=group_exclude[part], blocked=blocked,
+                factors=rules.factors, diversity_lambda=params.diversity_lambda, first=params.top_n, progress=progress,
+            )
+            for part, vectors in chunks
+        ]) if len(group) else np.full((0, params.top_n + len(rules.pins)), -1, np.int32)
         owned = group_exclude[:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
         recs[rows] = place_pins(lists, rules.pins, params.top_n, owned)
     return recs
@@ -516,6 +530,7 @@ def finish_publish(
                 "data_end_ts": repr(window.end.timestamp()),
                 "published_at": datetime.now(UTC).isoformat(),
                 "model_path": str((model_dir / FACTORS_FULL).resolve()),
+                "model_family": _dumps(json.loads((model_dir / MANIFEST).read_text()).get("model", {"family": "als"})),
                 "matrix_dir": str(matrix_dir.resolve()),
                 "metrics": _dumps({"model": evaluation["model"], "popularity": evaluation["popularity"]}),
                 "params": _dumps(params.to_dict()),
