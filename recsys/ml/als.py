@@ -50,13 +50,6 @@ def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return saved["user_factors"], saved["item_factors"]
 
 
-def load_item_factors(path: Path) -> np.ndarray:
-    """The item factors alone: the npz reads each array on access, so the user factors (most of
-    the file) are never read."""
-    with np.load(path, allow_pickle=False) as saved:
-        return saved["item_factors"]
-
-
 def library_versions() -> dict[str, str]:
     import implicit
     import scipy

@@ -146,10 +146,12 @@ def _flat_arrays(model: Recommender, prefix: str = "") -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_model(path: Path) -> Recommender:
-    """A model saved by ``Recommender.save``; an npz of bare factors (saved before families) is ALS."""
+def load_model(path: Path, with_users: bool = True) -> Recommender:
+    """A model saved by ``Recommender.save``; an npz of bare factors (saved before families) is ALS.
+    ``with_users`` False: user factors (most of a factor model's file) are left unread, for work
+    on the items alone (the npz reads each array on access)."""
     with np.load(path, allow_pickle=False) as saved:
-        arrays = {name: saved[name] for name in saved.files}
+        arrays = {name: saved[name] for name in saved.files if with_users or not name.endswith("user_factors")}
     if "model" not in arrays:
         return Als.restore(Als().params(), arrays, [])
     return _restore(json.loads(str(arrays.pop("model"))), arrays)
@@ -187,7 +189,7 @@ class FactorModel(Recommender):
 
     @classmethod
     def restore(cls, params, arrays, parts) -> FactorModel:
-        return cls(**params, user_factors=arrays["user_factors"], item_factors=arrays["item_factors"])
+        return cls(**params, user_factors=arrays.get("user_factors"), item_factors=arrays["item_factors"])
 
 
 # ---------------------------------------------------------------------------------------- ALS

@@ -16,6 +16,7 @@ from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, RuleSnapshot
 from recsys.ml import ann
 from recsys.ml.ann import ItemIndexes, rank_lists_approximately
+from recsys.ml.families import Als
 from recsys.ml.merchandising import Merchandising
 from recsys.ml.top_n import USER_BLOCK, ItemVectors, rank_lists
 from recsys.pipeline.publish.stage import _ruled_top_n
@@ -156,8 +157,9 @@ def test_publish_ranks_approximately_only_from_the_threshold_on():
     inactive = np.arange(100, 200)
 
     def ranked(**params) -> np.ndarray:
-        return _ruled_top_n(merchandising, (user_factors, item_factors), user_ids, users, exclude, inactive,
-                            PipelineParams(**params), None)
+        return _ruled_top_n(merchandising, Als(user_factors=user_factors, item_factors=item_factors), None, user_ids,
+                           users, exclude, inactive,
+                           PipelineParams(**params), None)
 
     exact = ranked()
     np.testing.assert_array_equal(ranked(ann_scoring=True, ann_min_items=len(ids) - 100 + 1), exact)  # below: exact

@@ -97,6 +97,10 @@ def test_save_and_load_give_the_same_model(fitted, matrix, tmp_path):
     np.testing.assert_array_equal(loaded.similar_items(np.arange(10), 5), model.similar_items(np.arange(10), 5))
     with np.load(path, allow_pickle=False) as saved:  # plain arrays and a JSON string: nothing pickled
         assert all(saved[key].dtype != object for key in saved.files)
+    # publish's similar products load the items alone: the same lists, no user factors read
+    items_only = load_model(path, with_users=False)
+    np.testing.assert_array_equal(items_only.similar_items(np.arange(10), 5), model.similar_items(np.arange(10), 5))
+    assert all(getattr(part, "user_factors", None) is None for part in (items_only, *getattr(items_only, "parts", ())))
 
 
 def test_fitting_twice_gives_identical_arrays(fitted, matrix):

@@ -249,7 +249,7 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     blocked = np.union1d(inactive_items(matrix_dir), np.flatnonzero(kept_out)).astype(np.int32)
     # an out-of-stock product's page still shows alternatives: owners are the catalogue's active ones
     active = np.flatnonzero(items["active"].to_numpy(dtype=bool)).astype(np.int32)
-    model = load_model(staging.model_dir / FACTORS_FULL)
+    model = load_model(staging.model_dir / FACTORS_FULL, with_users=False)  # similar products need the items alone
     with staging.timings.phase("similar"):
         # one similarity search serves both: the similar lists and the fill of sparse bought-together lists
         similar = model.similar_items(
