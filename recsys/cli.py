@@ -20,6 +20,7 @@ from recsys.bench.chaos import chaos_command
 from recsys.bench.negative import negative_command
 from recsys.bench.quality import bench_app
 from recsys.bench.serve import serve_bench_command
+from recsys.bench.serve_cpu import serve_cpu_command
 from recsys.bench.speed import speed_bench_command
 from recsys.core import db
 from recsys.core.errors import RecsysError, describe
@@ -43,6 +44,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(bench_app, name="bench")
 app.command("chaos")(chaos_command)
 bench_app.command("serve")(serve_bench_command)
+bench_app.command("serve-cpu")(serve_cpu_command)
 bench_app.command("speed")(speed_bench_command)
 bench_app.command("negative")(negative_command)
 bench_app.command("cart")(cart_command)
