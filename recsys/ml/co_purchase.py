@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import TypeVar
 
 import numpy as np
@@ -169,10 +170,7 @@ def vote_ranked_lists(
     earlier source), each source named once."""
     # An API hot path, where each entry's turn of a Python loop costs ~1,000 instructions: the
     # votes w / r are computed once per position, the excluded entries dropped once at the end.
-    per_position = []
-    for name, weight, lists in voters:
-        longest = max(map(len, lists), default=0)
-        per_position.append((name, [weight / position for position in range(1, longest + 1)], lists))
+    per_position = [(name, _votes_at(weight, max(map(len, lists), default=0)), lists) for name, weight, lists in voters]
     votes: dict[T, float] = {}
     get = votes.get
     for _, vote_at, lists in per_position:
@@ -199,6 +197,12 @@ def vote_ranked_lists(
             if name not in used:
                 used.append(name)
     return picked, used
+
+
+@cache
+def _votes_at(weight: float, positions: int) -> tuple[float, ...]:
+    """``weight / r`` for r = 1..positions: the same few tuples on every request, made once."""
+    return tuple(weight / position for position in range(1, positions + 1))
 
 
 def _positions(ranked: Sequence[T], entry: T) -> Sequence[int]:
