@@ -191,8 +191,12 @@ def vote_ranked_lists(
         for name, vote_at, lists in per_position:
             for ranked in lists:
                 if entry in ranked:
-                    for position in _positions(ranked, entry):
-                        share[name] = share.get(name, 0.0) + vote_at[position]
+                    first = ranked.index(entry)
+                    share[name] = share.get(name, 0.0) + vote_at[first]
+                    if ranked.count(entry) > 1:  # not in published lists (distinct), but allowed
+                        for position in range(first + 1, len(ranked)):
+                            if ranked[position] == entry:
+                                share[name] += vote_at[position]
         for name in sorted(share, key=share.__getitem__, reverse=True):
             if name not in used:
                 used.append(name)
@@ -203,14 +207,6 @@ def vote_ranked_lists(
 def _votes_at(weight: float, positions: int) -> tuple[float, ...]:
     """``weight / r`` for r = 1..positions: the same few tuples on every request, made once."""
     return tuple(weight / position for position in range(1, positions + 1))
-
-
-def _positions(ranked: Sequence[T], entry: T) -> Sequence[int]:
-    """Where ``entry`` (known to be there) stands in ``ranked``, 0-based, in order."""
-    first = ranked.index(entry)
-    if ranked.count(entry) == 1:
-        return (first,)
-    return [position for position in range(first, len(ranked)) if ranked[position] == entry]
 
 
 def merge_ranked_lists(lists: Iterable[Sequence[T]], n: int, excluded: set[T] | frozenset[T] = frozenset()) -> list[T]:
