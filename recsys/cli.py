@@ -78,6 +78,7 @@ bench_app = typer.Typer(
         "quality": "recsys.bench.quality:quality_command",
         "defaults": "recsys.bench.quality:defaults_command",
         "serve": "recsys.bench.serve:serve_bench_command",
+        "serve-cpu": "recsys.bench.serve_cpu:serve_cpu_command",
         "speed": "recsys.bench.speed:speed_bench_command",
         "negative": "recsys.bench.negative:negative_command",
         "cart": "recsys.bench.cart:cart_command",

@@ -19,8 +19,8 @@ from recsys.storage.live import LiveStore
 _HEADERS = [(b"content-type", b"application/json")]
 
 
-def create_app():
-    store = LiveStore(Settings())
+def create_app(settings: Settings | None = None):
+    store = LiveStore(settings or Settings())
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -302,8 +302,9 @@ class Endpoint:
     requests: list[bytes]  # whole HTTP requests, cycled over
 
 
-def endpoints(settings: Settings) -> list[Endpoint]:
-    """The three requests, over the published users and products (carts of 2-3 products)."""
+def request_mix(settings: Settings) -> dict[str, list[tuple[str, str, bytes]]]:
+    """The three requests (method, path, body), over the published users and products (carts of
+    2-3 products)."""
     live = reads.live_build(*storage.connect(settings))
     users = [user for user, _ in live.entries("user_recs")]
     products = [product for product, _ in live.entries("similar_products")]
@@ -311,11 +312,15 @@ def endpoints(settings: Settings) -> list[Endpoint]:
                                          *([products[(i * 13 + 2) % len(products)]] if i % 2 else [])]}).encode()
              for i in range(min(len(products), 500))]
     quote = lambda value: urllib.parse.quote(value, safe="")  # noqa: E731
-    return [
-        Endpoint("users", [_request("GET", f"/users/{quote(user)}/recommendations") for user in users]),
-        Endpoint("similar", [_request("GET", f"/products/{quote(product)}/similar") for product in products]),
-        Endpoint("cart", [_request("POST", "/carts/recommendations", cart) for cart in carts]),
-    ]
+    return {
+        "users": [("GET", f"/users/{quote(user)}/recommendations", b"") for user in users],
+        "similar": [("GET", f"/products/{quote(product)}/similar", b"") for product in products],
+        "cart": [("POST", "/carts/recommendations", cart) for cart in carts],
+    }
+
+
+def endpoints(settings: Settings) -> list[Endpoint]:
+    return [Endpoint(name, [_request(*request) for request in requests]) for name, requests in request_mix(settings).items()]
 
 
 def _spread(values: list[float]) -> dict:

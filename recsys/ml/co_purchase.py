@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import TypeVar
 
 import numpy as np
@@ -169,10 +170,7 @@ def vote_ranked_lists(
     earlier source), each source named once."""
     # An API hot path, where each entry's turn of a Python loop costs ~1,000 instructions: the
     # votes w / r are computed once per position, the excluded entries dropped once at the end.
-    per_position = []
-    for name, weight, lists in voters:
-        longest = max(map(len, lists), default=0)
-        per_position.append((name, [weight / position for position in range(1, longest + 1)], lists))
+    per_position = [(name, _votes_at(weight, max(map(len, lists), default=0)), lists) for name, weight, lists in voters]
     votes: dict[T, float] = {}
     get = votes.get
     for _, vote_at, lists in per_position:
@@ -193,20 +191,22 @@ def vote_ranked_lists(
         for name, vote_at, lists in per_position:
             for ranked in lists:
                 if entry in ranked:
-                    for position in _positions(ranked, entry):
-                        share[name] = share.get(name, 0.0) + vote_at[position]
+                    first = ranked.index(entry)
+                    share[name] = share.get(name, 0.0) + vote_at[first]
+                    if ranked.count(entry) > 1:  # not in published lists (distinct), but allowed
+                        for position in range(first + 1, len(ranked)):
+                            if ranked[position] == entry:
+                                share[name] += vote_at[position]
         for name in sorted(share, key=share.__getitem__, reverse=True):
             if name not in used:
                 used.append(name)
     return picked, used
 
 
-def _positions(ranked: Sequence[T], entry: T) -> Sequence[int]:
-    """Where ``entry`` (known to be there) stands in ``ranked``, 0-based, in order."""
-    first = ranked.index(entry)
-    if ranked.count(entry) == 1:
-        return (first,)
-    return [position for position in range(first, len(ranked)) if ranked[position] == entry]
+@cache
+def _votes_at(weight: float, positions: int) -> tuple[float, ...]:
+    """``weight / r`` for r = 1..positions: the same few tuples on every request, made once."""
+    return tuple(weight / position for position in range(1, positions + 1))
 
 
 def merge_ranked_lists(lists: Iterable[Sequence[T]], n: int, excluded: set[T] | frozenset[T] = frozenset()) -> list[T]:

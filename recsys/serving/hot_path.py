@@ -8,8 +8,10 @@ parameter parsing, a thread-pool hop, response validation) cost more than the Re
 This middleware does the few checks those routes' declarations do (the key and its scope, the
 path and query constraints) and calls the same service functions the routes call, so an answer
 is the same bytes whichever path built it (tested). Anything else — another parameter, a value
-out of bounds, a bad key, any error — goes to the FastAPI app untouched, which answers as always
-(a 422 names the field, a 401 the key). A cart body is read here and handed on unchanged.
+out of bounds, a bad key — goes to the FastAPI app untouched, which answers as always (a 422
+names the field, a 401 the key); a cart body is read here and handed on unchanged. An error the
+service raises on a hot path (a 404, a 422 on an id, a 503) is answered by the app's own
+exception handlers, without doing the request's reads a second time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recsys.serving.schemas import ID_PATTERN, MAX_ID_LENGTH, MAX_N, MAX_OFFSET, CartIn
@@ -63,11 +68,24 @@ class HotPaths:
             return await self.app(scope, receive, send)
         try:
             content = await answer()
-        except Exception:  # noqa: BLE001 - the app answers it as it always does (422, 503 ...)
-            return await self.app(scope, receive, send)
+        except Exception as error:  # noqa: BLE001 - answered as the app answers it, reads not repeated
+            return await self._error(scope, receive, send, error)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_HEADERS, (b"content-length", str(len(content)).encode())]})
         await send({"type": "http.response.body", "body": content})
+
+    async def _error(self, scope: Scope, receive: Receive, send: Send, error: Exception) -> None:
+        """What the app's exception handlers answer to ``error`` (404 and 422 from the service,
+        503 while Redis is down or nothing is live), without running the request again: its reads
+        are not repeated, and a Redis outage costs one timeout, not two. An error no handler takes
+        is a 500, as the app's outermost middleware answers it, and raised on to the server."""
+        handler = _handler(self.app.exception_handlers, error)
+        if handler is None:
+            await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
+            raise error
+        scope["app"] = self.app  # what a handler reads through request.app (the service, its prefix)
+        response = await handler(Request(scope, receive), error)
+        await response(scope, receive, send)
 
     def _allowed(self, scope: Scope) -> bool:
         """The read access the routes declare: public reads, or a known key (any scope reads)."""
@@ -109,6 +127,17 @@ class HotPaths:
         except ValidationError:
             return None
         return lambda: cart_answer(self.service, cart)
+
+
+def _handler(handlers: dict, error: Exception) -> Callable | None:
+    """The handler the app's exception middleware would pick: by status code for an HTTP error,
+    else by the error's class or nearest base (``Exception`` is the server-error middleware's)."""
+    if isinstance(error, HTTPException) and error.status_code in handlers:
+        return handlers[error.status_code]
+    for kind in type(error).__mro__:
+        if kind in handlers and kind is not Exception:
+            return handlers[kind]
+    return None
 
 
 def _valid_id(value: str) -> bool:

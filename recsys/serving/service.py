@@ -523,9 +523,8 @@ async def cart_recommendations(svc: RecsysService, cart: CartIn) -> dict:
         return [[p for p in entry[field] if usable(p)] for entry in entries if entry is not None]
 
     known = [product for product in cart_ids if product in live.item_index]
-    picked, used = blend_cart(
-        lists_of(together, "bought_together"), lists_of(similar, "similar_products"), cart.n, [id_out(p) for p in known]
-    )
+    known_out = [id_out(p) for p in known]
+    picked, used = blend_cart(lists_of(together, "bought_together"), lists_of(similar, "similar_products"), cart.n, known_out)
     sources = list(used)
     if len(picked) < cart.n:
         blocked = [live.item_index[p] for p in (*known, *map(str, picked))]
@@ -539,7 +538,7 @@ async def cart_recommendations(svc: RecsysService, cart: CartIn) -> dict:
     return {
         "version": live.version,
         "n": cart.n,
-        "product_ids": [id_out(p) for p in known],
+        "product_ids": known_out,
         "unknown_product_ids": [id_out(p) for p in cart_ids if p not in live.item_index],
         "source": sources[0] if sources else "popular",
         "sources": sources,

@@ -44,3 +44,16 @@ def test_serve_bench_without_wrk_or_redis_benchmark(service_urls, bare_path):
 @pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-benchmark (Debian: redis-tools) not installed")
 def test_redis_benchmark_get_floor_when_it_is_installed(service_urls):
     assert redis_benchmark_get_rps(service_urls.redis_url) > 0
+
+
+def test_serve_cpu_bench_drives_the_api_and_the_floor_in_process(service_urls, bare_path):
+    result = run_recsys_json(
+        ["bench", "serve-cpu", "--json", "--requests", "100", "--repeat", "2", "--users", "150", "--products", "60"],
+        service_urls, bare_path,
+    )
+    assert set(result["endpoints"]) == {"users", "similar", "cart"}
+    for endpoint in result["endpoints"].values():
+        assert endpoint["not_ok"] == 0  # every request answered 200 by both apps
+        assert len(endpoint["runs"]["api_us"]) == len(endpoint["runs"]["floor_us"]) == 2
+        assert 0 < endpoint["api_us"]["min"] <= endpoint["api_us"]["median"] <= endpoint["api_us"]["max"]
+        assert endpoint["floor_us"]["min"] > 0 and endpoint["cpu_ratio"]["median"] > 0

@@ -4,6 +4,7 @@ data, for every kind of user, product and cart; anything they do not take is lef
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from datetime import datetime
 
 import pytest
@@ -13,6 +14,7 @@ from helpers import live, published_entries
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule
 from recsys.core.settings import Settings
+from recsys.local.services import free_port
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving import api as api_module
 from recsys.serving.api import create_api
@@ -100,3 +102,52 @@ def test_what_the_hot_paths_do_not_take_the_routes_answer_as_always(api: TestCli
     answer = api.request(method, path, **options)
     assert answer.status_code == status, answer.text
     assert answer.json()["detail"]
+
+
+def count_reads(store, monkeypatch) -> Counter:
+    """Every read of the live store a request's answer makes (the real reads, counted)."""
+    reads: Counter = Counter()
+    for name in ("user_entry", "raw_entry", "raw_entries", "pointer"):
+        original = getattr(store, name)
+
+        async def counted(*args, _name=name, _original=original, **kwargs):
+            reads[_name] += 1
+            return await _original(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "options", "status"),
+    [
+        ("GET", "/products/999999/similar", {}, 404),  # not a product of the live version
+        ("GET", "/users/not-an-int/recommendations", {}, 422),  # this shop's user ids are integers
+        ("POST", "/carts/recommendations", {"json": {"product_ids": ["abc"]}}, 422),  # so are its product ids
+    ],
+)
+def test_an_error_on_a_hot_path_is_the_routes_answer_after_one_read(api: TestClient, monkeypatch, method, path, options, status):
+    reads = count_reads(api.app.service.store, monkeypatch)
+    fast = api.request(method, path, **options)
+    fast_reads = sum(count for name, count in reads.items() if name != "pointer")
+    assert (fast.status_code, fast_reads) == (status, 1), fast.text
+    routed_before = dict(api.app.state.routed)
+    assert same(api, method, path, **options) == fast.content
+    assert sum(api.app.state.routed.values()) - sum(routed_before.values()) == 1, "only the slow request was routed"
+
+
+def test_redis_down_is_503_from_the_hot_paths_after_one_read(settings: Settings, monkeypatch):
+    down = settings.model_copy(update={"api_keys": f"read:{KEY}", "redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_api(down), headers={"X-API-Key": KEY}, raise_server_exceptions=False) as client:
+        reads = count_reads(client.app.service.store, monkeypatch)
+        for method, path, options, read in [
+            ("GET", "/users/1/recommendations", {}, "user_entry"),
+            ("GET", "/products/1/similar", {}, "raw_entry"),
+            ("POST", "/carts/recommendations", {"json": {"product_ids": [1, 2]}}, "pointer"),
+        ]:
+            reads.clear()
+            answer = client.request(method, path, **options)
+            assert (answer.status_code, answer.json()) == (503, {"detail": "Redis is unavailable; try again later"}), path
+            assert reads[read] == 1, (path, reads)  # not a second attempt through the routes
+            slow = client.request(method, path, params=SLOW, **options)
+            assert (slow.status_code, slow.content) == (answer.status_code, answer.content)
