@@ -18,7 +18,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,8 +26,9 @@ import scipy.sparse as sp
 from recsys.core.errors import InputError
 from recsys.core.params import MODEL_FAMILIES
 from recsys.ml.explain import Explanation
-from recsys.ml.top_n import ItemVectors, rank_lists
-from recsys.ml.top_n import similar_items as cosine_similar_items
+
+if TYPE_CHECKING:  # top_n loads numba: the train stage fits without it
+    from recsys.ml.top_n import ItemVectors
 
 # item × item arrays in float32: 20k items is 1.6 GB per array, about what a worker can hold twice
 DENSE_ITEMS_LIMIT = 20_000
@@ -103,6 +104,8 @@ class Recommender(ABC):
     ) -> np.ndarray:
         """Top ``n`` item indices for ``users`` (rows of ``user_items``), -1 padded: ``exclude``
         (one row per user of ``users``) and ``blocked`` (bool per item) never listed."""
+        from recsys.ml.top_n import rank_lists
+
         users = np.asarray(users, dtype=np.int64)
         lists = np.full((len(users), n), -1, dtype=np.int32)
         items = self.items
@@ -120,6 +123,8 @@ class Recommender(ABC):
         """The ``n`` items most similar to each query item, best first, -1 padded (never the item
         itself nor a ``blocked`` one): the cosine of the item vectors (the item-item families
         override it with their own matrix)."""
+        from recsys.ml.top_n import similar_items as cosine_similar_items
+
         return cosine_similar_items(self.items, queries, n, blocked, progress=progress)
 
     def save(self, path: Path) -> None:
@@ -178,6 +183,8 @@ class FactorModel(Recommender):
     @property
     def items(self) -> ItemVectors:
         if "_items" not in self.__dict__:
+            from recsys.ml.top_n import ItemVectors
+
             self.__dict__["_items"] = ItemVectors.of(self.item_factors)
         return self.__dict__["_items"]
 
@@ -295,6 +302,8 @@ class _ItemItem(Recommender):
     @property
     def items(self) -> ItemVectors:
         if "_items" not in self.__dict__:
+            from recsys.ml.top_n import ItemVectors
+
             self.__dict__["_items"] = ItemVectors.of(self.matrix.T)
         return self.__dict__["_items"]
 
@@ -308,6 +317,8 @@ class _ItemItem(Recommender):
         self, queries: np.ndarray, n: int, blocked: np.ndarray | None = None, progress: str | None = None
     ) -> np.ndarray:
         """The list of a user who has only the query item: row q of S, ranked by ``rank_lists``."""
+        from recsys.ml.top_n import rank_lists
+
         queries = np.asarray(queries, dtype=np.int64)
         one_hot = np.zeros((len(queries), self.n_items), dtype=np.float32)
         one_hot[np.arange(len(queries)), queries] = 1.0
@@ -420,6 +431,8 @@ class Blend(Recommender):
     @property
     def items(self) -> ItemVectors:
         if "_items" not in self.__dict__:
+            from recsys.ml.top_n import ItemVectors
+
             self.__dict__["_items"] = ItemVectors.of(np.hstack([part.items.factors for part in self.parts]))
         return self.__dict__["_items"]
 

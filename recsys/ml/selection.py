@@ -21,7 +21,6 @@ import scipy.sparse as sp
 from recsys.core.errors import InputError
 from recsys.ml.families import FAMILIES, Blend, Recommender, make
 from recsys.ml.metrics import ranking_metrics
-from recsys.ml.top_n import blocked_mask
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,8 @@ class ValidationSplit:
         return np.flatnonzero(np.diff(self.relevant.tocsr().indptr) > 0)
 
     def blocked(self) -> np.ndarray | None:
+        from recsys.ml.top_n import blocked_mask  # numba: only once a choice among families is scored
+
         unseen = np.flatnonzero(np.diff(self.fit.tocsc().indptr) == 0)
         items = unseen if self.blocked_items is None else np.union1d(unseen, self.blocked_items)
         return blocked_mask(self.fit.shape[1], items)
