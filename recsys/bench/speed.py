@@ -362,6 +362,7 @@ def our_scoring_seconds(run, users: np.ndarray, params: PipelineParams) -> float
 
     from recsys.core.layout import ITEMS
     from recsys.core.rules import RuleSnapshot
+    from recsys.ml.families import Als
     from recsys.ml.merchandising import Merchandising
     from recsys.pipeline.publish.stage import _ruled_top_n
 
@@ -370,9 +371,10 @@ def our_scoring_seconds(run, users: np.ndarray, params: PipelineParams) -> float
     merchandising = Merchandising(RuleSnapshot(taken_at=datetime.now(UTC)), items["id"].to_pylist(),
                                   items["category"].to_numpy(zero_copy_only=False))
     user_ids = pa.array([str(user) for user in users])
-    _ruled_top_n(merchandising, (user_factors, item_factors), user_ids[:1], users[:1], exclude, inactive, params, None)
+    model = Als(user_factors=user_factors, item_factors=item_factors)
+    _ruled_top_n(merchandising, model, None, user_ids[:1], users[:1], exclude, inactive, params, None)
     start = time.perf_counter()
-    _ruled_top_n(merchandising, (user_factors, item_factors), user_ids, users, exclude, inactive, params, None)
+    _ruled_top_n(merchandising, model, None, user_ids, users, exclude, inactive, params, None)
     return time.perf_counter() - start
 
 
