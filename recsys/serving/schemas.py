@@ -202,6 +202,12 @@ class ModelInfo(BaseModel):
     buckets: int | None = Field(
         default=None, description="Buckets the version's structures are split into in Redis (docs/scaling.md)"
     )
+    model_family: dict[str, Any] | None = Field(
+        default=None,
+        description='The model family the version was made with and its params ({"family": "als" | "bpr" | '
+        '"item_knn" | "ease" | "blend", "params": {...}}; a blend names its parts); null for a version '
+        "published before families existed",
+    )
     fold_in_users: int = Field(
         description="Users the API added to the live build's user_recs after the publish (events of users the "
         "version did not know): the user_recs entries are counts.users + fold_in_users"

@@ -18,12 +18,12 @@ from recsys.storage import builds
 from recsys.storage.keys import BUCKETED, INFO, KeyLayout, bucket_of, top_buys_field
 
 _decode_json = msgspec.json.Decoder().decode
-META_JSON_FIELDS = ("metrics", "params", "counts", "id_types", "bucket_tags")
+META_JSON_FIELDS = ("metrics", "params", "counts", "id_types", "bucket_tags", "model_family")
 # What readers outside the pipeline see of the meta; artifact paths on workers are internal, and
 # the rules snapshot names segment members.
 PUBLIC_META_FIELDS = (
     "version", "data_start", "data_end", "published_at", "metrics", "params", "counts", "id_types", "rules_fingerprint",
-    "buckets",
+    "buckets", "model_family",
 )
 
 

@@ -76,10 +76,11 @@ def ease_live(settings: Settings, demo_loaded, window_end: datetime) -> dict:
 
 
 def test_an_ease_version_is_published_named_and_served(ease_live: dict, settings: Settings, window_end: datetime):
-    assert json.loads(ease_live["model_family"])["family"] == "ease"
+    assert ease_live["model_family"]["family"] == "ease"
     (row,) = history.recent_runs(settings)
     assert row["metrics"]["family"] == "ease" and set(row["metrics"]["candidates"]) == {"ease"}
     with api(settings) as client:
+        assert client.get("/model").json()["model_family"]["family"] == "ease"
         user_id = sorted(published_entries(settings))[0]
         stored = live(settings).user_recommendations(user_id)["recommended_products"]
         deep = client.get(f"/users/{user_id}/recommendations", params={"n": 30}).json()
@@ -106,7 +107,7 @@ def test_an_ease_version_is_published_named_and_served(ease_live: dict, settings
 def test_a_bpr_version_serves_top_buys_to_a_user_it_cannot_fold_in(settings, demo_loaded, window_end):
     run_pipeline(settings, window_end, PipelineParams(models=("bpr",), min_lift=0.0, max_map_drop=1.0))
     meta = live_meta(*connect(settings))
-    assert json.loads(meta["model_family"])["family"] == "bpr"
+    assert meta["model_family"]["family"] == "bpr"
     with api(settings) as client:
         bought = live(settings).top_buys()["top_buys"][:2]
         insert_interactions(settings, [("900002", str(p), "purchase", 1.0, days_before(window_end, 1)) for p in bought])

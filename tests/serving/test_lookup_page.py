@@ -141,6 +141,8 @@ def test_page_shows_names_fallback_params_and_chart(
     metric_cells = metric_rows.locator("td.num").all_inner_texts()
     assert metric_cells and all(len(cell.split(".")[1]) == 4 for cell in metric_cells)
     assert "MAP@10" in page.inner_text("#model")
+    assert page.locator("#model dt").nth(1).inner_text() == "Model"
+    assert page.locator("#model dd").nth(1).inner_text() == "als"  # the family the live version was made with
     evaluated_users = page.locator("#model tr", has_text="Evaluated users").first.locator("td.num").first.inner_text()
     assert evaluated_users.isdigit() or "," in evaluated_users, "a count, not a 4-decimal metric"
 
