@@ -362,16 +362,18 @@ def our_scoring_seconds(run, users: np.ndarray, params: PipelineParams) -> float
 
     from recsys.core.layout import ITEMS
     from recsys.core.rules import RuleSnapshot
-    from recsys.ml.families import Als
+    from recsys.ml.families import load_model
     from recsys.ml.merchandising import Merchandising
+    from recsys.pipeline.matrix import inactive_items
     from recsys.pipeline.publish.stage import _ruled_top_n
 
-    user_factors, item_factors, exclude, inactive = _scoring_inputs(run)
+    model = load_model(run.paths.model / FACTORS_FULL)  # as publish loads it
+    exclude = sp.load_npz(run.paths.matrix / EXCLUDE).tocsr()
+    inactive = inactive_items(run.paths.matrix)
     items = pq.read_table(run.paths.matrix / ITEMS, columns=["id", "category"])
     merchandising = Merchandising(RuleSnapshot(taken_at=datetime.now(UTC)), items["id"].to_pylist(),
                                   items["category"].to_numpy(zero_copy_only=False))
     user_ids = pa.array([str(user) for user in users])
-    model = Als(user_factors=user_factors, item_factors=item_factors)
     _ruled_top_n(merchandising, model, None, user_ids[:1], users[:1], exclude, inactive, params, None)
     start = time.perf_counter()
     _ruled_top_n(merchandising, model, None, user_ids, users, exclude, inactive, params, None)

@@ -38,13 +38,6 @@ def fit_als(
     return np.asarray(model.user_factors), np.asarray(model.item_factors)
 
 
-def save_factors(path: Path, user_factors: np.ndarray, item_factors: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, user_factors=user_factors, item_factors=item_factors)
-    tmp.replace(path)
-
-
 def load_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path, allow_pickle=False) as saved:
         return saved["user_factors"], saved["item_factors"]
