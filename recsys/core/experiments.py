@@ -221,6 +221,29 @@ class Experiment:
             ],
         }
 
+    def snapshot(self) -> dict[str, Any]:
+        """What a published version records of the experiment it serves (its meta's
+        ``experiment``): :meth:`to_dict` with the salt, so the API assigns users as publish did.
+        Never shown to shoppers (the salt keeps the split unpredictable)."""
+        return {**self.to_dict(), "salt": self.salt}
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict[str, Any]) -> Experiment:
+        def when(value: str | None) -> datetime | None:
+            return None if value is None else datetime.fromisoformat(value)
+
+        return cls(
+            name=snapshot["name"], salt=snapshot["salt"], primary_metric=snapshot["primary_metric"],
+            guardrails=tuple(Guardrail(g["metric"], g["max_drop"]) for g in snapshot["guardrails"]),
+            starts_at=when(snapshot["starts_at"]), ends_at=when(snapshot["ends_at"]),
+            stopped_at=when(snapshot["stopped_at"]), stop_reason=snapshot["stop_reason"],
+            created_at=when(snapshot["created_at"]),
+            variants=tuple(
+                Variant(v["name"], v["share"], v["params"], when(v["stopped_at"]), v["stop_reason"])
+                for v in snapshot["variants"]
+            ),
+        )
+
 
 def parse_variant(text: str) -> tuple[str, float]:
     """``diverse:0.5`` -> ("diverse", 0.5)."""

@@ -4,6 +4,7 @@ gets the control."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -166,3 +167,14 @@ def test_command_line_options_make_a_definition():
     ]:
         with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
             bad()
+
+
+def test_a_snapshot_read_back_assigns_every_user_as_the_original():
+    experiment = replace(
+        two_way(ends_at=NOW + timedelta(days=3)),
+        guardrails=(Guardrail("conversion", 0.05),), stopped_at=NOW + timedelta(days=2), stop_reason="enough",
+    )
+    again = Experiment.from_snapshot(json.loads(json.dumps(experiment.snapshot())))
+    assert again == experiment
+    assert "salt" not in experiment.to_dict()
+    assert [again.assign(u, NOW) for u in USERS[:3_000]] == [experiment.assign(u, NOW) for u in USERS[:3_000]]
