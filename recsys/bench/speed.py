@@ -21,6 +21,10 @@ generated shop in one run.
   installed (Debian's redis-tools; not a Python package). Redis bytes per user (``MEMORY USAGE``
   of the live user hash, and the ``INFO memory`` delta) vs the raw payload (field + JSON value
   bytes) and vs the same payloads as one plain key per user.
+- families (``--families``): per model family, its fit on the full CSR with the settings a daily
+  run gives it and publish's scoring of up to 20,000 sample users with it, each family in its own
+  process (peak RSS); a family that refuses the catalogue (EASE, item-kNN above 20,000 products)
+  gives its one-line reason under ``refused``.
 - ann: approximate top-N (``recsys.ml.ann``) vs exact on the holdout model's users, as
   ``recsys.bench.ann`` measures it: recall@K against the exact lists, the relative MAP@K delta,
   the speedup (median of alternating repeats, graph build apart).
@@ -76,6 +80,9 @@ SCORING_BLOCK = 4_096
 REDIS_BENCHMARK_KEY = "key:__rand_int__"  # what redis-benchmark -t set writes without -r
 # fewer fields than this time too short to give a rate (the test shop writes ~2,000 keys)
 WRITE_FLOOR_MIN_FIELDS = 100_000
+# the item-item families score from dense rows of the matrix: their scoring is timed on fewer users
+FAMILY_SCORING_USERS = 20_000
+BENCH_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
 
 
 # ---------------------------------------------------------------------------------------- setup
@@ -425,6 +432,50 @@ def similar_seconds(run, params: PipelineParams) -> dict[str, float]:
     return {"ours": ours, "sgemm": sgemm, "implicit": implicit}
 
 
+def family_cost(run, family: str, users: np.ndarray, params: PipelineParams) -> dict[str, Any]:
+    """What one model family costs a shop: its fit on the full weighted CSR with the settings a
+    daily run gives it (``candidate_grids``; a blend: ALS and BPR at 0.5, both fitted) and
+    publish's scoring of ``users`` with it (``_ruled_top_n``, default params). A family that
+    refuses the catalogue (EASE and item-kNN keep items x items arrays) says why instead."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys.core.errors import InputError
+    from recsys.core.layout import ITEMS
+    from recsys.core.rules import RuleSnapshot
+    from recsys.ml import selection
+    from recsys.ml.families import Blend, FactorModel
+    from recsys.ml.merchandising import Merchandising
+    from recsys.pipeline.matrix import inactive_items
+    from recsys.pipeline.publish.stage import _ruled_top_n
+    from recsys.pipeline.train import candidate_grids
+
+    full = sp.load_npz(run.paths.matrix / FULL).tocsr()
+    grids = candidate_grids(params)
+    model = (
+        Blend([selection.build("als", grids["als"][0]), selection.build("bpr", grids["bpr"][0])], 0.5)
+        if family == "blend" else selection.build(family, grids[family][0])
+    )
+    start = time.perf_counter()
+    try:
+        model.fit(full, params.seed)
+    except InputError as refused:
+        return {"refused": str(refused)}
+    fit_seconds = time.perf_counter() - start
+    fitted_on = None if isinstance(model, FactorModel) else full
+    exclude = sp.load_npz(run.paths.matrix / EXCLUDE).tocsr()
+    items = pq.read_table(run.paths.matrix / ITEMS, columns=["id", "category"])
+    merchandising = Merchandising(RuleSnapshot(taken_at=datetime.now(UTC)), items["id"].to_pylist(),
+                                  items["category"].to_numpy(zero_copy_only=False))
+    user_ids, inactive = pa.array([str(user) for user in users]), inactive_items(run.paths.matrix)
+    _ruled_top_n(merchandising, model, fitted_on, user_ids[:1], users[:1], exclude, inactive, params, None)
+    start = time.perf_counter()
+    _ruled_top_n(merchandising, model, fitted_on, user_ids, users, exclude, inactive, params, None)
+    scoring_seconds = time.perf_counter() - start
+    return {"params": model.params(), "fit_seconds": round(fit_seconds, 3), "scoring_seconds": round(scoring_seconds, 3),
+            "scoring_users_per_s": _rate(len(users), scoring_seconds)}
+
+
 def run_users(run) -> int:
     import pyarrow.parquet as pq
 
@@ -509,6 +560,7 @@ def run_speed(
     scoring_users: int,
     seed: int,
     cluster: bool = False,
+    families: tuple[str, ...] = (),
 ) -> dict:
     from recsys.pipeline.evaluate import evaluate
     from recsys.pipeline.stages import (
@@ -636,6 +688,14 @@ def run_speed(
     entry["ratio_to_sgemm_only"] = _ratio(entry["items_per_s"], entry["sgemm_only_items_per_s"])
     entry["ratio_to_implicit"] = _ratio(entry["items_per_s"], entry["implicit_items_per_s"])
 
+    if families:
+        console.print(f"model families: fit and publish scoring of each ({', '.join(families)}) ...")
+        family_users = sample_users[: min(len(sample_users), FAMILY_SCORING_USERS)]
+        figures["families"] = {"scoring_users": len(family_users)}
+        for family in families:
+            measured = in_fresh_process(family_cost, run, family, family_users, params)
+            figures["families"][family] = {**measured.value, "peak_rss_bytes": measured.peak_rss_bytes}
+
     console.print("approximate top-N vs exact on the holdout model ...")
     from recsys.bench.ann import on_run as ann_on_run
 
@@ -717,6 +777,9 @@ def speed_bench_command(
     cluster: Annotated[
         bool, typer.Option("--cluster", help="publish again on a local Redis Cluster (3 masters, a replica each) and compare")
     ] = False,
+    families: Annotated[
+        str, typer.Option(help="model families whose fit and publish scoring are measured (comma-separated; '' skips)")
+    ] = ",".join(BENCH_FAMILIES),
 ) -> None:
     """Time and memory of extract, matrix, train, scoring and publish on one generated shop, each
     next to its reference (COPY floor, read_sql, raw implicit, Spark ALS, sgemm floor, implicit
@@ -724,10 +787,19 @@ def speed_bench_command(
     _terminate_cleanly()
     with services.isolated("bench-speed") as settings:
         figures = run_speed(settings, users, items, interactions, spark_interactions, read_sql_interactions,
-                            scoring_users, seed, cluster)
+                            scoring_users, seed, cluster, _families(families))
     console.print(_summary(figures))
     if json_output:
         sys.stdout.write(json.dumps(figures, allow_nan=False, default=_json_default) + "\n")
+
+
+def _families(text: str) -> tuple[str, ...]:
+    chosen = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(set(chosen) - set(BENCH_FAMILIES))
+    if unknown:
+        raise typer.BadParameter(f"unknown model families {', '.join(unknown)}; known: {', '.join(BENCH_FAMILIES)}",
+                                 param_hint="--families")
+    return chosen
 
 
 def _terminate_cleanly() -> None:

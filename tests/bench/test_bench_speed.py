@@ -64,6 +64,13 @@ def test_speed_bench_on_a_machine_with_only_python(service_urls, bare_path):
     assert ann["library"] == "faiss" and ann["items"] == figures["matrix"]["items"] and ann["users"] > 100
     assert ann["recall_at_10"] >= 0.99 and ann["map_exact"] > 0 and abs(ann["map_delta"]) <= 0.01
     assert ann["speedup_min"] <= ann["speedup"] <= ann["speedup_max"] and ann["build_seconds"] >= 0
+    # every family's cost, each measured on the same shop (300 products: EASE and item-kNN fit)
+    families = figures["families"]
+    assert families["scoring_users"] == 2000
+    for family in ("als", "bpr", "item_knn", "ease", "blend"):
+        cost = families[family]
+        assert cost["fit_seconds"] > 0 and cost["scoring_users_per_s"] > 0 and cost["peak_rss_bytes"] > 0, family
+    assert families["als"]["params"]["factors"] == figures["config"]["factors"]
     # own schema and prefix are gone again, the floor's scratch hash with them
     assert _bench_keys(client, "bench_speed") == before
 
