@@ -426,6 +426,7 @@ class Blend(Recommender):
         for part in self.parts:
             part.fit(user_items, seed)
         self.__dict__.pop("_items", None)
+        self.__dict__.pop("_covariances", None)
         return self
 
     @property
@@ -438,14 +439,28 @@ class Blend(Recommender):
 
     def _combined(self, vectors: list[np.ndarray]) -> np.ndarray:
         combined = []
-        for part, part_vectors, weight in zip(self.parts, vectors, (self.weight, 1.0 - self.weight), strict=True):
-            factors = part.items.factors.astype(np.float64)
-            # one user at a time, in float64: the same scale for a user whatever the batch (a
-            # matrix product rounds by its shape), so a list on request is the published one
-            spread = np.array([(factors @ vector).std() for vector in part_vectors.astype(np.float64)])
+        for part_vectors, weight, covariance in zip(
+            vectors, (self.weight, 1.0 - self.weight), self._item_covariances, strict=True
+        ):
+            # the sd of a user's scores over the catalogue is sqrt(v' C v), C the covariance of the
+            # item vectors. einsum without optimisation loops row by row in a fixed order: the same
+            # scale for a user whatever the batch (a matrix product rounds by its shape), so a
+            # list on request is the published one
+            user_vectors = part_vectors.astype(np.float64)
+            variance = np.einsum("ij,jk,ik->i", user_vectors, covariance, user_vectors, optimize=False)
+            spread = np.sqrt(np.maximum(variance, 0.0))
             scale = np.where(spread > 0, weight / np.maximum(spread, 1e-30), 0.0).astype(np.float32)
             combined.append(part_vectors * scale[:, None])
         return np.hstack(combined)
+
+    @property
+    def _item_covariances(self) -> list[np.ndarray]:
+        if "_covariances" not in self.__dict__:
+            self.__dict__["_covariances"] = [
+                np.atleast_2d(np.cov(part.items.factors.astype(np.float64), rowvar=False, bias=True))
+                for part in self.parts
+            ]
+        return self.__dict__["_covariances"]
 
     def user_vectors(self, users: np.ndarray, user_items: sp.csr_matrix) -> np.ndarray:
         return self._combined([part.user_vectors(users, user_items) for part in self.parts])
