@@ -36,9 +36,10 @@ def with_content_similar(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(owners, lists) of the similar products with the new products' content lists after the
     items' ``lists`` (of item indices ``owners``), short item lists filled up by content.
-    ``blocked_items``: bool per item, kept out of every list. Catalogue indices throughout."""
+    ``blocked_items``: item indices kept out of every list. Catalogue indices throughout."""
     n = lists.shape[1]
-    blocked = np.concatenate([blocked_items, new_merchandising(rules, new).for_segments(frozenset()).blocked])
+    blocked = np.concatenate([np.zeros(new.n_items, dtype=bool), new_merchandising(rules, new).for_segments(frozenset()).blocked])
+    blocked[blocked_items] = True
     new_owners = np.arange(new.n_items, new.n_items + len(new.ids), dtype=np.int32)
     short = np.flatnonzero(lists[:, -1] < 0)
     # a short list's own members are left out of its content neighbours: at most n of them

@@ -265,9 +265,7 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
         similar = similar[:, : params.similar_n]
         new = load_new_products(matrix_dir)
         # new products get content-based lists; short collaborative ones are filled up by content
-        owners, similar = with_content_similar(
-            new, staging.rules(), active, similar, blocked_mask(model.n_items, blocked)
-        )
+        owners, similar = with_content_similar(new, staging.rules(), active, similar, blocked)
 
     item_ids = catalogue_ids(matrix_dir)
     build = staging.build
