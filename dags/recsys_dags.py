@@ -350,6 +350,10 @@ PARAMS = {
                                         "0 weighs the whole window alike."),
     "top_n": Param(DEFAULTS.top_n, type="integer", minimum=1, maximum=500, title="Recommendations per user",
                    description="Length of each user's published list (the API serves at most this many)."),
+    "new_arrival_slots": Param(DEFAULTS.new_arrival_slots, type="integer", minimum=0, maximum=500,
+                               title="Slots for new arrivals (0 = off)",
+                               description="The last slots of each user's list go to this many active products with no "
+                                           "interaction in the window, chosen by category, attributes and name."),
     "diversity_lambda": Param(DEFAULTS.diversity_lambda, type="number", minimum=0, maximum=1,
                               title="Diversity of user lists (MMR lambda, 0 = off)",
                               description="Trade score for variety: each next pick is penalised by its similarity to the ones before."),

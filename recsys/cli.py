@@ -82,6 +82,7 @@ bench_app = typer.Typer(
         "speed": "recsys.bench.speed:speed_bench_command",
         "negative": "recsys.bench.negative:negative_command",
         "cart": "recsys.bench.cart:cart_command",
+        "cold-start": "recsys.bench.cold_start:cold_start_command",
         "abtest": "recsys.bench.abtest:abtest_command",
     }),
     help="Benchmarks: quality, defaults, serving, A/B tests.", no_args_is_help=True,

@@ -1,5 +1,5 @@
 COPY (
-    SELECT product_id::text, name, category, active
+    SELECT product_id::text, name, category, active, attributes::text
     FROM products
     ORDER BY product_id
 ) TO STDOUT WITH (FORMAT csv)

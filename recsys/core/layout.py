@@ -4,6 +4,7 @@
         extract/    interactions.parquet products.parquet older_negatives.parquet report.json
         matrix/     manifest.json users.parquet items.parquet
                     full.npz train.npz exclude.npz train_exclude.npz holdout.npz baskets.npz
+                    new_items.parquet content.npz new_exclude.npz
         model/      manifest.json factors_full.npz factors_holdout.npz
         eval/       report.json report.html (the operators' page: plots, self-contained)
         published/  published.json (the run went live)
@@ -36,6 +37,9 @@ MANIFEST = "manifest.json"
 USERS, ITEMS = "users.parquet", "items.parquet"
 FULL, TRAIN, EXCLUDE, TRAIN_EXCLUDE, HOLDOUT = "full.npz", "train.npz", "exclude.npz", "train_exclude.npz", "holdout.npz"
 BASKETS = "baskets.npz"  # baskets x items (recsys.ml.co_purchase), the whole window
+# new products: active ones with no interaction in the window (recsys.pipeline.new_products);
+# content.npz holds the TF-IDF rows of the items, then of the new products
+NEW_ITEMS, CONTENT, NEW_EXCLUDE = "new_items.parquet", "content.npz", "new_exclude.npz"
 FACTORS_FULL, FACTORS_HOLDOUT = "factors_full.npz", "factors_holdout.npz"
 # eval/ and published/
 EVALUATION_REPORT, EVALUATION_HTML, PUBLISHED_MARKER = "report.json", "report.html", "published.json"

@@ -72,6 +72,10 @@ class PipelineParams:
     # the exact lists (docs/benchmarks.md#approximate-top-n-for-large-catalogues)
     ann_scoring: bool = False
     ann_min_items: int = 500_000
+    # new arrivals (recsys.ml.content): the last slots of each user list (those no pin holds) go to
+    # this many active products with no interaction in the window, the user's nearest by category,
+    # attributes and name. 0 = off: no collaborative model can list such a product until it sells
+    new_arrival_slots: int = 0
     # quality gate: model MAP@K must exceed popularity MAP@K * (1 + min_lift) and must not fall
     # more than max_map_drop (a fraction) below the live model's MAP@K
     min_lift: float = 0.0
@@ -96,6 +100,8 @@ class PipelineParams:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.max_map_drop <= 1:
             problems.append(f"max_map_drop must be in [0, 1], got {self.max_map_drop!r}")
+        if not 0 <= self.new_arrival_slots <= self.top_n:
+            problems.append(f"new_arrival_slots must be in [0, top_n={self.top_n}], got {self.new_arrival_slots!r}")
         if not 0 <= self.diversity_lambda <= 1:
             problems.append(f"diversity_lambda must be in [0, 1], got {self.diversity_lambda!r}")
         if not isinstance(self.ann_scoring, bool):

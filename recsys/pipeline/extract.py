@@ -85,6 +85,7 @@ PRODUCT_CSV_COLUMNS = {
     "name": pa.string(),
     "category": pa.string(),
     "active": pa.bool_(),
+    "attributes": pa.string(),  # JSON text: what content-based similarity reads (recsys.ml.content)
 }
 # Exact duplicates share occurred_at, so they always land in the same time slice of the window,
 # wherever they are in the stream (a COPY has no order, and duplicates may be blocks apart). The
@@ -818,7 +819,8 @@ def _check_enough_valid(report: ValidationReport, params: PipelineParams, window
 
 def _extract_products(settings: Settings, path: Path) -> pa.Table:
     """Snapshot the catalogue into ``path``: publish needs each product's active flag and
-    category, and the extract which interactions' products are missing from it."""
+    category (and, for new products, name and attributes), and the extract which interactions'
+    products are missing from it."""
     with _copy_stream(settings, db.sql_text(settings, "extract_products"), {}) as source:
         batches = list(_csv_batches(source, PRODUCT_CSV_COLUMNS))
     products = pa.Table.from_batches(batches, schema=pa.schema(PRODUCT_CSV_COLUMNS.items()))

@@ -22,6 +22,8 @@ the API serves them as a cold start, with their negative feedback read from the 
 - ``baskets.npz``: baskets x products over the whole window, 1 where the basket holds the product;
   a basket is one user's ``basket_event_types`` events on one UTC day (what bought-together
   lists are computed from, ``recsys.ml.co_purchase``).
+- ``new_items.parquet``, ``content.npz``, ``new_exclude.npz``: active products with no
+  interaction in the window, and what publish lists them by (``recsys.pipeline.new_products``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from recsys.core.params import PipelineParams
 from recsys.core.window import Window
 from recsys.ml.co_purchase import basket_keys, basket_matrix
 from recsys.ml.weighting import decayed_weights, scale_confidence
+from recsys.pipeline.new_products import write_new_products
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +267,9 @@ def build_matrix(
     items_meta = items_meta.append_column("buyers", pa.array(buyers))
     items_meta = items_meta.append_column("popularity", pa.array(popularity))
     pq.write_table(items_meta, matrix_dir / ITEMS)
+    new_products = write_new_products(
+        matrix_dir, user_ids, item_ids, products_path, older_negatives_path, id_types.product
+    )
 
     counts = {
         "interactions": len(rows.users),
@@ -276,6 +282,7 @@ def build_matrix(
         "baskets": baskets.shape[0],
         "active_items": int(pc.sum(items_meta["active"]).as_py() or 0),
         "items_missing_from_catalogue": unknown_products,
+        "new_products": new_products,
         "negative_pairs": int(negative_pairs.nnz),
         "older_negative_pairs": int(older_negatives.nnz),
         "users_without_weight": users_without_weight,

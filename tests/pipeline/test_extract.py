@@ -138,7 +138,7 @@ def test_empty_catalogue_gives_an_empty_products_snapshot(settings, window_end, 
     insert_interactions(settings, [("u1", "p1", "view", None, days_before(window_end, 1))])
     products = pq.read_table(extract(settings, window_for(window_end), tmp_path, PipelineParams()).products)
     assert products.num_rows == 0
-    assert products.column_names == ["product_id", "name", "category", "active"]
+    assert products.column_names == ["product_id", "name", "category", "active", "attributes"]
 
 
 def _interactions_behind_a_view(settings, rows: int, end, view_columns: str) -> None:

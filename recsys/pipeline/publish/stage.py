@@ -51,6 +51,8 @@ from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import top_buys_order
 from recsys.ml.top_n import blocked_mask, rank_lists
 from recsys.pipeline.matrix import inactive_items, load_baskets, matrix_id_types
+from recsys.pipeline.new_products import catalogue_ids, load_new_products
+from recsys.pipeline.publish.new_arrivals import with_content_similar, with_new_arrivals
 from recsys.pipeline.train import checked_model_build
 from recsys.storage import builds
 from recsys.storage.builds import Build
@@ -261,18 +263,21 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
             params.bought_together_min_support, blocked,
         )
         similar = similar[:, : params.similar_n]
+        new = load_new_products(matrix_dir)
+        # new products get content-based lists; short collaborative ones are filled up by content
+        owners, similar = with_content_similar(new, staging.rules(), active, similar, blocked)
 
-    item_ids = items_table["id"].combine_chunks().cast(pa.string())
+    item_ids = catalogue_ids(matrix_dir)
     build = staging.build
     for structure in PRODUCT_STRUCTURES:
         build.clear(structure)
     with staging.timings.phase("writing"):
         item_tokens = json_id_tokens(item_ids, staging.id_types.product)
 
-        def write_lists(structure: str, lists: np.ndarray) -> np.ndarray:
-            """``{"product_id": <id>, "<structure>": [...]}`` of every active product with a list."""
+        def write_lists(structure: str, owners: np.ndarray, lists: np.ndarray) -> np.ndarray:
+            """``{"product_id": <id>, "<structure>": [...]}`` of every owner with a list."""
             has_list = lists[:, 0] >= 0
-            owners = pa.array(active[has_list])
+            owners = pa.array(owners[has_list])
             return build.write_entries(
                 structure,
                 pc.take(item_ids, owners),
@@ -280,8 +285,8 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
                 owner,
             )
 
-        counts = {"similar_products": write_lists("similar_products", similar)}
-        counts["bought_together"] = write_lists("bought_together", together)
+        counts = {"similar_products": write_lists("similar_products", owners, similar)}
+        counts["bought_together"] = write_lists("bought_together", active, together)
         top_buys = build.write_top_buys({field: _dumps(value) for field, value in top_lists.items()})
     build.record({
         "model_build": staging.model_build, "top_buys": top_buys,
@@ -303,12 +308,17 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
             merchandising, model, fitted_on, pc.take(user_ids, pa.array(users)), users, exclude,
             inactive_items(matrix_dir), params, progress=f"recommend {shard + 1}/{shards}" if progress else None,
         )
+    if params.new_arrival_slots:
+        recs = with_new_arrivals(
+            staging.rules(), merchandising, load_new_products(matrix_dir), sp.load_npz(matrix_dir / FULL).tocsr(), users,
+            pc.take(user_ids, pa.array(users)).to_pylist(), recs, params.new_arrival_slots,
+        )
     has_recs = recs[:, 0] >= 0
     owners, lists = users[has_recs], recs[has_recs]
     written = np.zeros(staging.keys.buckets, dtype=np.int64)
     with staging.timings.phase("writing"):
         user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
-        item_tokens = json_id_tokens(_ids(matrix_dir / ITEMS), staging.id_types.product)
+        item_tokens = json_id_tokens(catalogue_ids(matrix_dir), staging.id_types.product)
         for start in range(0, len(owners), PAYLOAD_BATCH):
             batch = slice(start, start + PAYLOAD_BATCH)
             payloads = json_list_objects(
