@@ -42,12 +42,17 @@ def dag(airflow_db):
 
 
 def test_tasks_run_in_order_without_cycles(dag):
-    assert sorted(dag.task_ids) == sorted(TASK_ORDER)
+    assert sorted(dag.task_ids) == sorted([*TASK_ORDER, "analyse_experiment"])
     for upstream, downstream in pairwise(TASK_ORDER):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert dag.get_task("extract").upstream_task_ids == set()
     assert dag.get_task("publish").downstream_task_ids == set()
-    assert [task.task_id for task in dag.topological_sort()] == TASK_ORDER
+    # the experiment's guardrails act before train snapshots it
+    assert dag.get_task("analyse_experiment").upstream_task_ids == {"extract"}
+    assert dag.get_task("analyse_experiment").downstream_task_ids == {"train"}
+    order = [task.task_id for task in dag.topological_sort()]
+    assert [task for task in order if task != "analyse_experiment"] == TASK_ORDER
+    assert order.index("extract") < order.index("analyse_experiment") < order.index("train")
 
 
 def test_schedule_is_a_real_daily_data_interval(dag):
