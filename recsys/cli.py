@@ -698,5 +698,5 @@ def experiments_report(
     for check in result["guardrails"]:
         console.print(f"guardrail {check['metric']} on {check['variant']}: {check['decision']}", highlight=False)
     if html_path is not None:
-        console.print(f"HTML report with plots: {html_path}", highlight=False)
+        console.print(f"HTML report with plots: {html_path}", highlight=False, soft_wrap=True)
 

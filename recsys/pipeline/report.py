@@ -197,25 +197,25 @@ def _number(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def experiment_rates_plot(result: dict) -> str:
-    """Per variant and UTC day, click-through and conversion (lists followed / lists served) with
-    their 95 % intervals as bands."""
-    figure, axes_pair = plt.subplots(1, 2, figsize=(9.6, 3.2))
-    for axes, (metric, label) in zip(axes_pair, RATE_LABELS.items(), strict=True):
-        for variant in result["variants"]:
-            days = [date.fromisoformat(day["day"]) for day in variant["days"]]
-            values = [_number(day[metric]["value"]) for day in variant["days"]]
-            line = axes.plot(days, values, "o-", markersize=3, label=variant["name"])[0]
-            axes.fill_between(days, [_number(day[metric]["low"]) for day in variant["days"]],
-                              [_number(day[metric]["high"]) for day in variant["days"]],
-                              color=line.get_color(), alpha=0.2, linewidth=0)
-        axes.set_title(f"{label} per day (95 % interval)")
-        axes.set_ylim(bottom=0)
-        axes.spines[["top", "right"]].set_visible(False)
-        all_days = [date.fromisoformat(day["day"]) for variant in result["variants"] for day in variant["days"]]
-        if all_days:
-            _date_axis(axes, all_days)
-    axes_pair[0].legend(frameon=False, fontsize=8)
+def experiment_rates_plot(result: dict, metric: str) -> str:
+    """Per variant and UTC day, ``metric`` (lists followed / lists served) with its 95 % interval
+    as a band."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    for variant in result["variants"]:
+        days = [date.fromisoformat(day["day"]) for day in variant["days"]]
+        values = [_number(day[metric]["value"]) for day in variant["days"]]
+        line = axes.plot(days, values, "o-", markersize=4, label=variant["name"])[0]
+        axes.fill_between(days, [_number(day[metric]["low"]) for day in variant["days"]],
+                          [_number(day[metric]["high"]) for day in variant["days"]],
+                          color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.set_title(f"{RATE_LABELS[metric]} per day and variant (95 % interval)")
+    axes.set_ylim(bottom=0)
+    axes.spines[["top", "right"]].set_visible(False)
+    span = len({day["day"] for variant in result["variants"] for day in variant["days"]})
+    # whole days only (the automatic locator puts ticks at noon on a few days)
+    axes.xaxis.set_major_locator(mdates.DayLocator(interval=max(1, math.ceil(span / 8))))
+    axes.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))
+    axes.legend(frameon=False, fontsize=8)
     return _svg(figure)
 
 
@@ -239,7 +239,8 @@ def experiment_lift_plot(result: dict) -> str:
     axes.set_yticks(range(len(rows)), [f"{variant['name']}: {RATE_LABELS[metric]}" for variant, metric in rows])
     axes.set_ylim(len(rows) - 0.5, -0.5)
     axes.xaxis.set_major_formatter(lambda value, _: f"{value:+.0%}")
-    axes.set_title("Lift over the control (95 % interval); dotted: a guardrail's allowed drop")
+    axes.set_title("Lift over the control (95 % interval)")
+    axes.set_xlabel("relative lift; red dotted: a guardrail's allowed drop")
     axes.spines[["top", "right"]].set_visible(False)
     return _svg(figure)
 
@@ -274,7 +275,7 @@ def experiment_section(result: dict) -> str:
         + "</tr>"
         for variant in result["variants"]
     )
-    head = "".join(f"<th>{label}</th><th>lift</th>" for label in RATE_LABELS.values())
+    head = "".join(f"<th>{label} [95 %]</th><th>lift</th>" for label in RATE_LABELS.values())
     srm = result["srm"]
     srm_text = (f"Sample ratio: p = {srm['p_value']:.3g} "
                 + ("<strong class=\"alarm\">mismatch</strong>: the users per variant are not the configured split "
@@ -290,7 +291,7 @@ def experiment_section(result: dict) -> str:
         f"<li>{html.escape(str(row['decided_at']))}: {html.escape(row['variant'])} stopped: {html.escape(row['reason'])}</li>"
         for row in result.get("decisions", [])
     )
-    cards = [experiment_rates_plot(result)]
+    cards = [experiment_rates_plot(result, metric) for metric in RATE_LABELS]
     if any(variant["lift"] is not None for variant in result["variants"]):
         cards.append(experiment_lift_plot(result))
     return f"""<section id="experiment"><h2>Experiment {name}: {html.escape(result['status'])}</h2>
