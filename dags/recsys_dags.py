@@ -111,12 +111,18 @@ class RunAlert(BaseNotifier):
         alerts_log.warning("recsys alert: %s", alert_text(context, self.skipped))
 
 
+# the context key of an alert raised by a task that goes on (a guardrail stop): its text
+ALERT_KEY = "recsys_alert"
+
+
 def alert_text(context, skipped: bool) -> str:
     from recsys.core.errors import QualityGateError
 
     ti, error = context["ti"], context.get("exception")
     error = getattr(error, "error", error)  # an ExpectedFailure's outcome
     where = f"{ti.dag_id} run {context['run_id']} task {ti.task_id}"
+    if context.get(ALERT_KEY):
+        return f"{where}: {context[ALERT_KEY]}"
     if skipped:
         return (f"{where}: not published (the live version holds newer data, or a manual run's version of the "
                 "same window); the publish task's log says which. The run was evaluated and recorded in recsys_runs")
@@ -138,6 +144,14 @@ def alert_notifiers(skipped: bool = False) -> list:
 
 
 ALERTS, SKIP_ALERTS = alert_notifiers(), alert_notifiers(skipped=True)
+
+
+def send_alert(text: str) -> None:
+    """Alert through the DAG's notifiers from a task that goes on (it does not fail the run): the
+    text reaches them as the context's ``recsys_alert``."""
+    context = {**get_current_context(), ALERT_KEY: text}
+    for notifier in ALERTS:
+        notifier(context)
 
 
 def record_failed_publish(context) -> None:
@@ -238,7 +252,8 @@ def planned(run: dict, settings):
 
 
 DAILY_DOC = """Daily shop recommendations: extract -> build_matrix -> train -> evaluate ->
-prepare_publish -> publish_shard (mapped over ``publish_shards`` user shards) -> publish.
+prepare_publish -> publish_shard (mapped over ``publish_shards`` user shards) -> publish; and
+extract -> analyse_experiment -> train.
 
 **What a run does.** It reads the interactions of ``[data_interval_end - lookback_days,
 data_interval_end)`` from the shop's PostgreSQL (``extract``; rows it drops are counted by reason),
@@ -248,6 +263,12 @@ quality gate), and writes the recommendations, similar products, bought-together
 buys to Redis under a new version that goes live atomically (``publish``), with the merchandising
 rules in force at publish applied (``recsys rules list``; docs/rules.md). A run (scheduled, manual
 or backfilled) for date D never sees data from after D.
+
+**Experiments** (docs/experiments.md). ``analyse_experiment`` analyses the A/B test running now
+(as ``recsys experiments report NAME``) before ``train`` snapshots it: a variant a guardrail finds
+significantly worse is stopped there and recorded, so this run's publish serves its users the
+control. A stop or a sample-ratio mismatch raises an alert (the run goes on); the analysis is the
+run's ``experiment/analysis.json`` and the Experiment section of its report. No experiment: a no-op.
 
 **What it leaves for you.** ``evaluate`` records the run in the ``recsys_runs`` table
 (``recsys history``, and the chart of *Browse > Recommendations*) and writes ``eval/report.html``
@@ -438,6 +459,25 @@ def recsys_daily():
                 "rows_kept": result.rows_kept, "will_not_publish": blocker}
 
     @task
+    def analyse_experiment(run: dict) -> dict | None:
+        """Analyse the experiment running now and stop the variants its guardrails find significantly
+        worse (recorded), before train snapshots it; alert on a stop or a sample-ratio mismatch
+        without failing the run. No experiment running: nothing to do."""
+        from recsys.pipeline.stages import analyse_experiment_stage
+
+        settings = recsys_settings()
+        analysis = analyse_experiment_stage(settings, planned(run, settings))
+        if analysis is None:
+            log.info("no experiment running")
+            return None
+        log.info("%s", analysis.summary)
+        for text in analysis.alerts:
+            log.warning("%s", text)
+            send_alert(text)
+        log.info("experiment analysis: %s", analysis.path)
+        return analysis.to_dict()
+
+    @task
     def train(run: dict) -> dict:
         """Train ALS twice on the run's matrices: before the holdout cutoff (what evaluate scores) and
         on the whole window (what publish serves)."""
@@ -550,7 +590,11 @@ def recsys_daily():
         log.info("version %s is live: %d users", result.version, result.users)
         return {"version": result.version, "users": result.users}
 
-    evaluated = evaluate(train(build_matrix(extract())))
+    extracted = extract()
+    trained = train(build_matrix(extracted))
+    # before train: a variant stopped today is served the control by today's publish
+    analyse_experiment(extracted) >> trained
+    evaluated = evaluate(trained)
     # the task's own links, computed by the worker when it ends (kept in XCom, shown by the UI)
     evaluated.operator.operator_extra_links = (EvaluationReportLink(),)
     publish_shard.expand(job=prepare_publish(evaluated)) >> publish(evaluated)

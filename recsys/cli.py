@@ -288,6 +288,10 @@ def run_command(end: EndOption = None, param: ParamOption = None, use_tuned: Use
         result = run_pipeline(Settings(), _end(end), _params(param), use_tuned, progress=True)
     except RecsysError as error:
         raise _fail(error) from error
+    if result.experiment is not None:
+        console.print(result.experiment.summary, highlight=False)
+        for alert in result.experiment.alerts:
+            console.print(f"[red]{alert}[/red]", highlight=False)
     console.print(f"[green]{result.evaluation.reason}[/green]")
     console.print(f"published version {result.publish.version} for {result.publish.users:,} users")
 
@@ -646,6 +650,9 @@ def experiments_report(
     act: Annotated[
         bool, typer.Option("--act/--no-act", help="Stop the variants a guardrail finds significantly worse (recorded).")
     ] = True,
+    html_path: Annotated[
+        Path | None, typer.Option("--html", help="Also write the report as a self-contained HTML page with plots.")
+    ] = None,
 ) -> None:
     """Per variant and per day: exposed users, click-through and conversion with 95 % intervals,
     the lift over the control, the sample-ratio check and the guardrails' decisions."""
@@ -653,6 +660,10 @@ def experiments_report(
     from recsys.pipeline.experiments import report
 
     result = report(Settings(), name, act=act)
+    if html_path is not None:
+        from recsys.pipeline.report import experiment_page
+
+        html_path.write_text(experiment_page(result))
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -687,4 +698,6 @@ def experiments_report(
     )
     for check in result["guardrails"]:
         console.print(f"guardrail {check['metric']} on {check['variant']}: {check['decision']}", highlight=False)
+    if html_path is not None:
+        console.print(f"HTML report with plots: {html_path}", highlight=False, soft_wrap=True)
 

@@ -178,6 +178,10 @@ class Experiment:
             return "scheduled"
         return "ended" if self.ends_at is not None and self.ends_at <= at else "running"
 
+    def analysed_until(self, now: datetime) -> datetime:
+        """The end of what an analysis at ``now`` reads: now, or the end or stop if earlier."""
+        return min([now, *(t for t in (self.ends_at, self.stopped_at) if t is not None)])
+
     def position(self, user_id: str) -> float:
         """The user's place in [0, 1): a keyed BLAKE2b hash of the experiment's name and the user
         id under the experiment's salt, so two experiments split the users independently."""
@@ -442,6 +446,20 @@ def record_guardrail_stop(settings: Settings, stop: GuardrailStop, now: datetime
             return False
         conn.execute(db.sql_text(settings, "insert_experiment_decision"), {**stop.__dict__, "decided_at": now})
     return True
+
+
+def user_day_rows(settings: Settings, experiment: Experiment, end: datetime) -> list[tuple]:
+    """Per variant, user and UTC day of serving up to ``end``: (variant, user_id, day, lists,
+    clicked, converted, first_served_at), outcomes counted as the constants above say."""
+    with db.connect(settings) as conn:
+        return conn.execute(
+            db.sql_text(settings, "experiment_user_days"),
+            {
+                "experiment": experiment.name, "start": experiment.starts_at, "end": end,
+                "click_types": list(CLICK_EVENT_TYPES), "conversion_types": list(CONVERSION_EVENT_TYPES),
+                "window": ATTRIBUTION_WINDOW,
+            },
+        ).fetchall()
 
 
 def guardrail_decisions(settings: Settings, name: str) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
     <artifacts>/runs/<window end>/<params fingerprint>/      one run (RunPaths)
         extract/    interactions.parquet products.parquet older_negatives.parquet report.json
+        experiment/ analysis.json (the running experiment's analysis before train; empty without one)
         matrix/     manifest.json users.parquet items.parquet
                     full.npz train.npz exclude.npz train_exclude.npz holdout.npz baskets.npz
                     new_items.parquet content.npz new_exclude.npz
@@ -27,6 +28,7 @@ from recsys.core.window import Window, stamp
 
 RUNS, TUNED = "runs", "tuned"
 EXTRACT, MATRIX, MODEL, EVALUATION, PUBLISHED = "extract", "matrix", "model", "eval", "published"
+EXPERIMENT, EXPERIMENT_ANALYSIS = "experiment", "analysis.json"
 
 # extract/
 INTERACTIONS, PRODUCTS, EXTRACT_REPORT = "interactions.parquet", "products.parquet", "report.json"
@@ -59,6 +61,10 @@ class RunPaths:
     @property
     def extract(self) -> Path:
         return self.root / EXTRACT
+
+    @property
+    def experiment(self) -> Path:
+        return self.root / EXPERIMENT
 
     @property
     def matrix(self) -> Path:

@@ -1,7 +1,7 @@
-"""The analysis of an experiment (``recsys experiments report NAME``; docs/experiments.md): per
-variant, overall and per UTC day, the exposed users, click-through and conversion with 95 %
-intervals, each variant's relative lift over the control, the sample-ratio-mismatch check, and
-the guardrails, which stop a variant significantly worse than the control (recorded in Postgres).
+"""The analysis of an experiment acted on (``recsys experiments report NAME``, the daily DAG's
+``analyse_experiment`` task; docs/experiments.md): the analysis of recsys.ml.experiment_analysis
+on the experiment's exposures and outcome events read from Postgres, and the guardrails' stops,
+recorded in Postgres.
 
 Input: ``recommendation_exposures`` (one row per list served) and the events that carry a list's
 ``recommendation_id`` (sql/experiment_user_days.sql; what counts is set in recsys.core.experiments).
@@ -9,152 +9,18 @@ Input: ``recommendation_exposures`` (one row per list served) and the events tha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
-from recsys.core import db, experiments
+from recsys.core import experiments
+from recsys.core.errors import InputError
 from recsys.core.experiments import Experiment, GuardrailStop
 from recsys.core.settings import Settings
-from recsys.ml.experiment_stats import rate, relative_lift, sample_ratio_check
-
-RATES = {"click_through": "clicked", "conversion": "converted"}
-
-
-@dataclass(frozen=True)
-class UserDays:
-    """One row per (variant, user, UTC day): lists served, clicked and converted that day."""
-
-    variant: np.ndarray
-    user_id: np.ndarray
-    day: np.ndarray
-    lists: np.ndarray
-    clicked: np.ndarray
-    converted: np.ndarray
-    first_served_at: np.ndarray  # datetime64[us], UTC
-
-    @classmethod
-    def from_rows(cls, rows: list[tuple]) -> UserDays:
-        columns = list(zip(*rows, strict=True)) if rows else [()] * 7
-        return cls(
-            variant=np.array(columns[0], dtype=object), user_id=np.array(columns[1], dtype=object),
-            day=np.array(columns[2], dtype="datetime64[D]"), lists=np.array(columns[3], dtype=np.int64),
-            clicked=np.array(columns[4], dtype=np.int64), converted=np.array(columns[5], dtype=np.int64),
-            first_served_at=np.array([t.replace(tzinfo=None) for t in columns[6]], dtype="datetime64[us]"),
-        )
+from recsys.ml.experiment_analysis import UserDays, analyse
 
 
 def read_user_days(settings: Settings, experiment: Experiment, end: datetime) -> UserDays:
-    with db.connect(settings) as conn:
-        rows = conn.execute(
-            db.sql_text(settings, "experiment_user_days"),
-            {
-                "experiment": experiment.name, "start": experiment.starts_at, "end": end,
-                "click_types": list(experiments.CLICK_EVENT_TYPES),
-                "conversion_types": list(experiments.CONVERSION_EVENT_TYPES), "window": experiments.ATTRIBUTION_WINDOW,
-            },
-        ).fetchall()
-    return UserDays.from_rows(rows)
-
-
-def _per_user(data: UserDays, mask: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Sums per user of the rows in ``mask``: lists, and each rate's numerator."""
-    users, index = np.unique(data.user_id[mask].astype(str), return_inverse=True)
-    lists = np.bincount(index, weights=data.lists[mask], minlength=len(users))
-    numerators = {
-        metric: np.bincount(index, weights=getattr(data, column)[mask], minlength=len(users))
-        for metric, column in RATES.items()
-    }
-    return lists, numerators
-
-
-def _rates(lists: np.ndarray, numerators: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {metric: rate(numerators[metric], lists) for metric in RATES}
-
-
-def analyse(experiment: Experiment, data: UserDays, end: datetime) -> dict[str, Any]:
-    """The report, without touching the database (the guardrails' decisions are proposals here)."""
-    overall: dict[str, dict[str, Any]] = {}
-    variants = []
-    for variant in experiment.variants:
-        mask = data.variant == variant.name
-        lists, numerators = _per_user(data, mask)
-        overall[variant.name] = _rates(lists, numerators)
-        days = []
-        for day in np.unique(data.day[mask]):
-            # a user-day is the unit within one day
-            day_mask = mask & (data.day == day)
-            day_rates = {metric: rate(getattr(data, column)[day_mask], data.lists[day_mask]) for metric, column in RATES.items()}
-            days.append({
-                "day": str(day), "exposed_users": int(day_mask.sum()), "lists": int(data.lists[day_mask].sum()),
-                **{metric: estimate.to_dict() for metric, estimate in day_rates.items()},
-            })
-        variants.append({
-            "name": variant.name, "control": variant is experiment.control, "share": variant.share,
-            "params": variant.params, "stopped_at": None if variant.stopped_at is None else variant.stopped_at.isoformat(),
-            "exposed_users": len(lists), "lists": int(lists.sum()),
-            **{metric: estimate.to_dict() for metric, estimate in overall[variant.name].items()},
-            "lift": None, "days": days,
-        })
-    control = experiment.control.name
-    for entry in variants[1:]:
-        entry["lift"] = {
-            metric: relative_lift(overall[entry["name"]][metric], overall[control][metric]).to_dict() for metric in RATES
-        }
-    return {
-        "experiment": experiment.name, "status": experiment.status(end), "analysed_until": end.isoformat(),
-        "primary_metric": experiment.primary_metric,
-        "attribution_hours": experiments.ATTRIBUTION_WINDOW.total_seconds() / 3600,
-        "variants": variants,
-        "srm": _sample_ratio(experiment, data),
-        "users_in_several_variants": _users_in_several_variants(data),
-        "guardrails": _guardrails(experiment, overall, end),
-    }
-
-
-def _sample_ratio(experiment: Experiment, data: UserDays) -> dict[str, Any]:
-    """Users per variant against the shares. Counted among users first served before the first
-    guardrail stop: after it, the stopped variant takes no new users and its share no longer holds."""
-    stops = [v.stopped_at for v in experiment.variants if v.stopped_at is not None]
-    counted = np.ones(len(data.lists), dtype=bool)
-    if stops:
-        counted = data.first_served_at < np.datetime64(min(stops).astimezone(UTC).replace(tzinfo=None), "us")
-    observed = {
-        v.name: len(np.unique(data.user_id[counted & (data.variant == v.name)].astype(str))) for v in experiment.variants
-    }
-    check = sample_ratio_check(observed, {v.name: v.share for v in experiment.variants})
-    return {**check.to_dict(), "counted_before": None if not stops else min(stops).isoformat()}
-
-
-def _users_in_several_variants(data: UserDays) -> int:
-    """Stable assignment makes this 0; more means exposures were logged under a wrong variant."""
-    pairs = {(str(user), variant) for user, variant in zip(data.user_id, data.variant, strict=True)}
-    users = [user for user, _ in pairs]
-    return len(users) - len(set(users))
-
-
-def _guardrails(experiment: Experiment, overall: dict[str, dict[str, Any]], end: datetime) -> list[dict[str, Any]]:
-    control = experiment.control.name
-    checks = []
-    for variant in experiment.variants[1:]:
-        for guardrail in experiment.guardrails:
-            treated, base = overall[variant.name][guardrail.metric], overall[control][guardrail.metric]
-            lift = relative_lift(treated, base)
-            if variant.stopped_at is not None and variant.stopped_at <= end:
-                decision = "stopped"
-            elif min(treated.units, base.units) < experiments.MIN_USERS_FOR_DECISION:
-                decision = "too_few_users"
-            elif lift.high < -guardrail.max_drop:
-                decision = "stop"
-            else:
-                decision = "keep"
-            checks.append({
-                "variant": variant.name, "metric": guardrail.metric, "max_drop": guardrail.max_drop,
-                "lift": lift.to_dict(), "decision": decision,
-            })
-    return checks
+    return UserDays.from_rows(experiments.user_day_rows(settings, experiment, end))
 
 
 def report(settings: Settings, name: str, now: datetime | None = None, act: bool = True) -> dict[str, Any]:
@@ -163,9 +29,9 @@ def report(settings: Settings, name: str, now: datetime | None = None, act: bool
     decision recorded so far."""
     now = now or datetime.now(UTC)
     experiment = experiments.get_experiment(settings, name)
-    ends = [t for t in (experiment.ends_at, experiment.stopped_at) if t is not None]
-    end = min([now, *ends])
+    end = experiment.analysed_until(now)
     result = analyse(experiment, read_user_days(settings, experiment, end), end)
+    result["stopped_now"] = []
     if act:
         for check in result["guardrails"]:
             if check["decision"] != "stop":
@@ -181,6 +47,7 @@ def report(settings: Settings, name: str, now: datetime | None = None, act: bool
             )
             if experiments.record_guardrail_stop(settings, stop, now):
                 check["decision"] = "stopped"
+                result["stopped_now"].append(check["variant"])
                 experiment = experiments.get_experiment(settings, name)
     result["decisions"] = [
         {**row, "decided_at": row["decided_at"].isoformat()} for row in experiments.guardrail_decisions(settings, name)
@@ -188,3 +55,57 @@ def report(settings: Settings, name: str, now: datetime | None = None, act: bool
     result["definition"] = experiment.to_dict()
     return result
 
+
+
+def report_running(settings: Settings, now: datetime | None = None) -> dict[str, Any] | None:
+    """The acting report of the experiment running at ``now``; None when none runs (also when the
+    shop database has no experiments tables yet: then none can run)."""
+    now = now or datetime.now(UTC)
+    try:
+        running = experiments.running_experiment(settings, now)
+    except InputError:  # no experiments tables (`recsys init-db` not run since the upgrade)
+        return None
+    return None if running is None else report(settings, running.name, now, act=True)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    """One line: per variant exposed users and the primary metric (its lift for the treatments),
+    the sample-ratio check and the guardrails' stops."""
+    metric = result["primary_metric"]
+    parts = []
+    for variant in result["variants"]:
+        value = variant[metric]["value"]
+        text = f"{variant['name']} {variant['exposed_users']} users {metric} " + ("n/a" if value is None else f"{value:.4f}")
+        lift = (variant["lift"] or {}).get(metric)
+        if lift and lift["value"] is not None:
+            text += f" (lift {lift['value']:+.1%}, {lift['low']:+.1%} .. {lift['high']:+.1%})"
+        parts.append(text)
+    srm = result["srm"]
+    stopped = sorted({check["variant"] for check in result["guardrails"] if check["decision"] == "stopped"})
+    return (
+        f"experiment {result['experiment']} ({result['status']}): {'; '.join(parts)}; sample ratio p = "
+        f"{srm['p_value']:.3g}{' ALARM' if srm['alarm'] else ''}; stopped: {', '.join(stopped) or 'none'}"
+    )
+
+
+def alerts(result: dict[str, Any]) -> list[str]:
+    """What an operator must hear of: each variant this report stopped, and a sample-ratio alarm."""
+    found = []
+    reasons = {row["variant"]: row["reason"] for row in result["decisions"]}
+    for variant in result["stopped_now"]:
+        found.append(
+            f"experiment {result['experiment']}: guardrail stopped variant {variant!r}: {reasons.get(variant)}; "
+            "its users get the control from now on (served from this run's publish)"
+        )
+    srm = result["srm"]
+    if srm["alarm"]:
+        found.append(
+            f"experiment {result['experiment']}: sample-ratio mismatch (p = {srm['p_value']:.2g} < {srm['threshold']}): "
+            f"users per variant {srm['observed']} against expected {_rounded(srm['expected'])}; exposures are "
+            "logged under wrong variants or lost for some: its results cannot be trusted until that is found"
+        )
+    return found
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 1) for name, value in values.items()}

@@ -4,14 +4,17 @@ Plots are inline SVG from matplotlib's SVG backend, styles inline: the page open
 file, an object store or an Airflow link without any network. It shows this run's holdout metrics
 against popularity, the last runs of the quality history (``recsys_runs``) in date order with each run's
 gate and outcome, how recommendations spread over the catalogue (coverage, popularity bias, categories),
-the extract's data-quality counts and the training time and data size over time.
+the extract's data-quality counts and the training time and data size over time; and, when an
+experiment was running, its analysis as the run's ``analyse_experiment`` task acted on it
+(:func:`experiment_section`, also the page ``recsys experiments report NAME --html`` writes).
 """
 
 from __future__ import annotations
 
 import html
 import io
-from datetime import datetime, timedelta
+import math
+from datetime import date, datetime, timedelta
 
 import matplotlib
 
@@ -187,6 +190,132 @@ def size_plot(history: list[dict]) -> str:
     return _svg(figure)
 
 
+RATE_LABELS = {"click_through": "click-through", "conversion": "conversion"}
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def experiment_rates_plot(result: dict, metric: str) -> str:
+    """Per variant and UTC day, ``metric`` (lists followed / lists served) with its 95 % interval
+    as a band."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    for variant in result["variants"]:
+        days = [date.fromisoformat(day["day"]) for day in variant["days"]]
+        values = [_number(day[metric]["value"]) for day in variant["days"]]
+        line = axes.plot(days, values, "o-", markersize=4, label=variant["name"])[0]
+        axes.fill_between(days, [_number(day[metric]["low"]) for day in variant["days"]],
+                          [_number(day[metric]["high"]) for day in variant["days"]],
+                          color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.set_title(f"{RATE_LABELS[metric]} per day and variant (95 % interval)")
+    axes.set_ylim(bottom=0)
+    axes.spines[["top", "right"]].set_visible(False)
+    span = len({day["day"] for variant in result["variants"] for day in variant["days"]})
+    # whole days only (the automatic locator puts ticks at noon on a few days)
+    axes.xaxis.set_major_locator(mdates.DayLocator(interval=max(1, math.ceil(span / 8))))
+    axes.xaxis.set_major_formatter(mdates.DateFormatter("%b %d"))
+    axes.legend(frameon=False, fontsize=8)
+    return _svg(figure)
+
+
+def experiment_lift_plot(result: dict) -> str:
+    """Each treatment's relative lift over the control, per metric, with its 95 % interval
+    (forest plot), and each guardrail's allowed drop."""
+    treatments = [variant for variant in result["variants"] if variant["lift"] is not None]
+    rows = [(variant, metric) for variant in treatments for metric in RATE_LABELS]
+    figure, axes = plt.subplots(figsize=(6.4, 0.9 + 0.45 * len(rows)))
+    for position, (variant, metric) in enumerate(rows):
+        lift = variant["lift"][metric]
+        if lift["value"] is None:
+            continue
+        low, high = _number(lift["low"]), _number(lift["high"])
+        colour = GATE_COLOUR if lift["significant"] and lift["value"] < 0 else MODEL_COLOUR
+        axes.errorbar([lift["value"]], [position], xerr=[[lift["value"] - low], [high - lift["value"]]], fmt="o",
+                      color=colour, capsize=4)
+    for guardrail in result["guardrails"]:
+        axes.axvline(-guardrail["max_drop"], color=GATE_COLOUR, linestyle=":", linewidth=1)
+    axes.axvline(0, color="#555555", linewidth=1)
+    axes.set_yticks(range(len(rows)), [f"{variant['name']}: {RATE_LABELS[metric]}" for variant, metric in rows])
+    axes.set_ylim(len(rows) - 0.5, -0.5)
+    axes.xaxis.set_major_formatter(lambda value, _: f"{value:+.0%}")
+    axes.set_title("Lift over the control (95 % interval)")
+    axes.set_xlabel("relative lift; red dotted: a guardrail's allowed drop")
+    axes.spines[["top", "right"]].set_visible(False)
+    return _svg(figure)
+
+
+def _interval(estimate: dict) -> str:
+    if estimate["value"] is None:
+        return "–"
+    if estimate["low"] is None:
+        return f"{estimate['value']:.4f}"
+    return f"{estimate['value']:.4f} [{estimate['low']:.4f}, {estimate['high']:.4f}]"
+
+
+def _lift(lift: dict | None) -> str:
+    if lift is None:
+        return "control"
+    if lift["value"] is None:
+        return "–"
+    return (f"{lift['value']:+.1%} [{lift['low']:+.1%}, {lift['high']:+.1%}]"
+            + (" (significant)" if lift["significant"] else ""))
+
+
+def experiment_section(result: dict) -> str:
+    """The experiment's part of a page: per variant table, the two plots, the sample-ratio check
+    and the guardrails' decisions. ``result`` is ``recsys experiments report --json``'s object."""
+    name = html.escape(result["experiment"])
+    rows = "".join(
+        f"<tr><th>{html.escape(variant['name'])}</th><td>{variant['share']:.0%}</td>"
+        f"<td>{'stopped ' + html.escape(variant['stopped_at']) if variant['stopped_at'] else 'serving'}</td>"
+        f"<td>{variant['exposed_users']:,}</td><td>{variant['lists']:,}</td>"
+        + "".join(f"<td>{_interval(variant[metric])}</td><td>{_lift((variant['lift'] or {}).get(metric) if variant['lift'] else None)}</td>"
+                  for metric in RATE_LABELS)
+        + "</tr>"
+        for variant in result["variants"]
+    )
+    head = "".join(f"<th>{label} [95 %]</th><th>lift</th>" for label in RATE_LABELS.values())
+    srm = result["srm"]
+    srm_text = (f"Sample ratio: p = {srm['p_value']:.3g} "
+                + ("<strong class=\"alarm\">mismatch</strong>: the users per variant are not the configured split "
+                   "(exposures logged under wrong variants, or lost for some); the results cannot be trusted"
+                   if srm["alarm"] else "(as configured)")
+                + f"; users counted {', '.join(f'{html.escape(k)} {v:,}' for k, v in srm['observed'].items())}.")
+    checks = "".join(
+        f"<li>{html.escape(check['variant'])}, {RATE_LABELS[check['metric']]} (allowed drop {check['max_drop']:.0%}): "
+        f"<strong>{html.escape(check['decision'])}</strong>, lift {_lift(check['lift'])}</li>"
+        for check in result["guardrails"]
+    )
+    decisions = "".join(
+        f"<li>{html.escape(str(row['decided_at']))}: {html.escape(row['variant'])} stopped: {html.escape(row['reason'])}</li>"
+        for row in result.get("decisions", [])
+    )
+    cards = [experiment_rates_plot(result, metric) for metric in RATE_LABELS]
+    if any(variant["lift"] is not None for variant in result["variants"]):
+        cards.append(experiment_lift_plot(result))
+    return f"""<section id="experiment"><h2>Experiment {name}: {html.escape(result['status'])}</h2>
+<p class="sub">analysed until {html.escape(result['analysed_until'])}; primary metric
+{RATE_LABELS[result['primary_metric']]}; outcomes within {result['attribution_hours']:g} h of serving;
+rates are lists followed / lists served with 95 % intervals (per-user delta method)</p>
+<table><tr><th>variant</th><th>share</th><th>status</th><th>exposed users</th><th>lists</th>{head}</tr>{rows}</table>
+<p>{srm_text}</p>
+<p>Guardrails:</p><ul>{checks or '<li>none</li>'}</ul>
+{f'<p>Stops recorded:</p><ul>{decisions}</ul>' if decisions else ''}
+<div class="grid">{''.join(f'<div class="card">{card}</div>' for card in cards)}</div>
+</section>"""
+
+
+def experiment_page(result: dict) -> str:
+    """``recsys experiments report NAME --html``: the experiment's section as a page of its own."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>recsys experiment {html.escape(result['experiment'])}</title>
+<style>{STYLE}</style></head><body>
+{experiment_section(result)}
+</body></html>
+"""
+
+
 def _table(report: dict) -> str:
     k = report["k"]
     head = "".join(f"<th>{label}@{k}</th>" for _, label in METRICS) + "<th>coverage</th>"
@@ -206,12 +335,14 @@ h1{font-size:22px;margin:0 0 4px}.sub{color:#555;margin:0 0 16px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px}.card svg{width:100%;height:auto}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}
-.note{color:#555;font-size:13px}"""
+.note{color:#555;font-size:13px}.alarm{color:#d62728}h2{font-size:18px;margin:20px 0 4px}"""
 
 
-def render(report: dict, history: list[dict], run_key: str, extract_counts: dict | None) -> str:
+def render(
+    report: dict, history: list[dict], run_key: str, extract_counts: dict | None, experiment: dict | None = None
+) -> str:
     """The page: ``report`` is the run's eval/report.json, ``history`` its recsys_runs rows
-    oldest first (this run included)."""
+    oldest first (this run included), ``experiment`` the run's analysis of the running experiment."""
     gate = report["gate"]
     distribution = report["distribution"]
     window = report["window"]
@@ -244,5 +375,6 @@ model {diversity:.2f}, popularity {distribution['popularity']['mean_distinct_cat
 <p class="note">When the gate refuses, nothing is published and the live version stays. Look at the history
 plot: a one-off dip next to a normal popularity line is usually data (see the extract counts); a steady
 slide needs new parameters (<code>recsys tune</code> or the recsys_tune DAG).</p>
+{'' if experiment is None else experiment_section(experiment)}
 </body></html>
 """

@@ -20,11 +20,12 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ from recsys.core.layout import (
     EVALUATION,
     EVALUATION_HTML,
     EVALUATION_REPORT,
+    EXPERIMENT,
+    EXPERIMENT_ANALYSIS,
     EXTRACT,
     EXTRACT_REPORT,
     INTERACTIONS,
@@ -188,6 +191,7 @@ class PipelineResult:
     run: Run
     extract: ExtractResult
     matrix: MatrixResult
+    experiment: ExperimentAnalysis | None
     train: TrainResult
     evaluation: EvaluationResult
     publish: PublishResult
@@ -254,6 +258,60 @@ def matrix_stage(settings: Settings, run: Run) -> MatrixResult:
     return result
 
 
+@dataclass(frozen=True)
+class ExperimentAnalysis:
+    """What the analysis of the running experiment found, small enough for an XCom: the whole
+    report is the run's ``experiment/analysis.json`` (``path``)."""
+
+    experiment: str
+    path: str
+    summary: str  # one line
+    stopped_now: list[str]  # variants a guardrail stopped in this analysis
+    alerts: list[str]  # a line each: a stop, a sample-ratio alarm
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def analyse_experiment_stage(settings: Settings, run: Run, now: datetime | None = None) -> ExperimentAnalysis | None:
+    """Analyse the experiment running now and act on its guardrails (before train, which
+    snapshots the experiment: a variant stopped here is served the control by this run's
+    publish). The report goes to the run's ``experiment/analysis.json``, for the evaluation
+    report. None, after clearing an earlier attempt's analysis, when no experiment runs."""
+    from recsys.pipeline import experiments
+
+    result = experiments.report_running(settings, now)
+    folder = run.paths.experiment
+    with _writing(settings, run):
+        if result is None:
+            if folder.exists() or (run.store is not None and artifacts.pushed(run.store, f"{run.paths.key}/{EXPERIMENT}")):
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True)
+                run.push(EXPERIMENT)  # empty: the report of a rerun shows no stale analysis
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / EXPERIMENT_ANALYSIS).write_text(json.dumps(result, indent=1))
+        run.push(EXPERIMENT)
+    return ExperimentAnalysis(
+        experiment=result["experiment"], path=experiment_analysis_location(run),
+        summary=experiments.summary_line(result), stopped_now=result["stopped_now"], alerts=experiments.alerts(result),
+    )
+
+
+def experiment_analysis_location(run: Run) -> str:
+    if run.store is not None and (upload := artifacts.pushed(run.store, f"{run.paths.key}/{EXPERIMENT}")):
+        return run.store.url(run.paths.key, EXPERIMENT, upload.upload_id, EXPERIMENT_ANALYSIS)
+    return (run.paths.experiment / EXPERIMENT_ANALYSIS).resolve().as_uri()
+
+
+def _experiment_analysis(run: Run) -> dict | None:
+    """The run's analysis of its experiment, if one was running (pulled from the store if there)."""
+    if run.store is not None and artifacts.pushed(run.store, f"{run.paths.key}/{EXPERIMENT}"):
+        run.pull(EXPERIMENT)
+    path = run.paths.experiment / EXPERIMENT_ANALYSIS
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def train_stage(settings: Settings, run: Run, progress: bool = False) -> TrainResult:
     from recsys.pipeline.train import train
 
@@ -284,7 +342,7 @@ def evaluate_stage(settings: Settings, run: Run, dag_run_id: str | None = None) 
         history.record_evaluation(settings, _run_record(run, result, extract_counts, dag_run_id))
         evaluation = json.loads(result.report_path.read_text())
         recent = history.recent_runs(settings, REPORT_HISTORY_RUNS)[::-1]
-        page = report.render(evaluation, recent, paths.key, extract_counts)
+        page = report.render(evaluation, recent, paths.key, extract_counts, _experiment_analysis(run))
         (paths.evaluation / EVALUATION_HTML).write_text(page)
         run.push(EVALUATION)  # a refused report too: it says why
     enforce_quality_gate(result)
@@ -556,6 +614,7 @@ def run_pipeline(
             run=run,
             extract=extract_stage(settings, run, progress),
             matrix=matrix_stage(settings, run),
+            experiment=analyse_experiment_stage(settings, run),
             train=train_stage(settings, run, progress),
             evaluation=evaluate_stage(settings, run),
             publish=publish_stage(settings, run, progress),

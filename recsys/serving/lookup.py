@@ -1,7 +1,7 @@
 """Read-only HTTP lookup of what is live in Redis: one user's recommendations (or the top buys a
 user without a list gets), top buys by category, the live model; decorated from PostgreSQL with
-product names and the run history when the database answers; and the runs' evaluation reports,
-from the artifact store, for the links to them in the Airflow UI.
+product names, the run history and the running experiment when the database answers; and the
+runs' evaluation reports, from the artifact store, for the links to them in the Airflow UI.
 
 Plain FastAPI with no Airflow import, so it runs the same under the Airflow plugin
 (``plugins/recsys_plugin.py`` mounts it in the api-server), under uvicorn, and in tests.
@@ -251,6 +251,14 @@ def create_app(settings_factory: SettingsFactory, dependencies: Sequence[Any] = 
         if found is None:
             raise HTTPException(status_code=404, detail=f"Run {dag_run_id!r} evaluated {key}, whose report is not in the artifacts.")
         return FileResponse(found, media_type="text/html")
+
+    @app.get("/api/experiment")
+    async def experiment(request: Request, user_id: str | None = None) -> dict:
+        """The experiment running now (else the last one): variants, shares, status, exposed users,
+        click-through and conversion with 95 % intervals, lifts, the sample-ratio check and the
+        guardrails, as ``recsys experiments report NAME --no-act`` computes them now; with
+        ``user_id``, that user's variant now."""
+        return await _read_shop_db(request, lambda settings: lookup_reads.experiment_overview(settings, user_id))
 
     @app.get("/api/top-buys/categories")
     async def top_buys_categories(live: Live) -> dict:

@@ -1,5 +1,6 @@
 """Blocking PostgreSQL reads of the look-up page: product names, the pipeline's run history (and
-which run an Airflow DAG run evaluated) and the merchandising rules.
+which run an Airflow DAG run evaluated), the merchandising rules and the running (or last)
+experiment with its analysis.
 
 Both only decorate what Redis says, so callers treat any failure as "not available" and the page
 shows ids only, or no chart. A short connect timeout keeps an unreachable database from holding
@@ -13,9 +14,10 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from recsys.core import db
+from recsys.core import db, experiments
 from recsys.core.rules import list_rules, rule_status, take_snapshot
 from recsys.core.settings import Settings
+from recsys.ml.experiment_analysis import UserDays, analyse
 from recsys.ml.merchandising import Merchandising
 
 CONNECT_TIMEOUT_SECONDS = 3
@@ -75,3 +77,32 @@ def rules_table(settings: Settings) -> list[dict]:
     """Every rule with its status now, oldest first."""
     now = datetime.now(UTC)
     return [{**rule.to_dict(), "description": rule.describe(), "status": rule_status(rule, now)} for rule in list_rules(settings)]
+
+
+def shown_experiment(settings: Settings, now: datetime) -> experiments.Experiment | None:
+    """The experiment running now, else the last one started, else the next one scheduled."""
+    found = experiments.list_experiments(settings)  # latest start first
+    return (
+        next((e for e in found if e.running(now)), None)
+        or next((e for e in found if e.starts_at is not None and e.starts_at <= now), None)
+        or (found[-1] if found else None)
+    )
+
+
+def experiment_overview(settings: Settings, user_id: str | None = None) -> dict:
+    """The shown experiment's analysis as ``recsys experiments report NAME --no-act`` computes it
+    now (the same code: the numbers agree), and ``user_id``'s variant in it now."""
+    now = datetime.now(UTC)
+    experiment = shown_experiment(settings, now)
+    if experiment is None:
+        return {"experiment": None, "user": None}
+    end = experiment.analysed_until(now)
+    result = analyse(experiment, UserDays.from_rows(experiments.user_day_rows(settings, experiment, end)), end)
+    result["decisions"] = [
+        {**row, "decided_at": row["decided_at"].isoformat()} for row in experiments.guardrail_decisions(settings, experiment.name)
+    ]
+    user = None
+    if user_id:
+        assignment = experiment.assign(user_id, now)
+        user = {"user_id": user_id, "variant": assignment.variant, "enrolled": assignment.enrolled}
+    return {"experiment": result, "user": user}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -9,11 +10,12 @@ import subprocess
 import sys
 from datetime import timedelta
 from itertools import pairwise
+from pathlib import Path
 from urllib.parse import quote
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO
+from helpers import REPO, simulated_experiment
 
 from recsys.core.artifacts import open_store, pushed
 from recsys.core.layout import EVALUATION, EXTRACT, MATRIX, MODEL, run_paths
@@ -42,12 +44,17 @@ def dag(airflow_db):
 
 
 def test_tasks_run_in_order_without_cycles(dag):
-    assert sorted(dag.task_ids) == sorted(TASK_ORDER)
+    assert sorted(dag.task_ids) == sorted([*TASK_ORDER, "analyse_experiment"])
     for upstream, downstream in pairwise(TASK_ORDER):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert dag.get_task("extract").upstream_task_ids == set()
     assert dag.get_task("publish").downstream_task_ids == set()
-    assert [task.task_id for task in dag.topological_sort()] == TASK_ORDER
+    # the experiment's guardrails act before train snapshots it
+    assert dag.get_task("analyse_experiment").upstream_task_ids == {"extract"}
+    assert dag.get_task("analyse_experiment").downstream_task_ids == {"train"}
+    order = [task.task_id for task in dag.topological_sort()]
+    assert [task for task in order if task != "analyse_experiment"] == TASK_ORDER
+    assert order.index("extract") < order.index("analyse_experiment") < order.index("train")
 
 
 def test_schedule_is_a_real_daily_data_interval(dag):
@@ -140,6 +147,14 @@ def test_full_run_publishes_live_recommendations(fresh_dag, recsys_env, demo_loa
     # the evaluate task's extra link: its run's report, served by the look-up app in the api-server
     link = task_instance(dag_run, "evaluate").xcom_pull(task_ids="evaluate", key="_link_EvaluationReportLink")
     assert link == f"recsys/reports/{quote(dag_run.run_id, safe='')}"
+
+    # no experiment running: the analysis is a no-op, and the report has no Experiment section
+    assert task_states(dag_run)["analyse_experiment"] == "success"
+    assert task_instance(dag_run, "analyse_experiment").xcom_pull(task_ids="analyse_experiment") is None
+    assert "no experiment running" in dag_logs(caplog)
+    paths = run_paths(recsys_env, window_ending(window_end, PipelineParams()), PipelineParams.from_dict(meta["params"]))
+    assert not paths.experiment.exists()
+    assert 'id="experiment"' not in (paths.evaluation / "report.html").read_text()
 
     # publish's failure handler (a timeout, a lost worker after the switch): the history follows Redis
     record_failed_publish = fresh_dag.get_task("publish").on_failure_callback[-1]
@@ -297,6 +312,44 @@ def test_gate_refusal_fails_the_run_and_publishes_nothing(alerting_dag, recsys_e
     [refusal] = dag_logs(caplog, logging.ERROR)
     assert refusal.startswith("quality gate refused: model MAP@10") and refusal.endswith("the live version stays")
     assert task_instance(dag_run, "evaluate").try_number == 1
+
+
+def test_a_guardrail_stops_a_harmful_variant_before_train_and_alerts_without_failing_the_run(
+    alerting_dag, recsys_env, demo_loaded, window_end, caplog
+):
+    """A running experiment whose treatment halves click-through: analyse_experiment stops it
+    (recorded), alerts, writes the analysis to the run's artifacts and the report, and the run
+    publishes as usual."""
+    from airflow.utils.state import DagRunState
+
+    from recsys.core import experiments
+
+    dag, alerts = alerting_dag
+    simulated_experiment(recsys_env, "harmful", lift=-0.5)
+    dag_run = dag.test(logical_date=window_end)
+    assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
+    analysed = task_instance(dag_run, "analyse_experiment")
+    assert analysed.start_date < task_instance(dag_run, "train").start_date
+    summary = analysed.xcom_pull(task_ids="analyse_experiment")
+    assert summary["experiment"] == "harmful" and summary["stopped_now"] == ["treatment"]
+    stored = experiments.get_experiment(recsys_env, "harmful")
+    assert stored.variants[1].stopped_at is not None and stored.running(stored.variants[1].stopped_at)
+    [decision] = experiments.guardrail_decisions(recsys_env, "harmful")
+    assert decision["variant"] == "treatment" and decision["lift_high"] < 0
+    [alert] = alerts.read_text().splitlines()
+    assert alert.startswith("failed analyse_experiment experiment harmful: guardrail stopped variant 'treatment'")
+    said = dag_logs(caplog)
+    assert any(line.startswith("experiment harmful (running): control ") and "stopped: treatment" in line for line in said)
+    # the analysis in the run's artifacts (XCom has its path) and in its report
+    analysis_path = summary["path"].removeprefix("file://")
+    analysis = json.loads(open(analysis_path).read())
+    assert analysis["stopped_now"] == ["treatment"] and analysis["decisions"][0]["reason"] == decision["reason"]
+    report_page = (Path(analysis_path).parents[1] / "eval" / "report.html").read_text()
+    assert "Experiment harmful: running" in report_page and decision["reason"] in report_page
+    # the next run finds it stopped already: nothing new to alert
+    again = parsed_daily().test(logical_date=window_end)
+    assert task_instance(again, "analyse_experiment").xcom_pull(task_ids="analyse_experiment")["stopped_now"] == []
+    assert len(alerts.read_text().splitlines()) == 1
 
 
 def test_backfill_of_an_older_date_skips_publish(alerting_dag, recsys_env, demo_loaded, window_end, caplog):

@@ -9,10 +9,11 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, simulated_experiment
 from typer.testing import CliRunner
 
 from recsys.cli import app
@@ -21,6 +22,7 @@ from recsys.core.errors import InputError
 from recsys.core.experiments import Experiment, Guardrail, Variant
 from recsys.core.settings import Settings
 from recsys.pipeline.experiments import report
+from recsys.pipeline.report import experiment_page
 
 runner = CliRunner()
 START = datetime(2026, 11, 2, tzinfo=UTC)
@@ -219,7 +221,7 @@ def test_exposures_logged_under_the_wrong_variant_raise_the_sample_ratio_alarm(s
     assert result["srm"]["alarm"] and result["srm"]["p_value"] < 1e-6
 
 
-def test_the_experiments_commands(recsys_env: Settings):
+def test_the_experiments_commands(recsys_env: Settings, tmp_path):
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)  # the traffic below fits before now
     done = runner.invoke(app, [
         "experiments", "start", "diversity", "--variant", "control:0.5", "--variant", "diverse:0.5",
@@ -239,8 +241,11 @@ def test_the_experiments_commands(recsys_env: Settings):
     result = json.loads(done.output.splitlines()[-1])
     assert [v["name"] for v in result["variants"]] == ["control", "diverse"]
     assert sum(v["lists"] for v in result["variants"]) == 120
-    table = runner.invoke(app, ["experiments", "report", "diversity"])
+    page = tmp_path / "diversity.html"
+    table = runner.invoke(app, ["experiments", "report", "diversity", "--html", str(page)])
     assert table.exit_code == 0 and "sample ratio: p =" in table.output and "diverse" in table.output
+    assert f"HTML report with plots: {page}" in table.output
+    assert "<h2>Experiment diversity: running</h2>" in page.read_text() and page.read_text().count("<svg") == 3
     assert runner.invoke(app, ["experiments", "stop", "diversity", "--reason", "done"]).exit_code == 0
     assert "stopped" in runner.invoke(app, ["experiments", "list"]).output
     # as a user runs it: one line on stderr naming the field and the value
@@ -253,3 +258,51 @@ def test_the_experiments_commands(recsys_env: Settings):
     assert done.stderr.strip().splitlines() == [
         "error: invalid experiment 'x': variant 'b' params: invalid parameters: diversity_lambda must be in [0, 1], got 3"
     ]
+
+
+class _Cells(HTMLParser):
+    """The text of each table row's cells in the experiment section."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_the_report_page_shows_the_analysis_numbers_and_plots(settings: Settings):
+    """Simulated shoppers (those of `recsys bench abtest`) with a planted +30 % click-through: the
+    page's table holds the analysis' own numbers; a plot of the rates per day and a forest plot."""
+    simulated_experiment(settings, "shown", lift=0.3)
+    result = report(settings, "shown", act=False)
+    page = experiment_page(result)
+    parser = _Cells()
+    parser.feed(page)
+    header, *rows = parser.rows[:3]
+    assert header[:5] == ["variant", "share", "status", "exposed users", "lists"]
+    for row, variant in zip(rows, result["variants"], strict=True):
+        ctr, conversion = variant["click_through"], variant["conversion"]
+        assert row[0] == variant["name"] and row[3] == f"{variant['exposed_users']:,}" and row[4] == f"{variant['lists']:,}"
+        assert row[5] == f"{ctr['value']:.4f} [{ctr['low']:.4f}, {ctr['high']:.4f}]"
+        assert row[7] == f"{conversion['value']:.4f} [{conversion['low']:.4f}, {conversion['high']:.4f}]"
+    lift = result["variants"][1]["lift"]["click_through"]
+    assert rows[1][6] == f"{lift['value']:+.1%} [{lift['low']:+.1%}, {lift['high']:+.1%}]" + (" (significant)" if lift["significant"] else "")
+    assert rows[0][6] == "control" and result["variants"][1]["exposed_users"] > 900
+    assert f"Sample ratio: p = {result['srm']['p_value']:.3g} (as configured)" in page
+    assert page.count("<svg") == 3
+    # the days plotted: 5 calendar days (4 x 24 h from now back) per variant, a band each
+    assert len(result["variants"][0]["days"]) == 5

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from helpers import insert_products, live, published_entries, served_in_thread
+from helpers import insert_products, live, published_entries, served_in_thread, simulated_experiment
 from run_history import daily_runs, write_runs
 
 from recsys.core import db
@@ -21,6 +21,7 @@ from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule
 from recsys.core.settings import Settings
 from recsys.local.services import free_port
+from recsys.pipeline.experiments import report
 from recsys.pipeline.stages import run_pipeline
 from recsys.serving.lookup import create_app
 
@@ -158,6 +159,60 @@ def test_page_shows_names_fallback_params_and_chart(
     assert not errors
     background = page.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background == ("rgb(255, 255, 255)" if color_scheme == "light" else "rgb(17, 24, 39)")
+
+
+def _rate(estimate: dict) -> str:
+    return f"{estimate['value']:.4f} [{estimate['low']:.4f}, {estimate['high']:.4f}]"
+
+
+def _lift(lift: dict) -> str:
+    def share(value: float) -> str:
+        return f"{value * 100:+.1f}%"
+
+    return f"{share(lift['value'])} [{share(lift['low'])}, {share(lift['high'])}]" + (" *" if lift["significant"] else "")
+
+
+def test_page_shows_the_running_experiment_as_the_analysis_computes_it(
+    served: str, settings: Settings, browser, tmp_path: Path
+):
+    """Simulated shoppers (those of `recsys bench abtest`, +30 % click-through planted in the
+    treatment): the page's numbers are the analysis' own, and a looked-up user's variant is the
+    one the assignment gives."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(served)
+    page.wait_for_selector("#experiment p:has-text('No experiment yet')")
+
+    experiment = simulated_experiment(settings, "diversity", lift=0.3)
+    page.reload()
+    page.wait_for_selector("#experiment-variants tbody tr")
+    result = report(settings, "diversity", act=False)
+    rows = page.locator("#experiment-variants tbody tr")
+    assert rows.count() == 2
+    for index, variant in enumerate(result["variants"]):
+        cells = rows.nth(index).locator("td").all_inner_texts()
+        lifts = variant["lift"]
+        assert cells == [
+            variant["name"], "50 %", "serving",
+            f"{variant['exposed_users']:,}", f"{variant['lists']:,}",
+            _rate(variant["click_through"]), _lift(lifts["click_through"]) if lifts else "control",
+            _rate(variant["conversion"]), _lift(lifts["conversion"]) if lifts else "control",
+        ]
+    assert "running" in page.inner_text("#experiment p") and "diversity" in page.inner_text("#experiment p")
+    p_value = result["srm"]["p_value"]
+    shown = page.inner_text("#experiment-srm")
+    assert shown == f"Sample ratio: p = {page.evaluate('p => p.toPrecision(3)', p_value)} (as configured)"
+    assert float(shown.split()[4]) == pytest.approx(p_value, rel=5e-3)
+    guardrail = page.locator("#experiment-guardrails tbody tr").first.locator("td").all_inner_texts()
+    assert guardrail == ["click-through", "treatment", "0.0 %", _lift(result["guardrails"][0]["lift"]), "keep"]
+
+    # a looked-up user: their variant now (the assignment's), for a user with a list and one without
+    for user_id in (sorted(published_entries(settings))[0], "u7"):
+        assignment = experiment.assign(user_id, datetime.now(experiment.starts_at.tzinfo))
+        _look_up(page, user_id)
+        said = page.inner_text("#user-variant")
+        expected = f"variant {assignment.variant}." if assignment.enrolled else "not enrolled (gets the control, control"
+        assert said.startswith("Experiment diversity (running): ") and expected in said, said
+    page.screenshot(path=tmp_path / "lookup-experiment.png", full_page=True)
 
 
 def test_page_shows_ids_only_when_the_shop_database_is_down(served: str, settings: Settings, browser, tmp_path: Path):
