@@ -37,6 +37,10 @@ USERS, ITEMS = "users.parquet", "items.parquet"
 FULL, TRAIN, EXCLUDE, TRAIN_EXCLUDE, HOLDOUT = "full.npz", "train.npz", "exclude.npz", "train_exclude.npz", "holdout.npz"
 BASKETS = "baskets.npz"  # baskets x items (recsys.ml.co_purchase), the whole window
 FACTORS_FULL, FACTORS_HOLDOUT = "factors_full.npz", "factors_holdout.npz"
+# model/: the experiment running when train ran (Experiment.snapshot()), and variants/<name>/, the
+# model of each of its variants whose training params differ (its FACTORS_FULL; the model MANIFEST
+# lists them)
+EXPERIMENT, VARIANTS = "experiment.json", "variants"
 # eval/ and published/
 EVALUATION_REPORT, EVALUATION_HTML, PUBLISHED_MARKER = "report.json", "report.html", "published.json"
 # tuned/
