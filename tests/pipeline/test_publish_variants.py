@@ -11,7 +11,7 @@ from datetime import datetime
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import live
+from helpers import REPO, live
 from scipy.stats import chisquare
 
 from recsys.core.errors import InputError
@@ -195,3 +195,30 @@ def test_the_stop_state_is_read_once_per_attempt(settings, demo_loaded, window_e
     after = dict(live(settings).entries("user_recs"))
     assert {entry.get("variant") for entry in after.values()} == {"control", None}
     assert meta["experiment"]["enrolled_users"] == {"control": sum(v == "control" for v in variants.values()), "flat": 0}
+
+
+def test_the_daily_dag_serves_the_running_experiment(airflow_db, recsys_env, demo_loaded, window_end):
+    """The DAG's own tasks (train, then the publish's prepare, mapped shards and switch)."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.utils.state import DagRunState
+
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["recsys_daily"]
+    for task in dag.tasks:
+        task.retries = 0
+    start_experiment(recsys_env, Experiment(
+        name="daily", variants=(Variant("control", 0.4), Variant("fewer", 0.4, {"factors": 8, "top_n": 12})),
+    ))
+    dag_run = dag.test(logical_date=window_end)
+    assert dag_run.state == DagRunState.SUCCESS
+    build = live(recsys_env)
+    snapshot = build.meta()["experiment"]
+    experiment, at = Experiment.from_snapshot(snapshot), datetime.fromisoformat(snapshot["assigned_at"])
+    found: dict[str | None, int] = {}
+    for user, entry in build.entries("user_recs"):
+        assignment = experiment.assign(user, at)
+        assert entry.get("variant") == (assignment.variant if assignment.enrolled else None)
+        assert len(entry["recommended_products"]) <= (12 if entry.get("variant") == "fewer" else 10)
+        found[entry.get("variant")] = found.get(entry.get("variant"), 0) + 1
+    assert min(found.get(name, 0) for name in ("control", "fewer", None)) > 50
+    assert snapshot["enrolled_users"] == {"control": found["control"], "fewer": found["fewer"]}
+    assert set(build.meta()["variant_models"]) == {"fewer"}
