@@ -584,7 +584,8 @@ def experiments_start(
     ],
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="VARIANT.PARAM=VALUE: a pipeline param of one variant (VALUE as JSON), repeatable."),
+        typer.Option("--set", help="VARIANT.PARAM=VALUE: a serve-time or training param of a variant other than "
+                     "the control (VALUE as JSON), repeatable."),
     ] = None,
     metric: Annotated[str, typer.Option(help="Primary metric: click-through or conversion.")] = "click-through",
     guardrail: Annotated[

@@ -24,7 +24,7 @@ import psycopg
 
 from recsys.core import db
 from recsys.core.errors import InputError
-from recsys.core.params import PipelineParams
+from recsys.core.params import DATA_PARAMS, RUN_WIDE_PARAMS, SERVE_TIME_PARAMS, TRAINING_PARAMS, PipelineParams
 from recsys.core.settings import Settings
 
 Metric = Literal["click_through", "conversion"]
@@ -79,6 +79,25 @@ class Variant:
     def pipeline_params(self, base: PipelineParams) -> PipelineParams:
         """``base`` with this variant's overrides."""
         return PipelineParams.from_dict({**base.to_dict(), **self.params})
+
+    def trains_own_model(self, base: PipelineParams) -> bool:
+        """Whether the variant's training params differ from ``base``'s: then train fits it a
+        model of its own (serve-time params alone are applied at publish, on the run's model)."""
+        applied = self.pipeline_params(base)
+        return any(getattr(applied, name) != getattr(base, name) for name in TRAINING_PARAMS)
+
+    def serving_problems(self, control: bool) -> list[str]:
+        """Why publish could not serve this variant: the params no variant may override."""
+        if control and self.params:
+            return [f"variant {self.name!r} is the control (the first variant): it serves the run's params, as every "
+                    f"user outside the experiment gets them, so it takes no overrides, got {', '.join(self.params)}"]
+        found = []
+        for group, why in ((DATA_PARAMS, "data params (the window and matrix all variants share)"),
+                           (RUN_WIDE_PARAMS, "run-wide params (product pages, evaluation, quality gate)")):
+            named = sorted(group & set(self.params))
+            if named:
+                found.append(f"variant {self.name!r} overrides {', '.join(named)}: {why} cannot differ between variants")
+        return found
 
 
 @dataclass(frozen=True)
@@ -341,6 +360,13 @@ def start_experiment(settings: Settings, experiment: Experiment, now: datetime |
     taken or another experiment runs at any time the new one would: a user's list is scored with
     one variant's params, so two experiments at once could not both be served."""
     now = now or datetime.now(UTC)
+    unservable = [problem for v in experiment.variants for problem in v.serving_problems(v is experiment.control)]
+    if unservable:
+        raise InputError(
+            f"invalid experiment {experiment.name!r}: " + "; ".join(unservable) + f" (variants may override "
+            f"serve-time params: {', '.join(sorted(SERVE_TIME_PARAMS))}; or training params, which train an extra "
+            f"model: {', '.join(sorted(TRAINING_PARAMS))})"
+        )
     stored = replace(experiment, starts_at=experiment.starts_at or now, salt=experiment.salt or secrets.token_hex(16))
     if stored.ends_at is not None and stored.ends_at <= now:
         raise InputError(f"end {stored.ends_at.isoformat()} is in the past: the experiment would never run")

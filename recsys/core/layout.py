@@ -43,6 +43,10 @@ BASKETS = "baskets.npz"  # baskets x items (recsys.ml.co_purchase), the whole wi
 # content.npz holds the TF-IDF rows of the items, then of the new products
 NEW_ITEMS, CONTENT, NEW_EXCLUDE = "new_items.parquet", "content.npz", "new_exclude.npz"
 FACTORS_FULL, FACTORS_HOLDOUT = "factors_full.npz", "factors_holdout.npz"
+# model/: the experiment running when train ran (Experiment.snapshot()), and variants/<name>/, the
+# model of each of its variants whose training params differ (its FACTORS_FULL; the model MANIFEST
+# lists them)
+EXPERIMENT, VARIANTS = "experiment.json", "variants"
 # eval/ and published/
 EVALUATION_REPORT, EVALUATION_HTML, PUBLISHED_MARKER = "report.json", "report.html", "published.json"
 # tuned/

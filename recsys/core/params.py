@@ -20,6 +20,25 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
 LIST_PARAMS = ("exclude_event_types", "relevant_event_types", "negative_event_types", "basket_event_types", "models")
 MODEL_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")  # recsys.ml.families (core cannot import ml)
 
+# What a variant of an A/B test (recsys.core.experiments) may override, by what it costs. Every
+# field of PipelineParams is in exactly one group (tests/core/test_experiment_definitions.py):
+# - serve-time params shape a user's list at publish from the run's model: no retrain;
+SERVE_TIME_PARAMS = frozenset({"top_n", "diversity_lambda", "ann_scoring", "ann_min_items", "new_arrival_slots"})
+# - training params make train fit one extra model for the variant, on the run's matrix;
+TRAINING_PARAMS = frozenset({"factors", "regularization", "alpha", "iterations", "seed", "models"})
+# - data params change the window or the matrix every variant's model is fitted on and every
+#   user's exclusions: one matrix per run, so a variant cannot have its own;
+DATA_PARAMS = frozenset({
+    "lookback_days", "holdout_days", "event_weights", "half_life_days", "confidence_scaling", "max_value",
+    "max_invalid_fraction", "exclude_event_types", "negative_event_types", "relevant_event_types",
+})
+# - run-wide params are the same for every user: product pages (similar products, bought
+#   together, top buys), the evaluation and its quality gate.
+RUN_WIDE_PARAMS = frozenset({
+    "similar_n", "top_buys_n", "basket_event_types", "bought_together_n", "bought_together_min_support", "k",
+    "min_lift", "max_map_drop",
+})
+
 
 @dataclass(frozen=True)
 class PipelineParams:

@@ -313,11 +313,15 @@ def _experiment_analysis(run: Run) -> dict | None:
 
 
 def train_stage(settings: Settings, run: Run, progress: bool = False) -> TrainResult:
+    """Train the run's model, and the models of the running experiment's variants that need
+    their own: the experiment running now is the one this run's publish serves."""
+    from recsys.core.experiments import running_experiment
     from recsys.pipeline.train import train
 
     with _writing(settings, run):
         run.pull(MATRIX)
-        result = train(run.paths.matrix, run.paths.model, run.params, progress=progress)
+        experiment = running_experiment(settings, datetime.now(UTC))
+        result = train(run.paths.matrix, run.paths.model, run.params, progress=progress, experiment=experiment)
         run.push(MODEL)
     return result
 

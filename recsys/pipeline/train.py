@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from pathlib import Path
 import scipy.sparse as sp
 
 from recsys.core.errors import RunChangedError
-from recsys.core.layout import FACTORS_FULL, FACTORS_HOLDOUT, FULL, MANIFEST, TRAIN
+from recsys.core.experiments import Experiment
+from recsys.core.layout import EXPERIMENT, FACTORS_FULL, FACTORS_HOLDOUT, FULL, MANIFEST, TRAIN, VARIANTS
 from recsys.core.params import PipelineParams
 from recsys.ml import selection
 from recsys.ml.als import library_versions
@@ -56,15 +58,50 @@ def choose_family(matrix_dir: Path, params: PipelineParams) -> selection.Selecti
     )
 
 
-def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: bool = False) -> TrainResult:
+def _family(matrix_dir: Path, params: PipelineParams) -> tuple[str, dict, selection.Selection | None]:
+    """The family to fit and its settings (``choose_family``'s choice, else ALS with the run's)."""
+    chosen = choose_family(matrix_dir, params)
+    if chosen is None:
+        return "als", candidate_grids(params)["als"][0], None
+    return chosen.chosen.family, chosen.chosen.params, chosen
+
+
+def train_variants(matrix_dir: Path, model_dir: Path, params: PipelineParams, experiment: Experiment) -> dict:
+    """A model on the whole matrix for each variant of ``experiment`` whose training params
+    differ from ``params`` (and that no guardrail had stopped), in ``variants/<name>/``; what
+    each is, by variant name. The variants' models are not evaluated: the experiment measures them."""
+    fitted = {}
+    for variant in experiment.variants:
+        if variant.stopped_at is not None or not variant.trains_own_model(params):
+            continue
+        variant_params = variant.pipeline_params(params)
+        family, family_params, _ = _family(matrix_dir, variant_params)
+        user_items = sp.load_npz(matrix_dir / FULL).tocsr()
+        log.info("training %s model of variant %s of experiment %s", family, variant.name, experiment.name)
+        path = model_dir / VARIANTS / variant.name / FACTORS_FULL
+        path.parent.mkdir(parents=True)
+        selection.build(family, family_params).fit(user_items, variant_params.seed).save(path)
+        del user_items
+        fitted[variant.name] = {"model": {"family": family, "params": family_params},
+                                "file": path.relative_to(model_dir).as_posix()}
+    return fitted
+
+
+def train(
+    matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: bool = False,
+    experiment: Experiment | None = None,
+) -> TrainResult:
     """Choose the model family (``choose_family``), then fit it twice: on the pre-holdout part
-    (for the evaluation) and on everything."""
+    (for the evaluation) and on everything. With ``experiment`` (the one running now), also a
+    model for each variant that trains its own (``train_variants``), and its snapshot in
+    ``experiment.json``, which publish serves."""
     matrix_manifest = json.loads((matrix_dir / MANIFEST).read_text())
     model_dir.mkdir(parents=True, exist_ok=True)
+    # a rerun of the run replaces the experiment it served, or leaves none
+    (model_dir / EXPERIMENT).unlink(missing_ok=True)
+    shutil.rmtree(model_dir / VARIANTS, ignore_errors=True)
     started = time.monotonic()
-    chosen = choose_family(matrix_dir, params)
-    family, family_params = ("als", candidate_grids(params)["als"][0]) if chosen is None else (
-        chosen.chosen.family, chosen.chosen.params)
+    family, family_params, chosen = _family(matrix_dir, params)
     outputs = {}
     for name, matrix_file, factors_file in (("holdout", TRAIN, FACTORS_HOLDOUT), ("full", FULL, FACTORS_FULL)):
         user_items = sp.load_npz(matrix_dir / matrix_file).tocsr()
@@ -73,6 +110,7 @@ def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: b
         outputs[name] = model_dir / factors_file
         model.save(outputs[name])
         del user_items, model  # the next fit needs the memory
+    variants = {} if experiment is None else train_variants(matrix_dir, model_dir, params, experiment)
 
     manifest = {
         "build_id": uuid.uuid4().hex,
@@ -84,9 +122,13 @@ def train(matrix_dir: Path, model_dir: Path, params: PipelineParams, progress: b
         "window": matrix_manifest["window"],
         "counts": matrix_manifest["counts"],
         "files": {name: path.name for name, path in outputs.items()},
-        "seconds": round(time.monotonic() - started, 3),  # selection and both fits with their loading and saving
+        "experiment": None if experiment is None else experiment.name,
+        "variants": variants,
+        "seconds": round(time.monotonic() - started, 3),  # selection and all fits with their loading and saving
         "library_versions": library_versions(),
     }
+    if experiment is not None:
+        (model_dir / EXPERIMENT).write_text(json.dumps(experiment.snapshot(), indent=2))
     (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return TrainResult(model_dir=model_dir, full_model=outputs["full"], holdout_model=outputs["holdout"], family=family)
 

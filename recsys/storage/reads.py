@@ -18,9 +18,11 @@ from recsys.storage import builds
 from recsys.storage.keys import BUCKETED, INFO, KeyLayout, bucket_of, top_buys_field
 
 _decode_json = msgspec.json.Decoder().decode
-META_JSON_FIELDS = ("metrics", "params", "counts", "id_types", "bucket_tags", "model_family")
-# What readers outside the pipeline see of the meta; artifact paths on workers are internal, and
-# the rules snapshot names segment members.
+META_JSON_FIELDS = (
+    "metrics", "params", "counts", "id_types", "bucket_tags", "model_family", "experiment", "variant_models",
+)
+# What readers outside the pipeline see of the meta; artifact paths on workers are internal, the
+# rules snapshot names segment members, and the experiment holds the salt of its split.
 PUBLIC_META_FIELDS = (
     "version", "data_start", "data_end", "published_at", "metrics", "params", "counts", "id_types", "rules_fingerprint",
     "buckets", "model_family",

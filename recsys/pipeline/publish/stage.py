@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import cached_property, partial
 from pathlib import Path
@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys.core.errors import EmptyResultError, PublishConflictError, StaleVersionError
+from recsys.core.experiments import Experiment, Variant, get_experiment
 from recsys.core.ids import IdType, IdTypes, id_out
-from recsys.core.layout import EXCLUDE, FACTORS_FULL, FULL, ITEMS, MANIFEST, USERS
+from recsys.core.layout import EXCLUDE, EXPERIMENT, FACTORS_FULL, FULL, ITEMS, MANIFEST, USERS
 from recsys.core.params import PipelineParams
 from recsys.core.rules import RuleSnapshot, take_snapshot
 from recsys.core.settings import Settings
@@ -88,17 +89,21 @@ def json_id_tokens(ids: pa.Array, id_type: IdType) -> pa.Array:
 
 
 def json_list_objects(
-    owner_key: str, owner_tokens: pa.Array, list_key: str, member_tokens: pa.Array, lists: np.ndarray
+    owner_key: str, owner_tokens: pa.Array, list_key: str, member_tokens: pa.Array, lists: np.ndarray,
+    tails: pa.Array | None = None,
 ) -> pa.Array:
-    """``{"<owner_key>":<owner>,"<list_key>":[<member>,...]}`` per row of ``lists`` (indices into
-    ``member_tokens``; -1 marks an empty slot), in compact ``json.dumps`` form."""
+    """``{"<owner_key>":<owner>,"<list_key>":[<member>,...]<tail>}`` per row of ``lists``
+    (indices into ``member_tokens``; -1 marks an empty slot), in compact ``json.dumps`` form.
+    ``tails``: per row, more fields as compact JSON text starting with a comma, or ""."""
     filled = lists >= 0
     offsets = np.zeros(len(lists) + 1, dtype=np.int32)
     np.cumsum(filled.sum(axis=1), out=offsets[1:])
     members = pc.take(member_tokens, pa.array(lists[filled], pa.int32()))
     joined = pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), members), ",")
+    if tails is None:
+        return pc.binary_join_element_wise(f'{{"{owner_key}":', owner_tokens, f',"{list_key}":[', joined, "]}", "")
     return pc.binary_join_element_wise(
-        f'{{"{owner_key}":', owner_tokens, f',"{list_key}":[', joined, "]}", ""
+        f'{{"{owner_key}":', owner_tokens, f',"{list_key}":[', joined, "]", tails, "}", ""
     )
 
 
@@ -221,6 +226,16 @@ class _Staging:
             recorded = self.build.record_once("rules", _dumps(take_snapshot(self.settings).to_dict()))
         return RuleSnapshot.from_dict(json.loads(recorded))
 
+    def experiment(self) -> ServedExperiment | None:
+        """The experiment this attempt serves: the one train snapshotted in the model folder, with
+        its stop state as Postgres has it when the attempt first asks, and that time, at which
+        every user is assigned. Recorded once in the manifest (as the rules are), so every shard
+        splits the users alike, a retried one too."""
+        recorded = self.client.hget(self.keys.manifest(self.build.name), "experiment")
+        if recorded is None:
+            recorded = self.build.record_once("experiment", _dumps(_experiment_now(self.settings, self.model_dir)))
+        return ServedExperiment.from_record(json.loads(recorded))
+
     def merchandising(self, items_table: pa.Table) -> Merchandising:
         return Merchandising(
             self.rules(), items_table["id"].to_pylist(), items_table["category"].to_numpy(zero_copy_only=False)
@@ -235,6 +250,58 @@ class _Staging:
                 "(another run of the same window retrained it?); publish again"
             )
         return manifest
+
+
+@dataclass(frozen=True)
+class ServedExperiment:
+    """An experiment as a publish attempt serves it: users are assigned at ``assigned_at``."""
+
+    experiment: Experiment
+    assigned_at: datetime
+
+    @classmethod
+    def from_record(cls, record: dict | None) -> ServedExperiment | None:
+        if record is None:
+            return None
+        return cls(Experiment.from_snapshot(record), datetime.fromisoformat(record["assigned_at"]))
+
+    def record(self) -> dict:
+        return {**self.experiment.snapshot(), "assigned_at": self.assigned_at.isoformat()}
+
+    def positions(self, user_ids: list[str]) -> np.ndarray:
+        """Per user, the position of the variant they are enrolled in; -1 for users not enrolled."""
+        if not self.experiment.running(self.assigned_at):
+            return np.full(len(user_ids), -1, dtype=np.int32)
+        position = {variant.name: index for index, variant in enumerate(self.experiment.variants)}
+        assigned = (self.experiment.assign(user_id, self.assigned_at) for user_id in user_ids)
+        return np.fromiter(
+            (position[a.variant] if a.enrolled else -1 for a in assigned), dtype=np.int32, count=len(user_ids)
+        )
+
+    def tails(self) -> pa.Array:
+        """The fields an entry ends with, by variant position + 1 (0: not enrolled, no fields)."""
+        name = json.dumps(self.experiment.name)
+        return pa.array(
+            [""] + [f',"experiment":{name},"variant":{json.dumps(v.name)}' for v in self.experiment.variants], pa.string()
+        )
+
+
+def _experiment_now(settings: Settings, model_dir: Path) -> dict | None:
+    """The record of the experiment train snapshotted (None if none), with the stops Postgres
+    holds now: a variant a guardrail or `recsys experiments stop` stopped since train gets the control."""
+    path = model_dir / EXPERIMENT
+    if not path.exists():
+        return None
+    trained = Experiment.from_snapshot(json.loads(path.read_text()))
+    stored = get_experiment(settings, trained.name)
+    stops = {variant.name: variant for variant in stored.variants}
+    applied = replace(
+        trained, stopped_at=stored.stopped_at, stop_reason=stored.stop_reason,
+        variants=tuple(
+            replace(v, stopped_at=stops[v.name].stopped_at, stop_reason=stops[v.name].stop_reason) for v in trained.variants
+        ),
+    )
+    return ServedExperiment(applied, datetime.now(UTC)).record()
 
 
 def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = False) -> None:
@@ -294,27 +361,75 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
     })
 
 
+@dataclass(frozen=True)
+class _Scoring:
+    """Users of a shard scored alike: with ``params`` on ``model``; ``rows`` index the shard."""
+
+    rows: np.ndarray
+    params: PipelineParams
+    model: Recommender
+
+
+def _scorings(
+    staging: _Staging, served: ServedExperiment | None, positions: np.ndarray, model: Recommender
+) -> list[_Scoring]:
+    """The shard's users by how they are scored: users not enrolled (and enrolled users of a
+    variant without overrides) with the run's params on the run's model; each variant's users
+    with its params, on its own model if train fitted it one (``train_variants``)."""
+    variants: list[Variant] = [] if served is None else list(served.experiment.variants)
+    own = [index for index, variant in enumerate(variants) if variant.params and (positions == index).any()]
+    base_rows = np.flatnonzero(~np.isin(positions, own))
+    scorings = [_Scoring(base_rows, staging.params, model)] if len(base_rows) else []
+    if own:
+        trained = json.loads((staging.model_dir / MANIFEST).read_text()).get("variants", {})
+        for index in own:
+            variant = variants[index]
+            variant_model = (
+                load_model(staging.model_dir / trained[variant.name]["file"]) if variant.name in trained else model
+            )
+            scorings.append(_Scoring(np.flatnonzero(positions == index), variant.pipeline_params(staging.params), variant_model))
+    return scorings
+
+
 def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int, progress: bool = False) -> ShardResult:
-    """Top-N of one shard of the users into the attempt's build; its entries per bucket into the manifest."""
-    matrix_dir, params = staging.matrix_dir, staging.params
+    """Top-N of one shard of the users into the attempt's build; its entries per bucket into the
+    manifest. Users enrolled in the served experiment get their variant's lists, naming it."""
+    matrix_dir = staging.matrix_dir
     user_ids = _ids(matrix_dir / USERS).cast(pa.string())
     users = shard_users(len(user_ids), shard, shards)
+    shard_ids = pc.take(user_ids, pa.array(users))
+    served = staging.experiment()
+    positions = (
+        np.full(len(users), -1, dtype=np.int32) if served is None else served.positions(shard_ids.to_pylist())
+    )
     model, exclude = load_model(staging.model_dir / FACTORS_FULL), sp.load_npz(matrix_dir / EXCLUDE).tocsr()
+    scorings = _scorings(staging, served, positions, model)
     # the item-item families read a user's row of the matrix they were fitted on
-    fitted_on = None if isinstance(model, FactorModel) else sp.load_npz(matrix_dir / FULL).tocsr()
+    fitted_on = (
+        None if all(isinstance(s.model, FactorModel) for s in scorings) else sp.load_npz(matrix_dir / FULL).tocsr()
+    )
     merchandising = staging.merchandising(pq.read_table(matrix_dir / ITEMS, columns=["id", "category"]))
+    inactive = inactive_items(matrix_dir)
+    indexes = {id(s.model): ItemIndexes(s.model.items.factors) for s in scorings if isinstance(s.model, FactorModel)}
+    # variants' lists may be longer: shorter ones are padded with empty slots (-1)
+    recs = np.full((len(users), max([s.params.top_n for s in scorings], default=1)), -1, dtype=np.int32)
     with staging.timings.phase("scoring"):
-        recs = _ruled_top_n(
-            merchandising, model, fitted_on, pc.take(user_ids, pa.array(users)), users, exclude,
-            inactive_items(matrix_dir), params, progress=f"recommend {shard + 1}/{shards}" if progress else None,
-        )
-    if params.new_arrival_slots:
-        recs = with_new_arrivals(
-            staging.rules(), merchandising, load_new_products(matrix_dir), sp.load_npz(matrix_dir / FULL).tocsr(), users,
-            pc.take(user_ids, pa.array(users)).to_pylist(), recs, params.new_arrival_slots,
-        )
+        for scoring in scorings:
+            everyone = len(scoring.rows) == len(users)  # keeps the shard's one contiguous range of users
+            group_ids, group = (shard_ids, users) if everyone else (pc.take(shard_ids, pa.array(scoring.rows)), users[scoring.rows])
+            lists = _ruled_top_n(
+                merchandising, scoring.model, fitted_on, group_ids, group, exclude, inactive, scoring.params,
+                progress=f"recommend {shard + 1}/{shards}" if progress else None, indexes=indexes.get(id(scoring.model)),
+            )
+            if scoring.params.new_arrival_slots:
+                lists = with_new_arrivals(
+                    staging.rules(), merchandising, load_new_products(matrix_dir), sp.load_npz(matrix_dir / FULL).tocsr(),
+                    group, group_ids.to_pylist(), lists, scoring.params.new_arrival_slots,
+                )
+            recs[scoring.rows, : lists.shape[1]] = lists
     has_recs = recs[:, 0] >= 0
     owners, lists = users[has_recs], recs[has_recs]
+    tails = None if served is None else pc.take(served.tails(), pa.array(positions[has_recs] + 1))
     written = np.zeros(staging.keys.buckets, dtype=np.int64)
     with staging.timings.phase("writing"):
         user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
@@ -323,12 +438,16 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
             batch = slice(start, start + PAYLOAD_BATCH)
             payloads = json_list_objects(
                 "user_id", user_tokens[batch], "recommended_products", item_tokens, lists[batch],
+                None if tails is None else tails[batch],
             )
             written += staging.build.write_entries("user_recs", pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
     without = int((~has_recs).sum())
+    enrolled = {} if served is None else {
+        variant.name: int((positions[has_recs] == index).sum()) for index, variant in enumerate(served.experiment.variants)
+    }
     staging.build.record({
         f"shard:{shard}": int(written.sum()), f"shard:{shard}:buckets": json.dumps(written.tolist()),
-        f"shard:{shard}:empty": without,
+        f"shard:{shard}:empty": without, f"shard:{shard}:enrolled": json.dumps(enrolled),
     })
     return ShardResult(shard=shard, users=int(written.sum()), users_without_recommendations=without, attempt=staging.attempt)
 
@@ -336,11 +455,13 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
 def _ruled_top_n(
     merchandising: Merchandising, model: Recommender, fitted_on: sp.csr_matrix | None, user_ids: pa.Array,
     users: np.ndarray, exclude: sp.csr_matrix, inactive: np.ndarray, params: PipelineParams, progress: str | None,
+    indexes: ItemIndexes | None = None,
 ) -> np.ndarray:
     """Each user's top-N with the rules of their segments (``rank_lists``, as the API ranks on
     request): excluded products blocked, scores multiplied by boosts and buries, pins placed last.
     With ``params.ann_scoring``, a segment whose allowed products reach ``params.ann_min_items``
-    is ranked on the candidates of an HNSW index over the item factors (``recsys.ml.ann``)."""
+    is ranked on the candidates of an HNSW index over the item factors (``recsys.ml.ann``):
+    ``indexes``, the model's, shared between calls, else built here."""
     groups: dict[frozenset[str], list[int]] = {}
     if merchandising.segment_names:
         for row, user_id in enumerate(user_ids.to_pylist()):
@@ -350,7 +471,8 @@ def _ruled_top_n(
     recs = np.full((len(users), params.top_n), -1, dtype=np.int32)
     items = model.items
     # HNSW graphs (built when a segment first needs one) index factor models' item factors only
-    indexes = ItemIndexes(items.factors) if isinstance(model, FactorModel) else None
+    if indexes is None and isinstance(model, FactorModel):
+        indexes = ItemIndexes(items.factors)
     for segments, rows in groups.items():
         rules = merchandising.for_segments(segments)
         blocked = rules.blocked.copy()
@@ -417,6 +539,7 @@ def prepare_publish(
             staging.build.drop()
             staging.build.register()
             _stage_products(staging, owner, progress)
+            staging.experiment()  # its stop state as of the attempt's start, for every shard
         except (StaleVersionError, EmptyResultError):
             _abandon(staging)
             raise
@@ -549,6 +672,8 @@ def finish_publish(
                 "rules_fingerprint": staging.rules().ordering_fingerprint(),
                 # what the API applies while it cannot read the rules itself: never less than this
                 "rules_snapshot": _dumps(staging.rules().to_dict()),
+                "experiment": _dumps(_applied_experiment(staging, manifest, shards)),
+                "variant_models": _dumps(json.loads((model_dir / MANIFEST).read_text()).get("variants", {})),
             }
             if artifacts_key is not None:
                 meta["artifacts_key"] = artifacts_key
@@ -570,6 +695,19 @@ def finish_publish(
     staging.build.forget_manifest()
     log.info("published version %s live: %s", version, counts)
     return _result(staging)
+
+
+def _applied_experiment(staging: _Staging, manifest: dict[str, str], shards: int) -> dict | None:
+    """The meta's ``experiment``: the snapshot as the attempt applied it (stops included), when
+    it assigned the users, and how many users with a list each variant enrolled."""
+    served = staging.experiment()
+    if served is None:
+        return None
+    enrolled = {variant.name: 0 for variant in served.experiment.variants}
+    for shard in range(shards):
+        for name, count in json.loads(manifest[f"shard:{shard}:enrolled"]).items():
+            enrolled[name] += count
+    return {**served.record(), "enrolled_users": enrolled}
 
 
 def _result(staging: _Staging) -> PublishResult:
