@@ -18,7 +18,7 @@ from recsys.storage import builds
 from recsys.storage.keys import BUCKETED, INFO, KeyLayout, bucket_of, top_buys_field
 
 _decode_json = msgspec.json.Decoder().decode
-META_JSON_FIELDS = ("metrics", "params", "counts", "id_types", "bucket_tags", "model_family")
+META_JSON_FIELDS = ("metrics", "params", "counts", "id_types", "bucket_tags", "model_family", "experiment")
 # What readers outside the pipeline see of the meta; artifact paths on workers are internal, and
 # the rules snapshot names segment members.
 PUBLIC_META_FIELDS = (
