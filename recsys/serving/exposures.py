@@ -42,6 +42,7 @@ class ExposureLog:
         self._in_flight = 0  # rows a running flush holds: they come back if it fails
         self._dropped_reported = 0
         self._stopping = asyncio.Event()
+        self._waiting = False  # the last flush found the database unreachable
 
     def record(self, exposure: Exposure) -> None:
         """Called on the request's path: an append, or a count when the buffer is full."""
@@ -58,10 +59,15 @@ class ExposureLog:
             try:
                 await asyncio.to_thread(self._copy, rows)
                 self.written += len(rows)
+                if self._waiting:
+                    log.warning("exposures written again to the shop database")
+                    self._waiting = False
             except psycopg.OperationalError as error:
                 # the database is away: the rows wait for the next flush (the COPY wrote none of them)
                 self._rows = rows + self._rows
-                log.warning("%d exposures wait for the shop database: %s", len(self._rows), type(error).__name__)
+                if not self._waiting:  # once per outage, not every flush
+                    log.warning("exposures wait for the shop database (%d now): %s", len(self._rows), type(error).__name__)
+                    self._waiting = True
             except Exception:  # noqa: BLE001 - e.g. no table, a duplicate id: sending them again cannot help
                 self.dropped += len(rows)
                 log.exception("%d exposures dropped, not written", len(rows))
@@ -90,6 +96,10 @@ class ExposureLog:
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.api_exposure_flush_seconds)
             await self.flush()
+        if self._rows:  # the database was still away at the last flush
+            self.dropped += len(self._rows)
+            log.warning("%d exposures dropped at shutdown: the shop database was unreachable", len(self._rows))
+            self._rows = []
 
     def stop(self) -> None:
         self._stopping.set()
