@@ -81,13 +81,16 @@ class ExposureLog:
             self._dropped_reported = self.dropped
 
     def _copy(self, rows: list[Exposure]) -> None:
+        # the rows as COPY's text format, built here: psycopg adapting each value (a datetime, a
+        # list) cost 2.5x as much CPU per row (9.4 against 3.7 µs, 15,000 rows), and it is the API process's CPU
+        text = "".join(
+            f"{recommendation_id}\t{experiment}\t{variant}\t{_field(user_id)}\t"
+            f"{datetime.fromtimestamp(served_at, UTC).isoformat()}\t{_array(products)}\n"
+            for recommendation_id, experiment, variant, user_id, served_at, products in rows
+        )
         with db.connect(self.settings, connect_timeout=CONNECT_TIMEOUT) as conn, conn.cursor() as cursor:
             with cursor.copy(db.sql_text(self.settings, "load_exposures")) as copy:
-                for recommendation_id, experiment, variant, user_id, served_at, products in rows:
-                    copy.write_row((
-                        recommendation_id, experiment, variant, user_id,
-                        datetime.fromtimestamp(served_at, UTC), [str(product) for product in products],
-                    ))
+                copy.write(text)
 
     async def flush_periodically(self) -> None:
         """Background task of each API process: a flush every interval, and a last one once
@@ -103,3 +106,15 @@ class ExposureLog:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+def _field(value: str) -> str:
+    """A value in COPY's text format (experiment and variant names and the hex recommendation_id
+    need no escaping)."""
+    return value.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _array(products: Sequence) -> str:
+    """A TEXT[] literal of the product ids (integers, or strings quoted), as a COPY text field."""
+    elements = (str(p) if isinstance(p, int) else '"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in products)
+    return _field("{" + ",".join(elements) + "}")

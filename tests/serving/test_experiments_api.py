@@ -226,3 +226,17 @@ def test_an_event_keeps_the_recommendation_id_it_names(settings: Settings, enrol
             (user,),
         ).fetchall()
     assert stored == [(str(product), body["recommendation_id"])]
+
+
+def test_exposures_keep_ids_copy_would_misread(settings: Settings):
+    from recsys.serving.exposures import ExposureLog
+
+    tricky = ["a\\b", 'say "hi"', "{braces}", "tab\there", "two words", "", "NULL"]
+    rows = [(f"{i:032x}", "e", "v", user, 1_700_000_000.5, [7, product, "x"]) for i, (user, product) in
+            enumerate(zip(tricky, reversed(tricky), strict=True))]
+    ExposureLog(settings)._copy(rows)
+    logged = exposures(settings)
+    for recommendation_id, _, _, user, served_at, products in rows:
+        assert logged[recommendation_id][2] == user
+        assert logged[recommendation_id][3] == datetime.fromtimestamp(served_at, UTC)
+        assert logged[recommendation_id][4] == ["7", *products[1:]]
