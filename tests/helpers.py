@@ -192,3 +192,25 @@ def simulated_experiment(settings: Settings, name: str, lift: float, users: int 
         with cursor.copy(db.sql_text(settings, "load_outcome_events")) as copy:
             copy.write(events)
     return started
+
+
+def serve_experiment(settings: Settings, experiment, at: datetime) -> dict[str, str]:
+    """Make the live version serve ``experiment`` as publish does (docs/experiments.md): its meta's
+    ``experiment`` is the snapshot, and every user enrolled at ``at`` has their entry name the
+    experiment and their variant after ``recommended_products`` (the lists stay as published: the
+    API reads the names, not how the lists were scored). The enrolled users' variants, by user."""
+    from recsys.storage.keys import bucket_of
+
+    build = live(settings)
+    enrolled = {}
+    pipe = build.client.pipeline(transaction=False)
+    for user_id, entry in build.entries("user_recs"):
+        assigned = experiment.assign(user_id, at)
+        if assigned.enrolled:
+            enrolled[user_id] = assigned.variant
+            tagged = {**entry, "experiment": experiment.name, "variant": assigned.variant}
+            pipe.hset(build.keys.data(build.name, bucket_of(user_id, build.keys.buckets), "user_recs"), user_id,
+                      json.dumps(tagged, separators=(",", ":")))
+    pipe.hset(build.keys.meta(build.name), "experiment", json.dumps(experiment.snapshot()))
+    pipe.execute()
+    return enrolled

@@ -160,6 +160,16 @@ class Settings(BaseSettings):
     api_refresh_retry_seconds: float = Field(
         default=5, gt=0, description="How often lists left stale while Redis was down are retried"
     )
+    api_exposure_flush_seconds: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often each API process writes the lists it served to experiment users to "
+        "recommendation_exposures (one COPY, in the background)",
+    )
+    api_exposure_buffer_rows: int = Field(
+        default=100_000, ge=100,
+        description="Exposures an API process holds while the shop database cannot take them; beyond, new ones "
+        "are dropped, counted and logged (a request never waits for the database)",
+    )
     rules_refresh_seconds: float = Field(
         default=30, gt=0, le=60,
         description="How often the API re-reads the merchandising rules and the catalogue's inactive products "

@@ -20,6 +20,7 @@ import json
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -47,6 +48,7 @@ from recsys.serving.schemas import (
     SimilarProducts,
     TopBuys,
     UserRecommendations,
+    UserVariantInfo,
 )
 from recsys.serving.security import (
     NEW_KEY_COMMAND,
@@ -70,6 +72,7 @@ from recsys.serving.service import (
     UserId,
     WriteKey,
     _check_category,
+    _check_user_id,
     _filtered,
     _outputs,
     _parse_exclude,
@@ -209,11 +212,15 @@ def create_api(settings: Settings) -> HotPaths:
             [asyncio.create_task(refresh_pending_lists_when_due(svc)), asyncio.create_task(refresh_rules_periodically(svc))]
             if settings.database_url else []
         )
+        exposures = None if svc.exposures is None else asyncio.create_task(svc.exposures.flush_periodically())
         yield
         for task in background:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+        if exposures is not None:
+            svc.exposures.stop()  # its last flush writes what this process served since the one before
+            await exposures
         await svc.aclose()
 
     app = FastAPI(
@@ -262,6 +269,22 @@ def create_api(settings: Settings) -> HotPaths:
             svc, user_id, n, offset, _parse_exclude(exclude), category, diversity_lambda, explain, debug == "rules"
         )
         return Response(body, media_type=JSON)
+
+    @app.get(
+        "/users/{user_id}/variant", response_model=UserVariantInfo, dependencies=read_access,
+        responses={**read_errors, 422: ERRORS[422]},
+    )
+    async def get_variant(user_id: UserId, svc: Service) -> dict:
+        """The user's variant of the experiment the live version serves (docs/experiments.md): the
+        salted hash of (experiment, user id) publish assigned with, at the time asked. Not enrolled:
+        the control's lists, not counted in the analysis. Without an experiment, nulls."""
+        live = await svc.current()
+        _check_user_id(live, user_id)
+        if live.experiment is None:
+            return {"user_id": live.user_id_out(user_id), "experiment": None, "variant": None, "enrolled": False}
+        assigned = live.experiment.assign(user_id, datetime.now(UTC))
+        return {"user_id": live.user_id_out(user_id), "experiment": live.experiment.name, "variant": assigned.variant,
+                "enrolled": assigned.enrolled}
 
     @app.post(
         "/users/{user_id}/events", response_model=EventAccepted, status_code=201,

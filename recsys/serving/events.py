@@ -54,6 +54,7 @@ def record_event(settings: Settings, user_id: str, event: EventIn, occurred_at: 
                 "value": event.value,
                 "occurred_at": occurred_at,
                 "event_id": event_id,
+                "recommendation_id": event.recommendation_id,
             },
         ).fetchone()
         if inserted is not None:

@@ -94,6 +94,7 @@ def rank_items(
     diversity_lambda: float = 0.0,
     head: list[int] | None = None,
     factors: np.ndarray | None = None,
+    top_n: int | None = None,
 ) -> list[int]:
     """Top ``count`` active items by score, never a blocked one, optionally within a category.
     ``factors``: per item, what boost and bury rules multiply its score by.
@@ -101,13 +102,13 @@ def rank_items(
     The ranking publish does (``rank_lists``): with ``diversity_lambda`` > 0, MMR re-ranks. A
     list that starts with ``head`` (the published list, filtered) continues it: further picks
     from the best ``CANDIDATES_PER_SLOT`` × ``count``, penalised by their similarity to the head
-    too. Without a head, the first ``top_n`` picks are the ones publish makes, and later ones
-    continue from the larger pool.
+    too. Without a head, the first ``top_n`` picks (the user's variant's; default the version's)
+    are the ones publish makes, and later ones continue from the larger pool.
     """
     head = list(head or []) if diversity_lambda > 0 else []
     lists = rank_lists(
         vector, live.items, count, blocked=~_allowed(live, blocked, category), factors=factors,
-        diversity_lambda=diversity_lambda, first=min(count, live.params.top_n),
+        diversity_lambda=diversity_lambda, first=min(count, live.params.top_n if top_n is None else top_n),
         head=np.asarray([head], dtype=np.int32) if head else None,
     )
     return [int(i) for i in lists[0] if i >= 0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys.core import ids
+from recsys.core.experiments import Experiment
 from recsys.core.ids import IdTypes, id_out
 from recsys.core.layout import EXCLUDE, FULL, ITEMS, USERS, published_artifacts
 from recsys.core.params import PipelineParams
@@ -26,7 +27,6 @@ from recsys.ml.top_n import ItemVectors
 from recsys.serving.schemas import ProductId
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,13 @@ class LiveModel:
     published_rules: RuleSnapshot | None
     # the version's model, of whichever family (recsys.ml.families); None: ALS from ``model`` alone
     recommender: Recommender | None = None
+    # the experiment the version serves (its meta's snapshot, salt included); None: none
+    experiment: Experiment | None = None
+    # per variant of the experiment: the version's params with the variant's overrides
+    variant_params: dict[str, PipelineParams] = field(default_factory=dict)
+    # variants with a model of their own (training params differ: Variant.trains_own_model), which
+    # the API does not hold: their users' published lists are served as stored
+    own_model_variants: frozenset[str] = frozenset()
 
     def user_vector(self, index: int) -> np.ndarray:
         """What a user of the version is ranked by: their factors, or (item-item families) their row."""
@@ -97,6 +104,8 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
     ranked = top_buys_order(items)
     exclude = sp.load_npz(matrix_dir / EXCLUDE).tocsr()
     full = sp.load_npz(matrix_dir / FULL).tocsr()
+    experiment = Experiment.from_snapshot(meta["experiment"]) if meta.get("experiment") else None
+    variant_params = {} if experiment is None else {v.name: v.pipeline_params(params) for v in experiment.variants}
     return LiveModel(
         version=meta["version"],
         build=meta["build"],
@@ -120,4 +129,9 @@ def load_live_model(meta: dict, settings: Settings) -> LiveModel:
         # versions from before rules were published with none
         rules_fingerprint=meta.get("rules_fingerprint", NO_RULES_FINGERPRINT),
         published_rules=RuleSnapshot.from_dict(json.loads(meta["rules_snapshot"])) if "rules_snapshot" in meta else None,
+        experiment=experiment,
+        variant_params=variant_params,
+        own_model_variants=frozenset(
+            variant.name for variant in (experiment.variants if experiment else ()) if variant.trains_own_model(params)
+        ),
     )

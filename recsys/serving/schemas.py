@@ -112,6 +112,8 @@ class UserRecommendations(Recommendations):
                 {
                     "user_id": 101, "version": "20261128T030000Z-888fd592bf", "source": "model", "category": None,
                     "offset": 0, "n": 2, "ranked_on_request": False, "recommended_products": [45, 78],
+                    "recommendation_id": "5f0c6e2a9b8d4c17a3e1f0d2b4c6a8e9", "experiment": "diversity",
+                    "variant": "diverse",
                     "explanations": [
                         {"product_id": 45, "score": 0.82, "because": [{"product_id": 3, "contribution": 0.51},
                                                                      {"product_id": 17, "contribution": 0.22}]},
@@ -122,6 +124,14 @@ class UserRecommendations(Recommendations):
         }
     )
 
+    recommendation_id: str = Field(
+        description="This answer's id (32 hex digits, new each time): send it with the events the shopper makes "
+        "from the list (POST /users/{id}/events), which is how an experiment counts clicks and purchases"
+    )
+    experiment: str | None = Field(
+        description="The A/B test the user's list is served for (docs/experiments.md); null: the user is not in one"
+    )
+    variant: str | None = Field(description="The user's variant of that experiment; null with experiment")
     explanations: list[ProductExplanation] | None = Field(
         default=None,
         description="Only with explain=true: per recommended product, in list order, the user's past products "
@@ -162,6 +172,24 @@ class TopBuys(BaseModel):
     version: str
     ranked_on_request: bool
     top_buys: list[ProductId] = Field(description="Most distinct buyers first; active products only")
+
+
+class UserVariantInfo(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"user_id": 101, "experiment": "diversity", "variant": "diverse", "enrolled": True}]
+        }
+    )
+
+    user_id: ProductId
+    experiment: str | None = Field(description="The experiment the live version serves; null: none")
+    variant: str | None = Field(
+        description="The variant whose lists the user gets (the control when not enrolled); null without an experiment"
+    )
+    enrolled: bool = Field(
+        description="Whether the user counts in the experiment: false outside the variants' shares, outside its "
+        "running time, or in a variant a guardrail stopped (they get the control)"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -256,6 +284,8 @@ ProductIdIn = Annotated[
     ),
 ]
 EventId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH, pattern=ID_PATTERN)]
+# what the API hands out with every list: 16 random bytes as 32 lower-case hex digits
+RECOMMENDATION_ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 class EventIn(BaseModel):
@@ -266,7 +296,7 @@ class EventIn(BaseModel):
         json_schema_extra={
             "examples": [
                 {"product_id": 45, "event_type": "purchase", "value": 2, "timestamp": "2026-11-28T10:15:00Z",
-                 "event_id": "order-9321-line-1"}
+                 "event_id": "order-9321-line-1", "recommendation_id": "5f0c6e2a9b8d4c17a3e1f0d2b4c6a8e9"}
             ]
         },
     )
@@ -288,6 +318,11 @@ class EventIn(BaseModel):
     event_id: EventId | None = Field(
         default=None,
         description="The client's id of this event (or the Idempotency-Key header): a retried POST is stored once",
+    )
+    recommendation_id: str | None = Field(
+        default=None, pattern=RECOMMENDATION_ID_PATTERN,
+        description="The recommendation_id of the list the shopper followed to this product (from GET "
+        "/users/{id}/recommendations): how an experiment counts clicks and purchases (docs/experiments.md)",
     )
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from recsys.serving.events import (
     record_event,
 )
 from recsys.serving.explanations import explained_products
+from recsys.serving.exposures import ExposureLog
 from recsys.serving.fold_in import UserEvents, fold_in_vector, rank_items, rank_popular, similar_to, weigh_events
 from recsys.serving.live_model import LiveModel, load_live_model
 from recsys.serving.schemas import (
@@ -87,6 +90,8 @@ class RecsysService:
         self.pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="recsys-rank")
         self.write_limiter = WriteRateLimiter(self.store, settings.api_write_rate)
         self._live: LiveModel | None = None
+        # the lists served to experiment users, on their way to recommendation_exposures (needs the shop database)
+        self.exposures = ExposureLog(settings) if settings.database_url else None
         self._loading = asyncio.Lock()
         # the merchandising rules in force, re-read every RECSYS_RULES_REFRESH_SECONDS; None until
         # first read. Whenever it is missing or older, the rules the live version was published
@@ -280,6 +285,39 @@ def _outputs(live: LiveModel, indices: list[int], offset: int, n: int) -> list[P
 
 
 @dataclass(frozen=True)
+class UserVariant:
+    """The experiment variant a user's list is served (and ranked on request) with."""
+
+    experiment: str | None  # None: not enrolled in an experiment (or none runs)
+    variant: str | None
+    params: PipelineParams  # the live params with the variant's overrides
+    own_model: bool  # the variant has a model of its own: its published lists are never re-ranked
+
+
+def user_variant(live: LiveModel, user_id: str, entry: dict | None) -> UserVariant:
+    """What the user's entry names (publish scored it with that variant; an entry without the
+    fields: not enrolled); a user without an entry, what the hash assigns now."""
+    if entry is not None:
+        experiment, variant = entry.get("experiment"), entry.get("variant")
+    elif live.experiment is not None and (assigned := live.experiment.assign(user_id, datetime.now(UTC))).enrolled:
+        experiment, variant = live.experiment.name, assigned.variant
+    else:
+        experiment = variant = None
+    if variant is None:
+        return UserVariant(None, None, live.params, False)
+    return UserVariant(experiment, variant, live.variant_params.get(variant, live.params), variant in live.own_model_variants)
+
+
+def served(svc: RecsysService, user_id: str, experiment: str | None, variant: str | None, products: list) -> str:
+    """A new ``recommendation_id`` for a list about to be answered (random, unguessable), its
+    exposure recorded when the user is in an experiment (cheap: a buffer append)."""
+    recommendation_id = secrets.token_hex(16)
+    if variant is not None and svc.exposures is not None:
+        svc.exposures.record((recommendation_id, experiment, variant, user_id, time.time(), products))
+    return recommendation_id
+
+
+@dataclass(frozen=True)
 class Scoring:
     """What ranking one user's list on request starts from."""
 
@@ -303,12 +341,13 @@ async def _scoring(svc: RecsysService, live: LiveModel, user_id: str, source: So
 
 async def _ranked(
     svc: RecsysService, live: LiveModel, scoring: Scoring, blocked: list[int], category: str | None, count: int,
-    diversity_lambda: float, head: list[int], rules: UserRules | None,
+    diversity_lambda: float, head: list[int], rules: UserRules | None, top_n: int,
 ) -> list[int]:
     """The user's first ``count`` items ranked on request, with the rules (if given) applied:
     excluded items blocked, scores multiplied by boosts and buries, pins placed last. Popularity
     (top buys) is never re-ranked by diversity nor by boosts. ``head``: the published list after
-    filtering, which a diverse list continues."""
+    filtering, which a diverse list continues; ``top_n``: how long the user's published lists are
+    (their variant's)."""
     pins = () if rules is None else rules.pins_for(category)
     kept_out = blocked if rules is None else [*blocked, *rules.blocked_items.tolist()]
     wanted = count + len(pins)  # a pin may push one out
@@ -317,7 +356,8 @@ async def _ranked(
     else:
         factors = None if rules is None else rules.factors
         ranked = await svc.run(
-            rank_items, live, scoring.vector, kept_out + scoring.owned, category, wanted, diversity_lambda, head, factors
+            rank_items, live, scoring.vector, kept_out + scoring.owned, category, wanted, diversity_lambda, head, factors,
+            top_n,
         )
     return place_pins_in_list(ranked, pins, count, unavailable=[*blocked, *scoring.owned])
 
@@ -345,7 +385,7 @@ async def _user_events(svc: RecsysService, live: LiveModel, user_id: str) -> Use
 async def _rules_trace(
     svc: RecsysService, live: LiveModel, user_id: str, merchandising: Merchandising | None, rules: UserRules | None,
     scoring: Scoring, blocked: list[int], category: str | None, diversity_lambda: float, answered: list[int],
-    ranked_on_request: bool,
+    ranked_on_request: bool, top_n: int,
 ) -> dict:
     """``debug=rules``: the rules in force for this user, where they come from and, per product a
     rule touched, its rank in the list ranked without rules and in the answered one."""
@@ -362,7 +402,7 @@ async def _rules_trace(
     if not ranked_on_request and live.published_rules is not None:
         at_publish = Merchandising(live.published_rules, live.item_ids, live.category)
         published = (at_publish, at_publish.for_user(user_id))
-    before = await _ranked(svc, live, scoring, blocked, category, len(answered), diversity_lambda, [], None)
+    before = await _ranked(svc, live, scoring, blocked, category, len(answered), diversity_lambda, [], None, top_n)
     applied = trace(merchandising, rules, before, answered, category, published)
     return {
         **read,
@@ -391,11 +431,17 @@ async def user_recommendations(
         and len(entry["recommended_products"]) >= n and svc.published_lists_hold(live)
     ):
         # the common case, answered as the general path below would, without its per-product work
+        products = entry["recommended_products"][:n]
+        experiment, variant = entry.get("experiment"), entry.get("variant")
         return dumps({
             "user_id": live.user_id_out(user_id), "version": live.version, "source": "model", "category": None,
-            "offset": 0, "n": n, "ranked_on_request": False, "recommended_products": entry["recommended_products"][:n],
+            "offset": 0, "n": n, "ranked_on_request": False, "recommended_products": products,
+            "recommendation_id": served(svc, user_id, experiment, variant, products),
+            "experiment": experiment, "variant": variant,
         })
     _check_category(live, category)
+    chosen = user_variant(live, user_id, entry)
+    params = chosen.params
     merchandising = svc.merchandising(live)
     rules = None if merchandising is None else merchandising.for_user(user_id)
     count = offset + n
@@ -404,31 +450,38 @@ async def user_recommendations(
         # built as JSON directly: this is the hot path, and FastAPI validating a response model
         # again costs more than the Redis round trip (the schema stays documented on the route)
         products = _outputs(live, listed, offset, n)
-        body = {
-            "user_id": live.user_id_out(user_id), "version": live.version, "source": source, "category": category,
-            "offset": offset, "n": n, "ranked_on_request": ranked, "recommended_products": products,
-        }
+        extra = {}
         if explain:
-            body["explanations"] = await _explanations(svc, live, user_id, source, products)
+            extra["explanations"] = await _explanations(svc, live, user_id, source, products)
         if debug_rules:
             scoring = scoring or await _scoring(svc, live, user_id, source)
-            body["rules"] = await _rules_trace(
+            extra["rules"] = await _rules_trace(
                 svc, live, user_id, merchandising, rules, scoring, _indices(live, excluded), category,
-                live.params.diversity_lambda if diversity_lambda is None else diversity_lambda, listed[:count], ranked,
+                params.diversity_lambda if diversity_lambda is None else diversity_lambda, listed[:count], ranked,
+                params.top_n,
             )
-        return dumps(body)
+        # the id last: an exposure is recorded only for a list that is answered
+        return dumps({
+            "user_id": live.user_id_out(user_id), "version": live.version, "source": source, "category": category,
+            "offset": offset, "n": n, "ranked_on_request": ranked, "recommended_products": products,
+            "recommendation_id": served(svc, user_id, chosen.experiment, chosen.variant, products),
+            "experiment": chosen.experiment, "variant": chosen.variant, **extra,
+        })
 
     # a published list is right under the rules in force if they order as the ones it was made
     # with: then only exclusions (new rules, products gone inactive) are filtered out when read
     same_order = merchandising is None or merchandising.fingerprint == live.rules_fingerprint
     category_pins = rules is not None and category is not None and bool(rules.pins_for(category))
+    # a variant with a model of its own: the API cannot rank with that model, so its published
+    # lists are only ever filtered, whatever the page (a shorter page rather than another model's)
+    as_stored = entry is not None and chosen.own_model and entry.get("source", "model") == "model"
     head: list[int] = []
-    if entry is not None and same_order and not category_pins:
+    if entry is not None and (as_stored or (same_order and not category_pins)):
         kept = _filtered(live, entry["recommended_products"], excluded, category, rules)
         if rules is not None:
             # a pin keeps its rank when products before it were filtered out
             kept = place_pins_in_list(kept, [p for p in rules.pins_for(category) if p.item in kept], len(kept))
-        if diversity_lambda is None and len(kept) >= count:
+        if as_stored or (diversity_lambda is None and len(kept) >= count):
             return await answer(entry.get("source", "model"), kept, False)
         # a deeper page continues the published list rather than re-ranking what it showed
         head = kept if diversity_lambda is None else []
@@ -437,7 +490,7 @@ async def user_recommendations(
     else:
         source = "model" if user_id in live.user_index else "fold_in"
     if diversity_lambda is None:
-        diversity_lambda = live.params.diversity_lambda
+        diversity_lambda = params.diversity_lambda
     blocked = _indices(live, excluded)
     try:
         scoring = await _scoring(svc, live, user_id, source)
@@ -456,7 +509,7 @@ async def user_recommendations(
             kept = place_pins_in_list(kept, pins, len(kept) + len(pins), unavailable=[*blocked, *owned])
             if len(kept) >= count:
                 return await answer("popular", kept, False, scoring)
-    ranked = await _ranked(svc, live, scoring, blocked, category, count, diversity_lambda, head, rules)
+    ranked = await _ranked(svc, live, scoring, blocked, category, count, diversity_lambda, head, rules, params.top_n)
     return await answer(scoring.source, ranked, True, scoring)
 
 
@@ -551,11 +604,14 @@ class RefreshedList:
     live: LiveModel
     source: Source
     products: list[int]  # item indices, best first
+    top_n: int  # the user's variant's
 
 
 async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList | None:
     """Fold the user's recorded events into the live factors and write the new top-``top_n`` list
-    to the live ``user_recs`` hash. None if a publish switched versions on every attempt."""
+    to the live ``user_recs`` hash, ranked with the user's variant's params and naming it as the
+    entry it replaces did. None if a publish switched versions on every attempt. A published list
+    of a variant with a model of its own stays (filtered: the API cannot fold into that model)."""
     # a publish may switch versions meanwhile: recompute against the new one rather than write
     # a list of the old version into the new one
     for _ in range(WRITE_ATTEMPTS):
@@ -566,28 +622,36 @@ async def refresh_user_list(svc: RecsysService, user_id: str) -> RefreshedList |
             await svc.store.remember_negatives(
                 user_id, list(events.negative_products), svc.settings.negative_feedback_ttl_seconds
             )
-        top_n = live.params.top_n
+        stored = (await svc.store.entries(live.build, live.buckets, ("user_recs",), [user_id]))["user_recs"][0]
+        chosen = user_variant(live, user_id, stored)
+        top_n = chosen.params.top_n
         merchandising = svc.merchandising(live)
         rules = None if merchandising is None else merchandising.for_user(user_id)
+        if stored is not None and chosen.own_model and stored.get("source", "model") == "model":
+            owned = set(events.owned.tolist())
+            kept = _filtered(live, stored["recommended_products"], set(events.negative_products), None, rules)
+            return RefreshedList(live, "model", [i for i in kept if i not in owned], top_n)
         vector = await svc.run(fold_in_vector, live, events) if events.row.nnz else None
         if vector is None:
             # nothing the live model knows (e.g. a product newer than the model), or a family that
             # cannot fold in a user (BPR): lists stay
             scoring = Scoring("popular", None, events.owned.tolist())
-            popular = await _ranked(svc, live, scoring, [], None, top_n, 0.0, [], rules)
-            return RefreshedList(live, "popular", popular)
+            popular = await _ranked(svc, live, scoring, [], None, top_n, 0.0, [], rules, top_n)
+            return RefreshedList(live, "popular", popular, top_n)
         scoring = Scoring("fold_in", vector, events.owned.tolist())
-        products = await _ranked(svc, live, scoring, [], None, top_n, live.params.diversity_lambda, [], rules)
+        products = await _ranked(svc, live, scoring, [], None, top_n, chosen.params.diversity_lambda, [], rules, top_n)
         entry = {
             "user_id": live.user_id_out(user_id),
             "recommended_products": [live.product_out(i) for i in products],
             "source": "fold_in",
         }
+        if chosen.variant is not None:
+            entry |= {"experiment": chosen.experiment, "variant": chosen.variant}
         # into the build it was computed against; done if that build is still the live one
         if await svc.store.write_fold_in(live.build, live.buckets, user_id, entry):
             latest = await svc.store.pointer(fresh=True)
             if latest is not None and latest.build == live.build:
-                return RefreshedList(live, "fold_in", products)
+                return RefreshedList(live, "fold_in", products, top_n)
     return None
 
 
@@ -653,7 +717,7 @@ async def post_event(svc: RecsysService, user_id: str, event: EventIn, event_id:
             detail=f"stored, list refresh pending: {why_pending}; the list is refreshed as soon as Redis allows",
         )
         return JSONResponse(pending.model_dump(mode="json"), status_code=202)
-    live, n = refreshed.live, refreshed.live.params.top_n
+    live, n = refreshed.live, refreshed.top_n
     accepted = EventAccepted(
         user_id=live.user_id_out(user_id), version=live.version, source=refreshed.source, category=None, offset=0,
         n=n, ranked_on_request=True, recommended_products=[live.product_out(i) for i in refreshed.products],

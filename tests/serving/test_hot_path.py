@@ -3,14 +3,17 @@ data, for every kind of user, product and cart; anything they do not take is lef
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import live, published_entries
+from helpers import live, published_entries, serve_experiment
 
+from recsys.core.experiments import Experiment, Variant
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule
 from recsys.core.settings import Settings
@@ -21,13 +24,23 @@ from recsys.serving.api import create_api
 
 KEY = secrets.token_urlsafe(32)
 SLOW = {"_": "slow"}  # a parameter the routes ignore and the hot paths leave to them
+RECOMMENDATION_ID = re.compile(rb'"recommendation_id":"([0-9a-f]{32})"')
+# served with the lists: a variant ranked from the live model with other params, and one with a
+# model of its own (its published lists are served as stored)
+EXPERIMENT = Experiment(
+    "diversity", (Variant("control", 0.35), Variant("plain", 0.35, {"diversity_lambda": 0.0, "top_n": 12}),
+                  Variant("bigger", 0.2, {"factors": 16})),
+    salt="hot-path-test", starts_at=datetime.now(UTC) - timedelta(days=1),
+)
 
 
 @pytest.fixture
 def api(settings: Settings, demo_loaded, window_end: datetime, monkeypatch):
-    """A published version with rules in force (an exclude and a pin), a user with negative
-    feedback; the API with a counter of the requests its routes (not the hot paths) answered."""
+    """A published version serving an experiment, with rules in force (an exclude and a pin), a
+    user with negative feedback; the API with a counter of the requests its routes (not the hot
+    paths) answered."""
     run_pipeline(settings, window_end, PipelineParams())
+    serve_experiment(settings, EXPERIMENT, datetime.now(UTC))
     lists = published_entries(settings)
     first_user = sorted(lists)[0]
     listed = lists[first_user]["recommended_products"]
@@ -50,23 +63,40 @@ def api(settings: Settings, demo_loaded, window_end: datetime, monkeypatch):
 
 
 def same(client: TestClient, method: str, path: str, **options) -> bytes:
+    """The hot path's answer, after checking it is the route's byte for byte, apart from the
+    recommendation_id of a user's list: one in each, a new one each time."""
     fast = client.request(method, path, **options)
     params = {**options.pop("params", {}), **SLOW}
     slow = client.request(method, path, params=params, **options)
-    assert (fast.status_code, fast.content) == (slow.status_code, slow.content), path
+    ids = [RECOMMENDATION_ID.findall(answer.content) for answer in (fast, slow)]
+    if "/recommendations" in path and method == "GET" and fast.status_code == 200:
+        assert len(ids[0]) == len(ids[1]) == 1 and ids[0] != ids[1], ids
+    fast_content, slow_content = (RECOMMENDATION_ID.sub(b"", answer.content) for answer in (fast, slow))
+    assert (fast.status_code, fast_content) == (slow.status_code, slow_content), path
     assert fast.headers["content-type"] == slow.headers["content-type"]
     return fast.content
 
 
 def test_every_answer_of_the_hot_paths_is_the_routes_byte_for_byte(api: TestClient, settings: Settings):
     build = live(settings)
-    users = sorted(published_entries(settings))[:25]
+    entries = published_entries(settings)
+    # users of each variant, and users outside the experiment
+    users = [user for variant in ("control", "plain", "bigger", None)
+             for user in sorted(u for u, e in entries.items() if e.get("variant") == variant)[:8]]
+    assert len(users) == 32, "8 users of each variant and 8 outside the experiment"
     products = [entry["recommended_products"][0] for entry in published_entries(settings).values()][:15]
     routed_before = dict(api.app.state.routed)
     answers = 0
-    for user in [*users, "990001", "990002"]:  # published lists, fold-ins and cold starts
+    cold = [str(990001 + i) for i in range(6)]
+    for user in [*users, *cold]:  # published lists, fold-ins and cold starts
+        if user in entries:
+            named = (entries[user].get("experiment"), entries[user].get("variant"))
+        else:
+            assigned = EXPERIMENT.assign(user, datetime.now(UTC))
+            named = (EXPERIMENT.name, assigned.variant) if assigned.enrolled else (None, None)
         for params in ({}, {"n": 3}, {"n": 30}, {"n": 5, "offset": 8}, {"offset": 2}):
-            same(api, "GET", f"/users/{user}/recommendations", params=params)
+            body = json.loads(same(api, "GET", f"/users/{user}/recommendations", params=params))
+            assert (body["experiment"], body["variant"]) == named, (user, params)
             answers += 1
     for product in products:
         for params in ({}, {"n": 4}, {"n": 40}):
