@@ -82,14 +82,18 @@ class FixedRate:
 
 
 @contextmanager
-def api_server(settings: Settings, log_path: Path, workers: int) -> Iterator[int]:
-    """``recsys serve`` as a subprocess on loopback; terminated on exit."""
+def api_server(
+    settings: Settings, log_path: Path, workers: int, more_env: dict[str, str] | None = None
+) -> Iterator[int]:
+    """``recsys serve`` as a subprocess on loopback (``more_env``: more RECSYS_* settings);
+    terminated on exit."""
     env = {
         "RECSYS_DATABASE_URL": settings.require_database_url,
         "RECSYS_REDIS_URL": settings.require_redis_url,
         "RECSYS_DB_SCHEMA": settings.db_schema,
         "RECSYS_REDIS_PREFIX": settings.redis_prefix,
         "RECSYS_API_KEYS": f"read:{BENCH_READ_KEY}",
+        **(more_env or {}),
     }
     with _server(lambda port: ["-m", "recsys", "serve", "--port", str(port), "--workers", str(workers)], env, log_path,
                  "/health/ready") as port:
@@ -133,20 +137,20 @@ async def _one_request(port: int, path: str) -> tuple[int, bytes]:
     except OSError:
         return 0, b""
     try:
-        return await _exchange(reader, writer, _request("GET", path))
+        return await exchange(reader, writer, http_request("GET", path))
     finally:
         writer.close()
 
 
-def _request(method: str, path: str, body: bytes = b"") -> bytes:
+def http_request(method: str, path: str, body: bytes = b"", key: str = BENCH_READ_KEY) -> bytes:
     """One HTTP/1.1 request, ready to send (built once, before a load phase)."""
-    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {BENCH_READ_KEY}\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {key}\r\n"
     if body:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return (head + "\r\n").encode() + body
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
     """One HTTP/1.1 request on a keep-alive connection; the body is read to the end so the
     connection can be reused."""
     writer.write(request)
@@ -164,7 +168,7 @@ async def _load(port: int, paths: list[bytes], rate: int | None, requests: int) 
     connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CONNECTIONS)]
     # one request on each connection first: the servers accept and set up a connection when its
     # first request comes, and 64 of them at once would stall the first ~100 ms of the schedule
-    await asyncio.gather(*(_exchange(*connection, paths[0]) for connection in connections))
+    await asyncio.gather(*(exchange(*connection, paths[0]) for connection in connections))
     for connection in connections:
         idle.put_nowait(connection)
     latencies: list[float] = []
@@ -174,7 +178,7 @@ async def _load(port: int, paths: list[bytes], rate: int | None, requests: int) 
         nonlocal errors
         connection = await idle.get()
         try:
-            status, _ = await asyncio.wait_for(_exchange(*connection, paths[index % len(paths)]), REQUEST_TIMEOUT_S)
+            status, _ = await asyncio.wait_for(exchange(*connection, paths[index % len(paths)]), REQUEST_TIMEOUT_S)
             idle.put_nowait(connection)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError):
             connection[1].close()
@@ -320,7 +324,7 @@ def request_mix(settings: Settings) -> dict[str, list[tuple[str, str, bytes]]]:
 
 
 def endpoints(settings: Settings) -> list[Endpoint]:
-    return [Endpoint(name, [_request(*request) for request in requests]) for name, requests in request_mix(settings).items()]
+    return [Endpoint(name, [http_request(*request) for request in requests]) for name, requests in request_mix(settings).items()]
 
 
 def _spread(values: list[float]) -> dict:

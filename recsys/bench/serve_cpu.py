@@ -99,7 +99,7 @@ def _spread(values: list[float]) -> dict:
     return {"median": round(float(np.median(values)), 2), "min": round(min(values), 2), "max": round(max(values), 2)}
 
 
-async def measure(settings: Settings, count: int, repeat: int, profile: bool) -> dict:
+async def measure(settings: Settings, count: int, repeat: int, profile: bool, only: str | None = None) -> dict:
     # imported here: the CLI's start-up does not pay for FastAPI
     from recsys.bench.floor_app import create_app as create_floor_app
     from recsys.serving.api import create_api
@@ -109,6 +109,8 @@ async def measure(settings: Settings, count: int, repeat: int, profile: bool) ->
     found = {}
     async with running(api), running(floor):
         for name, requests in request_mix(settings).items():
+            if only is not None and name != only:
+                continue
             for app in (api, floor):  # warm-up: the live model load, connections, caches
                 await drive(app, requests, min(count, 500))
             api_us, floor_us, failed = [], [], 0
@@ -137,6 +139,21 @@ async def measure(settings: Settings, count: int, repeat: int, profile: bool) ->
     return found
 
 
+def enroll_everyone(settings: Settings, run) -> None:
+    """An A/A experiment over every user (50/50), served by a new train and publish of ``run``."""
+    from recsys.core import experiments
+    from recsys.core.experiments import Experiment, Variant
+    from recsys.pipeline.stages import publish_stage, train_stage
+    from recsys.storage.live import MAX_POINTER_AGE_SECONDS
+
+    experiments.start_experiment(settings, Experiment(
+        name="bench-serve-cpu", variants=(Variant("control", 0.5), Variant("treatment", 0.5)),
+    ))
+    train_stage(settings, run)
+    publish_stage(settings, run)
+    time.sleep(MAX_POINTER_AGE_SECONDS)  # no cached pointer to the version before
+
+
 def serve_cpu_command(
     json_output: Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")] = False,
     requests: Annotated[int, typer.Option(min=100, max=100_000, help="requests per measurement")] = 3_000,
@@ -144,6 +161,9 @@ def serve_cpu_command(
     users: Annotated[int, typer.Option(min=100, max=100_000, help="demo shop users")] = 2_000,
     products: Annotated[int, typer.Option(min=50, max=20_000, help="demo shop products")] = 500,
     profile: Annotated[bool, typer.Option("--profile", help="print a cProfile of the API per endpoint")] = False,
+    experiment: Annotated[bool, typer.Option(
+        "--experiment", help="then publish again with every user in an A/A experiment and measure GET /users again "
+        "(answers name the variant, exposures are logged): endpoint users_enrolled and experiment_cost")] = False,
 ) -> None:
     """CPU µs per request of the API's three busiest requests in process (no HTTP server), next to
     the bare ASGI floor doing the same Redis read: the less noisy companion of ``bench serve``."""
@@ -153,8 +173,16 @@ def serve_cpu_command(
         end = datetime.now(UTC).replace(microsecond=0)
         console.print(f"demo shop: {users} users, {products} products; pipeline ...")
         load_demo(settings, DemoShop(users=users, products=products, days=60), end=end)
-        run_pipeline(settings, end, PipelineParams())
+        run = run_pipeline(settings, end, PipelineParams()).run
         figures = {"requests": requests, "repeat": repeat,
                    "endpoints": uvloop.run(measure(settings, requests, repeat, profile))}
+        if experiment:
+            console.print("every user in an A/A experiment; train and publish again ...")
+            enroll_everyone(settings, run)
+            enrolled = uvloop.run(measure(settings, requests, repeat, profile, only="users"))["users"]
+            figures["endpoints"]["users_enrolled"] = enrolled
+            # CPU per request with the variant fields and the exposure log (its flushes included)
+            figures["experiment_cost"] = round(
+                enrolled["api_us"]["median"] / figures["endpoints"]["users"]["api_us"]["median"] - 1, 4)
     if json_output:
         sys.stdout.write(json.dumps(figures) + "\n")

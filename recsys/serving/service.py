@@ -527,9 +527,18 @@ async def similar_products(svc: RecsysService, product_id: str, n: int) -> bytes
     published list of the product (active, not excluded by a rule), beyond it ranked on request."""
     pointer, entry = await svc.store.entry("similar_products", product_id)
     live = await svc.model_for(pointer)
+    kept_out = svc.kept_out_for_everyone(live)
+    if product_id not in live.item_index and entry is not None:
+        # a new product (no interaction in the window): publish listed its neighbours by content,
+        # which the API cannot rank again; the products the rules now keep out are left out
+        blocked = set() if kept_out is None or svc.published_lists_hold(live) else {
+            live.item_ids[i] for i in np.flatnonzero(kept_out.blocked)
+        }
+        kept = [p for p in entry["similar_products"] if str(p) not in blocked]
+        return dumps({"product_id": entry["product_id"], "version": live.version, "ranked_on_request": False,
+                      "similar_products": kept[:n]})
     if product_id not in live.item_index or not live.active[live.item_index[product_id]]:
         raise HTTPException(status_code=404, detail=f"Product {product_id!r} is not an active product of the live version")
-    kept_out = svc.kept_out_for_everyone(live)
     body = {"product_id": live.product_out(live.item_index[product_id]), "version": live.version}
     if entry is not None and len(entry["similar_products"]) >= n and svc.published_lists_hold(live):
         # published under the exclusions in force: filtering would change nothing

@@ -1,5 +1,6 @@
 """``recsys bench abtest`` on a small budget: the keys the issue names, a planted lift found, A/A
-tests mostly quiet, reproducible with its seed, and its scratch schema gone afterwards."""
+tests mostly quiet, reproducible with its seed, and its scratch schema gone afterwards; through
+the API, every answer in its assigned variant and every list it served logged."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import psycopg
 from typer.testing import CliRunner
 
-from recsys.bench.abtest import run_abtest
+from recsys.bench.abtest import run_abtest, run_abtest_through_api
 from recsys.cli import app
 from recsys.core.settings import Settings
 
@@ -44,7 +45,26 @@ def test_a_large_planted_lift_is_found_and_a_rerun_gives_the_same_numbers(settin
 
 
 def test_the_command_ends_with_one_json_object(recsys_env: Settings):
-    done = runner.invoke(app, ["bench", "abtest", "--aa-tests", "3", "--ab-tests", "3", "--users", "400", "--json"])
+    done = runner.invoke(app, ["bench", "abtest", "--through", "tables", "--aa-tests", "3", "--ab-tests", "3",
+                               "--users", "400", "--json"])
     assert done.exit_code == 0, done.output
     result = json.loads(done.output.strip().splitlines()[-1])
-    assert KEYS <= set(result) and result["planted_lift"] == 0.2 and result["aa_tests"] == 3
+    assert KEYS <= set(result) and result["planted_lift"] == 0.35 and result["aa_tests"] == 3
+    assert result["through"] == "tables"
+
+
+def test_through_the_api_every_answer_is_in_its_variant_and_every_list_served_is_logged(settings: Settings, tmp_path):
+    """Each test publishes for real and its shoppers go through ``recsys serve``: the answers name
+    the variant the assignment gives, the API logs every list it served to the experiment's
+    users, the events carry the answers' recommendation ids, and a large planted lift is found."""
+    result = run_abtest_through_api(settings, aa_tests=2, ab_tests=2, users=300, planted_lift=1.0,
+                                    base_click_through=0.2, lists_per_user=3.0, seed=5, logs=tmp_path)
+    assert KEYS <= set(result) and result["through"] == "api"
+    assert (result["aa_tests"], result["ab_tests"]) == (2, 2)
+    assert result["http_errors"] == 0, result["first_http_errors"]
+    assert result["variant_mismatches"] == 0
+    assert result["lists_served"] > 4 * 250 and result["exposures_lost"] == 0
+    assert result["exposures_logged"] == result["lists_served"]
+    assert result["events_posted"] > 0.1 * result["lists_served"]  # a fifth followed at the base rate
+    assert result["mean_enrolled_users"] > 0.9 * result["users_per_test"]  # the analysis saw the shoppers
+    assert result["power"] == 1.0  # +100 % at ~150 shoppers a side, 3 lists each

@@ -4,8 +4,10 @@ products and the opt-in new-arrival slots of user lists, on a real Postgres and 
 from __future__ import annotations
 
 import json
+import secrets
 
 import pytest
+from fastapi.testclient import TestClient
 from helpers import days_before, insert_interactions, live, published_entries
 
 from recsys.core import db
@@ -13,6 +15,9 @@ from recsys.core.errors import InputError
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, add_rule
 from recsys.pipeline.stages import run_pipeline
+from recsys.serving.api import create_api
+
+KEY = secrets.token_urlsafe(32)
 
 # (id, name, category, active, attributes): products no one has interacted with
 NEW = [
@@ -68,6 +73,13 @@ def test_a_new_product_gets_similar_products_from_its_category_and_attributes(se
     for product_id, entry in build.entries("similar_products"):
         assert int(product_id) not in inactive and not inactive & set(entry["similar_products"])
     assert build.bought_together("9001") is None  # nothing bought with it yet
+    # the API answers the new product's page with the list publish made (the model does not know it)
+    with TestClient(create_api(settings.model_copy(update={"api_keys": f"read:{KEY}"})), headers={"X-API-Key": KEY}) as api:
+        answer = api.get("/products/9001/similar", params={"n": 3})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["similar_products"] == similar[:3] and answer.json()["product_id"] == 9001
+        assert not answer.json()["ranked_on_request"]
+        assert api.get("/products/9003/similar").status_code == 404  # inactive: no page
 
 
 def test_without_slots_user_lists_are_what_they_were_without_new_products(settings, demo_loaded, window_end):
