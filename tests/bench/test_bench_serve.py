@@ -48,10 +48,13 @@ def test_redis_benchmark_get_floor_when_it_is_installed(service_urls):
 
 def test_serve_cpu_bench_drives_the_api_and_the_floor_in_process(service_urls, bare_path):
     result = run_recsys_json(
-        ["bench", "serve-cpu", "--json", "--requests", "100", "--repeat", "2", "--users", "150", "--products", "60"],
+        ["bench", "serve-cpu", "--json", "--requests", "100", "--repeat", "2", "--users", "150", "--products", "60",
+         "--experiment"],
         service_urls, bare_path,
     )
-    assert set(result["endpoints"]) == {"users", "similar", "cart"}
+    # --experiment: GET /users measured again with every user enrolled (the answers name variants)
+    assert set(result["endpoints"]) == {"users", "similar", "cart", "users_enrolled"}
+    assert isinstance(result["experiment_cost"], float) and result["enrolled_users"] > 100
     for endpoint in result["endpoints"].values():
         assert endpoint["not_ok"] == 0  # every request answered 200 by both apps
         assert len(endpoint["runs"]["api_us"]) == len(endpoint["runs"]["floor_us"]) == 2
