@@ -661,35 +661,22 @@ def experiments_report(
     from recsys.pipeline.experiments import report
 
     result = report(Settings(), name, act=act)
-    if html_path is not None:
-        from recsys.pipeline.report import experiment_page
+    from recsys.pipeline.report import estimate_text, experiment_page, lift_text
 
+    if html_path is not None:
         html_path.write_text(experiment_page(result))
     if as_json:
         typer.echo(json.dumps(result))
         return
     console.print(f"experiment {name} ({result['status']}), analysed until {result['analysed_until']}", highlight=False)
-
-    def interval(entry: dict) -> str:
-        if entry["value"] is None:
-            return "-"
-        if entry["low"] is None:
-            return f"{entry['value']:.4f}"
-        return f"{entry['value']:.4f} [{entry['low']:.4f}, {entry['high']:.4f}]"
-
-    def lift(entry: dict | None) -> str:
-        if entry is None or entry["value"] is None:
-            return ""
-        return f"{entry['value']:+.1%} [{entry['low']:+.1%}, {entry['high']:+.1%}]" + (" *" if entry["significant"] else "")
-
     table = Table("variant", "users", "lists", "click-through", "lift", "conversion", "lift")
     for variant in result["variants"]:
         lifts = variant["lift"] or {}
         table.add_row(
             variant["name"] + (" (control)" if variant["control"] and variant["name"] != "control" else "")
             + (" (stopped)" if variant["stopped_at"] else ""),
-            f"{variant['exposed_users']:,}", f"{variant['lists']:,}", interval(variant["click_through"]),
-            lift(lifts.get("click_through")), interval(variant["conversion"]), lift(lifts.get("conversion")),
+            f"{variant['exposed_users']:,}", f"{variant['lists']:,}", estimate_text(variant["click_through"]),
+            lift_text(lifts.get("click_through")), estimate_text(variant["conversion"]), lift_text(lifts.get("conversion")),
         )
     console.print(table)
     srm = result["srm"]

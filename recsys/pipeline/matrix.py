@@ -268,7 +268,8 @@ def build_matrix(
     items_meta = items_meta.append_column("popularity", pa.array(popularity))
     pq.write_table(items_meta, matrix_dir / ITEMS)
     new_products = write_new_products(
-        matrix_dir, user_ids, item_ids, products_path, older_negatives_path, id_types.product
+        matrix_dir, item_ids, products_path, id_types.product,
+        lambda new_ids: _older_negatives(older_negatives_path, user_ids, new_ids, (len(user_ids), len(new_ids))),
     )
 
     counts = {

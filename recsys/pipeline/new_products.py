@@ -14,6 +14,7 @@ interaction in the window. The matrix stage writes what publish lists them by:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +42,12 @@ def _attributes(text: str | None) -> dict:
 
 
 def write_new_products(
-    matrix_dir: Path, user_ids: pa.Array, item_ids: pa.Array, products_path: Path, older_negatives_path: Path | None,
-    product_id_type: IdType,
+    matrix_dir: Path, item_ids: pa.Array, products_path: Path, product_id_type: IdType,
+    older_negatives: Callable[[pa.Array], sp.csr_matrix],
 ) -> int:
     """The new products' files into ``matrix_dir`` (module docstring); returns how many there are.
+    ``older_negatives``: users x the given products, 1 where the user gave negative feedback before
+    the window (the matrix stage's reading of the extract's pairs).
     With integer product ids, a catalogue id that is not one is left out (it could not be
     published as the shop's other ids are)."""
     products = pq.read_table(products_path)
@@ -67,23 +70,9 @@ def write_new_products(
         pa.table({"id": new_ids, "category": pa.array([categories[row] for row in new_rows], pa.string())}),
         matrix_dir / NEW_ITEMS,
     )
-    sp.save_npz(matrix_dir / NEW_EXCLUDE, _older_negatives_of(older_negatives_path, user_ids, new_ids))
+    sp.save_npz(matrix_dir / NEW_EXCLUDE, older_negatives(new_ids))
     return len(new_rows)
 
-
-def _older_negatives_of(path: Path | None, user_ids: pa.Array, new_ids: pa.Array) -> sp.csr_matrix:
-    shape = (len(user_ids), len(new_ids))
-    if path is None or not path.exists() or len(new_ids) == 0:
-        return sp.csr_matrix(shape, dtype=np.float32)
-    pairs = pq.read_table(path, columns=["user_id", "product_id"])
-    users = pc.index_in(pairs["user_id"].cast(pa.string()), value_set=user_ids)
-    products = pc.index_in(pairs["product_id"].cast(pa.string()), value_set=new_ids)
-    known = pc.and_(pc.is_valid(users), pc.is_valid(products))
-    rows, columns = (pc.filter(column, known).to_numpy(zero_copy_only=False) for column in (users, products))
-    matrix = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, columns)), shape=shape)
-    matrix.sum_duplicates()
-    matrix.data[:] = 1
-    return matrix
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,8 @@ def experiment_lift_plot(result: dict) -> str:
     return _svg(figure)
 
 
-def _interval(estimate: dict) -> str:
+def estimate_text(estimate: dict) -> str:
+    """A rate with its 95 % interval, as the report and `recsys experiments report` show it."""
     if estimate["value"] is None:
         return "–"
     if estimate["low"] is None:
@@ -253,7 +254,8 @@ def _interval(estimate: dict) -> str:
     return f"{estimate['value']:.4f} [{estimate['low']:.4f}, {estimate['high']:.4f}]"
 
 
-def _lift(lift: dict | None) -> str:
+def lift_text(lift: dict | None) -> str:
+    """A lift over the control with its interval (``None``: the control itself)."""
     if lift is None:
         return "control"
     if lift["value"] is None:
@@ -270,7 +272,7 @@ def experiment_section(result: dict) -> str:
         f"<tr><th>{html.escape(variant['name'])}</th><td>{variant['share']:.0%}</td>"
         f"<td>{'stopped ' + html.escape(variant['stopped_at']) if variant['stopped_at'] else 'serving'}</td>"
         f"<td>{variant['exposed_users']:,}</td><td>{variant['lists']:,}</td>"
-        + "".join(f"<td>{_interval(variant[metric])}</td><td>{_lift((variant['lift'] or {}).get(metric) if variant['lift'] else None)}</td>"
+        + "".join(f"<td>{estimate_text(variant[metric])}</td><td>{lift_text((variant['lift'] or {}).get(metric) if variant['lift'] else None)}</td>"
                   for metric in RATE_LABELS)
         + "</tr>"
         for variant in result["variants"]
@@ -284,7 +286,7 @@ def experiment_section(result: dict) -> str:
                 + f"; users counted {', '.join(f'{html.escape(k)} {v:,}' for k, v in srm['observed'].items())}.")
     checks = "".join(
         f"<li>{html.escape(check['variant'])}, {RATE_LABELS[check['metric']]} (allowed drop {check['max_drop']:.0%}): "
-        f"<strong>{html.escape(check['decision'])}</strong>, lift {_lift(check['lift'])}</li>"
+        f"<strong>{html.escape(check['decision'])}</strong>, lift {lift_text(check['lift'])}</li>"
         for check in result["guardrails"]
     )
     decisions = "".join(
