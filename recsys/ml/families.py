@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -75,9 +75,10 @@ class Recommender(ABC):
         """The vector of a user not in the fitted matrix from a 1 × items weighted row, or None
         when the family cannot compute one (BPR: no closed-form user solve)."""
 
-    @abstractmethod
     def params(self) -> dict[str, Any]:
-        """Hyperparameters, as saved."""
+        """Hyperparameters, as saved: the family's dataclass fields shown in its repr (the fitted
+        arrays are not)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
 
     @abstractmethod
     def arrays(self) -> dict[str, np.ndarray]:
@@ -238,10 +239,6 @@ class Als(FactorModel):
             model.num_threads = 1
         return np.asarray(model.recalculate_user(0, row.tocsr()), dtype=np.float32)
 
-    def params(self) -> dict[str, Any]:
-        return {"factors": self.factors, "regularization": self.regularization, "alpha": self.alpha,
-                "iterations": self.iterations}
-
 
 
 # ---------------------------------------------------------------------------------------- BPR
@@ -276,10 +273,6 @@ class Bpr(FactorModel):
 
     def fold_in(self, row: sp.csr_matrix) -> np.ndarray | None:
         return None
-
-    def params(self) -> dict[str, Any]:
-        return {"factors": self.factors, "learning_rate": self.learning_rate,
-                "regularization": self.regularization, "iterations": self.iterations}
 
 
 
@@ -366,9 +359,6 @@ class Ease(_ItemItem):
         self.__dict__.pop("_items", None)
         return self
 
-    def params(self) -> dict[str, Any]:
-        return {"regularization": self.regularization, "binary": self.binary}
-
     @classmethod
     def restore(cls, params, arrays, parts) -> Ease:
         return cls(**params, matrix=arrays["matrix"])
@@ -401,10 +391,6 @@ class ItemKnn(_ItemItem):
         self.matrix = model.similarity.toarray().astype(np.float32)
         self.__dict__.pop("_items", None)
         return self
-
-    def params(self) -> dict[str, Any]:
-        return {"similarity": self.similarity, "neighbours": self.neighbours, "bm25_k1": self.bm25_k1,
-                "bm25_b": self.bm25_b, "binary": self.binary}
 
     @classmethod
     def restore(cls, params, arrays, parts) -> ItemKnn:

@@ -404,10 +404,13 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     )
     model, exclude = load_model(staging.model_dir / FACTORS_FULL), sp.load_npz(matrix_dir / EXCLUDE).tocsr()
     scorings = _scorings(staging, served, positions, model)
-    # the item-item families read a user's row of the matrix they were fitted on
-    fitted_on = (
-        None if all(isinstance(s.model, FactorModel) for s in scorings) else sp.load_npz(matrix_dir / FULL).tocsr()
-    )
+    # the item-item families read a user's row of the matrix they were fitted on; new arrivals
+    # are picked by what a user interacted with: read once for every group that needs it
+    item_item = not all(isinstance(s.model, FactorModel) for s in scorings)
+    arrivals = any(s.params.new_arrival_slots for s in scorings)
+    full = sp.load_npz(matrix_dir / FULL).tocsr() if item_item or arrivals else None
+    fitted_on = full if item_item else None
+    new = load_new_products(matrix_dir) if arrivals else None
     merchandising = staging.merchandising(pq.read_table(matrix_dir / ITEMS, columns=["id", "category"]))
     inactive = inactive_items(matrix_dir)
     indexes = {id(s.model): ItemIndexes(s.model.items.factors) for s in scorings if isinstance(s.model, FactorModel)}
@@ -423,8 +426,8 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
             )
             if scoring.params.new_arrival_slots:
                 lists = with_new_arrivals(
-                    staging.rules(), merchandising, load_new_products(matrix_dir), sp.load_npz(matrix_dir / FULL).tocsr(),
-                    group, group_ids.to_pylist(), lists, scoring.params.new_arrival_slots,
+                    staging.rules(), merchandising, new, full, group, group_ids.to_pylist(), lists,
+                    scoring.params.new_arrival_slots,
                 )
             recs[scoring.rows, : lists.shape[1]] = lists
     has_recs = recs[:, 0] >= 0
