@@ -316,7 +316,7 @@ def run_abtest_through_api(
     module docstring). ``settings``: an own schema and Redis prefix (``services.isolated``)."""
     import uvloop
 
-    from recsys.bench.serve import api_server
+    from recsys.bench.serve import api_server, published_users
     from recsys.core.params import PipelineParams
     from recsys.local.demo import DemoShop, load_demo
     from recsys.pipeline.stages import publish_stage, run_pipeline, train_stage
@@ -325,7 +325,7 @@ def run_abtest_through_api(
     end = datetime.now(UTC).replace(microsecond=0)
     load_demo(settings, DemoShop(users=users, products=CATALOGUE, seed=seed), end=end)
     run = run_pipeline(settings, end, PipelineParams(), use_tuned=False).run
-    user_ids = sorted(user for user, _ in _published_users(settings))
+    user_ids = sorted(published_users(settings))
     write_key = secrets.token_urlsafe(32)
     rng = np.random.default_rng(seed)
     outcomes: dict[str, list[dict[str, Any]]] = {"aa": [], "ab": []}
@@ -371,13 +371,6 @@ def run_abtest_through_api(
         "variant_mismatches": totals["variant_mismatches"], "http_errors": totals["errors"],
         "first_http_errors": first_errors, "seconds": round(time.perf_counter() - started, 1),
     }
-
-
-def _published_users(settings: Settings):
-    from recsys import storage
-    from recsys.storage import reads
-
-    return reads.live_build(*storage.connect(settings)).entries("user_recs")
 
 
 def abtest_command(

@@ -282,7 +282,7 @@ def redis_benchmark_get_rps(redis_url: str) -> float:
     return float(re.search(r"GET: ([\d.]+) requests per second", output).group(1))
 
 
-def _published_users(settings: Settings) -> list[str]:
+def published_users(settings: Settings) -> list[str]:
     return [user for user, _ in reads.live_build(*storage.connect(settings)).entries("user_recs")]
 
 
@@ -374,7 +374,7 @@ def _latencies(fixed: FixedRate) -> dict:
 
 
 def _user_paths(settings: Settings) -> list[str]:
-    return [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in _published_users(settings)]
+    return [f"/users/{urllib.parse.quote(user, safe='')}/recommendations" for user in published_users(settings)]
 
 
 def measure_serving(settings: Settings, rates: list[int], seconds: int, workers: int, runs: int, logs: Path) -> dict:
@@ -389,7 +389,7 @@ def measure_serving(settings: Settings, rates: list[int], seconds: int, workers:
         "max_rps_client": users["max_rps_client"],
         "floor_rps": users["floor_rps"],
         "ratio_to_floor": users["ratio_to_floor"],
-        "redis_py_hget_rps": redis_py_hget_rps(settings, _published_users(settings), seconds),
+        "redis_py_hget_rps": redis_py_hget_rps(settings, published_users(settings), seconds),
         "endpoints": per_endpoint,
     }
 
