@@ -18,7 +18,7 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
 
 # params holding lists (event types, model families): tuples in the dataclass, lists in JSON
 LIST_PARAMS = ("exclude_event_types", "relevant_event_types", "negative_event_types", "basket_event_types", "models")
-MODEL_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")  # recsys.ml.families (core cannot import ml)
+MODEL_FAMILIES = ("als", "bpr", "item_knn", "ease", "mult_dae", "blend")  # recsys.ml.families (core cannot import ml)
 
 # What a variant of an A/B test (recsys.core.experiments) may override, by what it costs. Every
 # field of PipelineParams is in exactly one group (tests/core/test_experiment_definitions.py):

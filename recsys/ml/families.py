@@ -474,8 +474,11 @@ class Blend(Recommender):
         return cls(parts=parts, **params)
 
 
+# a family in a module of its own imports this one for Recommender: registered after it is defined
+from recsys.ml.autoencoder import MultDae  # noqa: E402
+
 FAMILY_CLASSES: dict[str, type[Recommender]] = {
-    "als": Als, "bpr": Bpr, "item_knn": ItemKnn, "ease": Ease, "blend": Blend,
+    "als": Als, "bpr": Bpr, "item_knn": ItemKnn, "ease": Ease, "mult_dae": MultDae, "blend": Blend,
 }
 
 

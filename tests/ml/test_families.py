@@ -9,6 +9,7 @@ import scipy.sparse as sp
 
 from recsys.core.errors import InputError
 from recsys.ml import families, selection
+from recsys.ml.autoencoder import MultDae
 from recsys.ml.families import Als, Blend, Bpr, Ease, ItemKnn, load_model
 
 
@@ -35,6 +36,7 @@ MODELS = {
     "item_knn": lambda: ItemKnn(neighbours=20),
     "item_knn_cosine": lambda: ItemKnn(similarity="cosine", neighbours=20, binary=True),
     "ease": lambda: Ease(regularization=10.0),
+    "mult_dae": lambda: MultDae(latent=8, epochs=40, batch_size=32, learning_rate=0.01),
     "blend": lambda: Blend([Als(factors=8, regularization=1.0, iterations=10), Ease(regularization=10.0)], 0.7),
 }
 
@@ -53,6 +55,11 @@ def dense_scores(model, matrix: sp.csr_matrix) -> np.ndarray:
     """What each family's docstring says its score is, in float64 from its own arrays."""
     if isinstance(model, Als | Bpr):
         return model.user_factors.astype(np.float64) @ model.item_factors.T.astype(np.float64)
+    if isinstance(model, MultDae):  # logits of tanh(unit row · encoder + bias) · decoder + bias
+        rows = (matrix.toarray() > 0).astype(np.float64)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        hidden = np.tanh(rows @ model.encoder.astype(np.float64) + model.encoder_bias)
+        return hidden @ model.decoder.astype(np.float64) + model.decoder_bias
     if isinstance(model, Blend):
         total = 0
         for part, weight in zip(model.parts, (model.weight, 1 - model.weight), strict=True):
@@ -119,7 +126,7 @@ def test_similar_items_never_list_the_item_itself_and_follow_the_family(fitted, 
             row[item] = -np.inf
             np.testing.assert_allclose(np.sort(row[similar[item]])[::-1], np.sort(row)[::-1][:5], rtol=1e-5)
     # items of one cluster are most alike: most neighbours come from the query's cluster (chance: 1 in 4)
-    if name in ("als", "ease", "item_knn", "blend"):
+    if name in ("als", "ease", "item_knn", "mult_dae", "blend"):
         assert ((similar // 20) == (np.arange(matrix.shape[1]) // 20)[:, None]).mean() > 0.6
 
 
@@ -211,3 +218,39 @@ def test_a_users_vector_is_the_same_alone_and_in_a_batch(fitted, matrix):
     batch = model.user_vectors(np.arange(matrix.shape[0]), matrix)
     for user in (0, 7, 119):
         np.testing.assert_array_equal(model.user_vectors(np.array([user]), matrix)[0], batch[user])
+
+
+def test_mult_dae_gradients_match_finite_differences(matrix):
+    """The hand-written backward pass against central differences of the loss, in float64."""
+    model = MultDae(latent=4, epochs=1, batch_size=200, keep=1.0, l2=0.1).fit(matrix[:30], seed=1)
+    parameters = [model.encoder, model.decoder, model.encoder_bias, model.decoder_bias]
+    parameters = [p.astype(np.float64) for p in parameters]
+    model.encoder, model.decoder, model.encoder_bias, model.decoder_bias = parameters
+    rows = matrix[:30]
+    inputs = (rows.toarray() > 0).astype(np.float64)
+    inputs /= np.linalg.norm(inputs, axis=1, keepdims=True)
+    gradients = model._gradients(inputs, (rows.toarray() > 0).astype(np.float64), *parameters)
+    rng = np.random.default_rng(0)
+    for parameter, gradient in zip(parameters, gradients, strict=True):
+        for index in map(tuple, rng.integers(0, parameter.shape, size=(5, parameter.ndim))):
+            saved = parameter[index]
+            parameter[index] = saved + 1e-6
+            above = model.loss(rows)
+            parameter[index] = saved - 1e-6
+            below = model.loss(rows)
+            parameter[index] = saved
+            assert gradient[index] == pytest.approx((above - below) / 2e-6, rel=1e-4, abs=1e-8)
+
+
+def test_mult_dae_training_lowers_its_loss_and_learns_the_clusters(matrix):
+    untrained = MultDae(latent=8, epochs=0).fit(matrix, seed=3)
+    trained = MODELS["mult_dae"]().fit(matrix, seed=3)
+    assert trained.loss(matrix) < 0.9 * untrained.loss(matrix)
+    lists = trained.recommend(np.arange(matrix.shape[0]), matrix, 5, exclude=matrix)
+    own_cluster = (lists // 20) == (np.arange(matrix.shape[0]) % 4)[:, None]
+    assert own_cluster.mean() > 0.8  # chance: 1 in 4
+
+
+def test_mult_dae_fits_differ_by_seed_only(matrix):
+    one, other = MODELS["mult_dae"]().fit(matrix, seed=3), MODELS["mult_dae"]().fit(matrix, seed=4)
+    assert not np.array_equal(one.encoder, other.encoder)
