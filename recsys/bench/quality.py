@@ -27,7 +27,7 @@ from recsys.ml.ranking import popularity_model
 from recsys.ml.weighting import scale_confidence
 
 # every family the benchmark chooses among (BPR: reported, never close on this data; docs/quality.md)
-BENCH_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
+BENCH_FAMILIES = ("als", "bpr", "item_knn", "ease", "mult_dae", "blend")
 
 
 METRIC_NAMES = ("map", "ndcg_at_10", "precision_at_10", "recall_at_10")

@@ -47,7 +47,7 @@ def _unit_input(rows: sp.csr_matrix, binary: bool) -> sp.csr_matrix:
 class MultDae(Recommender):
     """Mult-DAE with one tanh layer of ``latent`` units between the items and the scores."""
 
-    latent: int = 200
+    latent: int = 100
     epochs: int = 100
     batch_size: int = 100
     learning_rate: float = 1e-3

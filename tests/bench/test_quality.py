@@ -173,7 +173,7 @@ def test_bench_quality_prints_json_last_and_dumps_checkable_files(ratings, tmp_p
     metric_keys = {"map", "ndcg_at_10", "precision_at_10", "recall_at_10"}
     assert set(last["model"]) == metric_keys and set(last["popularity"]) == metric_keys
     assert last["chosen"] in last["families"] and last["params"] == last["families"][last["chosen"]]["params"]
-    assert {"als", "bpr", "item_knn", "ease", "blend"} == set(last["families"])
+    assert {"als", "bpr", "item_knn", "ease", "mult_dae", "blend"} == set(last["families"])
     assert "BiVAE" in result.stdout
 
     assert list(pd.read_csv(dump / "train.csv").columns) == ["user_id", "item_id", "rating", "timestamp"]
