@@ -362,7 +362,8 @@ PARAMS = {
                     title="Model families to choose among",
                     description="Train fits each and keeps the best MAP@K on a random quarter of each user's "
                                 "pre-holdout items (the holdout stays the gate's): als, bpr, item_knn, ease (both "
-                                "skip a catalogue over 20k products), blend (of the two best). [\"als\"] alone: no "
+                                "skip a catalogue over 20k products), mult_dae (an autoencoder; its fit grows with users x "
+                                "products x epochs), blend (of the two best). [\"als\"] alone: no "
                                 "choice, as before."),
     "event_weights": Param(DEFAULTS.event_weights, type="object", title="Event weights",
                            description="Weight per event type; other event types are dropped and reported."),

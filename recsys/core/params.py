@@ -65,7 +65,7 @@ class PipelineParams:
     iterations: int = 15
     seed: int = 42
     # model families the train stage fits and chooses among (MAP@K on a random quarter of each
-    # user's pre-holdout items; the holdout stays the gate's): als, bpr, item_knn, ease, blend (of
+    # user's pre-holdout items; the holdout stays the gate's): als, bpr, item_knn, ease, mult_dae, blend (of
     # the two best). ALS keeps the settings above; EASE and item-kNN skip a catalogue over 20k
     # products (recsys.ml.families). ALS alone by default: a run trains and explains what it did
     # before; ["als", "ease", "blend"] is the suggested choice for a catalogue under 20k

@@ -41,6 +41,7 @@ def candidate_grids(params: PipelineParams) -> dict[str, list[dict]]:
         "bpr": [{}],
         "item_knn": [{}],
         "ease": [{}],
+        "mult_dae": [{}],
     }
 
 

@@ -233,7 +233,7 @@ class ModelInfo(BaseModel):
     model_family: dict[str, Any] | None = Field(
         default=None,
         description='The model family the version was made with and its params ({"family": "als" | "bpr" | '
-        '"item_knn" | "ease" | "blend", "params": {...}}; a blend names its parts); null for a version '
+        '"item_knn" | "ease" | "mult_dae" | "blend", "params": {...}}; a blend names its parts); null for a version '
         "published before families existed",
     )
     fold_in_users: int = Field(

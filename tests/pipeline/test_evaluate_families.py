@@ -113,3 +113,26 @@ def test_a_bpr_version_serves_top_buys_to_a_user_it_cannot_fold_in(settings, dem
         insert_interactions(settings, [("900002", str(p), "purchase", 1.0, days_before(window_end, 1)) for p in bought])
         body = client.get("/users/900002/recommendations").json()
         assert body["source"] == "popular" and not set(body["recommended_products"]) & set(bought)
+
+
+def test_a_mult_dae_version_is_published_ranked_on_request_and_folds_in(settings, demo_loaded, window_end):
+    run_pipeline(settings, window_end, PipelineParams(models=("mult_dae",), min_lift=0.0, max_map_drop=1.0))
+    meta = live_meta(*connect(settings))
+    assert meta["model_family"]["family"] == "mult_dae"
+    with api(settings) as client:
+        user_id = sorted(published_entries(settings))[0]
+        stored = live(settings).user_recommendations(user_id)["recommended_products"]
+        deep = client.get(f"/users/{user_id}/recommendations", params={"n": 30}).json()
+        # the encoder on the user's row of the matrix, on request: the published list first
+        assert deep.get("ranked_on_request") and deep["recommended_products"][:10] == stored, deep
+
+        product = live(settings).top_buys()["top_buys"][0]
+        similar = live(settings).similar_products(str(product))["similar_products"]
+        on_request = client.get(f"/products/{product}/similar", params={"n": 25}).json()["similar_products"]
+        assert on_request[: len(similar)] == similar
+
+        bought = stored[:3]
+        insert_interactions(settings, [("900003", str(p), "purchase", 1.0, days_before(window_end, 2)) for p in bought])
+        body = client.get("/users/900003/recommendations", params={"n": 20}).json()
+        assert body["source"] == "fold_in" and len(body["recommended_products"]) == 20
+        assert not set(body["recommended_products"]) & set(bought)
