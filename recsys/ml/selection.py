@@ -39,7 +39,7 @@ GRIDS: dict[str, list[dict[str, Any]]] = {
         {"similarity": "bm25", "neighbours": neighbours} for neighbours in (100, 200, 400)
     ] + [{"similarity": "cosine", "neighbours": 200}],
     "ease": [{"regularization": regularization} for regularization in (100.0, 300.0, 500.0, 800.0)],
-    # one setting: each fit is about a minute on MovieLens; latent 50-200, l2, epochs and dropout
+    # one setting: the slowest fit of the grid on MovieLens; latent 50-400, l2, epochs and dropout
     # were explored on validation (docs/quality.md#what-was-tried)
     "mult_dae": [{"latent": 100, "epochs": 100, "l2": 0.01, "keep": 0.5}],
 }
