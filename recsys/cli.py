@@ -77,6 +77,7 @@ bench_app = typer.Typer(
     cls=_lazy_group({
         "quality": "recsys.bench.quality:quality_command",
         "defaults": "recsys.bench.quality:defaults_command",
+        "playcounts": "recsys.bench.playcounts:playcounts_command",
         "serve": "recsys.bench.serve:serve_bench_command",
         "serve-cpu": "recsys.bench.serve_cpu:serve_cpu_command",
         "speed": "recsys.bench.speed:speed_bench_command",
