@@ -378,6 +378,13 @@ def _show_tuned(settings: Settings) -> None:
         f"{tuned.window['end']} ({tuned.trials} trials, started from {tuned.started_from}); validation MAP@K "
         f"{tuned.map:.4f}; {tuned.decision or 'activated'}", soft_wrap=True,
     )
+    for family, entry in tuned.families.items():
+        if "params" not in entry:
+            console.print(f"  {family}: not tuned ({entry.get('skipped', '')})", soft_wrap=True)
+            continue
+        carried = f", carried from result {entry['carried_from']}" if "carried_from" in entry else ""
+        console.print(f"  {family}: {json.dumps(entry['params'])}; validation MAP@K "
+                      f"{entry['validation']['chosen']['map']:.4f}{carried}", soft_wrap=True)
 
 
 @app.command("history")
