@@ -33,8 +33,8 @@ from recsys.ml.metrics import ranking_metrics
 from recsys.ml.ranking import popularity_model, recommend_top_n
 from recsys.ml.weighting import scale_confidence
 
-GENRES = 40
-ZIPF_EXPONENT = 1.2  # item popularity ∝ rank^-1.2
+GENRES = 10
+ZIPF_EXPONENT = 1.5  # item popularity ∝ rank^-1.5
 FROM_OWN_GENRES = 0.8  # share of a user's items drawn from the genres they like
 FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
 VALIDATION_SPLITS = 2
@@ -62,7 +62,7 @@ class PlayCounts:
         }
 
 
-def generate(users: int = 3_000, items: int = 4_000, seed: int = 7, mean_items_per_user: float = 30.0) -> PlayCounts:
+def generate(users: int = 2_000, items: int = 2_000, seed: int = 7, mean_items_per_user: float = 30.0) -> PlayCounts:
     """The data set described in the module docstring; the same ``seed`` gives the same matrix."""
     rng = np.random.default_rng(seed)
     genre = rng.integers(0, GENRES, items)
@@ -176,8 +176,8 @@ def results_table(result: dict) -> Table:
 
 
 def playcounts_command(
-    users: Annotated[int, typer.Option(min=50, help="users to generate")] = 3_000,
-    items: Annotated[int, typer.Option(min=50, help="items to generate")] = 4_000,
+    users: Annotated[int, typer.Option(min=50, help="users to generate")] = 2_000,
+    items: Annotated[int, typer.Option(min=50, help="items to generate")] = 2_000,
     data_seed: Annotated[int, typer.Option(help="seed of the generated data")] = 7,
     seed: Annotated[int, typer.Option(help="split, selection and model seed")] = 42,
     json_output: Annotated[bool, typer.Option("--json", help="end stdout with one JSON object")] = False,

@@ -19,7 +19,7 @@ def test_generated_play_counts_are_seeded_counts_with_a_long_tail():
 
     plays = data.matrix.data
     assert (plays >= 1).all() and (plays == np.round(plays)).all() and plays.max() >= 5 * np.median(plays)
-    assert (np.diff(data.matrix.indptr) >= 3).all()  # every user has something to split
+    assert (np.diff(data.matrix.indptr) > 0).all()  # every generated user listened to something
     described = data.describe()
     assert described["pairs"] == data.matrix.nnz and described["plays"] == int(plays.sum())
     # a long tail: the most listened fifth of the catalogue holds twice its share of pairs
