@@ -34,7 +34,7 @@ from airflow.sdk import (
 )
 from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
 
-from recsys.core.params import MODEL_FAMILIES, PipelineParams
+from recsys.core.params import MODEL_FAMILIES, TUNE_REPEATS, PipelineParams
 from recsys.serving.links import airflow_run_report_link
 
 # not __name__: Airflow loads DAG files under a mangled module name (unusual_prefix_<hash>_...)
@@ -315,23 +315,28 @@ Database and Redis come from the Airflow connections ``recsys_db`` / ``recsys_re
 exist, else from ``RECSYS_DATABASE_URL`` / ``RECSYS_REDIS_URL``.
 """
 
-TUNE_DOC = """Tune ALS on the shop's recent data: extract -> build_matrix -> tune.
+TUNE_DOC = """Tune the model families on the shop's recent data: extract -> build_matrix -> tune.
 
 **What it does.** Fits on the window before the holdout cutoff and validates on what happened
-after it (MAP@K, the daily quality gate's metric), starting the search from the active tuned
-params. Every result is kept as ``tuned/result-<time>-<id>.json`` of the artifacts (of the shared
+after it (MAP@K, the daily quality gate's metric): ALS first (it also chooses the confidence
+scaling every family fits on), then each other family of ``models`` on that scaling, each search
+starting from that family's active tuned params. Seeded, one BLAS thread per trial, each trial
+the mean of ``repeats`` fits (with its sd): two tunes of the same window give the same params and
+numbers. Every result is kept as ``tuned/result-<time>-<id>.json`` of the artifacts (of the shared
 store when ``RECSYS_ARTIFACTS_URL`` is set); it becomes active (``tuned/latest.json``, what
-``recsys_daily`` uses for every param left at its default) only if it beats the active params on
-a comparable validation window, or if those are older than ``RECSYS_TUNED_MAX_AGE_DAYS``
-(default 28). Concurrent tunes take turns for that step under a Redis lock. The tune task's log
-and ``recsys show`` say which result is active and why.
+``recsys_daily`` uses for every param left at its default, ``family_params`` per family) only if
+no family is worse and one is better than the active params on a comparable validation window,
+or if those are older than ``RECSYS_TUNED_MAX_AGE_DAYS`` (default 28). A family not tuned this
+time keeps its active values. Concurrent tunes take turns for that step under a Redis lock. The
+tune task's log and ``recsys show`` say which result is active and why.
 
 **When it runs.** Only when triggered (``schedule=None``: a paused scheduled DAG that is
 triggered would also start its latest scheduled run, i.e. two tunes), on the window ending when it
 is triggered. Trigger it with a budget after a catalogue or traffic change, or from your own
 scheduler (``airflow dags trigger recsys_tune``).
 
-**Params.** ``n_trials``: the search budget (ALS fits; about 1-2 s each on the demo shop);
+**Params.** ``n_trials``: the search budget per family (about 1-2 s per ALS fit on the demo
+shop); ``repeats``: fits per trial; ``models``: the families to tune (the daily run's);
 ``lookback_days`` / ``holdout_days``: the data window and the validation days at its end.
 """
 
@@ -358,6 +363,10 @@ PARAMS = {
     "confidence_scaling": Param(DEFAULTS.confidence_scaling, enum=["none", "log", "bm25"], title="Confidence scaling",
                                 description="How summed weights become confidence: none (raw), log (log1p) or "
                                             "bm25 (damps heavy users and very popular products)." + ALS_DEFAULTS_NOTE),
+    "family_params": Param(DEFAULTS.family_params, type="object", title="Settings of the other families",
+                           description="Per family, e.g. {\"ease\": {\"regularization\": 500}}: bpr, item_knn, ease "
+                                       "(the rest of a family's settings: its defaults). A family left out takes "
+                                       "the values recsys_tune chose (see Use tuned params)."),
     "models": Param(list(DEFAULTS.models), type="array", items={"enum": list(MODEL_FAMILIES)}, minItems=1,
                     title="Model families to choose among",
                     description="Train fits each and keeps the best MAP@K on a random quarter of each user's "
@@ -616,6 +625,14 @@ recsys_daily()
         "holdout_days": Param(DEFAULTS.holdout_days, type="integer", minimum=1, title="Validation (last days)",
                               description="The last days of the window validate each trial (MAP@K, the daily "
                                           "quality gate's metric)."),
+        "models": Param(list(DEFAULTS.models), type="array", items={"enum": list(MODEL_FAMILIES)}, minItems=1,
+                        title="Model families to tune",
+                        description="Set it to the daily run's models. ALS is always tuned (it chooses the "
+                                    "confidence scaling every family fits on), then each other family on that "
+                                    "scaling, n_trials each; a blend's weight is chosen in every daily run."),
+        "repeats": Param(TUNE_REPEATS, type="integer", minimum=1, maximum=20, title="Fits per trial (seeds)",
+                         description="Each trial is the mean MAP@K of this many fits with seeds 42, 43, ... "
+                                     "(EASE and item-kNN have no seed: one fit); the sd is kept with it."),
     },
     doc_md=TUNE_DOC,
     **DAG_SETTINGS,
@@ -641,15 +658,19 @@ def recsys_tune():
 
     @task(execution_timeout=timedelta(hours=6), outlets=[TUNED_ASSET])
     def tune(run: dict, params=None, outlet_events=None) -> dict:
-        """Search the ALS params on the window (``n_trials`` fits), keep the result and make it
-        active only if it does not regress; the tuned asset's event says what was decided."""
+        """Search the params of ALS and the other ``models`` on the window (``n_trials`` trials
+        each), keep the result and make it active only if no family regresses; the tuned asset's
+        event says what was decided."""
         from recsys.pipeline.stages import tune_stage
 
         settings = recsys_settings()
-        tuned = tune_stage(settings, planned(run, settings), params["n_trials"])
-        outlet_events[TUNED_ASSET].extra = {"result_id": tuned.result_id, "map": tuned.map, "decision": tuned.decision}
-        log.info("tune result %s: MAP %.4f, %s", tuned.result_id, tuned.map, tuned.decision)
-        return {"result_id": tuned.result_id, "params": tuned.params, "map": tuned.map, "decision": tuned.decision}
+        tuned = tune_stage(settings, planned(run, settings), params["n_trials"], tuple(params["models"]),
+                           params["repeats"])
+        outlet_events[TUNED_ASSET].extra = {"result_id": tuned.result_id, "map": tuned.measured(),
+                                            "decision": tuned.decision}
+        log.info("tune result %s: MAP %s, %s", tuned.result_id, tuned.measured(), tuned.decision)
+        return {"result_id": tuned.result_id, "params": tuned.params, "family_params": tuned.family_params(),
+                "map": tuned.measured(), "decision": tuned.decision}
 
     tune(build_matrix(extract()))
 

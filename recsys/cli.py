@@ -24,7 +24,7 @@ from typer.main import get_command_from_info
 from typer.models import CommandInfo
 
 from recsys.core.errors import RecsysError, describe
-from recsys.core.params import PipelineParams
+from recsys.core.params import TUNE_REPEATS, PipelineParams
 
 if TYPE_CHECKING:
     import click
@@ -77,6 +77,7 @@ bench_app = typer.Typer(
     cls=_lazy_group({
         "quality": "recsys.bench.quality:quality_command",
         "defaults": "recsys.bench.quality:defaults_command",
+        "playcounts": "recsys.bench.playcounts:playcounts_command",
         "serve": "recsys.bench.serve:serve_bench_command",
         "serve-cpu": "recsys.bench.serve_cpu:serve_cpu_command",
         "speed": "recsys.bench.speed:speed_bench_command",
@@ -299,11 +300,15 @@ def run_command(end: EndOption = None, param: ParamOption = None, use_tuned: Use
 @app.command("tune")
 def tune_command(
     end: EndOption = None,
-    trials: Annotated[int, typer.Option(help="Search budget: number of ALS fits.")] = 40,
+    trials: Annotated[int, typer.Option(help="Search budget per family: number of trials.")] = 40,
     lookback_days: int = PipelineParams().lookback_days,
     holdout_days: int = PipelineParams().holdout_days,
+    model: Annotated[list[str] | None, typer.Option(
+        help="A family to tune besides ALS (repeatable): bpr, item_knn, ease; ALS is always tuned.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Fits per trial (seeds seed, seed + 1, ...): mean ± sd.")] = TUNE_REPEATS,
 ) -> None:
-    """Tune ALS on the shop's recent data (time-based validation); later runs use the result."""
+    """Tune ALS and the families asked for on the shop's recent data (time-based validation);
+    later runs use the result."""
     from recsys.core.settings import Settings
     from recsys.pipeline import stages
     from recsys.pipeline.tune import tuned_path
@@ -314,14 +319,17 @@ def tune_command(
         run = stages.plan_run(settings, _end(end), search, use_tuned=False)
         stages.extract_stage(settings, run, progress=True)
         stages.matrix_stage(settings, run)
-        tuned = stages.tune_stage(settings, run, trials)
+        tuned = stages.tune_stage(settings, run, trials, ("als", *(model or [])), repeats)
     except RecsysError as error:
         raise _fail(error) from error
     where = tuned_path(settings) if run.store is None else run.store.url(stages.TUNED)
-    console.print(f"chosen {tuned.params} in {tuned.seconds:.1f} s ({tuned.trials} trials) -> {where}")
+    console.print(f"chosen {tuned.params} {tuned.family_params()} in {tuned.seconds:.1f} s "
+                  f"({tuned.trials} trials per family, {tuned.repeats} fits each) -> {where}")
     console.print(f"result {tuned.result_id} {tuned.decision}")
-    console.print(f"validation MAP@{search.k}: chosen {tuned.validation['chosen']['map']:.4f}, "
-                  f"starting params {tuned.validation['starting_params']['map']:.4f}")
+    for family, validation in [("als", tuned.validation),
+                               *((name, entry["validation"]) for name, entry in tuned.families.items() if "validation" in entry)]:
+        console.print(f"{family} validation MAP@{search.k}: chosen {validation['chosen']['map']:.4f} ± "
+                      f"{validation['chosen_sd']['map']:.4f}, starting params {validation['starting_params']['map']:.4f}")
 
 
 @app.command("show")
@@ -370,6 +378,13 @@ def _show_tuned(settings: Settings) -> None:
         f"{tuned.window['end']} ({tuned.trials} trials, started from {tuned.started_from}); validation MAP@K "
         f"{tuned.map:.4f}; {tuned.decision or 'activated'}", soft_wrap=True,
     )
+    for family, entry in tuned.families.items():
+        if "params" not in entry:
+            console.print(f"  {family}: not tuned ({entry.get('skipped', '')})", soft_wrap=True)
+            continue
+        carried = f", carried from result {entry['carried_from']}" if "carried_from" in entry else ""
+        console.print(f"  {family}: {json.dumps(entry['params'])}; validation MAP@K "
+                      f"{entry['validation']['chosen']['map']:.4f}{carried}", soft_wrap=True)
 
 
 @app.command("history")

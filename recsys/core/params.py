@@ -19,13 +19,17 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
 # params holding lists (event types, model families): tuples in the dataclass, lists in JSON
 LIST_PARAMS = ("exclude_event_types", "relevant_event_types", "negative_event_types", "basket_event_types", "models")
 MODEL_FAMILIES = ("als", "bpr", "item_knn", "ease", "mult_dae", "blend")  # recsys.ml.families (core cannot import ml)
+# families whose settings are ``family_params`` (ALS's are fields of their own; a blend's weight is
+# chosen in every run)
+TUNABLE_FAMILY_PARAMS = ("bpr", "item_knn", "ease")
+TUNE_REPEATS = 3  # fits per tuning trial (seeds seed, seed + 1, ...) of a family with randomness
 
 # What a variant of an A/B test (recsys.core.experiments) may override, by what it costs. Every
 # field of PipelineParams is in exactly one group (tests/core/test_experiment_definitions.py):
 # - serve-time params shape a user's list at publish from the run's model: no retrain;
 SERVE_TIME_PARAMS = frozenset({"top_n", "diversity_lambda", "ann_scoring", "ann_min_items", "new_arrival_slots"})
 # - training params make train fit one extra model for the variant, on the run's matrix;
-TRAINING_PARAMS = frozenset({"factors", "regularization", "alpha", "iterations", "seed", "models"})
+TRAINING_PARAMS = frozenset({"factors", "regularization", "alpha", "iterations", "seed", "models", "family_params"})
 # - data params change the window or the matrix every variant's model is fitted on and every
 #   user's exclusions: one matrix per run, so a variant cannot have its own;
 DATA_PARAMS = frozenset({
@@ -71,6 +75,9 @@ class PipelineParams:
     # before; ["als", "ease", "blend"] is the suggested choice for a catalogue under 20k
     # (docs/quality.md#model-families)
     models: tuple[str, ...] = ("als",)
+    # settings of the other families, e.g. {"ease": {"regularization": 500.0}} (the rest: the
+    # family's defaults); left empty, recsys_tune's values are used (see use_tuned)
+    family_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     # outputs
     top_n: int = 10
     k: int = 10
@@ -130,6 +137,12 @@ class PipelineParams:
         unknown_models = [name for name in self.models if name not in MODEL_FAMILIES]
         if unknown_models or not self.models:
             problems.append(f"models must name one or more of {', '.join(MODEL_FAMILIES)}, got {list(self.models)!r}")
+        for family, settings in self.family_params.items():
+            if family not in TUNABLE_FAMILY_PARAMS or not isinstance(settings, dict):
+                problems.append(
+                    f"family_params[{family!r}] must be a mapping of settings of one of {', '.join(TUNABLE_FAMILY_PARAMS)}, "
+                    f"got {settings!r}"
+                )
         if not self.basket_event_types:
             problems.append("basket_event_types must name at least one event type")
         if not self.event_weights:

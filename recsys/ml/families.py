@@ -486,6 +486,10 @@ def make(family: str, **params) -> Recommender:
     """An unfitted model of ``family`` with ``params`` (the family's defaults for the rest)."""
     if family not in FAMILY_CLASSES or family == "blend":
         raise InputError(f"unknown model family {family!r}; known: {', '.join(f for f in FAMILIES if f != 'blend')}")
+    known = FAMILY_CLASSES[family]().params()
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InputError(f"unknown {family} params: {', '.join(unknown)}; known: {', '.join(known)}")
     return FAMILY_CLASSES[family](**params)
 
 

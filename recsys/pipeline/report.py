@@ -330,6 +330,30 @@ def _table(report: dict) -> str:
     return f"<table><tr><th></th>{head}</tr>{body}</table>"
 
 
+def families_table(report: dict) -> str:
+    """Every model family train chose among, with the validation metrics it was chosen on (none:
+    ALS alone, nothing to choose)."""
+    selection = report.get("selection")
+    if not selection:
+        return ""
+    k, chosen = report["k"], selection["chosen"]["family"]
+    head = "".join(f"<th>{label}@{k}</th>" for _, label in METRICS) + "<th>coverage</th><th>settings</th>"
+    rows = []
+    for name, row in selection["families"].items():
+        validation = row["validation"]
+        settings = ", ".join(f"{key}={value}" for key, value in row["params"].items() if key != "parts")
+        if name == "blend":
+            settings += " of " + " + ".join(part["family"] for part in row["params"]["parts"])
+        rows.append(f"<tr><th>{html.escape(name)}{' (chosen)' if name == chosen else ''}</th>"
+                    + "".join(f"<td>{validation[key]:.4f}</td>" for key, _ in METRICS)
+                    + f"<td>{validation['coverage']:.1%}</td><td>{html.escape(settings)}</td></tr>")
+    skipped = "".join(f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in selection["skipped"].items())
+    return (f"<h2>Model families</h2><p class=\"note\">Chosen by validation {selection['objective'].upper()}@{k} on a "
+            f"random quarter of each user's pre-holdout items (the holdout above judged only the chosen one).</p>"
+            f"<table><tr><th></th>{head}</tr>{''.join(rows)}</table>"
+            + (f"<p>Left out:</p><ul>{skipped}</ul>" if skipped else ""))
+
+
 STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1400px;color:#222}
 h1{font-size:22px;margin:0 0 4px}.sub{color:#555;margin:0 0 16px}
 .gate{padding:10px 14px;border-radius:6px;margin:12px 0;font-weight:600}
@@ -369,6 +393,7 @@ def render(
 holdout after {html.escape(report['holdout_cutoff'])}; {report['model']['users']:,} holdout users</p>
 <div class="gate {'passed' if gate['passed'] else 'refused'}">quality gate {html.escape(gate['reason'])}</div>
 {_table(report)}
+{families_table(report)}
 <p>Catalogue coverage in the top {report['k']}: model {report['model']['coverage']:.1%},
 popularity {report['popularity']['coverage']:.1%}. Mean distinct categories in one user's list:
 model {diversity:.2f}, popularity {distribution['popularity']['mean_distinct_categories']:.2f}.</p>

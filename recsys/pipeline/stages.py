@@ -56,7 +56,7 @@ from recsys.core.layout import (
     run_paths,
     window_end_of,
 )
-from recsys.core.params import PipelineParams
+from recsys.core.params import TUNE_REPEATS, PipelineParams
 from recsys.core.settings import Settings
 from recsys.core.window import Window, stamp, version_name, window_ending
 from recsys.pipeline import history
@@ -572,16 +572,19 @@ def chosen_version_blocker(settings: Settings, run: Run) -> str | None:
     )
 
 
-def tune_stage(settings: Settings, run: Run, n_trials: int) -> TunedParams:
-    """Tune on the run's matrix, starting from the active tuned params; keep the result and make it
-    active only if it does not regress (``tune.promotion``). Concurrent tunes, on any worker, take
-    turns for the keep-and-activate step under one Redis lock."""
+def tune_stage(
+    settings: Settings, run: Run, n_trials: int, families: tuple[str, ...] = ("als",), repeats: int = TUNE_REPEATS
+) -> TunedParams:
+    """Tune ``families`` (ALS always) on the run's matrix, starting from the active tuned params;
+    keep the result and make it active only if it does not regress (``tune.promotion``).
+    Concurrent tunes, on any worker, take turns for the keep-and-activate step under one Redis lock."""
     from recsys.pipeline.tune import tune_on_matrix
 
     with _reading(settings, run):
         run.pull(MATRIX)
         active = tuned_params(settings, run.store)
-        tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials, start_from=active)
+        tuned = tune_on_matrix(run.paths.matrix, run.params, n_trials, start_from=active, families=families,
+                               repeats=repeats)
     with tune_lock(settings):
         if run.store is not None:
             pull_tuned(settings, run.store)  # the results so far: the push below replaces the folder

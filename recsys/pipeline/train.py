@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from recsys.core.errors import RunChangedError
 from recsys.core.experiments import Experiment
 from recsys.core.layout import EXPERIMENT, FACTORS_FULL, FACTORS_HOLDOUT, FULL, MANIFEST, TRAIN, VARIANTS
-from recsys.core.params import PipelineParams
+from recsys.core.params import TUNABLE_FAMILY_PARAMS, PipelineParams
 from recsys.ml import selection
 from recsys.ml.als import library_versions
 from recsys.pipeline.matrix import holdout_split
@@ -34,13 +34,12 @@ class TrainResult:
 
 def candidate_grids(params: PipelineParams) -> dict[str, list[dict]]:
     """One setting per family in a daily run: ALS the run's (tuned) params, the others their
-    defaults (the benchmark's grids choose among several: ``recsys.ml.selection.GRIDS``)."""
+    ``family_params`` (tuned, or the family's defaults); the benchmark's grids choose among
+    several: ``recsys.ml.selection.GRIDS``."""
     return {
         "als": [{"factors": params.factors, "regularization": params.regularization, "alpha": params.alpha,
                  "iterations": params.iterations}],
-        "bpr": [{}],
-        "item_knn": [{}],
-        "ease": [{}],
+        **{family: [dict(params.family_params.get(family, {}))] for family in TUNABLE_FAMILY_PARAMS},
         "mult_dae": [{}],
     }
 

@@ -16,7 +16,6 @@ from recsys.bench import movielens as quality
 from recsys.bench.frequency_scaled import fit_frequency_scaled
 from recsys.bench.quality import DIVERSITY_LAMBDAS
 from recsys.cli import app
-from recsys.ml import search as tuning
 from recsys.ml import selection
 
 
@@ -134,17 +133,6 @@ def test_selection_only_ever_sees_train(ratings, tmp_path, monkeypatch):
     best = max(result["families"], key=lambda name: result["families"][name]["validation"]["ndcg"])
     assert result["chosen"] == best
     assert result["model"]["ndcg_at_10"] == pytest.approx(result["families"][best]["test"]["ndcg"], abs=1e-12)
-
-
-def test_tune_tries_the_start_params_first_and_returns_the_best_trial(ratings):
-    fit_part, validation_part = quality.stratified_split(ratings)
-    matrices = quality.build_matrices(fit_part, validation_part)
-
-    result = tuning.tune(matrices.train, matrices.test, n_trials=4, seed=3)
-
-    assert result.trials[0].params == tuning.AlsParams()
-    assert result.validation.ndcg == max(t.metrics.ndcg for t in result.trials)
-    assert result.params in [t.params for t in result.trials]
 
 
 def write_u_item(n_items: int, directory: Path, seed: int = 0) -> None:

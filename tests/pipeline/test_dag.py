@@ -18,7 +18,7 @@ import pytest
 from helpers import REPO, simulated_experiment
 
 from recsys.core.artifacts import open_store, pushed
-from recsys.core.layout import EVALUATION, EXTRACT, MATRIX, MODEL, run_paths
+from recsys.core.layout import EVALUATION, EVALUATION_HTML, EVALUATION_REPORT, EXTRACT, MATRIX, MODEL, run_paths
 from recsys.core.params import PipelineParams
 from recsys.core.window import window_ending
 from recsys.pipeline import history
@@ -168,6 +168,32 @@ def test_full_run_publishes_live_recommendations(fresh_dag, recsys_env, demo_loa
     record_failed_publish(context)
     row = next(row for row in history.recent_runs(recsys_env) if row["dag_run_id"] == dag_run.run_id)
     assert row["status"] == history.FAILED
+
+
+def test_a_run_with_several_model_families_publishes_the_validation_winner_and_reports_them_all(
+    fresh_dag, recsys_env, demo_loaded, window_end
+):
+    from airflow.utils.state import DagRunState
+
+    families = ["als", "item_knn", "ease", "blend"]
+    dag_run = fresh_dag.test(logical_date=window_end, run_conf={"models": families})
+    assert dag_run.state == DagRunState.SUCCESS, task_states(dag_run)
+
+    meta = live_meta(*connect(recsys_env))
+    params = PipelineParams.from_dict(meta["params"])
+    assert list(params.models) == families
+    paths = run_paths(recsys_env, window_ending(window_end, params), params)
+    report = json.loads((paths.evaluation / EVALUATION_REPORT).read_text())
+    candidates = report["selection"]["families"]
+    assert set(candidates) == set(families)
+    winner = max(families, key=lambda name: candidates[name]["validation"]["map"])  # ties: the earlier one
+    assert report["selection"]["chosen"]["family"] == winner == meta["model_family"]["family"]
+    page = (paths.evaluation / EVALUATION_HTML).read_text()
+    assert f"{winner} (chosen)" in page
+    for name in families:
+        assert f"<tr><th>{name}" in page and f"{candidates[name]['validation']['map']:.4f}" in page
+    [row] = history.recent_runs(recsys_env)
+    assert row["metrics"]["family"] == winner and set(row["metrics"]["candidates"]) == set(families)
 
 
 def test_trigger_without_a_logical_date_runs_the_last_scheduled_window(fresh_dag, recsys_env, demo_loaded, window_end):

@@ -177,3 +177,82 @@ def test_concurrent_tunes_leave_the_better_result_active_and_keep_both(settings,
     kept = sorted(tuned_path(settings).parent.glob(f"{TUNED_RESULT_PREFIX}*.json"))
     assert {json.loads(path.read_text())["result_id"] for path in kept} == {small.result_id, large.result_id}
     assert [small.decision.startswith("activated"), large.decision.startswith("activated")].count(True) >= 1
+
+
+def test_a_result_is_kept_out_if_any_family_regresses():
+    from datetime import UTC, datetime
+
+    from recsys.pipeline.tune import promotion
+
+    def with_ease(als_map: float, ease_map: float, **fields) -> TunedParams:
+        ease = {"params": {"regularization": 300.0, "binary": True},
+                "validation": {"chosen": {"map": ease_map}, "starting_params": {"map": 0.05}}}
+        return replace(scored(als_map, **fields), families={"ease": ease})
+
+    now = datetime(2026, 11, 29, tzinfo=UTC)
+    active = with_ease(0.30, 0.20, result_id="a")
+    promoted, reason = promotion(active, with_ease(0.35, 0.19), 28, now)
+    assert promoted is False and "ease MAP@K 0.1900 not better than the active params' 0.2000" in reason
+    assert promotion(active, with_ease(0.30, 0.21), 28, now)[0] is True  # one better, none worse
+    assert promotion(active, with_ease(0.30, 0.20), 28, now)[0] is False  # nothing better
+    # a family the active params never tuned is compared with its defaults, measured as trial 0
+    assert promotion(scored(0.30, result_id="a"), with_ease(0.30, 0.06), 28, now)[0] is True
+
+
+FAMILIES_TUNED = ("als", "item_knn", "ease", "blend")
+
+
+def test_two_tunes_of_one_window_give_the_same_params_and_numbers(settings, demo_loaded, window_end):
+    run = plan_run(settings, window_end, SEARCH, use_tuned=False)
+    extract_stage(settings, run)
+    matrix_stage(settings, run)
+
+    first, second = (tune_on_matrix(run.paths.matrix, run.params, n_trials=4, families=FAMILIES_TUNED, repeats=2)
+                     for _ in range(2))
+
+    assert set(first.families) == {"item_knn", "ease"}  # a blend's weight is chosen in every run
+    for result in (first, second):
+        assert result.repeats == 2 and result.trials == 4
+        assert result.validation["chosen_sd"]["map"] >= 0.0
+        for entry in result.families.values():
+            assert entry["trials"] == 4 and entry["validation"]["chosen_sd"]["map"] == 0.0  # no seed: one fit
+    assert first.params == second.params
+    assert first.validation == second.validation  # every metric, mean and sd, to the last bit
+    assert {name: (entry["params"], entry["validation"]) for name, entry in first.families.items()} == \
+        {name: (entry["params"], entry["validation"]) for name, entry in second.families.items()}
+    assert first.result_id != second.result_id
+
+
+def test_a_family_other_than_als_gets_tuned_params_that_the_daily_run_fits(settings, demo_loaded, window_end):
+    from datetime import UTC, datetime
+
+    from recsys.pipeline.stages import tune_stage
+
+    # the active params hold a poor item-kNN (one neighbour per product): its search starts there
+    poor = {"similarity": "cosine", "neighbours": 1, "bm25_k1": 1.2, "bm25_b": 0.75, "binary": False}
+    earlier = {"start": "2026-08-01T03:00:00+00:00", "end": "2026-10-30T03:00:00+00:00"}
+    keep_result(settings, replace(tuned_example(), families={"item_knn": {"params": poor}}, result_id="poor",
+                                  window=earlier, holdout_cutoff="2026-10-23T03:00:00+00:00",
+                                  tuned_at=datetime.now(UTC).isoformat()))
+    run = plan_run(settings, window_end, SEARCH, use_tuned=False)
+    extract_stage(settings, run)
+    matrix_stage(settings, run)
+
+    tuned = tune_stage(settings, run, 6, ("als", "item_knn"), repeats=1)
+
+    knn = tuned.families["item_knn"]
+    assert knn["validation"]["starting_params"]["map"] < knn["validation"]["chosen"]["map"]
+    assert knn["params"] != poor and knn["trials"] == 6
+    assert tuned.decision.startswith("activated") and load_tuned(settings).family_params() == {"item_knn": knn["params"]}
+
+    daily = PipelineParams(models=("als", "item_knn"))
+    planned = plan_run(settings, window_end, daily)
+    assert planned.params.family_params == {"item_knn": knn["params"]}
+    # a run's own settings of a family win over the tuned ones
+    own = {"item_knn": {"neighbours": 50}}
+    assert plan_run(settings, window_end, replace(daily, family_params=own)).params.family_params == own
+    extract_stage(settings, planned)
+    matrix_stage(settings, planned)
+    train_stage(settings, planned)
+    manifest = json.loads((planned.paths.model / "manifest.json").read_text())
+    assert manifest["selection"]["families"]["item_knn"]["params"] == knn["params"]
