@@ -9,9 +9,10 @@ generated shop in one run.
   CSRs with the same params; and implicit vs Spark MLlib ALS (implicitPrefs, local[2]) in
   s/iteration on a random subsample of ``--spark-interactions`` nonzeros of the full CSR.
 - scoring: publish's scoring (``_ruled_top_n`` with the default params: MMR over 4 × top-N
-  candidates, rules, pins) over ``--scoring-users`` users vs the sgemm calls alone (the
-  arithmetic any exact method must do: the faster of numpy on 4,096-user blocks and the same
-  tiles publish scores, on the same threads), one implicit batch ``recommend`` call (plain
+  candidates, rules, pins) over ``--scoring-users`` users vs the sgemm calls alone (every user
+  × every item, the arithmetic of an exact method that scores the whole catalogue: the faster
+  of numpy on 4,096-user blocks and the same tiles publish scores, on the same threads;
+  publish's scoring stops a user's scan once no later item can enter the list, so it can beat it), one implicit batch ``recommend`` call (plain
   top-N) and a dense floor (one sgemm per user block + argpartition, no filtering). Users/s.
 - publish: the publish stage with its parts timed apart: scoring (top-N, similar items), writing
   (JSON payloads + pipelined HSETs: keys/s) and the rest (loading artifacts, checks, switch);
@@ -29,7 +30,9 @@ generated shop in one run.
   ``recsys.bench.ann`` measures it: recall@K against the exact lists, the relative MAP@K delta,
   the speedup (median of alternating repeats, graph build apart).
 - peak RSS per stage: each stage (and each in-process reference: raw implicit, scoring) runs in
-  a fresh Python process, as each Airflow task does, and reports its own ``ru_maxrss``.
+  a fresh Python process, as each Airflow task does, and reports its own ``VmHWM``; the process
+  loads only the stage's modules (``recsys.bench.stage_process``), not this one's. Publish also
+  reports the highest RSS sampled in each of its phases (``peak_rss_by_phase``).
 
 Configured servers when RECSYS_DATABASE_URL / RECSYS_REDIS_URL are set, else embedded ones; an
 own schema and Redis prefix either way, removed at the end (also on failure). ``--json`` ends
