@@ -9,9 +9,10 @@ generated shop in one run.
   CSRs with the same params; and implicit vs Spark MLlib ALS (implicitPrefs, local[2]) in
   s/iteration on a random subsample of ``--spark-interactions`` nonzeros of the full CSR.
 - scoring: publish's scoring (``_ruled_top_n`` with the default params: MMR over 4 × top-N
-  candidates, rules, pins) over ``--scoring-users`` users vs the sgemm calls alone (the
-  arithmetic any exact method must do: the faster of numpy on 4,096-user blocks and the same
-  tiles publish scores, on the same threads), one implicit batch ``recommend`` call (plain
+  candidates, rules, pins) over ``--scoring-users`` users vs the sgemm calls alone (every user
+  × every item, the arithmetic of an exact method that scores the whole catalogue: the faster
+  of numpy on 4,096-user blocks and the same tiles publish scores, on the same threads;
+  publish's scoring stops a user's scan once no later item can enter the list, so it can beat it), one implicit batch ``recommend`` call (plain
   top-N) and a dense floor (one sgemm per user block + argpartition, no filtering). Users/s.
 - publish: the publish stage with its parts timed apart: scoring (top-N, similar items), writing
   (JSON payloads + pipelined HSETs: keys/s) and the rest (loading artifacts, checks, switch);
@@ -29,7 +30,9 @@ generated shop in one run.
   ``recsys.bench.ann`` measures it: recall@K against the exact lists, the relative MAP@K delta,
   the speedup (median of alternating repeats, graph build apart).
 - peak RSS per stage: each stage (and each in-process reference: raw implicit, scoring) runs in
-  a fresh Python process, as each Airflow task does, and reports its own ``ru_maxrss``.
+  a fresh Python process, as each Airflow task does, and reports its own ``VmHWM``; the process
+  loads only the stage's modules (``recsys.bench.stage_process``), not this one's. Publish also
+  reports the highest RSS sampled in each of its phases (``peak_rss_by_phase``).
 
 Configured servers when RECSYS_DATABASE_URL / RECSYS_REDIS_URL are set, else embedded ones; an
 own schema and Redis prefix either way, removed at the end (also on failure). ``--json`` ends
@@ -42,9 +45,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import multiprocessing
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -52,10 +53,7 @@ import tempfile
 import time
 import urllib.parse
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -67,6 +65,7 @@ import typer
 from rich.console import Console
 
 from recsys import storage
+from recsys.bench.stage_process import Measured, in_fresh_process, our_scoring_seconds, publish_with_parts_timed
 from recsys.core import db
 from recsys.core.layout import EXCLUDE, FACTORS_FULL, FULL, TRAIN
 from recsys.core.params import PipelineParams
@@ -86,37 +85,6 @@ BENCH_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
 
 
 # ---------------------------------------------------------------------------------------- setup
-
-
-@dataclass(frozen=True)
-class Measured:
-    value: Any
-    seconds: float  # of the call itself, without process start and imports
-    peak_rss_bytes: int  # of the whole process, imports included
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. Linux: VmHWM, which starts afresh at exec; ru_maxrss would carry
-    over the parent's peak into a spawned child."""
-    with suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _call_measured(function: Callable, args: tuple) -> Measured:
-    start = time.perf_counter()
-    value = function(*args)
-    seconds = time.perf_counter() - start
-    return Measured(value, seconds, peak_rss_bytes())
-
-
-def in_fresh_process(function: Callable, *args) -> Measured:
-    """Run ``function(*args)`` in a new Python process, like an Airflow task: its peak RSS is its
-    own, not what earlier stages left in this one."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_call_measured, function, args).result()
 
 
 def _record(figures: dict, name: str, measured: Measured) -> dict:
@@ -359,34 +327,6 @@ def _scoring_inputs(run) -> tuple:
     return user_factors, item_factors, exclude, inactive_items(run.paths.matrix)
 
 
-def our_scoring_seconds(run, users: np.ndarray, params: PipelineParams) -> float:
-    """Publish's scoring (``_ruled_top_n``: rules of the users' segments, MMR, pins) of ``users``
-    with ``params``, as publish runs it; the bench's shop has no rules. Its compiled kernels are
-    loaded before the clock starts (a steady rate; publish's own scoring phase includes that
-    load, about 0.4 s once per process)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from recsys.core.layout import ITEMS
-    from recsys.core.rules import RuleSnapshot
-    from recsys.ml.families import load_model
-    from recsys.ml.merchandising import Merchandising
-    from recsys.pipeline.matrix import inactive_items
-    from recsys.pipeline.publish.stage import _ruled_top_n
-
-    model = load_model(run.paths.model / FACTORS_FULL)  # as publish loads it
-    exclude = sp.load_npz(run.paths.matrix / EXCLUDE).tocsr()
-    inactive = inactive_items(run.paths.matrix)
-    items = pq.read_table(run.paths.matrix / ITEMS, columns=["id", "category"])
-    merchandising = Merchandising(RuleSnapshot(taken_at=datetime.now(UTC)), items["id"].to_pylist(),
-                                  items["category"].to_numpy(zero_copy_only=False))
-    user_ids = pa.array([str(user) for user in users])
-    _ruled_top_n(merchandising, model, None, user_ids[:1], users[:1], exclude, inactive, params, None)
-    start = time.perf_counter()
-    _ruled_top_n(merchandising, model, None, user_ids, users, exclude, inactive, params, None)
-    return time.perf_counter() - start
-
-
 def reference_scoring_seconds(run, users: np.ndarray, top_n: int) -> dict[str, float]:
     """implicit's batch recommend in one call; the sgemm + argpartition floor; and the sgemm
     calls alone, as numpy blocks of 4,096 users and as publish's own tiles."""
@@ -484,16 +424,6 @@ def run_users(run) -> int:
     return pq.read_metadata(run.paths.matrix / USERS).num_rows
 
 
-def publish_with_parts_timed(settings: Settings, run):
-    """The publish stage, with its phases (scoring, similar, writing) timed through its own hook."""
-    from recsys.pipeline.publish.stage import PhaseTimings
-    from recsys.pipeline.stages import publish_stage
-
-    timings = PhaseTimings()
-    published = publish_stage(settings, run, timings=timings)
-    return published, timings.seconds
-
-
 # ---------------------------------------------------------------------------------------- bench
 
 
@@ -504,7 +434,7 @@ def measure_publish(settings: Settings, run, with_redis_benchmark: bool) -> dict
     used_before = floors.memory_per_node(client)
     measured = in_fresh_process(publish_with_parts_timed, settings, run)
     entry = {"seconds": round(measured.seconds, 3), "peak_rss_bytes": measured.peak_rss_bytes}
-    published, parts = measured.value
+    published, parts, peaks = measured.value
     used_after = floors.memory_per_node(client)
     keys_written = published.users + published.products_with_similar
     write_seconds = parts.get("writing", 0.0)
@@ -521,6 +451,8 @@ def measure_publish(settings: Settings, run, with_redis_benchmark: bool) -> dict
         # every user of the matrix is scored, with or without a list at the end
         "scoring_users_per_s": _rate(run_users(run), parts.get("scoring", 0.0)),
         "similar_seconds": round(parts.get("similar", 0.0), 3),
+        # the highest RSS sampled in each phase (every 10 ms; "other": loading, checks, switch)
+        "peak_rss_by_phase": peaks,
         "write_seconds": round(write_seconds, 3),
         "other_seconds": round(other_seconds, 3),
         "keys_per_s": _rate(keys_written, write_seconds),
@@ -579,7 +511,7 @@ def run_speed(
                                 "regularization": params.regularization, "alpha": params.alpha,
                                 "top_n": params.top_n, "cpu_count": psutil.cpu_count(),
                                 "python": sys.version.split()[0]}}
-    # what a stage process holds before it reads anything: interpreter, numpy, scipy, pyarrow ...
+    # what a stage process holds before it imports its stage: the interpreter and the CLI
     baseline_rss = in_fresh_process(time.sleep, 0).peak_rss_bytes
 
     console.print(f"demo shop: {users:,} users x {items:,} products, ~{interactions:,} interactions -> Postgres ...")

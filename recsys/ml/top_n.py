@@ -11,6 +11,12 @@ own items inside the block, keeps the best scores in a small heap while it scans
 vectorised test per 64 scores; a heap update only for the rare one that beats the heap's worst),
 and re-ranks. Selection never widens the pool to make room for filtered items.
 
+A batch scans the items longest (scaled) vector first, and a user's scan stops at the first tile
+after which no later item can score above the user's heap (Cauchy-Schwarz: |user| × |item| ×
+its factor, plus the float32 rounding bound): the heap, and so the list, is what a scan of the
+whole catalogue leaves. With ALS factors, popular items have long vectors, and most users stop
+within the first few percent of the catalogue.
+
 Same lists whatever the batch: BLAS rounds a dot product differently by the shape of the call
 (one user on request, 256 at publish). So the float32 scores only *select*: every item within
 the float32 error bound of the pool's last score is kept, and the pool is ranked by scores
@@ -43,6 +49,7 @@ _NO_COLUMN = 2**31 - 1
 _SLACK = 8  # heap entries kept beyond the pool, so ties at its end rarely need a second scan
 _SCAN_CHUNK = 64  # scores tested at once against the heap's worst (one vector compare and sum)
 _FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+_REACH_MARGIN = 1e-4  # relative, on a column's reach
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -126,13 +133,23 @@ def rank_lists(
     first = n if first is None else max(1, min(first, n))
     def rank_block(block: slice) -> None:
         rows = user_factors[block]
-        bounds = scoring.error_bound * np.linalg.norm(rows.astype(np.float64), axis=1)
+        user_norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+        bounds = scoring.error_bound * user_norms
         heap_scores = np.full((len(rows), pool + _SLACK), -np.inf, np.float32)
         heap_columns = np.full((len(rows), pool + _SLACK), _NO_COLUMN, np.int32)
         if candidates is None:
-            for lo, scores in _score_tiles(rows, scoring, users):
-                _scan_tile(scores, lo, scoring.scale, scoring.offset, scoring.adjust, scoring.column_of,
+            scanning = [np.arange(len(rows))]  # the block's users whose later columns may still enter their heap
+            for lo, scores in _score_tiles(rows, scoring, users, scanning):
+                _scan_tile(scores, scanning[0], lo, scoring.scale, scoring.offset, scoring.adjust, scoring.column_of,
                            indptr[block.start : block.stop + 1], indices, head[block], heap_scores, heap_columns)
+                hi = lo + scores.shape[1]
+                if scoring.reach is not None and hi < scoring.n_columns:
+                    # no later column can enter a heap whose worst beats |user| × the columns' reach:
+                    # the heaps end as a scan of every column leaves them
+                    still = scanning[0]
+                    scanning[0] = still[heap_scores[still, 0] <= user_norms[still] * scoring.reach[hi]]
+                    if len(scanning[0]) == 0:
+                        break
         else:
             _scan_candidates(rows, candidates[block], scoring.factors, scoring.scale, scoring.offset, scoring.column_of,
                              indptr[block.start : block.stop + 1], indices, head[block], heap_scores, heap_columns,
@@ -173,8 +190,10 @@ def similar_items(
 
 
 def sgemm_only(user_factors: np.ndarray, items: ItemVectors) -> None:
-    """The arithmetic of ``rank_lists`` alone: the same sgemm calls on the same tiles, blocks
-    and threads, every score thrown away (the benchmark's floor)."""
+    """Every user × every item as ``rank_lists`` scores them: the same sgemm calls on the same
+    tiles, blocks and threads, every score thrown away (the benchmark's floor: the arithmetic
+    of an exact top-N that scores the whole catalogue; ``rank_lists`` stops a user's scan early
+    when no later item can enter the list, so it may score less)."""
     user_factors = np.ascontiguousarray(user_factors, dtype=np.float32)
     scoring = _Scoring.of(items, len(user_factors), None, None)
 
@@ -185,15 +204,20 @@ def sgemm_only(user_factors: np.ndarray, items: ItemVectors) -> None:
     _for_each_block(len(user_factors), score_block, None)
 
 
-def _score_tiles(rows: np.ndarray, scoring: _Scoring, users: int) -> Iterator[tuple[int, np.ndarray]]:
+def _score_tiles(
+    rows: np.ndarray, scoring: _Scoring, users: int, scanning: list[np.ndarray] | None = None
+) -> Iterator[tuple[int, np.ndarray]]:
     """(first column, scores of ``rows`` × a tile of columns) per tile, in one reused buffer:
-    a tile stays in a core's L2 cache between the sgemm and the scan."""
+    a tile stays in a core's L2 cache between the sgemm and the scan. ``scanning``: a holder of
+    the row indices the next tile scores (the caller may shorten it between tiles; every row
+    when None)."""
     tile = max(_MIN_TILE_ITEMS, _TILE_BYTES // (4 * min(users, USER_BLOCK)))
     buffer = np.empty(len(rows) * min(tile, scoring.n_columns), np.float32)
     for lo in range(0, scoring.n_columns, tile):
         hi = min(lo + tile, scoring.n_columns)
-        scores = buffer[: len(rows) * (hi - lo)].reshape(len(rows), hi - lo)
-        np.matmul(rows, scoring.item_t[:, lo:hi], out=scores)
+        part = rows if scanning is None or len(scanning[0]) == len(rows) else rows[scanning[0]]
+        scores = buffer[: len(part) * (hi - lo)].reshape(len(part), hi - lo)
+        np.matmul(part, scoring.item_t[:, lo:hi], out=scores)
         yield lo, scores
 
 
@@ -230,6 +254,11 @@ class _Scoring:
     offset: np.ndarray  # float32 per column: -inf for a blocked item that is still a column, else 0
     adjust: bool  # whether scale or offset change any score
     error_bound: float  # per unit of user norm: see _score_error_bound
+    # per column (a batch only): the most a float32 score of it or any later column can be, per
+    # unit of user norm (Cauchy-Schwarz: |user| × |item| × |factor|, plus the rounding bound). A
+    # batch scans the longest (scaled) vectors first, so for most users the heap's worst soon
+    # beats everything left and the rest of the catalogue is never scored.
+    reach: np.ndarray | None
 
     @property
     def n_columns(self) -> int:
@@ -267,10 +296,16 @@ class _Scoring:
         scale = item_scale[columns]
         offset = np.where(allowed[columns], np.float32(0), np.float32(-np.inf)).astype(np.float32)
         as_is = len(columns) == n_items and (users == 1 or every_column)
+        error_bound = _score_error_bound(items, columns, scale)
+        reach = None
+        if users > 1 and not every_column and len(columns):
+            longest = items.norms[columns].astype(np.float64) * np.abs(scale.astype(np.float64))
+            # float32 norms are off by a few units in the 7th digit: a margin far above that
+            reach = np.maximum.accumulate(longest[::-1])[::-1] * (1 + _REACH_MARGIN) + error_bound
         return cls(
             columns, column_of, items.factors if as_is else items.factors[columns], items.unit if as_is else items.unit[columns],
             item_scale, scale, offset,
-            factors is not None or not allowed[columns].all(), _score_error_bound(items, columns, scale),
+            factors is not None or not allowed[columns].all(), error_bound, reach,
         )
 
 
@@ -315,14 +350,16 @@ def _heap_replace_top(heap_scores, heap_columns, score, column):
 
 
 @njit(cache=True, nogil=True)
-def _scan_tile(scores, column_start, scale, offset, adjust, column_of, indptr, indices, head, heap_scores, heap_columns):
-    """One tile of a block's scores (users × a range of columns) into each user's heap: scores
-    multiplied by the column's factor, blocked columns, the user's own items and head at -inf,
-    then the best of them kept."""
+def _scan_tile(scores, block_rows, column_start, scale, offset, adjust, column_of, indptr, indices, head, heap_scores,
+               heap_columns):
+    """One tile of scores (row ``i``: the block's user ``block_rows[i]`` × a range of columns)
+    into each user's heap: scores multiplied by the column's factor, blocked columns, the user's
+    own items and head at -inf, then the best of them kept."""
     width = scores.shape[1]
     column_end = column_start + width
-    for r in range(scores.shape[0]):
-        row = scores[r]
+    for i in range(scores.shape[0]):
+        r = block_rows[i]
+        row = scores[i]
         if adjust:
             for j in range(width):
                 row[j] = row[j] * scale[column_start + j] + offset[column_start + j]

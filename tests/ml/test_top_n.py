@@ -3,6 +3,7 @@ dense float64 scores, a full sort, and MMR written out in Python."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -12,6 +13,7 @@ import scipy.sparse as sp
 
 from recsys.core.params import PipelineParams
 from recsys.core.rules import Rule, RuleSnapshot
+from recsys.ml import top_n
 from recsys.ml.families import Als
 from recsys.ml.merchandising import Merchandising, place_pins_in_list
 from recsys.ml.top_n import USER_BLOCK, ItemVectors, rank_lists, similar_items
@@ -104,6 +106,63 @@ def test_a_batch_is_the_reference_ranking(diversity_lambda: float, scaled: bool)
     for row, listed in enumerate(lists):
         assert not set(listed) & (set(exclude[row].indices) | set(np.flatnonzero(blocked)))
         assert len(set(listed)) == 13
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_scan_stopped_early_lists_what_a_scan_of_every_item_lists(monkeypatch, scaled: bool):
+    """Items' vectors as long-tailed as ALS's (popular items long): most users' scans stop after
+    the first tiles, and every list is the one a scan of the whole catalogue gives (the same
+    function with the stop disabled) and the float64 reference's."""
+    rng = np.random.default_rng(5)
+    users, items, dims = USER_BLOCK + 60, 3 * top_n._MIN_TILE_ITEMS + 500, 16
+    user_factors = rng.normal(size=(users, dims)).astype(np.float32)
+    item_factors = (rng.normal(size=(items, dims)) * rng.lognormal(0, 1.2, size=(items, 1))).astype(np.float32)
+    _, _, exclude, blocked, factors = shop(users, items, dims, seed=5)
+    for row in range(0, users, 7):  # some users own (and so never get) the longest vectors
+        exclude[row, np.argsort(-np.linalg.norm(item_factors, axis=1))[:30]] = 1
+    head = np.full((users, 3), -1, np.int32)
+    head[::3, :2] = rng.choice(items, size=(len(head[::3]), 2), replace=False)
+    kwargs = {"exclude": exclude.tocsr(), "blocked": blocked, "factors": factors if scaled else None,
+              "diversity_lambda": 0.3, "first": 10}
+    scanned = []
+    scan_tile = top_n._scan_tile
+
+    def counting(scores, *args):
+        scanned.append(scores.shape[0] * scores.shape[1])
+        return scan_tile(scores, *args)
+
+    monkeypatch.setattr(top_n, "_scan_tile", counting)
+    vectors = ItemVectors.of(item_factors)
+    stopped = rank_lists(user_factors, vectors, 12, **kwargs)
+    stopped_head = rank_lists(user_factors, vectors, 12, head=head, **kwargs)
+    scored = sum(scanned)
+    of_scoring = top_n._Scoring.of
+    monkeypatch.setattr(top_n._Scoring, "of", lambda *a, **k: replace(of_scoring(*a, **k), reach=None))
+    scanned.clear()
+    every = rank_lists(user_factors, vectors, 12, **kwargs)
+    every_head = rank_lists(user_factors, vectors, 12, head=head, **kwargs)
+
+    assert scored < 0.5 * sum(scanned)  # the stop did stop scans
+    np.testing.assert_array_equal(stopped, every)
+    np.testing.assert_array_equal(stopped_head, every_head)
+    np.testing.assert_array_equal(stopped, reference_lists(user_factors, item_factors, 12, **kwargs))
+
+
+def test_a_scan_never_stops_before_an_item_that_can_still_enter_the_list():
+    """Nearly equal vector lengths: the first tile's best scores stay below what a later item
+    can reach, and users pointing at a later item (a cosine of 1) get it first."""
+    rng = np.random.default_rng(6)
+    items, dims = 2 * top_n._MIN_TILE_ITEMS + 300, 16
+    directions = rng.normal(size=(items, dims))
+    item_factors = (directions / np.linalg.norm(directions, axis=1, keepdims=True)
+                    * rng.uniform(1.0, 1.2, size=(items, 1))).astype(np.float32)
+    later = np.argsort(-np.linalg.norm(item_factors, axis=1))[top_n._MIN_TILE_ITEMS : top_n._MIN_TILE_ITEMS + 100]
+    user_factors = np.vstack([item_factors[later] * 3, rng.normal(size=(50, dims))]).astype(np.float32)
+
+    lists = rank_lists(user_factors, ItemVectors.of(item_factors), 10, diversity_lambda=0.3)
+
+    np.testing.assert_array_equal(lists[: len(later), 0], later)
+    np.testing.assert_array_equal(lists, reference_lists(user_factors, item_factors, 10, diversity_lambda=0.3))
 
 
 @pytest.mark.parametrize("diversity_lambda", [0.0, 0.5])
