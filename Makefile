@@ -56,8 +56,11 @@ airflow: export AIRFLOW__CORE__PARALLELISM ?= 4
 airflow: services-start airflow-db
 	$(WITH_AIRFLOW_DB) RECSYS_DB_SCHEMA=$(DEMO_SCHEMA) PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/airflow standalone
 
+# One test process per core (pytest-xdist), each test file whole in one of them (its module
+# fixtures start once); TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= auto
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # ruff, and import-linter's layer contract (pyproject.toml [tool.importlinter]; README "For contributors")
 lint: install

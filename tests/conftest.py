@@ -5,6 +5,11 @@ to the machine's own); without them the suite starts embedded servers from pip p
 never read ``RECSYS_DATABASE_URL``: a developer's shop database is never a test target.
 Each test gets its own Postgres schema and Redis key prefix and removes both afterwards.
 
+``make test`` runs the suite in parallel processes (pytest-xdist). Each is a pytest session of
+its own, so nothing here is shared between them: embedded servers (own data dir, own ports or
+sockets), AIRFLOW_HOME and its metadata database are one per process, and every name a test
+makes (schema, prefix, database, server port, temp folder) is random or a free port.
+
 Tests that use a server (these fixtures, or servers of their own) are marked ``integration``:
 ``pytest -m "not integration"`` runs the rest in seconds.
 """
@@ -22,6 +27,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
+# OpenMP's threads (implicit's ALS, faiss) sleep when idle instead of spinning. Spinning keeps a
+# core busy while the process waits for a thread that another process holds off its core: with
+# test workers side by side (pytest -n), or on a busy machine, a 600-user ALS fit then takes
+# seconds instead of milliseconds. libgomp reads this once, when it is loaded: before any import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Airflow reads its configuration at import time: set it before anything imports airflow.
 from helpers import (  # noqa: E402 - only plain modules: nothing reads settings yet
