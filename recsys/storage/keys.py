@@ -184,6 +184,12 @@ class KeyLayout:
         the user's lists, so one script reads both)."""
         return f"{self.bucket_tags[bucket_of(user_id, self.buckets)]}:negative:{user_id}"
 
+    def user_read(self, build: str, user_id: str) -> tuple[str, str]:
+        """What a user's answer reads (``data(build, <the user's bucket>, "user_recs")`` and
+        ``negative(user_id)``), the bucket worked out once: every user request needs both."""
+        tag = self.bucket_tags[bucket_of(user_id, self.buckets)]
+        return f"{tag}:{build}:user_recs", f"{tag}:negative:{user_id}"
+
     def rate(self, key_id: str, window: int) -> str:
         """Writes of one API key in one rate window."""
         return f"{self.bucket_tags[bucket_of(key_id, self.buckets)]}:rate:write:{key_id}:{window}"

@@ -95,9 +95,9 @@ class LiveStore:
         products the user gave negative feedback on since: one script on the user's bucket."""
 
         async def read(pointer: Pointer) -> tuple:
-            return tuple(await scripts.run_async(
-                self.client, "user_entry", [pointer.key("user_recs", user_id), pointer.keys.negative(user_id)], [user_id]
-            ))
+            found = await scripts.run_async(self.client, "user_entry", pointer.keys.user_read(pointer.build, user_id), [user_id])
+            # the list alone (or nil) without negative feedback, else [list or nil, negative products]
+            return tuple(found) if isinstance(found, list) else (found, ())
 
         pointer, found = await self._read_live(read)
         if found is None:

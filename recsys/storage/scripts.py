@@ -9,6 +9,7 @@ payloads.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -34,21 +35,27 @@ def run(client: Any, name: str, keys: list[str], args: list) -> Any:
     return _script(client, name)(keys=keys, args=args)
 
 
-async def run_async(client: Any, name: str, keys: list[str], args: list) -> Any:
+async def run_async(client: Any, name: str, keys: Sequence[str], args: list) -> Any:
     """EVALSHA script ``name`` on an asyncio client; loaded again if the server lost it (a restart,
     a failover). Called directly rather than through redis-py's ``Script``, whose per-call checks
     cost as much as the rest of an API request's Python."""
-    sha = _sha(name)
+    # the digest and key count as bytes: redis-py sends bytes as they are (~2 µs less per call)
+    sha, count = _sha(name), _key_count(len(keys))
     try:
-        return await client.evalsha(sha, len(keys), *keys, *args)
+        return await client.evalsha(sha, count, *keys, *args)
     except NoScriptError:
         await client.script_load(text(name))
-        return await client.evalsha(sha, len(keys), *keys, *args)
+        return await client.evalsha(sha, count, *keys, *args)
 
 
 @cache
-def _sha(name: str) -> str:
-    return hashlib.sha1(text(name).encode()).hexdigest()
+def _sha(name: str) -> bytes:
+    return hashlib.sha1(text(name).encode()).hexdigest().encode()
+
+
+@cache
+def _key_count(count: int) -> bytes:
+    return str(count).encode()
 
 
 def queue(pipe: Any, name: str, keys: list[str], args: list) -> None:

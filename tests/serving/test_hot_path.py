@@ -181,3 +181,50 @@ def test_redis_down_is_503_from_the_hot_paths_after_one_read(settings: Settings,
             assert reads[read] == 1, (path, reads)  # not a second attempt through the routes
             slow = client.request(method, path, params=SLOW, **options)
             assert (slow.status_code, slow.content) == (answer.status_code, answer.content)
+
+
+def test_lists_answered_as_stored_are_the_filtering_paths_byte_for_byte(
+    settings: Settings, demo_loaded, window_end: datetime, monkeypatch
+):
+    """While the rules in force are those the live version was published with (an exclude and a
+    pin here), published lists are answered as stored (``RecsysService.published_lists_hold``);
+    the general path, which filters them and places the pins again, answers the same bytes for
+    every user (of each variant, one with negative feedback, cold starts), product and cart."""
+    run_pipeline(settings, window_end, PipelineParams())
+    first = published_entries(settings)
+    listed = first[sorted(first)[0]]["recommended_products"]
+    add_rule(settings, Rule("exclude", product_id=str(listed[1])))
+    add_rule(settings, Rule("pin", product_id=str(listed[-1]), rank=1))
+    run_pipeline(settings, window_end, PipelineParams())  # published with these rules
+    serve_experiment(settings, EXPERIMENT, datetime.now(UTC))
+    entries = published_entries(settings)
+    users = [*sorted(entries)[:40], "990001", "990002"]
+    products = [entry["recommended_products"][0] for entry in entries.values()][:15]
+    requests = [
+        *(("GET", f"/users/{user}/recommendations", {"params": params}) for user in users
+          for params in ({}, {"n": 3}, {"n": 30}, {"offset": 2})),
+        *(("GET", f"/products/{product}/similar", {"params": params}) for product in products
+          for params in ({}, {"n": 4})),
+        *(("POST", "/carts/recommendations", {"json": {"product_ids": products[:size], "n": 12}}) for size in (1, 2, 5)),
+    ]
+    configured = settings.model_copy(update={"api_keys": f"write:{KEY}"})
+    with TestClient(create_api(configured), headers={"X-API-Key": KEY}) as client:
+        client.post(f"/users/{users[0]}/events", json={"product_id": entries[users[0]]["recommended_products"][2],
+                                                       "event_type": "dislike"})
+        svc = client.app.service
+
+        def answers() -> list[tuple[int, bytes]]:
+            found = []
+            for method, path, options in requests:
+                answer = client.request(method, path, **options)
+                found.append((answer.status_code, RECOMMENDATION_ID.sub(b"", answer.content)))
+            return found
+
+        live_model = svc._live
+        assert live_model is not None and svc.published_lists_hold(live_model), "the rules in force are the published ones"
+        as_stored = answers()
+        monkeypatch.setattr(svc, "published_lists_hold", lambda live: False)
+        filtered = answers()
+    assert {status for status, _ in as_stored} == {200}
+    for request, stored, general in zip(requests, as_stored, filtered, strict=True):
+        assert stored == general, request
