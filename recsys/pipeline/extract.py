@@ -434,13 +434,19 @@ class _Fingerprints:
         return pa.array(fingerprints)
 
 
+def _repeated(values: np.ndarray) -> np.ndarray:
+    """The values that occur more than once, each once. Sorting (numpy's vectorised sort) costs
+    an eighth of hashing them with ``pc.value_counts`` (0.05 against 0.37 CPU-s for 5.8 M)."""
+    ordered = np.sort(values)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
 def _collapse_duplicates(table: pa.Table, report: ValidationReport) -> pa.Table:
     """``table`` with each exact duplicate (all of DUPLICATE_KEY equal; NULL equals NULL) removed
     but for its first interaction; the removed ones are counted, with the id they repeat. Rows
     may have a duplicate only where their FINGERPRINT does."""
     fingerprints = table[FINGERPRINT]
-    counts = pc.value_counts(fingerprints)
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    repeated = pa.array(_repeated(fingerprints.to_numpy()))
     if len(repeated) == 0:
         return table
     groups = (
