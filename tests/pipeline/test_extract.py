@@ -445,3 +445,14 @@ def test_distinct_user_ids_count_what_a_set_of_the_window_s_ids_counts():
     integers = sum(ids.fits("int", user_id) for user_id in in_window)
     assert distinct.id_type() == extract_module._inferred_id_type(integers, len(in_window), "user ids in the window")
     assert 0 < integers < len(in_window)
+
+
+def test_repeated_fingerprints_are_those_value_counts_finds_repeated():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 2, 1000):
+        values = rng.integers(0, max(size // 3, 1), size, dtype=np.uint64)
+        counts = pc.value_counts(pa.array(values))
+        expected = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_numpy()
+        assert extract_module._repeated(values).tolist() == sorted(expected.tolist())
