@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from helpers import days_before, insert_interactions, insert_products
@@ -417,3 +418,41 @@ def test_rows_after_the_window_end_are_invalid_even_if_an_adapted_query_lets_the
     assert reason.startswith("occurred_at after the window end or in the future")
     assert sorted(example["user_id"] for example in report["examples"][reason]) == ["late", "later"]
     assert (result.rows_read, result.rows_kept) == (32, 30)
+
+
+def test_distinct_user_ids_count_what_a_set_of_the_window_s_ids_counts():
+    # integer ids gathered as int64 values, the others as text: the counts of one set of texts
+    from recsys.core import ids
+
+    window = Window(datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC))
+    start_us = extract_module._epoch_us(window.start)
+    texts = ["1", "2", "-3", "007", "+5", "-0", "x", "", None, " ", str(2**53), str(2**53 - 1), "é", "12345678901234567890"]
+    blocks = []
+    for block in range(5):
+        user_ids = [texts[(block * 7 + row) % len(texts)] for row in range(40)] + [str(block * 1000 + row) for row in range(30)]
+        # some rows outside the window: before it, at its end
+        occurred = [start_us - 1 if row % 11 == 0 else start_us + 86_400_000_000 if row % 13 == 0 else start_us + row
+                    for row in range(len(user_ids))]
+        blocks.append(pa.table({"user_id": pa.array(user_ids, pa.string()), "occurred_at_us": pa.array(occurred, pa.int64())}))
+    distinct = extract_module._DistinctUserIds(window)
+    for table in blocks:
+        not_integer = extract_module._null_as_false(pc.invert(ids.integer_ids(table["user_id"])))
+        distinct.add(table, pa.chunked_array([not_integer]))
+    in_window = {
+        user_id for table in blocks for user_id, at in zip(table["user_id"].to_pylist(), table["occurred_at_us"].to_pylist(), strict=True)
+        if user_id not in (None, "") and start_us <= at < start_us + 86_400_000_000
+    }
+    integers = sum(ids.fits("int", user_id) for user_id in in_window)
+    assert distinct.id_type() == extract_module._inferred_id_type(integers, len(in_window), "user ids in the window")
+    assert 0 < integers < len(in_window)
+
+
+def test_repeated_fingerprints_are_those_value_counts_finds_repeated():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 2, 1000):
+        values = rng.integers(0, max(size // 3, 1), size, dtype=np.uint64)
+        counts = pc.value_counts(pa.array(values))
+        expected = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_numpy()
+        assert extract_module._repeated(values).tolist() == sorted(expected.tolist())

@@ -53,3 +53,45 @@ def test_every_entry_lands_in_its_bucket_with_the_staging_ttl(settings: Settings
             assert 0 < client.ttl(key) <= STAGING_TTL_SECONDS
     assert {i: v for bucket in range(keys.buckets) for i, v in client.hgetall(build.key("user_recs", bucket)).items()} \
         == dict(zip(ids, values, strict=True))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, builds.HSET_CHUNK])
+def test_packed_writes_store_what_redis_py_pipelines_store(settings: Settings, monkeypatch, chunk: int):
+    # a single node's fast path (commands encoded by Arrow, a round trip in flight while the next is
+    # sent) against the cluster's path (redis-py pipelines), same data, several round trips
+    monkeypatch.setattr(builds, "HSET_CHUNK", chunk)
+    monkeypatch.setattr(builds, "HSETS_PER_ROUND_TRIP", 2)
+    client, keys = connect(settings)
+    rng = random.Random(7)
+    ids = [str(number) for number in range(300)] + ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 30)))
+                                                    for _ in range(200)]
+    ids = list(dict.fromkeys(ids))
+    values = [f'{{"id":{i!r},"pad":"{"€" * rng.randint(0, 50)}"}}' for i in ids]
+    stored = {}
+    with VersionOwner(client, keys, "v1", "attempt1", ttl_seconds=30, wait_seconds=0) as owner:
+        for attempt, write in (("packed", "_write_packed"), ("pipelined", "_write_pipelined")):
+            build = Build(client, keys, "v1", attempt)
+            monkeypatch.setattr(build, "_write_packed", getattr(build, write))
+            counts = build.write_entries("user_recs", pa.array(ids), pa.array(values), owner)
+            stored[attempt] = {bucket: client.hgetall(build.key("user_recs", bucket)) for bucket in range(keys.buckets)}
+            assert [len(stored[attempt][bucket]) for bucket in range(keys.buckets)] == counts.tolist()
+            assert all(0 < client.ttl(build.key("user_recs", bucket)) <= STAGING_TTL_SECONDS
+                       for bucket in range(keys.buckets) if counts[bucket])
+    assert stored["packed"] == stored["pipelined"]
+    assert sum(len(entries) for entries in stored["packed"].values()) == len(ids)
+
+
+def test_an_error_reply_fails_the_packed_write_and_leaves_the_client_usable(settings: Settings, monkeypatch):
+    monkeypatch.setattr(builds, "HSET_CHUNK", 3)
+    monkeypatch.setattr(builds, "HSETS_PER_ROUND_TRIP", 2)
+    client, keys = connect(settings)
+    ids = [str(number) for number in range(400)]
+    build = Build(client, keys, "v1", "attempt1")
+    blocked = build.key("user_recs", buckets_of(pa.array(ids[200:201]), keys.buckets)[0])
+    client.set(blocked, "not a hash")  # every HSET into that bucket fails with WRONGTYPE
+    with VersionOwner(client, keys, "v1", "attempt1", ttl_seconds=30, wait_seconds=0) as owner, \
+            pytest.raises(Exception, match="WRONGTYPE"):
+        build.write_entries("user_recs", pa.array(ids), pa.array(ids), owner)
+    # the pooled connection was not handed back with replies left unread on it
+    assert client.get(blocked) == "not a hash"
+    assert client.ping()
