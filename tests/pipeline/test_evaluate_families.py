@@ -75,28 +75,35 @@ def ease_live(settings: Settings, demo_loaded, window_end: datetime) -> dict:
     return live(settings).meta()
 
 
+def _ranked_on_request_similar_and_folded_in(client, settings: Settings, window_end: datetime, new_user: str) -> list:
+    """What every family that folds in must serve: a published user's deeper list ranked on
+    request with the published list first, similar products on request beginning with the
+    published ones, and a new user's list folded in from their purchases. Returns those purchases."""
+    user_id = sorted(published_entries(settings))[0]
+    stored = live(settings).user_recommendations(user_id)["recommended_products"]
+    deep = client.get(f"/users/{user_id}/recommendations", params={"n": 30}).json()
+    assert deep.get("ranked_on_request") and deep["recommended_products"][:10] == stored, deep
+
+    product = live(settings).top_buys()["top_buys"][0]
+    similar = live(settings).similar_products(str(product))["similar_products"]
+    on_request = client.get(f"/products/{product}/similar", params={"n": 25}).json()["similar_products"]
+    assert on_request[: len(similar)] == similar
+
+    bought = stored[:3]
+    insert_interactions(settings, [(new_user, str(p), "purchase", 1.0, days_before(window_end, 2)) for p in bought])
+    body = client.get(f"/users/{new_user}/recommendations", params={"n": 20}).json()
+    assert body["source"] == "fold_in" and len(body["recommended_products"]) == 20
+    assert not set(body["recommended_products"]) & set(bought)
+    return bought
+
+
 def test_an_ease_version_is_published_named_and_served(ease_live: dict, settings: Settings, window_end: datetime):
     assert ease_live["model_family"]["family"] == "ease"
     (row,) = history.recent_runs(settings)
     assert row["metrics"]["family"] == "ease" and set(row["metrics"]["candidates"]) == {"ease"}
     with api(settings) as client:
         assert client.get("/model").json()["model_family"]["family"] == "ease"
-        user_id = sorted(published_entries(settings))[0]
-        stored = live(settings).user_recommendations(user_id)["recommended_products"]
-        deep = client.get(f"/users/{user_id}/recommendations", params={"n": 30}).json()
-        # ranked on request from the user's row of the matrix: the published list first
-        assert deep.get("ranked_on_request") and deep["recommended_products"][:10] == stored, deep
-
-        product = live(settings).top_buys()["top_buys"][0]
-        similar = live(settings).similar_products(str(product))["similar_products"]
-        on_request = client.get(f"/products/{product}/similar", params={"n": 25}).json()["similar_products"]
-        assert on_request[: len(similar)] == similar
-
-        bought = stored[:3]
-        insert_interactions(settings, [("900001", str(p), "purchase", 1.0, days_before(window_end, 2)) for p in bought])
-        body = client.get("/users/900001/recommendations", params={"n": 20}).json()
-        assert body["source"] == "fold_in" and len(body["recommended_products"]) == 20
-        assert not set(body["recommended_products"]) & set(bought)
+        bought = _ranked_on_request_similar_and_folded_in(client, settings, window_end, "900001")
         explained = client.get("/users/900001/recommendations", params={"n": 3, "explain": True}).json()
         assert len(explained["explanations"]) == 3
         for entry in explained["explanations"]:  # the terms of X·B: from the user's own past products
@@ -120,19 +127,4 @@ def test_a_mult_dae_version_is_published_ranked_on_request_and_folds_in(settings
     meta = live_meta(*connect(settings))
     assert meta["model_family"]["family"] == "mult_dae"
     with api(settings) as client:
-        user_id = sorted(published_entries(settings))[0]
-        stored = live(settings).user_recommendations(user_id)["recommended_products"]
-        deep = client.get(f"/users/{user_id}/recommendations", params={"n": 30}).json()
-        # the encoder on the user's row of the matrix, on request: the published list first
-        assert deep.get("ranked_on_request") and deep["recommended_products"][:10] == stored, deep
-
-        product = live(settings).top_buys()["top_buys"][0]
-        similar = live(settings).similar_products(str(product))["similar_products"]
-        on_request = client.get(f"/products/{product}/similar", params={"n": 25}).json()["similar_products"]
-        assert on_request[: len(similar)] == similar
-
-        bought = stored[:3]
-        insert_interactions(settings, [("900003", str(p), "purchase", 1.0, days_before(window_end, 2)) for p in bought])
-        body = client.get("/users/900003/recommendations", params={"n": 20}).json()
-        assert body["source"] == "fold_in" and len(body["recommended_products"]) == 20
-        assert not set(body["recommended_products"]) & set(bought)
+        _ranked_on_request_similar_and_folded_in(client, settings, window_end, "900003")
