@@ -47,7 +47,7 @@ if not CHROMIUM.exists():
 @pytest.fixture
 def served(settings: Settings, demo_loaded, window_end: datetime) -> Iterator[str]:
     """A tuned version live, a product name that is markup, a run history; the page under uvicorn."""
-    run_pipeline(settings, window_end, PipelineParams(factors=32))
+    run_pipeline(settings, window_end, PipelineParams(factors=32, family_params={"ease": {"regularization": 500.0}}))
     first_top_buy = live(settings).top_buys()["top_buys"][0]
     with db.connect(settings) as conn:
         [(category,)] = conn.execute("SELECT category FROM products WHERE product_id = %s", (str(first_top_buy),))
@@ -137,7 +137,10 @@ def test_page_shows_names_fallback_params_and_chart(
     # params: the tuned one marked, a default one not; metrics with 4 decimals, counts with separators
     factors = page.locator("#model tr", has_text="factors").first.inner_text()
     assert "32" in factors and "64" in factors and "tuned/overridden" in factors
-    assert "tuned/overridden" not in page.locator("#model tr", has_text="regularization").first.inner_text()
+    (regularization,) = [row for row in page.locator("#model tr").all_inner_texts() if row.startswith("regularization\t")]
+    assert "tuned/overridden" not in regularization
+    # nested settings spelled out, an empty list as a dash (both were blank or "[object Object]")
+    assert "ease (regularization 500)" in page.locator("#model tr", has_text="family_params").first.inner_text()
     metric_rows = page.locator("#model table").nth(0).locator("tr", has_text="@10")
     metric_cells = metric_rows.locator("td.num").all_inner_texts()
     assert metric_cells and all(len(cell.split(".")[1]) == 4 for cell in metric_cells)
