@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from recsys.ml.families import Recommender, _single_blas_thread
+from recsys.ml.families import Recommender, single_blas_thread
 
 if TYPE_CHECKING:
     from recsys.ml.top_n import ItemVectors
@@ -61,7 +61,7 @@ class MultDae(Recommender):
     family: ClassVar[str] = "mult_dae"
 
     def fit(self, user_items: sp.csr_matrix, seed: int = 42) -> MultDae:
-        with _single_blas_thread():
+        with single_blas_thread():
             self._train(user_items.tocsr(), np.random.default_rng(seed))
         self.__dict__.pop("_items", None)
         return self

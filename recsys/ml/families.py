@@ -36,7 +36,7 @@ USER_CHUNK = 4_096  # users whose dense rows are built at once (bounds memory fo
 FAMILIES = MODEL_FAMILIES
 
 
-def _single_blas_thread():
+def single_blas_thread():
     from threadpoolctl import threadpool_limits
 
     # one BLAS thread: the same sums in the same order on every run (and implicit asks for it)
@@ -260,7 +260,7 @@ class Bpr(FactorModel):
     def fit(self, user_items: sp.csr_matrix, seed: int = 42) -> Bpr:
         from implicit.cpu.bpr import BayesianPersonalizedRanking
 
-        with _single_blas_thread():
+        with single_blas_thread():
             model = BayesianPersonalizedRanking(
                 factors=self.factors, learning_rate=self.learning_rate, regularization=self.regularization,
                 iterations=self.iterations, num_threads=1, random_state=seed,
@@ -349,7 +349,7 @@ class Ease(_ItemItem):
     def fit(self, user_items: sp.csr_matrix, seed: int = 42) -> Ease:
         _check_dense(self.family, user_items.shape[1])
         rows = self._rows(user_items)
-        with _single_blas_thread():
+        with single_blas_thread():
             gram = (rows.T @ rows).toarray().astype(np.float64)
             gram[np.diag_indices_from(gram)] += self.regularization
             inverse = np.linalg.inv(gram)

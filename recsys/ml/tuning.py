@@ -24,14 +24,13 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from recsys.ml.families import make
+from recsys.ml.families import make, single_blas_thread
 from recsys.ml.selection import METRICS, ValidationSplit, validation_metrics
 from recsys.ml.weighting import scale_confidence
 
 log = logging.getLogger(__name__)
 
 Objective = Literal["map", "ndcg", "precision", "recall"]
-TUNABLE_FAMILIES = ("als", "bpr", "item_knn", "ease")  # a blend's weight is chosen in every run
 DETERMINISTIC_FAMILIES = frozenset({"ease", "item_knn"})  # no seed: one fit per trial
 SCALINGS = ("none", "log", "bm25")
 
@@ -106,10 +105,16 @@ def _ease(trial, start: dict[str, Any], scaling: str) -> tuple[dict[str, Any], s
         "regularization", *_span((10.0, 1e4), start["regularization"]), log=True)}, scaling
 
 
-# family -> (optuna trial, start params, scaling) -> (params, scaling)
+# family -> (optuna trial, start params, scaling) -> (params, scaling); a blend has none: its
+# weight is chosen in every run
 SPACES: dict[str, Callable[[Any, dict[str, Any], str], tuple[dict[str, Any], str]]] = {
     "als": _als, "bpr": _bpr, "item_knn": _item_knn, "ease": _ease,
 }
+
+
+def _fit_seeds(family: str, seed: int, repeats: int) -> list[int]:
+    """The seeds of a trial's fits: one fit for a family without randomness."""
+    return [seed] if family in DETERMINISTIC_FAMILIES else [seed + repeat for repeat in range(repeats)]
 
 
 def default_params(family: str) -> dict[str, Any]:
@@ -122,16 +127,14 @@ def score(
 ) -> tuple[dict[str, float], dict[str, float]]:
     """(mean, sd) of METRICS@k over the repeats, on one BLAS thread. ``weighted``: a cache of the
     fit weights per scaling. Raises InputError if the family refuses the data (catalogue size)."""
-    from threadpoolctl import threadpool_limits
-
     weighted = {} if weighted is None else weighted
     if scaling not in weighted:
         weighted[scaling] = scale_confidence(data.fit, scaling)
     split = ValidationSplit(weighted[scaling], data.validation, exclude=data.fit if data.exclude is None else data.exclude,
                             blocked_items=data.blocked_items)
-    seeds = [seed] if family in DETERMINISTIC_FAMILIES else [seed + repeat for repeat in range(repeats)]
-    with threadpool_limits(limits=1, user_api="blas"):
-        rows = [validation_metrics(make(family, **params).fit(split.fit, fit_seed), split, k) for fit_seed in seeds]
+    with single_blas_thread():
+        rows = [validation_metrics(make(family, **params).fit(split.fit, fit_seed), split, k)
+                for fit_seed in _fit_seeds(family, seed, repeats)]
     mean = {name: float(np.mean([row[name] for row in rows])) for name in METRICS}
     sd = {name: float(np.std([row[name] for row in rows], ddof=1)) if len(rows) > 1 else 0.0 for name in METRICS}
     return mean, sd
@@ -174,5 +177,4 @@ def tune(
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     study.optimize(lambda trial: run(trial.number + 1, *suggest(trial, start, scaling)), n_trials=n_trials - 1)
     best = max(trials, key=lambda t: t.mean[objective])  # the first of equals: the start unless beaten
-    fits = 1 if family in DETERMINISTIC_FAMILIES else repeats
-    return FamilyTuning(family, best, trials[0], fits, time.perf_counter() - began, trials)
+    return FamilyTuning(family, best, trials[0], len(_fit_seeds(family, seed, repeats)), time.perf_counter() - began, trials)
