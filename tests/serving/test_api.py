@@ -688,6 +688,23 @@ def _mean_factor_cosine(live, products: list) -> float:
     return float(similarity[np.triu_indices(len(products), k=1)].mean())
 
 
+def test_a_live_model_adds_a_handful_of_objects_to_the_cyclic_gc(published: dict, settings: Settings):
+    """A version loaded after a worker froze its start-up heap (the next publish) is not frozen:
+    it must not bring back full collections that walk per-user or per-product objects (the cart's
+    stalls, docs/serving.md). Its ids live in dicts and lists of str (one container each, strings
+    are not tracked) and its numbers in NumPy arrays, so the count does not grow with the shop."""
+    import gc
+
+    gc.collect()
+    before = len(gc.get_objects())
+    live_model = load_live_model(published, settings)
+    gc.collect()
+    added = len(gc.get_objects()) - before
+
+    assert len(live_model.user_index) >= 500 and len(live_model.item_ids) >= 100
+    assert added < 100, f"the live model added {added} objects the cyclic GC walks"
+
+
 def test_explanations_are_implicits_for_the_rows_the_model_was_fitted_on(
     published: dict, settings: Settings, client: TestClient
 ):
