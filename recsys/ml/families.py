@@ -378,16 +378,20 @@ class ItemKnn(_ItemItem):
     family: ClassVar[str] = "item_knn"
 
     def fit(self, user_items: sp.csr_matrix, seed: int = 42) -> ItemKnn:
-        from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
+        from implicit.nearest_neighbours import ItemItemRecommender, bm25_weight, normalize
 
         _check_dense(self.family, user_items.shape[1])
+        rows = self._rows(user_items)
+        # the weighting of implicit's BM25Recommender / CosineRecommender, handed on as CSR: theirs
+        # passes a COO matrix, which implicit converts again with a warning
         if self.similarity == "bm25":
-            model = BM25Recommender(K=self.neighbours, K1=self.bm25_k1, B=self.bm25_b, num_threads=1)
+            weighted = bm25_weight(rows.T, self.bm25_k1, self.bm25_b).T
         elif self.similarity == "cosine":
-            model = CosineRecommender(K=self.neighbours, num_threads=1)
+            weighted = normalize(rows.T).T
         else:
             raise InputError(f"item_knn similarity must be cosine or bm25, got {self.similarity!r}")
-        model.fit(self._rows(user_items), show_progress=False)
+        model = ItemItemRecommender(K=self.neighbours, num_threads=1)
+        model.fit(weighted.tocsr(), show_progress=False)
         self.matrix = model.similarity.toarray().astype(np.float32)
         self.__dict__.pop("_items", None)
         return self

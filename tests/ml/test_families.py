@@ -3,6 +3,8 @@ sort; save/load round trips; and selection (recsys.ml.selection) picking the val
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -142,6 +144,21 @@ def test_fold_in_scores_a_new_row_as_a_fitted_one(fitted, matrix):
         assert np.corrcoef(vector, fitted_vector)[0, 1] > 0.95
     else:
         np.testing.assert_array_equal(vector, fitted_vector)
+
+
+@pytest.mark.parametrize("similarity", ["bm25", "cosine"])
+def test_item_knn_is_implicits_recommender_without_its_conversion_warning(matrix, similarity):
+    from implicit.nearest_neighbours import BM25Recommender, CosineRecommender
+
+    reference = (BM25Recommender(K=20, num_threads=1) if similarity == "bm25"
+                 else CosineRecommender(K=20, num_threads=1))
+    with pytest.warns(Warning):  # implicit's own fit passes COO on and warns about it
+        reference.fit(matrix, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = ItemKnn(similarity=similarity, neighbours=20).fit(matrix)
+
+    np.testing.assert_array_equal(ours.matrix, reference.similarity.toarray().astype(np.float32))
 
 
 def test_bare_factor_files_load_as_als(tmp_path, matrix):
