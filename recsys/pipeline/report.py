@@ -337,7 +337,7 @@ def families_table(report: dict) -> str:
     if not selection:
         return ""
     k, chosen = report["k"], selection["chosen"]["family"]
-    head = "".join(f"<th>{label}@{k}</th>" for _, label in METRICS) + "<th>coverage</th><th>settings</th>"
+    head = "".join(f"<th>{label}@{k}</th>" for _, label in METRICS) + "<th>coverage</th><th class=\"text\">settings</th>"
     rows = []
     for name, row in selection["families"].items():
         validation = row["validation"]
@@ -346,7 +346,7 @@ def families_table(report: dict) -> str:
             settings += " of " + " + ".join(part["family"] for part in row["params"]["parts"])
         rows.append(f"<tr><th>{html.escape(name)}{' (chosen)' if name == chosen else ''}</th>"
                     + "".join(f"<td>{validation[key]:.4f}</td>" for key, _ in METRICS)
-                    + f"<td>{validation['coverage']:.1%}</td><td>{html.escape(settings)}</td></tr>")
+                    + f"<td>{validation['coverage']:.1%}</td><td class=\"text\">{html.escape(settings)}</td></tr>")
     skipped = "".join(f"<li>{html.escape(name)}: {html.escape(why)}</li>" for name, why in selection["skipped"].items())
     return (f"<h2>Model families</h2><p class=\"note\">Chosen by validation {selection['objective'].upper()}@{k} on a "
             f"random quarter of each user's pre-holdout items (the holdout above judged only the chosen one).</p>"
@@ -361,7 +361,7 @@ h1{font-size:22px;margin:0 0 4px}.sub{color:#555;margin:0 0 16px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(620px,1fr));gap:12px}
 .card{border:1px solid #ddd;border-radius:6px;padding:8px}.card svg{width:100%;height:auto}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}
-.note{color:#555;font-size:13px}.alarm{color:#d62728}h2{font-size:18px;margin:20px 0 4px}"""
+.text{text-align:left}.note{color:#555;font-size:13px}.alarm{color:#d62728}h2{font-size:18px;margin:20px 0 4px}"""
 
 
 def render(

@@ -17,7 +17,7 @@ from recsys.core.errors import RunChangedError
 from recsys.core.experiments import Experiment
 from recsys.core.layout import EXPERIMENT, FACTORS_FULL, FACTORS_HOLDOUT, FULL, MANIFEST, TRAIN, VARIANTS
 from recsys.core.params import TUNABLE_FAMILY_PARAMS, PipelineParams
-from recsys.ml import selection
+from recsys.ml import families, selection
 from recsys.ml.als import library_versions
 from recsys.pipeline.matrix import holdout_split
 
@@ -36,12 +36,15 @@ def candidate_grids(params: PipelineParams) -> dict[str, list[dict]]:
     """One setting per family in a daily run: ALS the run's (tuned) params, the others their
     ``family_params`` (tuned, or the family's defaults); the benchmark's grids choose among
     several: ``recsys.ml.selection.GRIDS``."""
-    return {
-        "als": [{"factors": params.factors, "regularization": params.regularization, "alpha": params.alpha,
-                 "iterations": params.iterations}],
-        **{family: [dict(params.family_params.get(family, {}))] for family in TUNABLE_FAMILY_PARAMS},
-        "mult_dae": [{}],
+    given = {
+        "als": {"factors": params.factors, "regularization": params.regularization, "alpha": params.alpha,
+                "iterations": params.iterations},
+        **{family: params.family_params.get(family, {}) for family in TUNABLE_FAMILY_PARAMS},
+        "mult_dae": {},
     }
+    # spelled out with the family's defaults for the rest: the report and the published meta name
+    # every setting a model was fitted with, not just those a shop changed
+    return {family: [families.make(family, **settings).params()] for family, settings in given.items()}
 
 
 def choose_family(matrix_dir: Path, params: PipelineParams) -> selection.Selection | None:

@@ -16,7 +16,7 @@ from helpers import days_before, insert_interactions, live, published_entries, s
 from recsys.core.params import PipelineParams
 from recsys.core.settings import Settings
 from recsys.ml import selection
-from recsys.ml.families import load_model
+from recsys.ml.families import Ease, ItemKnn, load_model
 from recsys.pipeline import history
 from recsys.pipeline.evaluate import evaluate
 from recsys.pipeline.stages import run_pipeline
@@ -44,6 +44,9 @@ def test_train_keeps_the_validation_winner_and_evaluate_reports_every_candidate(
     best = max(families, key=lambda name: families[name]["validation"]["map"])
     assert manifest["model"]["family"] == best == manifest["selection"]["chosen"]["family"]
     assert load_model(paths.model / "factors_full.npz").family == best
+    # every setting named, the family's defaults included (the report's "settings" column)
+    assert families["ease"]["params"] == Ease().params() and families["item_knn"]["params"] == ItemKnn().params()
+    assert families["blend"]["params"]["parts"][0]["params"]
 
     result = evaluate(paths.matrix, paths.model, paths.evaluation, params)
     report = json.loads(result.report_path.read_text())
