@@ -81,7 +81,7 @@ REDIS_BENCHMARK_KEY = "key:__rand_int__"  # what redis-benchmark -t set writes w
 WRITE_FLOOR_MIN_FIELDS = 100_000
 # the item-item families score from dense rows of the matrix: their scoring is timed on fewer users
 FAMILY_SCORING_USERS = 20_000
-BENCH_FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
+BENCH_FAMILIES = ("als", "bpr", "item_knn", "ease", "mult_dae", "blend")
 
 
 # ---------------------------------------------------------------------------------------- setup

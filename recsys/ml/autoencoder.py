@@ -1,12 +1,13 @@
 """Mult-DAE (Liang, Krishnan, Hoffman & Jebara 2018, "Variational Autoencoders for Collaborative
 Filtering"): a denoising autoencoder of each user's row with a multinomial likelihood, in numpy.
 
-A user's row x (1 per interaction, or the weights) is scaled to length 1, half its entries dropped
-at random while training, and encoded to h = tanh(x W + b); the scores are h · V + c, trained so
-that softmax(h V + c) puts its mass on the user's items (the loss: −Σ x_i log softmax_i, plus
-``l2`` × the squared weights), by Adam on mini-batches. The scores are a product of a user
-vector [h, 1] and item vectors [V_i, c_i], so ranking goes through ``rank_lists`` like every
-family; a user's vector is a function of their row alone, so a new user folds in exactly.
+A user's row r (its confidence weights, or 1 per interaction if ``binary``) is scaled to length
+1 (x), half its entries dropped at random while training, and encoded to h = tanh(x W + b); the
+scores are h · V + c, trained so that softmax(h V + c) puts its mass on the user's items in
+proportion to r (the loss: −Σ r_i log softmax_i, plus ``l2`` × the squared weights), by Adam on
+mini-batches. The scores are a product of a user vector [h, 1] and item vectors [V_i, c_i], so
+ranking goes through ``rank_lists`` like every family; a user's vector is a function of their
+row alone, so a new user folds in exactly.
 
 Deterministic: the batches and dropout masks come from one seeded generator, and the fit runs
 on one BLAS thread (the same sums in the same order on every run).
@@ -53,7 +54,9 @@ class MultDae(Recommender):
     learning_rate: float = 1e-3
     l2: float = 0.01
     keep: float = 0.5  # share of a row's entries kept by the input dropout while training
-    binary: bool = True
+    # the row's confidence weights (what the run gives every family), not 1 per interaction: four
+    # validation splits of MovieLens preferred them (docs/quality.md#tried-for-the-bivae--5--target)
+    binary: bool = False
     encoder: np.ndarray | None = field(default=None, repr=False)  # items × latent
     encoder_bias: np.ndarray | None = field(default=None, repr=False)
     decoder: np.ndarray | None = field(default=None, repr=False)  # latent × items

@@ -67,7 +67,7 @@ def test_speed_bench_on_a_machine_with_only_python(service_urls, bare_path):
     # every family's cost, each measured on the same shop (300 products: EASE and item-kNN fit)
     families = figures["families"]
     assert families["scoring_users"] == 2000
-    for family in ("als", "bpr", "item_knn", "ease", "blend"):
+    for family in ("als", "bpr", "item_knn", "ease", "mult_dae", "blend"):
         cost = families[family]
         assert cost["fit_seconds"] > 0 and cost["scoring_users_per_s"] > 0 and cost["peak_rss_bytes"] > 0, family
     assert families["als"]["params"]["factors"] == figures["config"]["factors"]

@@ -39,6 +39,7 @@ MODELS = {
     "item_knn_cosine": lambda: ItemKnn(similarity="cosine", neighbours=20, binary=True),
     "ease": lambda: Ease(regularization=10.0),
     "mult_dae": lambda: MultDae(latent=8, epochs=40, batch_size=32, learning_rate=0.01),
+    "mult_dae_binary": lambda: MultDae(latent=8, epochs=40, batch_size=32, learning_rate=0.01, binary=True),
     "blend": lambda: Blend([Als(factors=8, regularization=1.0, iterations=10), Ease(regularization=10.0)], 0.7),
 }
 
@@ -58,7 +59,9 @@ def dense_scores(model, matrix: sp.csr_matrix) -> np.ndarray:
     if isinstance(model, Als | Bpr):
         return model.user_factors.astype(np.float64) @ model.item_factors.T.astype(np.float64)
     if isinstance(model, MultDae):  # logits of tanh(unit row · encoder + bias) · decoder + bias
-        rows = (matrix.toarray() > 0).astype(np.float64)
+        rows = matrix.toarray().astype(np.float64)
+        if model.binary:
+            rows = (rows > 0).astype(np.float64)
         rows /= np.linalg.norm(rows, axis=1, keepdims=True)
         hidden = np.tanh(rows @ model.encoder.astype(np.float64) + model.encoder_bias)
         return hidden @ model.decoder.astype(np.float64) + model.decoder_bias
@@ -128,7 +131,7 @@ def test_similar_items_never_list_the_item_itself_and_follow_the_family(fitted, 
             row[item] = -np.inf
             np.testing.assert_allclose(np.sort(row[similar[item]])[::-1], np.sort(row)[::-1][:5], rtol=1e-5)
     # items of one cluster are most alike: most neighbours come from the query's cluster (chance: 1 in 4)
-    if name in ("als", "ease", "item_knn", "mult_dae", "blend"):
+    if name in ("als", "ease", "item_knn", "mult_dae", "mult_dae_binary", "blend"):
         assert ((similar // 20) == (np.arange(matrix.shape[1]) // 20)[:, None]).mean() > 0.6
 
 
@@ -237,16 +240,17 @@ def test_a_users_vector_is_the_same_alone_and_in_a_batch(fitted, matrix):
         np.testing.assert_array_equal(model.user_vectors(np.array([user]), matrix)[0], batch[user])
 
 
-def test_mult_dae_gradients_match_finite_differences(matrix):
+@pytest.mark.parametrize("binary", [False, True])
+def test_mult_dae_gradients_match_finite_differences(matrix, binary):
     """The hand-written backward pass against central differences of the loss, in float64."""
-    model = MultDae(latent=4, epochs=1, batch_size=200, keep=1.0, l2=0.1).fit(matrix[:30], seed=1)
+    model = MultDae(latent=4, epochs=1, batch_size=200, keep=1.0, l2=0.1, binary=binary).fit(matrix[:30], seed=1)
     parameters = [model.encoder, model.decoder, model.encoder_bias, model.decoder_bias]
     parameters = [p.astype(np.float64) for p in parameters]
     model.encoder, model.decoder, model.encoder_bias, model.decoder_bias = parameters
     rows = matrix[:30]
-    inputs = (rows.toarray() > 0).astype(np.float64)
-    inputs /= np.linalg.norm(inputs, axis=1, keepdims=True)
-    gradients = model._gradients(inputs, (rows.toarray() > 0).astype(np.float64), *parameters)
+    targets = (rows.toarray() > 0).astype(np.float64) if binary else rows.toarray().astype(np.float64)
+    inputs = targets / np.linalg.norm(targets, axis=1, keepdims=True)
+    gradients = model._gradients(inputs, targets, *parameters)
     rng = np.random.default_rng(0)
     for parameter, gradient in zip(parameters, gradients, strict=True):
         for index in map(tuple, rng.integers(0, parameter.shape, size=(5, parameter.ndim))):
