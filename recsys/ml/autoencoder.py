@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
+from recsys.core.errors import InputError
 from recsys.ml.families import Recommender, single_blas_thread
 
 if TYPE_CHECKING:
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPSILON = 1e-8
+# every epoch reads each user's row as a dense vector over the catalogue: the fit's time grows
+# with users x items x epochs (82 s for 10,000 x 2,000 with the defaults on the 2-core machine,
+# docs/benchmarks.md), so a daily run refuses shops whose fit would take hours
+DENSE_CELLS_LIMIT = 100_000_000
 
 
 def _unit_input(rows: sp.csr_matrix, binary: bool) -> sp.csr_matrix:
@@ -64,6 +69,12 @@ class MultDae(Recommender):
     family: ClassVar[str] = "mult_dae"
 
     def fit(self, user_items: sp.csr_matrix, seed: int = 42) -> MultDae:
+        n_users, n_items = user_items.shape
+        if n_users * n_items > DENSE_CELLS_LIMIT:
+            raise InputError(
+                f"mult_dae trains on dense rows of users x items: {n_users:,} x {n_items:,} is over its limit of "
+                f"{DENSE_CELLS_LIMIT:,} cells (its fit would take hours); leave it out of models for this shop"
+            )
         with single_blas_thread():
             self._train(user_items.tocsr(), np.random.default_rng(seed))
         self.__dict__.pop("_items", None)

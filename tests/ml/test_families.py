@@ -181,6 +181,18 @@ def test_item_item_families_refuse_a_catalogue_over_their_limit(matrix, monkeypa
         assert "\n" not in str(refused.value)
 
 
+def test_mult_dae_refuses_a_shop_over_its_dense_limit(matrix, monkeypatch):
+    from recsys.ml import autoencoder
+
+    users, items = matrix.shape
+    monkeypatch.setattr(autoencoder, "DENSE_CELLS_LIMIT", users * items - 1)
+    with pytest.raises(InputError, match=rf"{users:,} x {items:,} is over its limit of {users * items - 1:,} cells") as refused:
+        MultDae().fit(matrix)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setattr(autoencoder, "DENSE_CELLS_LIMIT", users * items)
+    assert MultDae(epochs=1).fit(matrix).decoder.shape == (MultDae().latent, items)
+
+
 def holdout(matrix: sp.csr_matrix, seed: int) -> selection.ValidationSplit:
     """A quarter of every user's items held out."""
     rng = np.random.default_rng(seed)
