@@ -68,7 +68,7 @@ def our_scoring_seconds(run, users, params) -> float:
     from recsys.pipeline.matrix import inactive_items
     from recsys.pipeline.publish.stage import _ruled_top_n
 
-    model = load_model(run.paths.model / FACTORS_FULL)  # as publish loads it
+    model = load_model(run.paths.model / FACTORS_FULL, users_on_disk=True)  # as publish loads it
     exclude = sp.load_npz(run.paths.matrix / EXCLUDE).tocsr()
     inactive = inactive_items(run.paths.matrix)
     items = pq.read_table(run.paths.matrix / ITEMS, columns=["id", "category"])

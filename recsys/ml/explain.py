@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 
 
@@ -33,6 +32,8 @@ def explain_items(
 ) -> list[Explanation]:
     """For each of ``items``, its score from ``user_row`` (1 × items, the weights ALS was fitted on)
     and the ``n`` past items that contribute most to it."""
+    import scipy.linalg  # 10 MiB of RSS every stage process would hold through the families
+
     factors = np.asarray(item_factors, dtype=np.float64)
     row = user_row.tocsr()
     past, confidence = row.indices, alpha * row.data.astype(np.float64)

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # top_n loads numba: the train stage fits without it
 # item × item arrays in float32: 20k items is 1.6 GB per array, about what a worker can hold twice
 DENSE_ITEMS_LIMIT = 20_000
 USER_CHUNK = 4_096  # users whose dense rows are built at once (bounds memory for item-item families)
+STORED_ROWS_BLOCK = 4_096  # rows StoredRows maps at once for an index array (at most a page each)
 FAMILIES = MODEL_FAMILIES
 
 
@@ -152,15 +153,71 @@ def _flat_arrays(model: Recommender, prefix: str = "") -> dict[str, np.ndarray]:
     return arrays
 
 
-def load_model(path: Path, with_users: bool = True) -> Recommender:
+def load_model(path: Path, with_users: bool = True, users_on_disk: bool = False) -> Recommender:
     """A model saved by ``Recommender.save``; an npz of bare factors (saved before families) is ALS.
     ``with_users`` False: user factors (most of a factor model's file) are left unread, for work
-    on the items alone (the npz reads each array on access)."""
+    on the items alone (the npz reads each array on access). ``users_on_disk``: user factors
+    are ``StoredRows``, read a block of users at a time (publish's pass over every user)."""
     with np.load(path, allow_pickle=False) as saved:
-        arrays = {name: saved[name] for name in saved.files if with_users or not name.endswith("user_factors")}
+        arrays = {
+            name: StoredRows(path, name) if users_on_disk and name.endswith("user_factors") else saved[name]
+            for name in saved.files if with_users or not name.endswith("user_factors")
+        }
     if "model" not in arrays:
         return Als.restore(Als().params(), arrays, [])
     return _restore(json.loads(str(arrays.pop("model"))), arrays)
+
+
+class StoredRows:
+    """A 2-d array inside an npz, its rows read from the file when indexed (``[lo:hi]`` or an
+    index array), never all at once: a pass over every user's factors holds a block of them.
+    ``np.savez`` stores its arrays uncompressed, one contiguous C-order .npy each."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        import struct
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise InputError(f"{path}: {name} is compressed; StoredRows reads uncompressed arrays (np.savez)")
+        with open(path, "rb") as file:
+            file.seek(info.header_offset)
+            local = file.read(30)  # a zip local file header: its name and extra field lengths end it
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            file.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(file)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(file)
+            self.data_offset = file.tell()
+        if fortran_order or len(shape) != 2:
+            raise InputError(f"{path}: {name} is not a C-order 2-d array")
+        self.path, self.shape, self.dtype = path, shape, dtype
+        self.row_bytes = shape[1] * dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        if isinstance(index, slice):
+            lo, hi, step = index.indices(self.shape[0])
+            if step != 1:
+                raise IndexError("StoredRows reads ranges of rows, step 1")
+            return self._rows(lo, max(lo, hi))
+        rows = np.asarray(index, dtype=np.int64)
+        taken = np.empty((len(rows), self.shape[1]), self.dtype)
+        # through a mapping of the file, STORED_ROWS_BLOCK rows at a time: the pages a block
+        # touches leave the process with its mapping (a whole range of rows may be far longer)
+        for first in range(0, len(rows), STORED_ROWS_BLOCK):
+            mapped = np.memmap(self.path, self.dtype, "r", self.data_offset, self.shape)
+            taken[first : first + STORED_ROWS_BLOCK] = mapped[rows[first : first + STORED_ROWS_BLOCK]]
+            del mapped
+        return taken
+
+    def _rows(self, lo: int, hi: int) -> np.ndarray:
+        with open(self.path, "rb") as file:
+            file.seek(self.data_offset + lo * self.row_bytes)
+            return np.fromfile(file, self.dtype, (hi - lo) * self.shape[1]).reshape(hi - lo, self.shape[1])
 
 
 def _restore(description: dict, arrays: dict[str, np.ndarray], prefix: str = "") -> Recommender:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,32 +89,36 @@ class Build:
 
     # --- writing ---------------------------------------------------------------------------------
 
-    def write_entries(self, structure: str, ids: pa.Array, values: pa.Array, owner: VersionOwner) -> np.ndarray:
-        """HSET ``ids`` -> ``values`` (text) into the structure's bucket of each id, each call
-        with the staging TTL; returns the entries written per bucket."""
+    def write_entries(
+        self, structure: str, ids: pa.Array, values_of: Callable[[np.ndarray], pa.Array], owner: VersionOwner,
+    ) -> np.ndarray:
+        """HSET each of ``ids`` -> its value (text) into the structure's bucket of the id, each call
+        with the staging TTL; returns the entries written per bucket. ``values_of(rows)``: the
+        values of ``ids[rows]``, asked for one round trip's entries at a time, so the values are
+        built while Redis stores the round trip before, and never held all at once."""
         buckets = buckets_of(ids, self.keys.buckets)
-        order = pa.array(np.argsort(buckets, kind="stable"))
-        ids, values = ids.take(order), values.take(order)
+        order = np.argsort(buckets.astype(np.uint16), kind="stable")  # a radix sort at 16 bits (buckets ≤ 4096)
         counts = np.bincount(buckets, minlength=self.keys.buckets)
         starts = np.concatenate([[0], np.cumsum(counts)])
+        # (key, first position in ``order``, entries) per HSET, in bucket order
         chunks = [
             (self.key(structure, bucket), start, min(HSET_CHUNK, int(starts[bucket + 1]) - start))
             for bucket in range(self.keys.buckets)
             for start in range(int(starts[bucket]), int(starts[bucket + 1]), HSET_CHUNK)
         ]
         write = self._write_pipelined if is_cluster(self.client) else self._write_packed
-        write(ids, values, chunks, owner)
+        write(_round_trips(ids, values_of, order, chunks), owner)
         return counts
 
-    def _write_pipelined(self, ids: pa.Array, values: pa.Array, chunks: list[tuple[str, int, int]], owner: VersionOwner) -> None:
-        """The chunks (key, first entry, entries) through redis-py pipelines, HSETS_PER_ROUND_TRIP
-        chunks a round trip: the path of a cluster, whose round trips go to several nodes."""
-        for round_trip in _batched(chunks, HSETS_PER_ROUND_TRIP):
+    def _write_pipelined(self, round_trips: Iterator[_RoundTrip], owner: VersionOwner) -> None:
+        """Each round trip through a redis-py pipeline: the path of a cluster, whose round trips
+        go to several nodes."""
+        for trip in round_trips:
             pipe = self.client.pipeline(transaction=False)
-            for key, start, length in round_trip:
+            for key, start, length in trip.chunks:
                 pairs: list = [None] * (2 * length)
-                pairs[0::2] = ids.slice(start, length).to_pylist()
-                pairs[1::2] = values.slice(start, length).to_pylist()
+                pairs[0::2] = trip.ids.slice(start, length).to_pylist()
+                pairs[1::2] = trip.values.slice(start, length).to_pylist()
                 # the script writes the first entry and sets the TTL (the hash never exists without
                 # one); the rest follows as a plain HSET, which keeps the TTL and costs Redis about
                 # half of passing every entry through Lua
@@ -123,31 +128,31 @@ class Build:
             owner.check()
             pipe.execute()
 
-    def _write_packed(self, ids: pa.Array, values: pa.Array, chunks: list[tuple[str, int, int]], owner: VersionOwner) -> None:
+    def _write_packed(self, round_trips: Iterator[_RoundTrip], owner: VersionOwner) -> None:
         """What ``_write_pipelined`` sends, the same commands in the same round trips, with each
         HSET's entries encoded by Arrow at once: redis-py packs a command argument by argument
         in Python, which cost more than Redis executing the HSETs (a single node's path)."""
-        entries = _resp_bulk_pairs(ids, values)
-        offsets = np.frombuffer(entries.buffers()[1], np.int64)[entries.offset : entries.offset + len(entries) + 1]
-        data = entries.buffers()[2]
         pool = self.client.connection_pool
         connection = pool.get_connection()
-        # one round trip in flight while the next is packed and sent: its replies are read after
+        # one round trip in flight while the next is built and sent: its replies are read after
         in_flight: tuple[bytes, int] | None = None
         try:
-            for round_trip in _batched(chunks, HSETS_PER_ROUND_TRIP):
+            for trip in round_trips:
+                entries = _resp_bulk_pairs(trip.ids, trip.values)
+                offsets = np.frombuffer(entries.buffers()[1], np.int64)[entries.offset : entries.offset + len(entries) + 1]
+                data = entries.buffers()[2]
                 parts: list = []
-                for key, start, length in round_trip:
+                for key, start, length in trip.chunks:
                     # the first entry through the script, as in _write_pipelined
                     parts += connection.pack_command(
                         "EVAL", scripts.text("hset_ttl"), 1, key, STAGING_TTL_SECONDS,
-                        ids[start].as_py(), values[start].as_py(),
+                        trip.ids[start].as_py(), trip.values[start].as_py(),
                     )
                     if length > 1:
                         encoded_key = key.encode()
                         parts.append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%s\r\n" % (2 * length, len(encoded_key), encoded_key))
                         parts.append(data[int(offsets[start + 1]) : int(offsets[start + length])])
-                sent = (b"".join(parts), len(round_trip) + sum(length > 1 for _, _, length in round_trip))
+                sent = (b"".join(parts), len(trip.chunks) + sum(length > 1 for _, _, length in trip.chunks))
                 owner.check()
                 _exchange(connection, in_flight, sent)
                 in_flight = sent
@@ -402,6 +407,28 @@ def sweep(client: Any, keys: KeyLayout, kept_ttl_seconds: int, lock_ttl_seconds:
 
 def _batched(items: list, size: int) -> list[list]:
     return [items[first : first + size] for first in range(0, len(items), size)]
+
+
+@dataclass(frozen=True)
+class _RoundTrip:
+    """The entries of one round trip's HSETs: ``chunks`` (key, first entry, entries) index
+    ``ids`` and ``values``."""
+
+    ids: pa.Array
+    values: pa.Array
+    chunks: list[tuple[str, int, int]]
+
+
+def _round_trips(
+    ids: pa.Array, values_of: Callable[[np.ndarray], pa.Array], order: np.ndarray, chunks: list[tuple[str, int, int]],
+) -> Iterator[_RoundTrip]:
+    """HSETS_PER_ROUND_TRIP chunks (key, first position in ``order``, entries) a round trip, each
+    trip's ids and values taken when it is sent."""
+    for trip in _batched(chunks, HSETS_PER_ROUND_TRIP):
+        first = trip[0][1]
+        rows = order[first : trip[-1][1] + trip[-1][2]]
+        yield _RoundTrip(ids.take(pa.array(rows)), values_of(rows),
+                         [(key, start - first, length) for key, start, length in trip])
 
 
 def _resp_bulk_pairs(ids: pa.Array, values: pa.Array) -> pa.Array:

@@ -115,6 +115,36 @@ def test_save_and_load_give_the_same_model(fitted, matrix, tmp_path):
     assert all(getattr(part, "user_factors", None) is None for part in (items_only, *getattr(items_only, "parts", ())))
 
 
+def test_user_factors_on_disk_read_the_rows_the_array_holds(fitted, matrix, tmp_path, monkeypatch):
+    # publish reads a factor model's users from the file a chunk at a time (StoredRows)
+    name, model = fitted
+    path = tmp_path / f"{name}.npz"
+    model.save(path)
+    monkeypatch.setattr(families, "STORED_ROWS_BLOCK", 7)  # index arrays over several mappings
+    on_disk = load_model(path, users_on_disk=True)
+    users = np.arange(matrix.shape[0])
+    np.testing.assert_array_equal(on_disk.user_vectors(users[::3], matrix), model.user_vectors(users[::3], matrix))
+    parts = {"": on_disk, **{f"part{index}/": part for index, part in enumerate(getattr(on_disk, "parts", ()))}}
+    with np.load(path) as saved:
+        held_arrays = {name: saved[name] for name in saved.files if name.endswith("user_factors")}
+    for name, held in held_arrays.items():
+        stored = parts[name.removesuffix("user_factors")].user_factors
+        assert isinstance(stored, families.StoredRows) and len(stored) == len(held)
+        np.testing.assert_array_equal(stored[5:17], held[5:17])
+        np.testing.assert_array_equal(stored[len(held) - 3 : len(held) + 10], held[len(held) - 3 :])
+        np.testing.assert_array_equal(stored[np.array([9, 2, 2, len(held) - 1])], held[[9, 2, 2, len(held) - 1]])
+        assert stored[np.array([], np.int64)].shape == (0, held.shape[1])
+    np.testing.assert_array_equal(on_disk.recommend(users, matrix, 10, exclude=matrix),
+                                  model.recommend(users, matrix, 10, exclude=matrix))
+
+
+def test_compressed_user_factors_are_refused_on_disk(matrix, tmp_path):
+    model = Als(factors=4, iterations=3).fit(matrix)
+    np.savez_compressed(tmp_path / "factors.npz", user_factors=model.user_factors, item_factors=model.item_factors)
+    with pytest.raises(InputError, match="compressed"):
+        load_model(tmp_path / "factors.npz", users_on_disk=True)
+
+
 def test_fitting_twice_gives_identical_arrays(fitted, matrix):
     name, model = fitted
     again = MODELS[name]().fit(matrix, seed=3)

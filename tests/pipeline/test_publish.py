@@ -284,7 +284,9 @@ def test_a_missing_shard_stops_the_switch(settings, demo_loaded, window_end):
     assert stray_builds(settings) == set()
 
 
-def test_payload_batches_do_not_change_what_is_published(settings, demo_loaded, window_end, monkeypatch):
+def test_chunks_and_round_trips_do_not_change_what_is_published(settings, demo_loaded, window_end, monkeypatch):
+    # users ranked a few at a time from the factors on disk, payloads built per round trip of
+    # small HSETs: the same entries as one chunk, one HSET per bucket
     from recsys.pipeline.publish import stage as publish_module
     from recsys.storage import builds as builds_module
 
@@ -292,8 +294,9 @@ def test_payload_batches_do_not_change_what_is_published(settings, demo_loaded, 
     paths = stage(settings, window_end, params)
     publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params)
     in_one_batch = published_entries(settings)
-    monkeypatch.setattr(publish_module, "PAYLOAD_BATCH", 7)
+    monkeypatch.setattr(publish_module, "STORED_USERS_CHUNK", 7)
     monkeypatch.setattr(builds_module, "HSET_CHUNK", 3)
+    monkeypatch.setattr(builds_module, "HSETS_PER_ROUND_TRIP", 2)
     publish(settings, paths.matrix, paths.model, paths.evaluation / "report.json", params, shards=2)
     assert len(in_one_batch) > 20
     assert published_entries(settings) == in_one_batch

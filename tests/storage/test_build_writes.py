@@ -42,7 +42,7 @@ def test_every_entry_lands_in_its_bucket_with_the_staging_ttl(settings: Settings
     values = [f'{{"user_id":{i!r}}}' for i in ids]
     build = Build(client, keys, "v1", "attempt1")
     with VersionOwner(client, keys, "v1", "attempt1", ttl_seconds=30, wait_seconds=0) as owner:
-        counts = build.write_entries("user_recs", pa.array(ids), pa.array(values), owner)
+        counts = build.write_entries("user_recs", pa.array(ids), pa.array(values).take, owner)
     assert counts.sum() == len(ids)
     for bucket in range(keys.buckets):
         key = build.key("user_recs", bucket)
@@ -72,7 +72,7 @@ def test_packed_writes_store_what_redis_py_pipelines_store(settings: Settings, m
         for attempt, write in (("packed", "_write_packed"), ("pipelined", "_write_pipelined")):
             build = Build(client, keys, "v1", attempt)
             monkeypatch.setattr(build, "_write_packed", getattr(build, write))
-            counts = build.write_entries("user_recs", pa.array(ids), pa.array(values), owner)
+            counts = build.write_entries("user_recs", pa.array(ids), pa.array(values).take, owner)
             stored[attempt] = {bucket: client.hgetall(build.key("user_recs", bucket)) for bucket in range(keys.buckets)}
             assert [len(stored[attempt][bucket]) for bucket in range(keys.buckets)] == counts.tolist()
             assert all(0 < client.ttl(build.key("user_recs", bucket)) <= STAGING_TTL_SECONDS
@@ -91,7 +91,7 @@ def test_an_error_reply_fails_the_packed_write_and_leaves_the_client_usable(sett
     client.set(blocked, "not a hash")  # every HSET into that bucket fails with WRONGTYPE
     with VersionOwner(client, keys, "v1", "attempt1", ttl_seconds=30, wait_seconds=0) as owner, \
             pytest.raises(Exception, match="WRONGTYPE"):
-        build.write_entries("user_recs", pa.array(ids), pa.array(ids), owner)
+        build.write_entries("user_recs", pa.array(ids), pa.array(ids).take, owner)
     # the pooled connection was not handed back with replies left unread on it
     assert client.get(blocked) == "not a hash"
     assert client.ping()

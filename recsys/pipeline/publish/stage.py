@@ -47,7 +47,7 @@ from recsys.core.settings import Settings
 from recsys.core.window import Window, version_name
 from recsys.ml.ann import ItemIndexes, rank_lists_approximately
 from recsys.ml.co_purchase import bought_together
-from recsys.ml.families import USER_CHUNK, FactorModel, Recommender, load_model
+from recsys.ml.families import USER_CHUNK, FactorModel, Recommender, StoredRows, load_model
 from recsys.ml.merchandising import Merchandising, place_pins
 from recsys.ml.ranking import top_buys_order
 from recsys.ml.top_n import blocked_mask, rank_lists
@@ -64,7 +64,8 @@ from recsys.storage.reads import live_version
 
 log = logging.getLogger(__name__)
 
-PAYLOAD_BATCH = 100_000  # users whose JSON is built at once: bounds a shard's payload memory
+# users ranked at once when their factors are read from the model file (8 MiB of 64 float32 factors)
+STORED_USERS_CHUNK = 32_768
 # the bucketed structures prepare_publish stages (each one's entry count per bucket is in the
 # attempt's manifest), besides the top buys
 PRODUCT_STRUCTURES = ("similar_products", "bought_together")
@@ -344,13 +345,13 @@ def _stage_products(staging: _Staging, owner: VersionOwner, progress: bool = Fal
         def write_lists(structure: str, owners: np.ndarray, lists: np.ndarray) -> np.ndarray:
             """``{"product_id": <id>, "<structure>": [...]}`` of every owner with a list."""
             has_list = lists[:, 0] >= 0
-            owners = pa.array(owners[has_list])
-            return build.write_entries(
-                structure,
-                pc.take(item_ids, owners),
-                json_list_objects("product_id", pc.take(item_tokens, owners), structure, item_tokens, lists[has_list]),
-                owner,
-            )
+            owners, lists = owners[has_list], lists[has_list]
+
+            def payloads(rows: np.ndarray) -> pa.Array:
+                return json_list_objects("product_id", pc.take(item_tokens, pa.array(owners[rows])), structure,
+                                         item_tokens, lists[rows])
+
+            return build.write_entries(structure, pc.take(item_ids, pa.array(owners)), payloads, owner)
 
         counts = {"similar_products": write_lists("similar_products", owners, similar)}
         counts["bought_together"] = write_lists("bought_together", active, together)
@@ -402,7 +403,46 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
     positions = (
         np.full(len(users), -1, dtype=np.int32) if served is None else served.positions(shard_ids.to_pylist())
     )
-    model, exclude = load_model(staging.model_dir / FACTORS_FULL), sp.load_npz(matrix_dir / EXCLUDE).tocsr()
+    recs = _score_shard(staging, users, shard_ids, positions, served, f"recommend {shard + 1}/{shards}" if progress else None)
+    has_recs = recs[:, 0] >= 0
+    owners, lists = users[has_recs], recs[has_recs]
+    tails = None if served is None else pc.take(served.tails(), pa.array(positions[has_recs] + 1))
+    with staging.timings.phase("writing"):
+        owner_ids = pc.take(user_ids, pa.array(owners))
+        user_tokens = json_id_tokens(owner_ids, staging.id_types.user)
+        item_tokens = json_id_tokens(catalogue_ids(matrix_dir), staging.id_types.product)
+
+        def payloads(rows: np.ndarray) -> pa.Array:
+            taken = pa.array(rows)
+            return json_list_objects("user_id", pc.take(user_tokens, taken), "recommended_products", item_tokens,
+                                     lists[rows], None if tails is None else pc.take(tails, taken))
+
+        written = staging.build.write_entries("user_recs", owner_ids, payloads, owner)
+    without = int((~has_recs).sum())
+    enrolled = {} if served is None else {
+        variant.name: int((positions[has_recs] == index).sum()) for index, variant in enumerate(served.experiment.variants)
+    }
+    staging.build.record({
+        f"shard:{shard}": int(written.sum()), f"shard:{shard}:buckets": json.dumps(written.tolist()),
+        f"shard:{shard}:empty": without, f"shard:{shard}:enrolled": json.dumps(enrolled),
+    })
+    return ShardResult(shard=shard, users=int(written.sum()), users_without_recommendations=without, attempt=staging.attempt)
+
+
+def _score_shard(
+    staging: _Staging, users: np.ndarray, shard_ids: pa.Array, positions: np.ndarray, served: ServedExperiment | None,
+    progress: str | None,
+) -> np.ndarray:
+    """The top-N of a shard's ``users`` (``shard_ids``), each enrolled one (``positions``) with
+    its variant's params and model. Its own function: the models, the matrices and the rules it
+    loads are gone before the lists are written."""
+    matrix_dir = staging.matrix_dir
+    # Arrow's allocator keeps what earlier steps freed (25 MiB after the product structures at 300k
+    # users): back to the system before the scoring, publish's peak
+    pa.default_memory_pool().release_unused()
+    # the user factors stay in the file: read a chunk of users at a time as they are ranked
+    model = load_model(staging.model_dir / FACTORS_FULL, users_on_disk=True)
+    exclude = sp.load_npz(matrix_dir / EXCLUDE).tocsr()
     scorings = _scorings(staging, served, positions, model)
     # the item-item families read a user's row of the matrix they were fitted on; new arrivals
     # are picked by what a user interacted with: read once for every group that needs it
@@ -422,7 +462,7 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
             group_ids, group = (shard_ids, users) if everyone else (pc.take(shard_ids, pa.array(scoring.rows)), users[scoring.rows])
             lists = _ruled_top_n(
                 merchandising, scoring.model, fitted_on, group_ids, group, exclude, inactive, scoring.params,
-                progress=f"recommend {shard + 1}/{shards}" if progress else None, indexes=indexes.get(id(scoring.model)),
+                progress=progress, indexes=indexes.get(id(scoring.model)),
             )
             if scoring.params.new_arrival_slots:
                 lists = with_new_arrivals(
@@ -430,29 +470,7 @@ def _stage_shard(staging: _Staging, owner: VersionOwner, shard: int, shards: int
                     scoring.params.new_arrival_slots,
                 )
             recs[scoring.rows, : lists.shape[1]] = lists
-    has_recs = recs[:, 0] >= 0
-    owners, lists = users[has_recs], recs[has_recs]
-    tails = None if served is None else pc.take(served.tails(), pa.array(positions[has_recs] + 1))
-    written = np.zeros(staging.keys.buckets, dtype=np.int64)
-    with staging.timings.phase("writing"):
-        user_tokens = json_id_tokens(pc.take(user_ids, pa.array(owners)), staging.id_types.user)
-        item_tokens = json_id_tokens(catalogue_ids(matrix_dir), staging.id_types.product)
-        for start in range(0, len(owners), PAYLOAD_BATCH):
-            batch = slice(start, start + PAYLOAD_BATCH)
-            payloads = json_list_objects(
-                "user_id", user_tokens[batch], "recommended_products", item_tokens, lists[batch],
-                None if tails is None else tails[batch],
-            )
-            written += staging.build.write_entries("user_recs", pc.take(user_ids, pa.array(owners[batch])), payloads, owner)
-    without = int((~has_recs).sum())
-    enrolled = {} if served is None else {
-        variant.name: int((positions[has_recs] == index).sum()) for index, variant in enumerate(served.experiment.variants)
-    }
-    staging.build.record({
-        f"shard:{shard}": int(written.sum()), f"shard:{shard}:buckets": json.dumps(written.tolist()),
-        f"shard:{shard}:empty": without, f"shard:{shard}:enrolled": json.dumps(enrolled),
-    })
-    return ShardResult(shard=shard, users=int(written.sum()), users_without_recommendations=without, attempt=staging.attempt)
+    return recs
 
 
 def _ruled_top_n(
@@ -481,16 +499,14 @@ def _ruled_top_n(
         blocked = rules.blocked.copy()
         blocked[inactive] = True
         group, group_exclude = users[rows], exclude[users[rows]]
-        if isinstance(model, FactorModel):
-            # a shard's users are one increasing range: without segments, a view of their factors
-            contiguous = len(group) > 0 and group[-1] - group[0] + 1 == len(group)
-            user_factors = model.user_factors
-            chunks = [(slice(0, len(group)), user_factors[group[0] : group[-1] + 1] if contiguous else user_factors[group])]
-        else:  # dense rows of the matrix: built a chunk of users at a time
-            chunks = [
-                (part, model.user_vectors(group[part], fitted_on))
-                for part in (slice(lo, min(lo + USER_CHUNK, len(group))) for lo in range(0, len(group), USER_CHUNK))
-            ]
+        # one chunk's vectors at a time (a generator): user factors on disk, dense rows of the matrix
+        chunk = USER_CHUNK if not isinstance(model, FactorModel) else (
+            STORED_USERS_CHUNK if isinstance(model.user_factors, StoredRows) else max(1, len(group))
+        )
+        chunks = (
+            (part, _user_vectors(model, group[part], fitted_on))
+            for part in (slice(lo, min(lo + chunk, len(group))) for lo in range(0, len(group), chunk))
+        )
         approximate = (
             indexes is not None and params.ann_scoring and len(blocked) - int(blocked.sum()) >= params.ann_min_items
         )
@@ -505,6 +521,12 @@ def _ruled_top_n(
         owned = group_exclude[:, [pin.item for pin in rules.pins]].toarray() > 0 if rules.pins else None
         recs[rows] = place_pins(lists, rules.pins, params.top_n, owned)
     return recs
+
+
+def _user_vectors(model: Recommender, users: np.ndarray, fitted_on: sp.csr_matrix | None) -> np.ndarray:
+    if isinstance(model, FactorModel) and users[-1] - users[0] + 1 == len(users):
+        return model.user_factors[users[0] : users[-1] + 1]  # a shard's one range: a view (or one read)
+    return model.user_vectors(users, fitted_on)
 
 
 def _staging(
