@@ -313,7 +313,8 @@ def test_a_fingerprint_collision_is_not_taken_for_a_duplicate():
             "occurred_at_us": pa.array([10, 10, 10], pa.int64()),
         }
     )
-    fingerprints = extract_module._Fingerprints(pa.array(["view"])).of(table)
+    product_codes = extract_module._Products(pa.chunked_array([], pa.string())).codes(table["product_id"])
+    fingerprints = extract_module._Fingerprints(pa.array(["view"])).of(table, product_codes, None)
     assert len(set(fingerprints.to_pylist())) == 1
     report = extract_module.ValidationReport()
     kept = extract_module._collapse_duplicates(table.append_column(extract_module.FINGERPRINT, fingerprints), report)
@@ -436,8 +437,8 @@ def test_distinct_user_ids_count_what_a_set_of_the_window_s_ids_counts():
         blocks.append(pa.table({"user_id": pa.array(user_ids, pa.string()), "occurred_at_us": pa.array(occurred, pa.int64())}))
     distinct = extract_module._DistinctUserIds(window)
     for table in blocks:
-        not_integer = extract_module._null_as_false(pc.invert(ids.integer_ids(table["user_id"])))
-        distinct.add(table, pa.chunked_array([not_integer]))
+        integer, values = ids.integer_id_values(table["user_id"])
+        distinct.add(table, pa.chunked_array([extract_module._null_as_false(pc.invert(integer))]), pa.chunked_array([values]))
     in_window = {
         user_id for table in blocks for user_id, at in zip(table["user_id"].to_pylist(), table["occurred_at_us"].to_pylist(), strict=True)
         if user_id not in (None, "") and start_us <= at < start_us + 86_400_000_000
