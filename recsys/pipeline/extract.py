@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import reduce
+from functools import cached_property, reduce
 from pathlib import Path
 
 import numpy as np
@@ -267,8 +267,9 @@ class _DistinctUserIds:
         self._integers = _Distinct(np.array([], np.int64), lambda values: _sorted_distinct(np.concatenate(values)))
         self._others = _Distinct(pa.array([], pa.string()), lambda values: pc.unique(pa.chunked_array(values, pa.string())))
 
-    def add(self, table: pa.Table, not_integer: pa.ChunkedArray) -> None:
-        """``not_integer``: the block's ``not ids.integer_ids(user_id)``, false for NULL."""
+    def add(self, table: pa.Table, not_integer: pa.ChunkedArray, values: pa.ChunkedArray) -> None:
+        """``not_integer``: the block's ``not ids.integer_ids(user_id)``, false for NULL;
+        ``values``: the user ids' int64 values (``ids.integer_id_values``)."""
         occurred_at_us, user_ids = table["occurred_at_us"], table["user_id"]
         # the window's bounds again: an adapted query may return rows outside it
         counted = pc.and_(
@@ -276,8 +277,7 @@ class _DistinctUserIds:
             pc.and_(pc.is_valid(user_ids), pc.not_equal(user_ids, "")),
         )
         counted = _null_as_false(counted)
-        integers = user_ids.filter(pc.and_not(counted, not_integer))
-        self._integers.add(_sorted_distinct(pc.cast(integers, pa.int64()).to_numpy()))
+        self._integers.add(_sorted_distinct(values.filter(pc.and_not(counted, not_integer)).to_numpy()))
         others = user_ids.filter(pc.and_(counted, not_integer))
         if len(others):
             self._others.add(pc.unique(others))
@@ -290,7 +290,10 @@ class _DistinctUserIds:
 def _sorted_distinct(values: np.ndarray) -> np.ndarray:
     """``np.unique(values)`` by numpy's vectorised sort (numpy 2.4's ``unique`` of int64 costs
     seven times as much)."""
-    ordered = np.sort(values)
+    return _distinct_of_sorted(np.sort(values))
+
+
+def _distinct_of_sorted(ordered: np.ndarray) -> np.ndarray:
     return ordered[np.concatenate([[True], ordered[1:] != ordered[:-1]])] if len(ordered) else ordered
 
 
@@ -329,24 +332,24 @@ PENDING_USER_ID_RULE = "user_id not an integer (pending)"
 def _validation_rules(
     params: PipelineParams, known_event_types: pa.Array, latest: datetime, int_id_reasons: dict[str, str]
 ) -> list[tuple[str, callable]]:
-    """(reason, predicate) pairs; a row is dropped for the first predicate it matches.
-    ``int_id_reasons``: the reason for each kind of id that must be an integer.
+    """(reason, predicate) pairs; a row is dropped for the first predicate it matches. Each
+    predicate takes a ``_Block``. ``int_id_reasons``: the reason for each kind of id that must be an integer.
 
     ``latest`` is the last valid instant: the window's last microsecond, or the extract's clock
     when the window ends later. The query itself stops at the window end; the check also holds
     for a shop's adapted query that forgets to."""
     latest_us = _epoch_us(latest)
-    typed = [
-        (int_id_reasons[kind], lambda t, column=f"{kind}_id": pc.invert(ids.integer_ids(t[column])))
-        for kind in ("user", "product")
-        if kind in int_id_reasons
-    ]
+    typed = {
+        "user": lambda t: pc.invert(t.user_integers[0]),
+        # product ids repeat: checked once per distinct id (see _Products)
+        "product": lambda t: t.per_product(t.products.not_integer),
+    }
     return [
         ("null user_id", lambda t: pc.is_null(t["user_id"])),
         ("empty user_id", lambda t: _blank(t["user_id"])),
         ("null product_id", lambda t: pc.is_null(t["product_id"])),
-        ("empty product_id", lambda t: _blank(t["product_id"])),
-        *typed,
+        ("empty product_id", lambda t: t.per_product(t.products.blank)),
+        *((int_id_reasons[kind], typed[kind]) for kind in ("user", "product") if kind in int_id_reasons),
         (
             # is_in is false (not null) for a null event_type, so that row counts as unknown
             f"unknown event_type (known: {', '.join(known_event_types.to_pylist())})",
@@ -388,6 +391,67 @@ def _attribute(table: pa.Table, reasons: list[str], matches: list[pa.ChunkedArra
     return invalid
 
 
+class _Products:
+    """The distinct product ids of the window's rows so far, numbered in order of first
+    appearance, with what validation and the report need of each product computed once for it
+    instead of once per row (a window has far more rows than products): blank, not an integer,
+    missing from the catalogue. The same numbers enter the rows' fingerprints."""
+
+    def __init__(self, catalogue: pa.ChunkedArray):
+        self._catalogue = catalogue
+        self.ids = pa.array([], pa.string())
+        self.blank = self.not_integer = self.missing = pa.array([], pa.bool_())
+
+    def codes(self, product_ids: pa.ChunkedArray) -> pa.ChunkedArray:
+        """Each row's product number (null for a null product_id)."""
+        product_ids = product_ids.combine_chunks()  # one block: one chunk, not copied
+        codes = pc.index_in(product_ids, value_set=self.ids)
+        if codes.null_count > product_ids.null_count:  # products not seen in earlier blocks
+            unseen = pc.and_(pc.is_null(codes), pc.is_valid(product_ids))
+            unseen_ids = product_ids.filter(unseen)
+            new = pc.unique(unseen_ids)
+            # numbered after the ones seen: only the unseen rows are looked up again
+            new_codes = pc.cast(pc.add(pc.index_in(unseen_ids, value_set=new), len(self.ids)), pa.int32())
+            codes = pc.replace_with_mask(codes, unseen, new_codes)
+            self.ids = pa.concat_arrays([self.ids, new])
+            self.blank = pa.concat_arrays([self.blank, _blank(new)])
+            self.not_integer = pa.concat_arrays([self.not_integer, pc.invert(ids.integer_ids(new))])
+            self.missing = pa.concat_arrays([self.missing, pc.invert(pc.is_in(new, value_set=self._catalogue))])
+        return pa.chunked_array([codes])
+
+    def missing_ids(self) -> pa.Array:
+        return self.ids.filter(self.missing)
+
+
+@dataclass
+class _Block:
+    """One block of the COPY as the validation rules read it: its columns, and per-product
+    facts looked up by each row's product number."""
+
+    table: pa.Table
+    products: _Products
+    product_codes: pa.ChunkedArray
+
+    def __getitem__(self, column: str) -> pa.ChunkedArray:
+        return self.table[column]
+
+    def per_product(self, flags: pa.Array) -> pa.ChunkedArray:
+        """Each row's product's flag (null for a null product_id)."""
+        return pc.take(flags, self.product_codes)
+
+    @cached_property
+    def user_integers(self) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+        """``ids.integer_id_values`` of the user ids: parsed once for the user id rule, the
+        distinct user ids and the fingerprints."""
+        return ids.integer_id_values(self["user_id"])
+
+    def user_keys(self) -> pa.ChunkedArray:
+        """A number per row's user id for the fingerprints: its value when it is an integer, else
+        its length (null for a null user_id)."""
+        integer, values = self.user_integers
+        return pc.if_else(_null_as_false(integer), values, pc.cast(pc.binary_length(self["user_id"]), pa.int64()))
+
+
 # spilled beside the rows while the user id type is pending: valid unless user ids are int
 USER_ID_NOT_INTEGER = "user_id_not_integer"
 
@@ -410,17 +474,19 @@ class _Validator:
         # the last block's rows whose user id is not an integer, while the user id rule is pending
         self.user_id_not_integer: pa.ChunkedArray | None = None
 
-    def validate(self, table: pa.Table) -> pa.Table:
-        matches = [_null_as_false(predicate(table)) for predicate in self._predicates]
+    def validate(self, block: _Block) -> tuple[pa.Table, pa.ChunkedArray | None]:
+        """The block's valid rows, and the mask that selects them from the block (None: all)."""
+        table = block.table
+        matches = [_null_as_false(predicate(block)) for predicate in self._predicates]
         invalid = _attribute(table, self._reasons, matches, self.report)
         if self._user_rule is None:
-            return table if invalid is None else table.filter(pc.invert(invalid))
+            return (table, None) if invalid is None else _kept(table, invalid)
         not_integer = self.user_id_not_integer = matches[self._user_rule]
         others = [match for index, match in enumerate(matches) if index != self._user_rule]
         reasons = [reason for index, reason in enumerate(self._reasons) if index != self._user_rule]
         invalid = _attribute(table, reasons, others, self.report_if_user_ids_are_str)
         flagged = table.append_column(USER_ID_NOT_INTEGER, not_integer)
-        return flagged if invalid is None else flagged.filter(pc.invert(invalid))
+        return (flagged, None) if invalid is None else _kept(flagged, invalid)
 
     def final_report(self, user_id_type: ids.IdType, user_id_rule: str) -> ValidationReport:
         """The report of the rules that apply, once the pending user id type is known."""
@@ -430,6 +496,11 @@ class _Validator:
             return self.report_if_user_ids_are_str
         self.report.rename(PENDING_USER_ID_RULE, user_id_rule)
         return self.report
+
+
+def _kept(table: pa.Table, invalid: pa.ChunkedArray) -> tuple[pa.Table, pa.ChunkedArray]:
+    valid = pc.invert(invalid)
+    return table.filter(valid), valid
 
 
 def _mix(hashes: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -442,27 +513,25 @@ class _Fingerprints:
     """Each valid row's fingerprint, computed while the COPY streams (the reading thread mostly
     waits for it then) so that the dedupe after it only compares them: equal rows always share a
     fingerprint, different rows rarely do (they only cost an exact comparison). user_id enters by
-    its length alone: hashing a column of that many distinct strings costs more than the
-    comparisons it saves. Product ids and event types enter by a number the same in every block."""
+    ``_Block.user_keys`` when the extract parses the user ids as integers anyway (their value;
+    rows of users whose ids have the same length no longer share fingerprints), else by its
+    length alone: hashing a column of that many distinct strings costs more than the
+    comparisons it saves. Product ids (see _Products) and event types enter by a number the same
+    in every block."""
 
     def __init__(self, event_types: pa.Array):
         self._event_types = event_types
-        self._product_ids = pa.array([], pa.string())
 
-    def _product_codes(self, product_ids: pa.ChunkedArray) -> np.ndarray:
-        codes = pc.index_in(product_ids, value_set=self._product_ids)
-        if codes.null_count:  # products not seen in earlier blocks
-            new = pc.unique(product_ids.filter(pc.is_null(codes)))
-            self._product_ids = pa.concat_arrays([self._product_ids, new])
-            codes = pc.index_in(product_ids, value_set=self._product_ids)
-        return codes.to_numpy()
-
-    def of(self, table: pa.Table) -> pa.Array:
-        """Of valid rows only: their product ids and event types are not null."""
+    def of(self, table: pa.Table, product_codes: pa.ChunkedArray, user_keys: pa.ChunkedArray | None) -> pa.Array:
+        """Of valid rows only: their product ids and event types are not null.
+        ``product_codes``: the rows' product numbers (``_Products.codes``); ``user_keys``: the
+        rows' ``_Block.user_keys``, the same choice for every block of an extract (None: the
+        user ids' lengths)."""
         fingerprints = np.zeros(table.num_rows, np.uint64)
-        fingerprints = _mix(fingerprints, self._product_codes(table["product_id"]))
+        fingerprints = _mix(fingerprints, product_codes.to_numpy())
         fingerprints = _mix(fingerprints, pc.index_in(table["event_type"], value_set=self._event_types).to_numpy())
-        fingerprints = _mix(fingerprints, pc.binary_length(table["user_id"]).to_numpy())
+        user_keys = pc.binary_length(table["user_id"]) if user_keys is None else user_keys
+        fingerprints = _mix(fingerprints, user_keys.to_numpy())
         values = pc.fill_null(table["value"], np.nan).to_numpy()  # NULL and NaN: NaN rows are dropped already
         fingerprints = _mix(fingerprints, values.view(np.uint64))
         fingerprints = _mix(fingerprints, table["occurred_at_us"].to_numpy().view(np.uint64))
@@ -473,7 +542,7 @@ def _repeated(values: np.ndarray) -> np.ndarray:
     """The values that occur more than once, each once. Sorting (numpy's vectorised sort) costs
     an eighth of hashing them with ``pc.value_counts`` (0.05 against 0.37 CPU-s for 5.8 M)."""
     ordered = np.sort(values)
-    return _sorted_distinct(ordered[1:][ordered[1:] == ordered[:-1]])
+    return _distinct_of_sorted(ordered[1:][ordered[1:] == ordered[:-1]])  # sorted already
 
 
 def _collapse_duplicates(table: pa.Table, report: ValidationReport) -> pa.Table:
@@ -734,10 +803,14 @@ def extract(
         | {FINGERPRINT: pa.uint64()}
     )
     try:
+        # the catalogue first (small next to the window): each product's rows are then checked
+        # against it once per product while the window streams
+        products = _Products(_extract_products(settings, products_tmp_path)["product_id"])
         with tempfile.TemporaryDirectory(prefix=".slices-", dir=extract_dir) as slices_dir:
             slices = _TimeSlices(Path(slices_dir), window, pa.schema(columns.items()))
             _spill_valid_rows(
-                settings, query_params, validator, window_user_ids, _Fingerprints(known_event_types), slices, progress
+                settings, query_params, validator, window_user_ids, products, _Fingerprints(known_event_types),
+                "user" in int_id_reasons, slices, progress,
             )
             if validator.report.rows_read == 0:
                 raise EmptyWindowError(
@@ -746,8 +819,7 @@ def extract(
             if window_user_ids is not None:
                 user_id_type = window_user_ids.id_type()
             report = validator.final_report(user_id_type[0], _not_integer_reason("user", user_id_type[1]))
-            catalogue = _extract_products(settings, products_tmp_path)["product_id"]
-            _write_deduplicated(slices, catalogue, tmp_path, report, drop_flagged=user_id_type[0] == "int")
+            _write_deduplicated(slices, products.missing_ids(), tmp_path, report, drop_flagged=user_id_type[0] == "int")
         _check_enough_valid(report, params, window_text)
         older_negatives = _extract_older_negatives(settings, window, params, older_negatives_tmp_path)
     except BaseException:
@@ -789,7 +861,9 @@ def _spill_valid_rows(
     query_params: dict,
     validator: _Validator,
     window_user_ids: _DistinctUserIds | None,
+    products: _Products,
     fingerprints: _Fingerprints,
+    by_user_value: bool,
     slices: _TimeSlices,
     progress: bool,
 ) -> None:
@@ -802,20 +876,29 @@ def _spill_valid_rows(
         ):
             for batch in _csv_batches(source, INTERACTION_CSV_COLUMNS):
                 table = pa.Table.from_batches([batch])
-                valid = validator.validate(table)
+                block = _Block(table, products, products.codes(table["product_id"]))
+                valid, kept = validator.validate(block)
                 if window_user_ids is not None:
-                    window_user_ids.add(table, validator.user_id_not_integer)
-                slices.write(valid.append_column(FINGERPRINT, fingerprints.of(valid)))
+                    window_user_ids.add(table, validator.user_id_not_integer, block.user_integers[1])
+                # the user ids are parsed as integers when their rule applies: then their values
+                # enter the fingerprints
+                user_keys = block.user_keys() if by_user_value else None
+                valid_codes, user_keys = (
+                    (block.product_codes, user_keys) if kept is None
+                    else (block.product_codes.filter(kept), None if user_keys is None else user_keys.filter(kept))
+                )
+                slices.write(valid.append_column(FINGERPRINT, fingerprints.of(valid, valid_codes, user_keys)))
                 bar.update(batch.num_rows)
     finally:
         slices.close()
 
 
 def _write_deduplicated(
-    slices: _TimeSlices, catalogue: pa.ChunkedArray, path: Path, report: ValidationReport, drop_flagged: bool
+    slices: _TimeSlices, missing_products: pa.Array, path: Path, report: ValidationReport, drop_flagged: bool
 ) -> None:
-    """Each slice without its duplicates into the Parquet output; products missing from the
-    catalogue counted on the rows kept. ``drop_flagged``: leave out the rows flagged
+    """Each slice without its duplicates into the Parquet output; interactions on
+    ``missing_products`` (the window's products missing from the catalogue) counted on the rows
+    kept. ``drop_flagged``: leave out the rows flagged
     USER_ID_NOT_INTEGER (their user ids turned out to be int), counted as invalid already.
 
     A thread writes each slice while the next one is read and deduplicated: the Parquet writer
@@ -829,12 +912,13 @@ def _write_deduplicated(
     ):
         written = None
         for table in slices.read_each():
-            if drop_flagged and USER_ID_NOT_INTEGER in table.column_names:
+            if drop_flagged and USER_ID_NOT_INTEGER in table.column_names and pc.any(table[USER_ID_NOT_INTEGER]).as_py():
                 table = table.filter(pc.invert(table[USER_ID_NOT_INTEGER]))
             kept = _collapse_duplicates(table, report)
-            report.count_missing_products(
-                kept["product_id"].filter(pc.invert(pc.is_in(kept["product_id"], value_set=catalogue)))
-            )
+            if len(missing_products):
+                report.count_missing_products(
+                    kept["product_id"].filter(pc.is_in(kept["product_id"], value_set=missing_products))
+                )
             report.rows_kept += kept.num_rows
             output = _to_output(kept)
             del table, kept  # or they would stay alive while the next slice is read

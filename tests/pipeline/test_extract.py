@@ -313,7 +313,8 @@ def test_a_fingerprint_collision_is_not_taken_for_a_duplicate():
             "occurred_at_us": pa.array([10, 10, 10], pa.int64()),
         }
     )
-    fingerprints = extract_module._Fingerprints(pa.array(["view"])).of(table)
+    product_codes = extract_module._Products(pa.chunked_array([], pa.string())).codes(table["product_id"])
+    fingerprints = extract_module._Fingerprints(pa.array(["view"])).of(table, product_codes, None)
     assert len(set(fingerprints.to_pylist())) == 1
     report = extract_module.ValidationReport()
     kept = extract_module._collapse_duplicates(table.append_column(extract_module.FINGERPRINT, fingerprints), report)
@@ -436,8 +437,8 @@ def test_distinct_user_ids_count_what_a_set_of_the_window_s_ids_counts():
         blocks.append(pa.table({"user_id": pa.array(user_ids, pa.string()), "occurred_at_us": pa.array(occurred, pa.int64())}))
     distinct = extract_module._DistinctUserIds(window)
     for table in blocks:
-        not_integer = extract_module._null_as_false(pc.invert(ids.integer_ids(table["user_id"])))
-        distinct.add(table, pa.chunked_array([not_integer]))
+        integer, values = ids.integer_id_values(table["user_id"])
+        distinct.add(table, pa.chunked_array([extract_module._null_as_false(pc.invert(integer))]), pa.chunked_array([values]))
     in_window = {
         user_id for table in blocks for user_id, at in zip(table["user_id"].to_pylist(), table["occurred_at_us"].to_pylist(), strict=True)
         if user_id not in (None, "") and start_us <= at < start_us + 86_400_000_000
@@ -456,3 +457,89 @@ def test_repeated_fingerprints_are_those_value_counts_finds_repeated():
         counts = pc.value_counts(pa.array(values))
         expected = counts.field("values").filter(pc.greater(counts.field("counts"), 1)).to_numpy()
         assert extract_module._repeated(values).tolist() == sorted(expected.tolist())
+
+
+def test_per_product_checks_match_the_same_checks_on_every_row():
+    """The product checks are computed once per distinct product id and looked up by each row's
+    product number: the same flags as the checks run on every row, block after block, products
+    first seen in later blocks included."""
+    from recsys.core import ids
+
+    catalogue = pa.chunked_array([pa.array(["1", "2", "p3", " "])])
+    products = extract_module._Products(catalogue)
+    blocks = [
+        ["1", "2", None, "1", "ghost"],
+        ["2", "", "\u00a0", None, "007", "p3", "9"],
+        [None, None],
+        ["9", "ghost", "1", " ", "12", "x y"],
+    ]
+    for block in blocks:
+        product_ids = pa.chunked_array([pa.array(block, pa.string())])
+        table = pa.table({"product_id": product_ids})
+        block_view = extract_module._Block(table, products, products.codes(product_ids))
+        assert block_view.per_product(products.blank).to_pylist() == extract_module._blank(product_ids).to_pylist()
+        assert block_view.per_product(products.not_integer).to_pylist() == pc.invert(ids.integer_ids(product_ids)).to_pylist()
+        missing = pc.invert(pc.is_in(product_ids, value_set=catalogue))
+        assert block_view.per_product(products.missing).to_pylist() == pc.if_else(pc.is_null(product_ids), None, missing).to_pylist()
+    assert sorted(products.missing_ids().to_pylist()) == sorted(["ghost", "", "\u00a0", "007", "9", "12", "x y"])
+
+
+def test_fingerprints_by_user_id_value_dedupe_as_by_length(settings, window_end, tmp_path, monkeypatch):
+    """Integer user ids enter the fingerprints by value (rows of different users with ids of the
+    same length no longer share one), other ids by length: the extract is the same as with
+    lengths only, duplicates, non-integer ids and same-length near misses included."""
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)  # many blocks
+    at = days_before(window_end, 3)
+    rows = [(str(1000 + i % 500), f"p{i % 30}", "view", None, at + timedelta(seconds=i // 3)) for i in range(3_000)]
+    rows += [("u-x", "p1", "view", None, at), ("007", "p1", "view", None, at), ("1001", "p1", "view", None, at)]
+    rows += rows[:40] + rows[-3:]  # duplicates, of integer and other ids
+    insert_interactions(settings, rows)
+    window = window_for(window_end)
+
+    def extracted(name: str) -> tuple[pa.Table, dict]:
+        result = extract(settings, window, tmp_path / name, PipelineParams(), live_id_types={"user": "int"})
+        return pq.read_table(result.interactions), _report(result)
+
+    with monkeypatch.context() as by_length:
+        by_length.setattr(extract_module._Block, "user_keys", lambda block: pc.binary_length(block["user_id"]))
+        expected_table, expected_report = extracted("by length")
+    table, report = extracted("by value")
+    assert report["dropped"][extract_module.DUPLICATE] == 42  # "u-x" and "007" are invalid for int ids
+    assert report["dropped"][next(reason for reason in report["dropped"] if reason.startswith("user_id not an integer"))] == 4
+    assert table.equals(expected_table)
+    assert report == expected_report
+
+    product_codes = pa.chunked_array([pa.array([0, 0], pa.int32())])
+    same_length = pa.table({"interaction_id": [1, 2], "user_id": ["1001", "1002"], "product_id": ["p", "p"],
+                            "event_type": ["view", "view"], "value": pa.array([None, None], pa.float64()),
+                            "occurred_at_us": [5, 5]})
+    by_value = extract_module._Fingerprints(pa.array(["view"])).of(same_length, product_codes, pa.chunked_array([[1001, 1002]]))
+    by_length = extract_module._Fingerprints(pa.array(["view"])).of(same_length, product_codes, None)
+    assert len(set(by_value.to_pylist())) == 2 and len(set(by_length.to_pylist())) == 1
+
+
+def test_product_checks_name_the_row_field_and_value_across_blocks(settings, window_end, tmp_path, monkeypatch):
+    """Each product check still fires, with its example naming the row, when the product first
+    appears blocks into the COPY; products missing from the catalogue are counted on kept rows."""
+    monkeypatch.setattr(extract_module, "CSV_BLOCK_BYTES", 4_096)
+    at = days_before(window_end, 2)
+    insert_products(settings, [(str(i), f"Product {i}", "books", True) for i in range(20)])
+    good = [(f"u{i}", str(i % 20), "view", None, at + timedelta(seconds=i)) for i in range(4_000)]
+    late = [
+        ("u1", "p-late", "view", None, at),  # not an integer
+        ("u2", " ", "view", None, at),  # blank
+        ("u3", "77", "view", None, at),  # valid, missing from the catalogue
+        ("u4", "77", "clicked", None, at),  # invalid for its event type: not counted as missing
+        ("u5", "78", "clicked", None, at),  # only on an invalid row: not listed
+    ]
+    insert_interactions(settings, good + late)
+    result = extract(settings, window_for(window_end), tmp_path, PipelineParams(), live_id_types={"product": "int"})
+    report = _report(result)
+    not_integer = next(reason for reason in report["dropped"] if reason.startswith("product_id not an integer"))
+    assert report["dropped"][not_integer] == 1 and report["dropped"]["empty product_id"] == 1
+    assert report["examples"][not_integer][0]["product_id"] == "p-late"
+    assert report["examples"][not_integer][0]["interaction_id"] == 4_001
+    assert report["examples"]["empty product_id"][0] | {"occurred_at_us": None} == {
+        "interaction_id": 4_002, "user_id": "u2", "product_id": " ", "event_type": "view", "value": None, "occurred_at_us": None}
+    assert report["missing_from_catalogue"]["top"] == [{"product_id": "77", "interactions": 1}]
+    assert (result.rows_read, result.rows_kept) == (4_005, 4_001)

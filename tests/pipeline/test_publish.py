@@ -212,9 +212,11 @@ def test_integer_ids_are_only_what_json_numbers_keep():
 @pytest.mark.parametrize(
     "ids",
     [
-        # every id an int64: the printed-back check
+        # every id an int64: the leading-zero check
         ["1", "0", "-0", "007", "-7", str(2**53 - 1), str(2**53), str(-(2**53) + 1), str(-(2**53)),
          str(2**63 - 1), str(-(2**63)), "00", "1" + "0" * 15, None],
+        # hexadecimal, which Arrow's int64 parser takes: not canonical
+        ["0x5", "0X1f", "0x0", "-00", "10", None],
         # some id no int64 at all: the regex
         ["1", "-0", "+5", "x", None, "١٢", "12\n", str(2**64)],
     ],
