@@ -28,6 +28,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys.bench.quality import BENCH_FAMILIES, VALIDATION_SPLITS  # the same selection as on MovieLens
 from recsys.ml import selection
 from recsys.ml.metrics import ranking_metrics
 from recsys.ml.ranking import popularity_model, recommend_top_n
@@ -36,8 +37,6 @@ from recsys.ml.weighting import scale_confidence
 GENRES = 10
 ZIPF_EXPONENT = 1.5  # item popularity ∝ rank^-1.5
 FROM_OWN_GENRES = 0.8  # share of a user's items drawn from the genres they like
-FAMILIES = ("als", "bpr", "item_knn", "ease", "blend")
-VALIDATION_SPLITS = 2
 CONFIDENCE = "log"  # the pipeline's default scaling of summed weights: log1p(play count)
 K = 10
 
@@ -111,7 +110,7 @@ def _split(raw_fit: sp.csr_matrix, relevant: sp.csr_matrix) -> selection.Validat
     return selection.ValidationSplit(scale_confidence(raw_fit, CONFIDENCE), relevant, exclude=raw_fit)
 
 
-def run_playcounts(data: PlayCounts, seed: int = 42, families: tuple[str, ...] = FAMILIES) -> dict:
+def run_playcounts(data: PlayCounts, seed: int = 42, families: tuple[str, ...] = BENCH_FAMILIES) -> dict:
     """Test split (per user 75/25, by ``seed``), validation splits of train (seeds seed + 1, ...),
     selection on their mean nDCG@10, then every family's best fitted on train and scored on test."""
     test_split = selection.carve_validation(data.matrix, seed)
@@ -185,7 +184,7 @@ def playcounts_command(
     """Generate play counts with a long tail of items (offline, seeded) and choose a model family
     on them as ``recsys bench quality`` does on MovieLens."""
     data = generate(users, items, data_seed)
-    Console(stderr=True).print(f"generated {data.describe()}; choosing among {', '.join(FAMILIES)} ...")
+    Console(stderr=True).print(f"generated {data.describe()}; choosing among {', '.join(BENCH_FAMILIES)} ...")
     result = run_playcounts(data, seed)
     console = Console()
     console.print(results_table(result))

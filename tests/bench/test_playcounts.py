@@ -32,7 +32,7 @@ def test_the_command_chooses_the_family_best_on_validation_and_scores_all_on_tes
     report = json.loads(result.stdout.strip().splitlines()[-1])
 
     families = report["families"]
-    assert set(families) == {"als", "bpr", "item_knn", "ease", "blend"}
+    assert set(families) == {"als", "bpr", "item_knn", "ease", "mult_dae", "blend"}
     objective = report["selection_objective"]
     best = max(families, key=lambda name: families[name]["validation"][objective])
     assert report["chosen"] == best and report["params"] == families[best]["params"]
