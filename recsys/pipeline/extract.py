@@ -97,6 +97,12 @@ PRODUCT_CSV_COLUMNS = {
 # even) instead of growing with the window as a set of every row seen would. Dedupe in the matrix
 # stage was the alternative; here the count and examples land in this stage's report with the rest.
 TIME_SLICES = 64
+# Integer product ids are numbered through an array indexed by value (see _Products) while the
+# largest is below this: 64 MiB at most, ids of a catalogue of a few million products
+MAX_PRODUCT_VALUE_NUMBERS = 1 << 24
+# Distinct integer user ids below this are flagged in an array by value (see _DistinctIntegers):
+# 32 MiB at most, for shops whose user ids run up to 33 M
+MAX_ID_VALUE_FLAGS = 1 << 25
 DUPLICATE_KEY = ["user_id", "product_id", "event_type", "value", "occurred_at_us"]
 FINGERPRINT = "fingerprint"  # column of the valid rows in their slices (see _Fingerprints)
 DUPLICATE = "exact duplicate (same user_id, product_id, event_type, value and occurred_at as duplicate_of)"
@@ -256,15 +262,15 @@ class _DistinctUserIds:
     """The distinct user ids of the window's rows ('' and NULL left out), gathered block by block
     while the COPY streams, to infer the user id type from the window without reading it twice.
 
-    Integer ids (``ids.integer_ids``: canonical, so one int64 value per id text) are gathered as
-    int64 values, sorted, and the others as strings, hashed: sorting a block's int64 values costs
-    a fraction of hashing their text, and shops with integer ids are the common case. Each kind's
-    block values wait in a list, merged into the values seen so far once they outnumber them:
-    memory stays within a few times the distinct ids."""
+    Integer ids (``ids.integer_ids``: canonical, so one int64 value per id text) are counted by
+    value (``_DistinctIntegers``) and the others gathered as strings, hashed: a pass over a
+    block's int64 values costs a fraction of hashing their text, and shops with integer ids are
+    the common case. Block strings wait in a list, merged into the ones seen so far once they
+    outnumber them: memory stays within a few times the distinct ids."""
 
     def __init__(self, window: Window):
         self._start_us, self._end_us = _epoch_us(window.start), _epoch_us(window.end)
-        self._integers = _Distinct(np.array([], np.int64), lambda values: _sorted_distinct(np.concatenate(values)))
+        self._integers = _DistinctIntegers()
         self._others = _Distinct(pa.array([], pa.string()), lambda values: pc.unique(pa.chunked_array(values, pa.string())))
 
     def add(self, table: pa.Table, not_integer: pa.ChunkedArray, values: pa.ChunkedArray) -> None:
@@ -277,13 +283,14 @@ class _DistinctUserIds:
             pc.and_(pc.is_valid(user_ids), pc.not_equal(user_ids, "")),
         )
         counted = _null_as_false(counted)
-        self._integers.add(_sorted_distinct(values.filter(pc.and_not(counted, not_integer)).to_numpy()))
+        self._integers.add(values.filter(pc.and_not(counted, not_integer)).to_numpy())
         others = user_ids.filter(pc.and_(counted, not_integer))
         if len(others):
             self._others.add(pc.unique(others))
 
     def id_type(self) -> tuple[ids.IdType, str]:
-        integers, total = len(self._integers.values()), len(self._integers.values()) + len(self._others.values())
+        integers = self._integers.count()
+        total = integers + len(self._others.values())
         return _inferred_id_type(integers, total, "user ids in the window")
 
 
@@ -319,6 +326,41 @@ class _Distinct:
     def values(self):
         self._merge()
         return self._seen
+
+
+class _DistinctIntegers:
+    """How many distinct int64 values the blocks hold. Those in [0, MAX_ID_VALUE_FLAGS) are
+    flagged in an array indexed by value (one pass per block; shops number their users from 1),
+    the others sorted and merged (``_Distinct``)."""
+
+    def __init__(self):
+        self._seen = np.zeros(0, np.bool_)
+        self._others = _Distinct(np.array([], np.int64), lambda values: _sorted_distinct(np.concatenate(values)))
+
+    def add(self, values: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        if values.min() < 0 or values.max() >= MAX_ID_VALUE_FLAGS:
+            in_range = (values >= 0) & (values < MAX_ID_VALUE_FLAGS)
+            self._others.add(_sorted_distinct(values[~in_range]))
+            values = values[in_range]
+            if len(values) == 0:
+                return
+        self._seen = _covering(self._seen, int(values.max()), MAX_ID_VALUE_FLAGS, False)
+        self._seen[values] = True
+
+    def count(self) -> int:
+        return int(np.count_nonzero(self._seen)) + len(self._others.values())
+
+
+def _covering(by_value: np.ndarray, top: int, limit: int, fill) -> np.ndarray:
+    """``by_value`` (an array indexed by value), grown with ``fill`` to cover ``top`` (< ``limit``):
+    to the next power of two, so that it grows a few times only."""
+    if top < len(by_value):
+        return by_value
+    grown = np.full(min(limit, 1 << top.bit_length()), fill, by_value.dtype)
+    grown[: len(by_value)] = by_value
+    return grown
 
 
 def _not_integer_reason(kind: str, source: str) -> str:
@@ -395,29 +437,104 @@ class _Products:
     """The distinct product ids of the window's rows so far, numbered in order of first
     appearance, with what validation and the report need of each product computed once for it
     instead of once per row (a window has far more rows than products): blank, not an integer,
-    missing from the catalogue. The same numbers enter the rows' fingerprints."""
+    missing from the catalogue. The same numbers enter the rows' fingerprints.
+
+    A block of canonical integer ids (a shop of integer ids: the common case) finds its numbers
+    in an array indexed by id value: Arrow's ``index_in`` hashes every id seen so far again for
+    each block, which at 100,000 products cost more than parsing the block (docs/benchmarks.md).
+    Other blocks are looked up by text; both ways give each id the same number."""
 
     def __init__(self, catalogue: pa.ChunkedArray):
         self._catalogue = catalogue
-        self.ids = pa.array([], pa.string())
-        self.blank = self.not_integer = self.missing = pa.array([], pa.bool_())
+        self._new_ids: list[pa.Array] = []  # numbered after self._ids, not yet concatenated to it
+        self._ids = pa.array([], pa.string())
+        self.blank = self.not_integer = pa.array([], pa.bool_())
+        # number of each canonical integer id seen, by value (-1: not seen); grown as needed
+        self._number_of_value = np.full(0, -1, np.int32)
+
+    @property
+    def ids(self) -> pa.Array:
+        """Every product id seen, by number."""
+        if self._new_ids:
+            self._ids = pa.concat_arrays([self._ids, *self._new_ids])
+            self._new_ids = []
+        return self._ids
+
+    @property
+    def count(self) -> int:
+        return len(self._ids) + sum(len(chunk) for chunk in self._new_ids)
+
+    @property
+    def missing(self) -> pa.Array:
+        """Per product: missing from the catalogue (only the report asks, once)."""
+        return pc.invert(pc.is_in(self.ids, value_set=self._catalogue))
 
     def codes(self, product_ids: pa.ChunkedArray) -> pa.ChunkedArray:
         """Each row's product number (null for a null product_id)."""
         product_ids = product_ids.combine_chunks()  # one block: one chunk, not copied
+        values = self._integer_values(product_ids)
+        codes = self._codes_by_value(values) if values is not None else self._codes_by_text(product_ids)
+        return pa.chunked_array([codes])
+
+    def _integer_values(self, product_ids: pa.Array) -> np.ndarray | None:
+        """The ids' values when every id of the block is a canonical integer in the range the
+        array by value covers, else None."""
+        if product_ids.null_count or len(product_ids) == 0:
+            return None
+        try:
+            values = pc.cast(product_ids, pa.int64())
+        except pa.ArrowInvalid:
+            return None
+        bounds = pc.min_max(values)
+        if bounds["min"].as_py() < 0 or bounds["max"].as_py() >= MAX_PRODUCT_VALUE_NUMBERS:
+            return None
+        # Arrow's parser takes "007" and "0x5": canonical ids start with 0 only when they are "0"
+        if pc.any(pc.starts_with(product_ids, "0")).as_py() and pc.any(
+            pc.and_(pc.starts_with(product_ids, "0"), pc.greater(pc.binary_length(product_ids), 1))
+        ).as_py():
+            return None
+        return values.to_numpy()
+
+    def _codes_by_value(self, values: np.ndarray) -> pa.Array:
+        self._cover(int(values.max()))
+        codes = self._number_of_value[values]
+        unseen = codes < 0
+        if unseen.any():
+            unseen_values, first_rows = np.unique(values[unseen], return_index=True)
+            new_values = unseen_values[np.argsort(first_rows)]  # numbered in order of appearance
+            self._number_of_value[new_values] = np.arange(self.count, self.count + len(new_values), dtype=np.int32)
+            self._add(pc.cast(pa.array(new_values), pa.string()))  # canonical: the ids' own text
+            codes = self._number_of_value[values]
+        return pa.array(codes)
+
+    def _codes_by_text(self, product_ids: pa.Array) -> pa.Array:
         codes = pc.index_in(product_ids, value_set=self.ids)
         if codes.null_count > product_ids.null_count:  # products not seen in earlier blocks
             unseen = pc.and_(pc.is_null(codes), pc.is_valid(product_ids))
             unseen_ids = product_ids.filter(unseen)
             new = pc.unique(unseen_ids)
             # numbered after the ones seen: only the unseen rows are looked up again
-            new_codes = pc.cast(pc.add(pc.index_in(unseen_ids, value_set=new), len(self.ids)), pa.int32())
+            new_codes = pc.cast(pc.add(pc.index_in(unseen_ids, value_set=new), self.count), pa.int32())
             codes = pc.replace_with_mask(codes, unseen, new_codes)
-            self.ids = pa.concat_arrays([self.ids, new])
-            self.blank = pa.concat_arrays([self.blank, _blank(new)])
-            self.not_integer = pa.concat_arrays([self.not_integer, pc.invert(ids.integer_ids(new))])
-            self.missing = pa.concat_arrays([self.missing, pc.invert(pc.is_in(new, value_set=self._catalogue))])
-        return pa.chunked_array([codes])
+            # the integer ids among them keep their numbers for blocks looked up by value
+            integer, values = ids.integer_id_values(new)
+            by_value = pc.and_(pc.and_(integer, pc.greater_equal(values, 0)), pc.less(values, MAX_PRODUCT_VALUE_NUMBERS))
+            if pc.any(by_value).as_py():
+                self._cover(pc.max(values.filter(by_value)).as_py())
+            self._number_of_value[values.filter(by_value).to_numpy()] = (
+                np.flatnonzero(by_value.to_numpy(zero_copy_only=False)).astype(np.int32) + self.count
+            )
+            self._add(new)
+        return codes
+
+    def _cover(self, top: int) -> None:
+        self._number_of_value = _covering(self._number_of_value, top, MAX_PRODUCT_VALUE_NUMBERS, -1)
+
+    def _add(self, new: pa.Array) -> None:
+        """Number ``new`` ids (distinct, unseen) after the ones seen."""
+        self._new_ids.append(new)
+        self.blank = pa.concat_arrays([self.blank, _blank(new)])
+        self.not_integer = pa.concat_arrays([self.not_integer, pc.invert(ids.integer_ids(new))])
 
     def missing_ids(self) -> pa.Array:
         return self.ids.filter(self.missing)

@@ -8,6 +8,7 @@ import shutil
 import threading
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -448,9 +449,21 @@ def test_distinct_user_ids_count_what_a_set_of_the_window_s_ids_counts():
     assert 0 < integers < len(in_window)
 
 
-def test_repeated_fingerprints_are_those_value_counts_finds_repeated():
-    import numpy as np
+def test_distinct_integers_count_what_a_set_counts():
+    """Values flagged by value (growing the flags block after block) and the others (negative,
+    beyond the flags) sorted: together the count of one set."""
+    rng = np.random.default_rng(11)
+    counter, seen = extract_module._DistinctIntegers(), set()
+    for top in (10, 1_000, 100_000, 100):
+        values = rng.integers(0, top, 500)
+        values[:5] = [-7, -1, 2**40, extract_module.MAX_ID_VALUE_FLAGS, extract_module.MAX_ID_VALUE_FLAGS - 1]
+        counter.add(values)
+        seen.update(values.tolist())
+    counter.add(np.array([], np.int64))
+    assert counter.count() == len(seen)
 
+
+def test_repeated_fingerprints_are_those_value_counts_finds_repeated():
     rng = np.random.default_rng(3)
     for size in (0, 1, 2, 1000):
         values = rng.integers(0, max(size // 3, 1), size, dtype=np.uint64)
@@ -482,6 +495,30 @@ def test_per_product_checks_match_the_same_checks_on_every_row():
         missing = pc.invert(pc.is_in(product_ids, value_set=catalogue))
         assert block_view.per_product(products.missing).to_pylist() == pc.if_else(pc.is_null(product_ids), None, missing).to_pylist()
     assert sorted(products.missing_ids().to_pylist()) == sorted(["ghost", "", "\u00a0", "007", "9", "12", "x y"])
+
+
+def test_product_numbers_by_value_are_those_by_text(monkeypatch):
+    """Blocks of canonical integer ids are numbered through the array by value, other blocks by
+    text: the same numbers as numbering every block by text, with ids first seen either way,
+    beyond the array's first size, and near misses ("007", "-3", "0x5", "+4") kept apart."""
+    rng = np.random.default_rng(5)
+    blocks = [[str(value) for value in rng.integers(1, 300, 50)] for _ in range(4)]
+    blocks.insert(1, ["7", "007", "12", None, "-3", "0x5", "+4", "p1", "12", "0"])
+    blocks.append([str(value) for value in rng.integers(0, 70_000, 200)])  # grows the array
+    blocks.append(["7", "0", "5000000000", "65536", "7"])  # one value beyond the array's range
+    blocks.append([str(value) for value in rng.integers(0, 70_000, 200)])
+
+    def numbered() -> tuple[list[list[int]], list[str]]:
+        products = extract_module._Products(pa.chunked_array([], pa.string()))
+        codes = [products.codes(pa.chunked_array([pa.array(block, pa.string())])).to_pylist() for block in blocks]
+        return codes, products.ids.to_pylist()
+
+    codes, product_ids = numbered()
+    assert len(set(product_ids)) == len(product_ids)
+    for block, block_codes in zip(blocks, codes, strict=True):
+        assert [None if code is None else product_ids[code] for code in block_codes] == block
+    monkeypatch.setattr(extract_module, "MAX_PRODUCT_VALUE_NUMBERS", 0)  # every block by text
+    assert numbered() == (codes, product_ids)
 
 
 def test_fingerprints_by_user_id_value_dedupe_as_by_length(settings, window_end, tmp_path, monkeypatch):
