@@ -20,12 +20,12 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from fsspec import AbstractFileSystem
-from fsspec.core import url_to_fs
+from typing import TYPE_CHECKING, Any
 
 from recsys.core.errors import CorruptArtifactError, RecsysError
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 MARKER = "pushed.json"
 # a pull starts over when a push replaced the upload it was reading; more than a few in a row is a busy loop
@@ -46,6 +46,8 @@ class ArtifactStore:
 
 def open_store(url: str, storage_options: Mapping[str, Any] | None = None) -> ArtifactStore:
     """The store at ``url``; ``storage_options`` go to the fsspec filesystem (credentials, endpoint)."""
+    from fsspec.core import url_to_fs  # only runs with a shared store load fsspec
+
     fs, root = url_to_fs(url, **(storage_options or {}))
     return ArtifactStore(fs, root.rstrip("/"))
 

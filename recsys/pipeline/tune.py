@@ -24,14 +24,16 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recsys.core.errors import InputError
 from recsys.core.layout import TUNED, TUNED_LATEST, TUNED_RESULT_PREFIX
 from recsys.core.params import MODEL_FAMILIES, TUNABLE_FAMILY_PARAMS, TUNE_REPEATS, PipelineParams
 from recsys.core.settings import Settings
 from recsys.core.window import stamp
-from recsys.ml import tuning
-from recsys.pipeline.matrix import holdout_split
+
+if TYPE_CHECKING:
+    from recsys.ml import tuning
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,10 @@ def tune_on_matrix(
     unknown = sorted(set(families) - set(MODEL_FAMILIES))
     if unknown:
         raise InputError(f"unknown model families to tune: {', '.join(unknown)}; known: {', '.join(MODEL_FAMILIES)}")
+    # the search's libraries only here: every stage plans its run with this module (``with_tuned``)
+    from recsys.ml import tuning
+    from recsys.pipeline.matrix import holdout_split
+
     split = holdout_split(matrix_dir)
     manifest = split.manifest
     data = tuning.TuningData(split.fit, split.validation, split.exclude, split.blocked_items)
