@@ -2,9 +2,9 @@
 
 The bulk path is ``COPY (query) TO STDOUT`` piped straight into Arrow's streaming CSV reader
 while it arrives (no temporary file of the CSV; parsing and validation overlap with the
-transfer; a thread drains the COPY from libpq, see ``_copy_out``). Valid rows are spilled to
-time slices of the window as they come; once the COPY has ended, each slice alone is
-deduplicated and appended to the Parquet output (by a thread, while the next slice is
+transfer; a thread drains the COPY through psycopg2's C loop, see ``_drain_copy``). Valid rows
+are spilled to time slices of the window as they come; once the COPY has ended, each slice
+alone is deduplicated and appended to the Parquet output (by a thread, while the next slice is
 deduplicated), so memory stays bounded by a block and two slices, not by the window.
 A user id type left to infer is inferred from the same rows as they stream (see ``_Validator``).
 
@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import select
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -36,12 +35,10 @@ from functools import cached_property, reduce
 from pathlib import Path
 
 import numpy as np
-import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from psycopg import pq as libpq
 from tqdm.auto import tqdm
 
 from recsys.core import db, ids
@@ -704,64 +701,18 @@ def _to_output(table: pa.Table) -> pa.Table:
     )
 
 
-def _next_result(pgconn: libpq.abc.PGconn, readable: select.poll) -> libpq.abc.PGresult | None:
-    """The next result of the query in progress (None after the last), waiting on the socket
-    without the GIL while libpq has not received it whole."""
-    while pgconn.is_busy():
-        readable.poll()
-        pgconn.consume_input()
-    return pgconn.get_result()
-
-
-def _copy_out(conn: psycopg.Connection, statement: str, params: dict, write: Callable[[memoryview], object]) -> None:
-    """Each row of ``COPY ... TO STDOUT`` into ``write``, straight from libpq.
-
-    Iterating psycopg's ``Copy`` runs a generator through psycopg's wait loop for every row,
-    which made the drain cost as much CPU as PostgreSQL producing the rows; this loop takes the
-    rows libpq already holds and waits on the socket only when it holds none (about 60% of the
-    CPU). Like psycopg's ``copy()``, the parameters are merged into the statement client-side; a
-    failure of the statement raises its psycopg error."""
-    pgconn = conn.pgconn
-    pgconn.send_query(psycopg.ClientCursor(conn).mogrify(statement, params).encode(conn.info.encoding))
-    writable = select.poll()
-    writable.register(pgconn.socket, select.POLLOUT)
-    while pgconn.flush():  # psycopg's connections are non-blocking: the query may go out in parts
-        writable.poll()
-    readable = select.poll()
-    readable.register(pgconn.socket, select.POLLIN)
-    result = _next_result(pgconn, readable)
-    if result.status == libpq.ExecStatus.COPY_OUT:
-        next_row = pgconn.get_copy_data
-        while True:
-            size, row = next_row(1)  # 1: without waiting; 0 when no whole row has arrived yet
-            if size > 0:
-                write(row)
-            elif size == 0:
-                readable.poll()
-                pgconn.consume_input()
-            else:  # -1: the COPY has ended, its outcome is the next result
-                break
-        result = _next_result(pgconn, readable)
-    failed = None if result.status == libpq.ExecStatus.COMMAND_OK else result
-    while _next_result(pgconn, readable) is not None:
-        pass
-    if failed is not None:
-        raise psycopg.errors.error_from_result(failed, encoding=conn.info.encoding)
-
-
 def _drain_copy(
     settings: Settings, statement: str, params: dict, sink_fd: int, failures: list[BaseException]
 ) -> None:
     """Thread body: the rows of ``COPY ... TO STDOUT`` into the pipe ``sink_fd``, which is closed
-    at the end either way; a failure goes into ``failures`` for the reading thread to raise."""
+    at the end either way; a failure goes into ``failures`` for the reading thread to raise.
+
+    ``db.copy_to`` drains through psycopg2's C loop (a Python loop over libpq's rows cost the
+    drain half as much CPU again, on the two cores it shares with the parsing thread and
+    PostgreSQL), with the errors of psycopg 3."""
     try:
-        with open(sink_fd, "wb", buffering=PIPE_BUFFER_BYTES) as sink, db.connect(settings) as conn:
-            try:
-                _copy_out(conn, statement, params, sink.write)
-            except BaseException:
-                # mid-COPY, so no rollback is possible: closing ends the COPY on the server too
-                conn.close()
-                raise
+        with open(sink_fd, "wb", buffering=PIPE_BUFFER_BYTES) as sink:
+            db.copy_to(settings, statement, params, sink)
     except BaseException as error:  # noqa: BLE001 - handed over to the reader, who raises it
         failures.append(error)
 
@@ -770,7 +721,7 @@ def _drain_copy(
 def _copy_stream(settings: Settings, statement: str, params: dict) -> Iterator[io.BufferedReader]:
     """The output of ``COPY ... TO STDOUT`` as a readable stream while it arrives.
 
-    A thread drains the COPY into a pipe (psycopg releases the GIL while it waits on the socket)
+    A thread drains the COPY into a pipe (psycopg2 releases the GIL while it waits for each row)
     and the caller reads the other end, so parsing overlaps the transfer. Leaving the block joins
     the thread and raises the COPY's error if it failed: a stream that ended early because the
     COPY died is never taken for the whole result.

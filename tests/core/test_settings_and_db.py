@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import traceback
 import uuid
 
@@ -56,6 +57,77 @@ def test_search_path_holds_the_schema_as_one_quoted_identifier_whatever_it_is(se
             search_path, timeout = conn.execute("SELECT current_setting('search_path'), current_setting('statement_timeout')").fetchone()
         assert timeout == default_timeout
         assert search_path == psycopg.sql.Identifier(schema).as_string()
+        # the COPY drain's psycopg2 connection gets the same options
+        copied = io.BytesIO()
+        db.copy_to(
+            unchecked,
+            "COPY (SELECT current_setting('search_path'), current_setting('statement_timeout'), "
+            "current_setting('TimeZone')) TO STDOUT",
+            {},
+            copied,
+        )
+        assert copied.getvalue().decode().rstrip("\n").split("\t") == [
+            # COPY's text format doubles a backslash
+            search_path.replace("\\", "\\\\"), default_timeout, "UTC",
+        ]
+
+
+def _raised(call) -> BaseException:
+    with pytest.raises(psycopg.Error) as failed:
+        call()
+    return failed.value
+
+
+def _psycopg_copy(settings: Settings, statement: str) -> None:
+    with db.connect(settings) as conn, conn.cursor() as cur, cur.copy(statement, {}) as copy:
+        for _ in copy:
+            pass
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "COPY (SELECT * FROM no_such_table) TO STDOUT",  # fails before the first row
+        "COPY (SELECT 1 / (n - 3000) FROM generate_series(1, 5000) AS n) TO STDOUT",  # fails mid-stream
+        "COPY (SELECT raise_custom()) TO STDOUT",  # a SQLSTATE without a class of its own
+    ],
+)
+def test_copy_to_raises_what_psycopg_copy_raises(settings, statement):
+    """db.copy_to runs on psycopg2, but callers catch psycopg (3) errors: the same class and message."""
+    with db.connect(settings) as conn:
+        conn.execute(
+            "CREATE FUNCTION raise_custom() RETURNS int LANGUAGE plpgsql "
+            "AS $$ BEGIN RAISE EXCEPTION 'custom failure' USING ERRCODE = 'XY123'; END $$"
+        )
+    expected = _raised(lambda: _psycopg_copy(settings, statement))
+    raised = _raised(lambda: db.copy_to(settings, statement, {}, io.BytesIO()))
+    assert type(raised) is type(expected)
+    assert str(raised) == str(expected)
+
+
+def test_copy_to_losing_the_connection_raises_an_operational_error(settings):
+    """psycopg names the server's reason (AdminShutdown, a subclass); psycopg2 only sees the
+    connection closed: callers catch OperationalError either way."""
+    statement = "COPY (SELECT pg_terminate_backend(pg_backend_pid())) TO STDOUT"
+    assert isinstance(_raised(lambda: _psycopg_copy(settings, statement)), psycopg.OperationalError)
+    assert type(_raised(lambda: db.copy_to(settings, statement, {}, io.BytesIO()))) is psycopg.OperationalError
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2@127.0.0.1:1/db",  # refused
+        "postgresql://u:hunter2%zz@127.0.0.1:5432/db",  # not a URL libpq reads
+        "postgresql://u@127.0.0.1:5432/db?password=hunter2%zz",
+    ],
+)
+def test_copy_to_connection_errors_are_psycopgs_without_the_password(url):
+    settings = Settings(_env_file=None, database_url=url)
+    expected = _raised(lambda: db.connect(settings).__enter__())
+    raised = _raised(lambda: db.copy_to(settings, "COPY (SELECT 1) TO STDOUT", {}, io.BytesIO()))
+    assert type(raised) is type(expected)
+    printed = "".join(traceback.format_exception(raised))
+    assert "hunter2" not in printed
 
 
 @pytest.fixture

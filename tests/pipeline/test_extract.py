@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -196,22 +197,26 @@ def test_reader_failing_stops_the_copy_and_raises_its_own_error(settings, window
     assert not [record for record in caplog.records if record.name.startswith("psycopg")]  # no failed rollback
 
 
-def test_copy_out_gives_the_bytes_psycopg_copy_gives(settings, window_end):
-    """The drain's own libpq loop against iterating psycopg's Copy, on rows with quotes,
+def test_copy_to_gives_the_bytes_psycopg_copy_gives(settings, window_end):
+    """The drain's psycopg2 COPY against iterating psycopg's Copy, on rows with quotes,
     newlines, NULLs, NaN and non-ASCII text."""
     at = days_before(window_end, 1)
     odd = ['a"b', "line\nbreak", "comma,here", "", None, "caf\u00e9 \u2603", "  "]
     rows = [(odd[i % len(odd)], odd[(i * 3) % len(odd)], "view", [None, 1.5, float("nan")][i % 3], at) for i in range(5_000)]
     insert_interactions(settings, rows)
-    statement = db.sql_text(settings, "extract_interactions")
-    params = {"start": window_end - timedelta(days=2), "end": window_end}
-    with db.connect(settings) as conn, conn.cursor() as cur, cur.copy(statement, params) as copy:
-        expected = b"".join(bytes(row) for row in copy)
-    received = []
-    with db.connect(settings) as conn:
-        extract_module._copy_out(conn, statement, params, lambda row: received.append(bytes(row)))
-    assert expected.count(b"\n") >= 5_000
-    assert b"".join(received) == expected
+    for name, params in (
+        ("extract_interactions", {"start": window_end - timedelta(days=2), "end": window_end}),
+        ("extract_older_negatives", {"start": window_end, "event_types": ["view", "it's"]}),
+        ("extract_older_negatives", {"start": window_end, "event_types": []}),
+    ):
+        statement = db.sql_text(settings, name)
+        with db.connect(settings) as conn, conn.cursor() as cur, cur.copy(statement, params) as copy:
+            expected = b"".join(bytes(row) for row in copy)
+        received = io.BytesIO()
+        db.copy_to(settings, statement, params, received)
+        assert received.getvalue() == expected
+        if name == "extract_interactions":
+            assert expected.count(b"\n") >= 5_000
 
 
 def test_ids_with_newlines_survive_block_boundaries(settings, window_end, tmp_path, monkeypatch):
