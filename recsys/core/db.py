@@ -12,14 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import psycopg
-import psycopg2
 from psycopg import sql as pgsql
 
 from recsys.core.redact import redact
 from recsys.core.settings import Settings
+
+if TYPE_CHECKING:
+    import psycopg2
 
 _SQLALCHEMY_DRIVER = re.compile(r"^postgres(?:ql)?\+[A-Za-z0-9_]+://")
 # the exception classes DB-API 2 names, in psycopg and psycopg2 alike
@@ -98,6 +100,8 @@ def copy_to(settings: Settings, statement: str, params: dict, file: BinaryIO) ->
     commits on success; a failure raises the psycopg 3 exception ``connect`` and psycopg's
     ``copy()`` would (``psycopg_error``), so callers catch one family of errors. A COPY cut
     short (the server gone, the statement failing mid-stream) raises: it never just ends."""
+    import psycopg2  # here: the processes that never drain a COPY (the API) do not load a second libpq
+
     url = settings.require_database_url
     try:
         conn = psycopg2.connect(libpq_url(url), options=_connection_options(settings))

@@ -157,7 +157,7 @@ def test_a_stage_loads_only_its_own_libraries():
     """Each stage runs in a process of its own (an Airflow task): planning a run and running the
     extract, matrix or train stage load no other stage's libraries."""
     plan = "import recsys.pipeline.stages"
-    others = ("numba", "pandas", "matplotlib", "redis", "implicit", "scipy", "fsspec", "recsys.pipeline.extract")
+    others = ("numba", "pandas", "matplotlib", "redis", "implicit", "scipy", "fsspec", "psycopg2", "recsys.pipeline.extract")
     assert _loaded_after(plan, others) == []
     extract = "from recsys.pipeline import extract, stages"
     # the tuning search's libraries (scipy) and the shared store's (fsspec, unless configured) too
