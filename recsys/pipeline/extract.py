@@ -500,7 +500,8 @@ class _Products:
             unseen_values, first_rows = np.unique(values[unseen], return_index=True)
             new_values = unseen_values[np.argsort(first_rows)]  # numbered in order of appearance
             self._number_of_value[new_values] = np.arange(self.count, self.count + len(new_values), dtype=np.int32)
-            self._add(pc.cast(pa.array(new_values), pa.string()))  # canonical: the ids' own text
+            # canonical integers below 2**24: the ids' own text, and every one an integer id
+            self._add(pc.cast(pa.array(new_values), pa.string()), pa.array(np.ones(len(new_values), np.bool_)))
             codes = self._number_of_value[values]
         return pa.array(codes)
 
@@ -516,22 +517,24 @@ class _Products:
             # the integer ids among them keep their numbers for blocks looked up by value
             integer, values = ids.integer_id_values(new)
             by_value = pc.and_(pc.and_(integer, pc.greater_equal(values, 0)), pc.less(values, MAX_PRODUCT_VALUE_NUMBERS))
-            if pc.any(by_value).as_py():
-                self._cover(pc.max(values.filter(by_value)).as_py())
-            self._number_of_value[values.filter(by_value).to_numpy()] = (
-                np.flatnonzero(by_value.to_numpy(zero_copy_only=False)).astype(np.int32) + self.count
-            )
-            self._add(new)
+            numbered_values = values.filter(by_value).to_numpy()
+            if len(numbered_values):
+                self._cover(int(numbered_values.max()))
+                self._number_of_value[numbered_values] = (
+                    np.flatnonzero(by_value.to_numpy(zero_copy_only=False)).astype(np.int32) + self.count
+                )
+            self._add(new, integer)
         return codes
 
     def _cover(self, top: int) -> None:
         self._number_of_value = _covering(self._number_of_value, top, MAX_PRODUCT_VALUE_NUMBERS, -1)
 
-    def _add(self, new: pa.Array) -> None:
-        """Number ``new`` ids (distinct, unseen) after the ones seen."""
+    def _add(self, new: pa.Array, integer: pa.Array) -> None:
+        """Number ``new`` ids (distinct, unseen) after the ones seen; ``integer``: their
+        ``ids.integer_ids``, which each lookup has at hand."""
         self._new_ids.append(new)
         self.blank = pa.concat_arrays([self.blank, _blank(new)])
-        self.not_integer = pa.concat_arrays([self.not_integer, pc.invert(ids.integer_ids(new))])
+        self.not_integer = pa.concat_arrays([self.not_integer, pc.invert(integer)])
 
     def missing_ids(self) -> pa.Array:
         return self.ids.filter(self.missing)
